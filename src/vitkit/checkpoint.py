@@ -1,0 +1,327 @@
+"""vitkit's own checkpoint format and the safe, atomic file handling every writer uses.
+
+A checkpoint is a directory: ``model.safetensors`` (the weights) and ``config.json``
+(``{"format": "vitkit", "model": ViTConfig, "preprocess": {...}, "class_names": [...]}``).
+Loading never executes code from a file: safetensors first, ``.pth``/``.bin`` only
+through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ViTConfig, to_2tuple
+from .layers import resample_positions
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "vitkit"
+# ImageNet statistics: what timm/torchvision checkpoints expect unless told otherwise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint vitkit can load; the message names the file."""
+
+
+# --- atomic writes ---------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces ``final`` in one step.
+
+    Files are fsynced before the swap, so a crash (or SIGKILL, or a full disk) at any
+    point leaves either the old ``final`` or the new one, never a mix. On error the
+    temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            if not _exchange(tmp, final):
+                # No renameat2: move the old one aside first. A crash between the two
+                # renames leaves the old copy at .NAME.old, which load_pretrained finds.
+                old = final.parent / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                tmp = old
+        else:
+            os.rename(tmp, final)
+            tmp = None
+        _fsync_dir(final.parent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``final``; on success fsync it and rename it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --- reading state dicts safely ---------------------------------------------------------
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read tensors from ``.safetensors``, or ``.pth``/``.pt``/``.bin`` through weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle asks to run code or build objects that a weights "
+                f"file does not need, and vitkit loads .pth/.bin only with torch.load(weights_only=True). "
+                f"Detail: {str(e).splitlines()[0]}"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable PyTorch file ({e})") from e
+        for key in ("state_dict", "model", "model_state_dict", "module"):  # common wrappers
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+        return obj
+    raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors, .pth, .pt or .bin")
+
+
+def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], source: str) -> None:
+    """Raise CheckpointError listing missing, unexpected and wrongly shaped keys by name."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(
+        f"{k}: expected {tuple(expected[k])}, found {tuple(got[k].shape)}"
+        for k in set(expected) & set(got)
+        if tuple(expected[k]) != tuple(got[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = [f"{source}: the weights do not fit the model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if shapes:
+            parts.append(f"wrongly shaped ({len(shapes)}): {shapes}")
+        raise CheckpointError("\n  ".join(parts))
+
+
+# --- the vitkit format ------------------------------------------------------------------
+def default_preprocess(cfg: ViTConfig) -> dict:
+    gray = cfg.in_channels == 1
+    return dict(
+        img_size=list(cfg.img_size),
+        mean=[0.5] if gray else list(IMAGENET_MEAN),
+        std=[0.5] if gray else list(IMAGENET_STD),
+        interpolation="bicubic",
+        crop_pct=1.0 if gray else 0.875,
+    )
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    preprocess: dict | None = None,
+    class_names: list[str] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` to ``directory`` atomically."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
+    cfg: ViTConfig = model.cfg
+    meta = {
+        "format": FORMAT,
+        "model": cfg.to_dict(),
+        "preprocess": preprocess or getattr(model, "preprocess", None) or default_preprocess(cfg),
+        "class_names": class_names if class_names is not None else getattr(model, "class_names", None),
+    }
+    if extra:
+        meta.update(extra)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(directory)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a checkpoint directory, checked for its required fields."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json; is {directory} a vitkit checkpoint directory?")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a vitkit config with \"format\": \"vitkit\" and a \"model\" object")
+    meta["config"] = ViTConfig.from_dict(meta["model"], source=str(path))
+    return meta
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights file, directory) for a checkpoint directory or its .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists():
+            backup = path.parent / f".{path.name}.old"  # see atomic_directory's fallback
+            if (backup / WEIGHTS_NAME).exists():
+                return backup / WEIGHTS_NAME, backup
+        return weights, path
+    if path.suffix == ".safetensors":
+        return path, path.parent
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory or file")
+    raise CheckpointError(f"{path}: expected a vitkit checkpoint directory or its model.safetensors")
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    img_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    map_location: str | torch.device = "cpu",
+    **overrides,
+) -> nn.Module:
+    """Load a vitkit checkpoint, optionally at another image size or with a new classifier.
+
+    ``img_size`` resamples the position table (bicubic, antialiased, class token apart);
+    a different ``num_classes`` re-initialises the classifier with a warning. Other
+    overrides (dropouts, ``dynamic_img_size``...) change the config before the weights load.
+    """
+    from .model import ViT
+
+    weights, directory = _resolve(path)
+    meta = read_config(directory)
+    cfg: ViTConfig = meta["config"]
+    state = load_state_dict_file(weights)
+    model = build_with_state(cfg, state, str(weights), img_size=img_size, num_classes=num_classes, **overrides)
+    model.preprocess = meta.get("preprocess") or default_preprocess(cfg)
+    model.class_names = meta.get("class_names")
+    if num_classes is not None and num_classes != cfg.num_classes:
+        model.class_names = None
+    if img_size is not None:
+        model.preprocess = dict(model.preprocess, img_size=list(to_2tuple(img_size)))
+    assert isinstance(model, ViT)
+    return model.to(map_location)
+
+
+def build_with_state(
+    cfg: ViTConfig,
+    state: dict[str, Tensor],
+    source: str,
+    img_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """A ViT of ``cfg`` holding ``state`` (vitkit keys), adapted to a new size or head."""
+    from .model import ViT
+
+    model = ViT(cfg)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source)
+    model.load_state_dict(state)
+    new_fields = dict(overrides)
+    if img_size is not None and to_2tuple(img_size) != cfg.img_size:
+        new_fields["img_size"] = to_2tuple(img_size)
+    if not new_fields and (num_classes is None or num_classes == cfg.num_classes):
+        return model
+    new_cfg = cfg.replace(**new_fields)
+    state = dict(state)
+    if new_cfg.grid_size != cfg.grid_size:
+        state["patch_embed.positions"] = resample_positions(
+            state["patch_embed.positions"], new_cfg.grid_size, cfg.grid_size, cfg.num_prefix_tokens
+        )
+    model = ViT(new_cfg)
+    model.load_state_dict(state)
+    if num_classes is not None and num_classes != cfg.num_classes:
+        warnings.warn(
+            f"{source}: the checkpoint has {cfg.num_classes} classes, {num_classes} were asked for; "
+            "the classifier (head.fc) is re-initialised and must be trained",
+            stacklevel=3,
+        )
+        model.reset_classifier(num_classes)
+    return model
+
+
+__all__ = [
+    "save_pretrained",
+    "load_pretrained",
+    "load_state_dict_file",
+    "check_state_dict",
+    "atomic_directory",
+    "atomic_file",
+    "read_config",
+    "build_with_state",
+    "CheckpointError",
+]

@@ -1,0 +1,217 @@
+"""ViTConfig, the one description of a model, and the variant table that names them.
+
+Every checkpoint vitkit writes carries its ViTConfig (as ``config.json``), so loading
+never has to guess an architecture from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from dataclasses import dataclass
+
+POOLS = ("cls", "mean")
+FINAL_NORMS = ("tokens", "pooled", "none")
+
+
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``224 -> (224, 224)``; ``(224, 160) -> (224, 160)``."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"image size: expected an int or (height, width), got {size!r}")
+    return size
+
+
+@dataclass
+class ViTConfig:
+    """Every architectural choice of a ViT. The defaults are the seed tutorial's ViT-B/16."""
+
+    img_size: int | tuple[int, int] = 224  # (H, W) the position table is laid out for
+    patch_size: int = 16  # square patches: a Conv2d with kernel = stride = patch_size
+    in_channels: int = 3  # 3 for RGB, 1 for grayscale (digits, Fashion-MNIST)
+    emb_size: int = 768  # token width
+    depth: int = 12  # number of TransformerEncoderBlocks
+    num_heads: int = 8  # the seed uses 8 heads at width 768 (the paper's B/16 uses 12)
+    mlp_ratio: float = 4.0  # hidden width of FeedForwardBlock = mlp_ratio * emb_size
+    qkv_bias: bool = True  # bias on the fused q/k/v projection (all peer checkpoints have it)
+    drop_rate: float = 0.0  # dropout after the attention and MLP output projections
+    attn_drop_rate: float = 0.0  # dropout on the attention probabilities
+    pos_drop_rate: float = 0.0  # dropout after the position embedding is added
+    head_drop_rate: float = 0.0  # dropout on the pooled features before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over the blocks
+    class_token: bool = True  # prepend a learned [class] token
+    pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
+    final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
+    norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
+    num_classes: int = 1000  # 0 gives a model without a classifier (features only)
+    dynamic_img_size: bool = False  # accept any input size divisible by patch_size; positions are resampled on the fly
+
+    def __post_init__(self) -> None:
+        self.img_size = to_2tuple(self.img_size)
+        self.validate()
+
+    # --- derived facts -----------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.class_token else 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.emb_size * self.mlp_ratio)
+
+    # --- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any choice that cannot build a model."""
+
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ViTConfig.{name}: expected a positive int, got {value!r}")
+
+        for name in ("patch_size", "in_channels", "emb_size", "depth", "num_heads"):
+            positive_int(name)
+        for dim, name in zip(self.img_size, ("height", "width")):
+            if dim <= 0:
+                raise ValueError(f"ViTConfig.img_size: {name} must be positive, got {self.img_size}")
+            if dim < self.patch_size:
+                raise ValueError(
+                    f"ViTConfig.img_size: {name} {dim} is smaller than patch_size {self.patch_size}"
+                )
+            if dim % self.patch_size:
+                raise ValueError(
+                    f"ViTConfig.img_size: {name} {dim} is not divisible by patch_size {self.patch_size}"
+                )
+        if self.emb_size % self.num_heads:
+            raise ValueError(
+                f"ViTConfig.num_heads: emb_size {self.emb_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"ViTConfig.num_classes: expected an int >= 0, got {self.num_classes!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0 or self.mlp_hidden < 1:
+            raise ValueError(f"ViTConfig.mlp_ratio: expected a positive number, got {self.mlp_ratio!r}")
+        for name in ("drop_rate", "attn_drop_rate", "pos_drop_rate", "head_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ViTConfig.{name}: expected a probability in [0, 1), got {value!r}")
+        if not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"ViTConfig.norm_eps: expected a positive number, got {self.norm_eps!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"ViTConfig.pool: expected one of {POOLS}, got {self.pool!r}")
+        if self.final_norm not in FINAL_NORMS:
+            raise ValueError(f"ViTConfig.final_norm: expected one of {FINAL_NORMS}, got {self.final_norm!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("ViTConfig.pool: 'cls' pooling needs class_token=True; use pool='mean'")
+        for name in ("qkv_bias", "class_token", "dynamic_img_size"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+
+    # --- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> ViTConfig:
+        """Build from a dict (e.g. a config.json); unknown fields are an error naming ``source``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of ViTConfig fields, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def replace(self, **overrides) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# --- the variant table -----------------------------------------------------------------
+# Widths, depths and heads of the paper's sizes (big_vision's decode_variant), plus the
+# published "Ti" and "S" from DeiT. MLP ratio is 4 for all of them.
+SIZES: dict[str, dict] = {
+    "tiny": dict(emb_size=192, depth=12, num_heads=3),
+    "small": dict(emb_size=384, depth=12, num_heads=6),
+    "base": dict(emb_size=768, depth=12, num_heads=12),
+    "large": dict(emb_size=1024, depth=24, num_heads=16),
+    "huge": dict(emb_size=1280, depth=32, num_heads=16),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+IMG_SIZES = (224, 384)
+
+# What timm, Hugging Face and torchvision ViTs share: a class token whose output is
+# classified, LayerNorm (eps 1e-6) on all tokens after the last block.
+TIMM_STYLE = dict(class_token=True, pool="cls", final_norm="tokens", norm_eps=1e-6)
+
+
+def _table() -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    for size, dims in SIZES.items():
+        for patch in PATCH_SIZES:
+            for img in IMG_SIZES:
+                if img % patch:
+                    # 224 and 384 are not multiples of 14; the published /14 models use 224 -> 224 and 518
+                    img = img // patch * patch
+                table[f"vit_{size}_patch{patch}_{img}"] = dict(
+                    **dims, **TIMM_STYLE, patch_size=patch, img_size=img
+                )
+    # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
+    table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
+    # Small models for the embedded real datasets (1-channel images).
+    table["vit_digits"] = dict(
+        img_size=8, patch_size=2, in_channels=1, emb_size=64, depth=4, num_heads=4, mlp_ratio=2.0,
+        num_classes=10, **TIMM_STYLE,
+    )
+    table["vit_fmnist"] = dict(
+        img_size=28, patch_size=4, in_channels=1, emb_size=192, depth=6, num_heads=3, mlp_ratio=2.0,
+        num_classes=10, **TIMM_STYLE,
+    )
+    return table
+
+
+VARIANTS: dict[str, dict] = _table()
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names in the variant table, filtered by a shell-style ``pattern`` (``"vit_base*"``)."""
+    return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
+
+
+def get_config(name: str, **overrides) -> ViTConfig:
+    """The ViTConfig of a named variant, with ``overrides`` applied."""
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitkit models`"
+        raise ValueError(f"unknown model name {name!r}{hint}")
+    fields = dict(VARIANTS[name])
+    fields.update(overrides)
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown ViTConfig field(s) {unknown} for model {name!r}; known fields are {sorted(known)}")
+    return ViTConfig(**fields)
+
+
+__all__ = ["ViTConfig", "VARIANTS", "SIZES", "list_models", "get_config", "to_2tuple"]

@@ -1,0 +1,318 @@
+"""The seed tutorial's building blocks, under its names, with its bugs fixed.
+
+Reading order follows the tutorial: PatchEmbedding -> MultiHeadAttention -> ResidualAdd
+-> FeedForwardBlock -> TransformerEncoderBlock. Shapes use B batch, C channels, H/W image
+height/width, N tokens, E width, h heads, d head width (E = h * d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import to_2tuple
+
+
+def trunc_normal_(tensor: Tensor, std: float = 0.02) -> Tensor:
+    """timm's initialisation for tokens and positions: N(0, std) truncated at +-2 (absolute)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+def resample_positions(
+    positions: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int
+) -> Tensor:
+    """Resize a (1, prefix + gh*gw, E) position table to another patch grid.
+
+    Bicubic with antialiasing, computed in float32, prefix (class) tokens kept apart:
+    the same recipe as timm's ``resample_abs_pos_embed``, so checkpoints resampled by
+    either library agree.
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return positions
+    prefix, grid = positions[:, :num_prefix_tokens], positions[:, num_prefix_tokens:]
+    dtype = grid.dtype
+    grid = rearrange(grid.float(), "1 (gh gw) e -> 1 e gh gw", gh=old_grid[0], gw=old_grid[1])
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = rearrange(grid, "1 e gh gw -> 1 (gh gw) e").to(dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class PatchEmbedding(nn.Module):
+    """Image -> patch tokens, with the class token prepended and positions added.
+
+    A Conv2d whose kernel and stride are the patch size is a linear map of each
+    flattened patch; the seed's choice, and the layout every checkpoint format uses.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch_size: int = 16,
+        emb_size: int = 768,
+        img_size: int | tuple[int, int] = 224,
+        class_token: bool = True,
+        pos_drop_rate: float = 0.0,
+        dynamic_img_size: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+        self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size)
+        # Fix: the seed used torch.randn (std 1) for both; timm/JAX use a truncated normal, std 0.02.
+        self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if class_token else None
+        num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size)))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+    def check_input(self, x: Tensor) -> None:
+        """A clear error for a wrong input, instead of a shape error from inside a conv."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"input: expected a 4-d tensor (B, C, H, W), got {x.ndim}-d with shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input: expected {self.in_channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        h, w = x.shape[-2:]
+        if self.dynamic_img_size:
+            if h % self.patch_size or w % self.patch_size:
+                raise ValueError(
+                    f"input: image size {h}x{w} is not divisible by patch size {self.patch_size}"
+                )
+        elif (h, w) != self.img_size:
+            raise ValueError(
+                f"input: expected image size {self.img_size[0]}x{self.img_size[1]}, got {h}x{w}; "
+                "build the model with img_size=... or dynamic_img_size=True"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = self.projection(x)  # (B, E, H/p, W/p)
+        grid = tuple(x.shape[-2:])
+        x = rearrange(x, "b e gh gw -> b (gh gw) e")  # (B, N_patches, E)
+        if self.cls_token is not None:
+            cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, E), a view: no copy
+            x = torch.cat([cls_tokens, x], dim=1)  # (B, 1 + N_patches, E)
+        positions = self.positions
+        if grid != self.grid_size:  # only reachable with dynamic_img_size
+            positions = resample_positions(positions, grid, self.grid_size, self.num_prefix_tokens)
+        # Fix: the seed added in place (x += positions), which mutates a tensor autograd needs.
+        return self.pos_drop(x + positions)
+
+
+def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
+    """Bring a boolean attention mask (True = may attend) to a shape that broadcasts to (B, h, N, N).
+
+    Accepted: (B, N) key mask, (N, N) or (B, N, N) query x key masks, or (B, h, N, N).
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected a boolean tensor (True = may attend), got dtype {mask.dtype}")
+    if mask.ndim == 2 and mask.shape == (batch, num_tokens) and mask.shape != (num_tokens, num_tokens):
+        return mask[:, None, None, :]  # (B, 1, 1, N): which keys each query may see
+    if mask.ndim == 2 and mask.shape == (num_tokens, num_tokens):
+        return mask[None, None]  # (1, 1, N, N)
+    if mask.ndim == 3 and mask.shape[-2:] == (num_tokens, num_tokens):
+        return mask[:, None]  # (B, 1, N, N)
+    if mask.ndim == 4 and mask.shape[-2:] == (num_tokens, num_tokens):
+        return mask
+    raise ValueError(
+        f"mask: expected shape (B, N), (N, N), (B, N, N) or (B, h, N, N) with B={batch}, N={num_tokens}; "
+        f"got {tuple(mask.shape)}"
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with a fused kernel and a readable math twin.
+
+    ``fused=True`` (default) calls ``F.scaled_dot_product_attention``; the math path is the
+    seed's einsum form with its bugs fixed and can return the attention probabilities.
+    q, k and v come from one Linear laid out as (qkv, h, d), the layout timm and JAX
+    checkpoints use (the seed put the qkv axis innermost, which no checkpoint uses).
+    """
+
+    def __init__(
+        self,
+        emb_size: int = 768,
+        num_heads: int = 8,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+    ):
+        super().__init__()
+        if emb_size % num_heads:
+            raise ValueError(f"MultiHeadAttention: emb_size {emb_size} is not divisible by num_heads {num_heads}")
+        self.emb_size = emb_size
+        self.num_heads = num_heads
+        self.head_dim = emb_size // num_heads
+        # Fix: the seed divided by sqrt(emb_size) *after* the softmax; attention scales the
+        # logits by 1/sqrt(head_dim) *before* it (Vaswani et al., eq. 1).
+        self.scale = self.head_dim**-0.5
+        self.fused = fused
+        self.qkv = nn.Linear(emb_size, emb_size * 3, bias=qkv_bias)
+        self.att_drop = nn.Dropout(dropout)
+        self.projection = nn.Linear(emb_size, emb_size)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
+        b, n, _ = x.shape
+        qkv = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        queries, keys, values = qkv.unbind(0)  # each (B, h, N, d)
+        if mask is not None:
+            mask = expand_mask(mask, b, n)
+            # A query that may attend to nothing gets a zero output, not NaN, on both paths:
+            # let it attend everywhere (finite softmax, finite gradients), then zero its output.
+            attends_nothing = ~mask.any(dim=-1, keepdim=True)  # (B|1, h|1, N|1, 1)
+            mask = mask | attends_nothing
+        if self.fused and not return_attention:
+            out, att = self._fused(queries, keys, values, mask), None
+        else:
+            out, att = self._math(queries, keys, values, mask)
+        if mask is not None:
+            out = out.masked_fill(attends_nothing, 0.0)
+            if att is not None:
+                att = att.masked_fill(attends_nothing, 0.0)
+        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, E)
+        out = self.proj_drop(self.projection(out))
+        return (out, att) if return_attention else out
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        drop = self.att_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
+
+    def _math(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        energy = torch.einsum("bhqd, bhkd -> bhqk", q, k) * self.scale  # (B, h, N, N)
+        if mask is not None:
+            # Fix: the seed called a non-existent `mask_fill` and discarded its result.
+            # The fill is the most negative value of the logits' own dtype (fp16/bf16 safe).
+            energy = energy.masked_fill(~mask, torch.finfo(energy.dtype).min)
+        att = energy.softmax(dim=-1)
+        out = torch.einsum("bhqk, bhkd -> bhqd", self.att_drop(att), v)  # (B, h, N, d)
+        return out, att
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ResidualAdd(nn.Module):
+    """``x + drop_path(fn(x))``.
+
+    Fix: the seed did ``x += res`` in place, which overwrites the output of ``fn`` that
+    autograd may need and can mutate the caller's tensor.
+    """
+
+    def __init__(self, fn: nn.Module, drop_path: float = 0.0):
+        super().__init__()
+        self.fn = fn
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return x + self.drop_path(self.fn(x, **kwargs))
+
+
+class FeedForwardBlock(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention."""
+
+    def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0):
+        super().__init__()
+        hidden = int(emb_size * expansion)
+        self.fc1 = nn.Linear(emb_size, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop_p)
+        self.fc2 = nn.Linear(hidden, emb_size)
+        self.drop2 = nn.Dropout(drop_p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Pre-norm block: ``x = x + attn(norm1(x))``, then ``x = x + mlp(norm2(x))``.
+
+    The seed's two ResidualAdd(Sequential(LayerNorm, ...)) branches, written out so that
+    the state-dict names (norm1, attn, norm2, mlp) read like the equation and match timm.
+    """
+
+    def __init__(
+        self,
+        emb_size: int = 768,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_p: float = 0.0,
+        attn_drop_p: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
+        self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p)
+        self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
+        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
+        if return_attention:
+            y, att = self.attn(self.norm1(x), mask=mask, return_attention=True)
+        else:
+            y, att = self.attn(self.norm1(x), mask=mask), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, att) if return_attention else x
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's default ViT initialisation for Linear and LayerNorm layers."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        # lecun normal on the flattened patch, as in JAX ViT
+        fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        trunc_normal_(module.weight, std=math.sqrt(1.0 / fan_in))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+__all__ = [
+    "PatchEmbedding",
+    "MultiHeadAttention",
+    "ResidualAdd",
+    "FeedForwardBlock",
+    "TransformerEncoderBlock",
+    "DropPath",
+    "resample_positions",
+    "expand_mask",
+]

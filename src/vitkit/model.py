@@ -1,0 +1,185 @@
+"""TransformerEncoder, ClassificationHead and ViT, built from one ViTConfig."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import ViTConfig, get_config
+from .layers import PatchEmbedding, TransformerEncoderBlock, init_weights
+
+
+class TransformerEncoder(nn.Module):
+    """``depth`` TransformerEncoderBlocks, then (final_norm="tokens") a LayerNorm on every token."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            TransformerEncoderBlock(
+                cfg.emb_size, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(cfg.emb_size, eps=cfg.norm_eps) if cfg.final_norm == "tokens" else nn.Identity()
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask=mask)
+        return self.norm(x)
+
+
+class ClassificationHead(nn.Module):
+    """Pool the tokens (class token or mean of patch tokens), optional LayerNorm, then Linear."""
+
+    def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean",
+                 num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0):
+        super().__init__()
+        self.pool = pool
+        self.num_prefix_tokens = num_prefix_tokens
+        self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else nn.Identity()
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()
+
+    def pool_tokens(self, x: Tensor) -> Tensor:
+        if self.pool == "cls":
+            return x[:, 0]  # (B, N, E) -> (B, E)
+        # Mean over patch tokens only, as timm's global_pool="avg" (the seed also averaged the class token).
+        return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(self.norm(self.pool_tokens(x)))
+        return x if pre_logits else self.fc(x)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., 2020), as the seed builds it.
+
+    ``ViT()`` is the seed's model; ``ViT(cfg)`` or ``ViT(emb_size=192, ...)`` any other.
+    The seed's own argument names ``n_classes`` and ``**kwargs`` are accepted as aliases.
+    """
+
+    def __init__(self, cfg: ViTConfig | None = None, **overrides):
+        super().__init__()
+        if "n_classes" in overrides:  # the seed's name for num_classes
+            overrides["num_classes"] = overrides.pop("n_classes")
+        cfg = (cfg or ViTConfig()).replace(**overrides) if overrides else (cfg or ViTConfig())
+        self.cfg = cfg
+        self.patch_embed = PatchEmbedding(
+            cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
+            class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
+        )
+        self.encoder = TransformerEncoder(cfg)
+        self.head = ClassificationHead(
+            cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
+            norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate,
+        )
+        self.apply(init_weights)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    # --- the forward pass, split as timm splits it ---------------------------------------
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) -> (B, N, E): all tokens after the encoder (and its final norm)."""
+        return self.encoder(self.patch_embed(x), mask=mask)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, N, E) -> (B, num_classes), or the pooled (B, E) features with ``pre_logits=True``."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.forward_head(self.forward_features(x, mask=mask))
+
+    # --- a look inside ------------------------------------------------------------------
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        layers: int | Iterable[int] | None = None,
+        return_attention: bool = False,
+        output_fmt: str = "NLC",
+        norm: bool = False,
+        mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Run the model and return what the chosen blocks produce, by name.
+
+        ``layers``: block indices (negative counts from the end), or an int n for the last n
+        blocks; default all. Returns ``{"logits", "features", "block{i}"...}`` plus
+        ``"attn{i}"`` (B, h, N, N) probabilities when ``return_attention``. Only the chosen
+        blocks take the math path; the others stay on the fused kernel.
+        ``output_fmt="NCHW"`` gives patch tokens as (B, E, H/p, W/p) maps for dense tasks.
+        """
+        depth = len(self.encoder.blocks)
+        if layers is None:
+            chosen = set(range(depth))
+        elif isinstance(layers, int):
+            chosen = set(range(depth - layers, depth))
+        else:
+            chosen = {i % depth if -depth <= i < depth else _bad_layer(i, depth) for i in layers}
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt: expected 'NLC' or 'NCHW', got {output_fmt!r}")
+        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        out: dict[str, Tensor] = {}
+        tokens = self.patch_embed(x)
+        for i, block in enumerate(self.encoder.blocks):
+            if i in chosen and return_attention:
+                tokens, out[f"attn{i}"] = block(tokens, mask=mask, return_attention=True)
+            else:
+                tokens = block(tokens, mask=mask)
+            if i in chosen:
+                tap = self.encoder.norm(tokens) if norm else tokens
+                if output_fmt == "NCHW":
+                    tap = rearrange(tap[:, self.cfg.num_prefix_tokens:], "b (gh gw) e -> b e gh gw",
+                                    gh=grid[0], gw=grid[1])
+                out[f"block{i}"] = tap
+        features = self.encoder.norm(tokens)
+        out["features"] = features
+        out["logits"] = self.forward_head(features)
+        return out
+
+    def set_fused_attention(self, fused: bool) -> None:
+        """Switch every block between the fused kernel and the explicit math path."""
+        for block in self.encoder.blocks:
+            block.attn.fused = fused
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` classes."""
+        self.cfg = self.cfg.replace(num_classes=num_classes)
+        fc = nn.Linear(self.cfg.emb_size, num_classes) if num_classes > 0 else nn.Identity()
+        init_weights(fc)
+        self.head.fc = fc.to(self.patch_embed.positions.device)
+
+
+def _bad_layer(i: int, depth: int) -> int:
+    raise ValueError(f"layers: block index {i} is out of range for a model of depth {depth}")
+
+
+def create_model(name: str | ViTConfig, pretrained: str | None = None, **overrides) -> ViT:
+    """Build a model from the variant table (``list_models()``) or a ViTConfig.
+
+    ``pretrained`` is a vitkit checkpoint (directory or .safetensors file); when the
+    overrides change the image size or the number of classes, positions are resampled and
+    the classifier is re-initialised (see ``vitkit.checkpoint``).
+    """
+    if pretrained is not None:
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(pretrained, **overrides)
+    cfg = name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
+    return ViT(cfg)
+
+
+__all__ = ["TransformerEncoder", "ClassificationHead", "ViT", "create_model"]

@@ -1,0 +1,166 @@
+"""The seed's blocks: shapes of its walk-through, its bugs fixed, fused == math."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+import vitkit
+from vitkit import (
+    FeedForwardBlock,
+    MultiHeadAttention,
+    PatchEmbedding,
+    ResidualAdd,
+    TransformerEncoderBlock,
+)
+
+
+def test_seed_walkthrough_shapes():
+    """The tutorial's shapes: projection, class token, per-head queries, attention."""
+    x = torch.randn(8, 3, 224, 224)
+    pe = PatchEmbedding()
+    projected = rearrange(pe.projection(x), "b e h w -> b (h w) e")
+    assert projected.shape == (8, 196, 768)
+    tokens = pe(x)
+    assert tokens.shape == (8, 197, 768)
+    mha = MultiHeadAttention(768, 8)
+    qkv = rearrange(mha.qkv(tokens), "b n (qkv h d) -> qkv b h n d", qkv=3, h=8)
+    assert qkv[0].shape == (8, 8, 197, 96)
+    out, att = mha(tokens[:2], return_attention=True)
+    assert att.shape == (2, 8, 197, 197)
+    assert out.shape == (2, 197, 768)
+
+
+def seed_attention_fixed(mha: MultiHeadAttention, x, mask=None):
+    """The seed's einsum attention written out by hand, with the fixes applied."""
+    q, k, v = rearrange(mha.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=mha.num_heads)
+    energy = torch.einsum("bhqd, bhkd -> bhqk", q, k) / (mha.head_dim ** 0.5)
+    if mask is not None:
+        energy = energy.masked_fill(~mask, float("-inf"))
+    att = F.softmax(energy, dim=-1)
+    out = torch.einsum("bhal, bhlv -> bhav", att, v)
+    return mha.projection(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def test_seed_blocks_composed_by_hand_equal_vitkit_model():
+    """PatchEmbedding -> ResidualAdd(LN, MHA) -> ResidualAdd(LN, FFN) -> head, by hand, equals vitkit.ViT."""
+    model = vitkit.ViT(emb_size=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_classes=5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    # the seed's composition, using vitkit's modules and weights
+    tokens = model.patch_embed(x)
+    cls = repeat(model.patch_embed.cls_token, "() n e -> b n e", b=3)
+    by_hand = torch.cat([cls, rearrange(model.patch_embed.projection(x), "b e h w -> b (h w) e")], 1)
+    by_hand = by_hand + model.patch_embed.positions
+    torch.testing.assert_close(tokens, by_hand)
+    for block in model.encoder.blocks:
+        attn_branch = ResidualAdd(nn.Sequential(block.norm1, block.attn))
+        mlp_branch = ResidualAdd(nn.Sequential(block.norm2, block.mlp))
+        by_hand = mlp_branch(attn_branch(by_hand))
+    pooled = by_hand[:, 1:].mean(1)  # seed: mean pooling (over patch tokens)
+    logits = model.head.fc(model.head.norm(pooled))
+    torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_scaled_before_softmax_by_head_dim():
+    mha = MultiHeadAttention(64, 4).eval()
+    x = torch.randn(2, 10, 64)
+    torch.testing.assert_close(mha(x), seed_attention_fixed(mha, x), atol=1e-5, rtol=1e-5)
+    _, att = mha(x, return_attention=True)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 4, 10))  # probabilities, not divided after
+
+
+@pytest.mark.parametrize("mask_kind", [None, "key", "full"])
+def test_fused_equals_math(mask_kind):
+    torch.manual_seed(1)
+    mha = MultiHeadAttention(96, 6).eval()
+    x = torch.randn(3, 17, 96)
+    mask = None
+    if mask_kind == "key":
+        mask = torch.rand(3, 17) > 0.3
+        mask[:, 0] = True
+    elif mask_kind == "full":
+        mask = torch.rand(3, 17, 17) > 0.5
+    mha.fused = True
+    fused = mha(x, mask=mask)
+    mha.fused = False
+    math = mha(x, mask=mask)
+    assert (fused - math).abs().max() <= 1e-5
+
+
+def test_masked_key_gets_zero_probability_and_matches_reference():
+    mha = MultiHeadAttention(32, 4).eval()
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 2] = False
+    mask[1, 4:] = False
+    out, att = mha(x, mask=mask, return_attention=True)
+    assert att[0, :, :, 2].abs().max() == 0
+    assert att[1, :, :, 4:].abs().max() == 0
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 4, 6))
+    ref = seed_attention_fixed(mha, x, mask[:, None, None, :])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_row_gives_no_nan(fused, dtype):
+    mha = MultiHeadAttention(32, 4, fused=fused).to(dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    mask = torch.ones(2, 5, 5, dtype=torch.bool)
+    mask[0, 1, :] = False  # query 1 of image 0 may attend to nothing
+    out = mha(x, mask=mask)
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # the fully masked query's attention output is zero: only the projection bias remains
+    torch.testing.assert_close(out[0, 1], mha.projection.bias.expand(32).to(dtype))
+
+
+def test_mask_with_wrong_shape_or_dtype_is_rejected():
+    mha = MultiHeadAttention(32, 4)
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="mask: expected a boolean"):
+        mha(x, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"mask: expected shape .* got \(2, 7\)"):
+        mha(x, mask=torch.ones(2, 7, dtype=torch.bool))
+
+
+def test_residual_add_is_out_of_place_and_differentiable():
+    lin = nn.Linear(8, 8)
+    res = ResidualAdd(lin)
+    x = torch.randn(4, 8, requires_grad=True)
+    before = x.detach().clone()
+    y = res(x)
+    torch.testing.assert_close(x.detach(), before)  # the caller's tensor is untouched
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 8) + lin.weight.sum(0).expand(4, 8))
+
+
+def test_patch_embedding_does_not_mutate_and_inits_like_timm():
+    pe = PatchEmbedding(3, 4, 32, 16)
+    assert pe.cls_token.std().item() < 0.05 and pe.positions.std().item() < 0.05  # not randn (std 1)
+    assert pe.positions.abs().max().item() <= 2.0
+    x = torch.randn(2, 3, 16, 16)
+    x0 = x.clone()
+    pe(x).sum().backward()
+    torch.testing.assert_close(x, x0)
+    assert pe.positions.grad is not None and pe.cls_token.grad is not None
+
+
+def test_gradients_flow_to_every_parameter():
+    model = vitkit.create_model("vit_digits", drop_path_rate=0.1, drop_rate=0.1).train()
+    x = torch.randn(4, 1, 8, 8)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_feed_forward_and_block_shapes():
+    ffn = FeedForwardBlock(16, expansion=4)
+    assert ffn(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+    assert ffn.fc1.out_features == 64
+    block = TransformerEncoderBlock(16, 2)
+    y, att = block(torch.randn(2, 3, 16), return_attention=True)
+    assert y.shape == (2, 3, 16) and att.shape == (2, 2, 3, 3)

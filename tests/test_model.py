@@ -1,0 +1,140 @@
+"""Every variant in the table builds and runs; published sizes; clear errors for bad input."""
+
+import pytest
+import torch
+
+import vitkit
+from vitkit import ViT, ViTConfig, create_model, list_models
+
+PUBLISHED_PARAMS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_large_patch16_224": 304_326_632,
+    "vit_seed_patch16_224": 86_567_656,
+}
+
+
+def expected_params(cfg: ViTConfig) -> int:
+    """Parameter count from the architecture alone (an independent formula)."""
+    e, p, c, h = cfg.emb_size, cfg.patch_size, cfg.in_channels, cfg.mlp_hidden
+    embed = c * p * p * e + e + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
+    block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
+    final_norm = 2 * e if cfg.final_norm != "none" else 0
+    head = cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0
+    return embed + cfg.depth * block + final_norm + head
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_variant_builds_with_the_right_shapes(name):
+    with torch.device("meta"):
+        model = create_model(name)
+        cfg = model.cfg
+        x = torch.empty(2, cfg.in_channels, *cfg.img_size)
+        tokens = model.forward_features(x)
+        logits = model.forward_head(tokens)
+        pooled = model.forward_head(tokens, pre_logits=True)
+    assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, cfg.emb_size)
+    assert logits.shape == (2, cfg.num_classes)
+    assert pooled.shape == (2, cfg.emb_size)
+    assert sum(p.numel() for p in model.parameters()) == expected_params(cfg)
+
+
+@pytest.mark.parametrize("name,count", sorted(PUBLISHED_PARAMS.items()))
+def test_published_parameter_counts(name, count):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_default_vit_is_the_seed_model():
+    cfg = ViT().cfg
+    assert (cfg.patch_size, cfg.emb_size, cfg.depth, cfg.num_heads, cfg.num_classes) == (16, 768, 12, 8, 1000)
+    assert cfg.pool == "mean" and cfg.class_token and cfg.img_size == (224, 224)
+    assert ViT(n_classes=7, depth=1).cfg.num_classes == 7  # the seed's argument name still works
+
+
+def test_tiny_forward_is_finite_and_batch_independent():
+    model = create_model("vit_digits").eval()
+    x = torch.randn(5, 1, 8, 8)
+    full = model(x)
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(model(x[:2]), full[:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.randn(2, 3, 8, 8), r"input: expected 1 channel\(s\), got 3"),
+        (torch.randn(1, 8, 8), r"input: expected a 4-d tensor \(B, C, H, W\), got 3-d"),
+        (torch.randn(2, 1, 10, 10), r"input: expected image size 8x8, got 10x10"),
+        (torch.zeros(2, 1, 8, 8, dtype=torch.long), r"input: expected a floating-point tensor, got dtype torch.int64"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(x, message):
+    model = create_model("vit_digits")
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_dynamic_img_size_accepts_any_divisible_size():
+    model = create_model("vit_digits", dynamic_img_size=True).eval()
+    assert model(torch.randn(2, 1, 12, 6)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image size 9x8 is not divisible by patch size 2"):
+        model(torch.randn(2, 1, 9, 8))
+    # at the native size, dynamic and static agree
+    static = create_model("vit_digits").eval()
+    static.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(x), static(x))
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(emb_size=100, num_heads=3), "num_heads"),
+        (dict(img_size=8, patch_size=16), "img_size"),
+        (dict(img_size=30, patch_size=16), "img_size"),
+        (dict(depth=0), "depth"),
+        (dict(drop_rate=-0.1), "drop_rate"),
+        (dict(pool="max"), "pool"),
+        (dict(class_token=False, pool="cls"), "pool"),
+        (dict(final_norm="post"), "final_norm"),
+        (dict(num_classes=-1), "num_classes"),
+    ],
+)
+def test_invalid_config_names_the_field(fields, field):
+    with pytest.raises(ValueError, match=rf"ViTConfig\.{field}"):
+        ViTConfig(**fields)
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean vit_base_patch16_224"):
+        create_model("vit_base_patch16_244")
+    with pytest.raises(ValueError, match="unknown ViTConfig field"):
+        create_model("vit_digits", width=3)
+
+
+def test_no_class_token_mean_pool():
+    model = create_model("vit_digits", class_token=False, pool="mean").eval()
+    assert model.patch_embed.cls_token is None
+    assert model.forward_features(torch.randn(2, 1, 8, 8)).shape == (2, 16, 64)
+
+
+def test_forward_intermediates_by_name():
+    model = create_model("vit_digits").eval()
+    x = torch.randn(2, 1, 8, 8)
+    out = model.forward_intermediates(x, layers=[0, -1], return_attention=True, output_fmt="NCHW")
+    assert set(out) == {"block0", "block3", "attn0", "attn3", "features", "logits"}
+    assert out["block3"].shape == (2, 64, 4, 4)
+    assert out["attn0"].shape == (2, 4, 17, 17)
+    torch.testing.assert_close(out["logits"], model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block index 9 is out of range"):
+        model.forward_intermediates(x, layers=[9])
+
+
+def test_public_api():
+    for name in ("PatchEmbedding", "MultiHeadAttention", "ResidualAdd", "FeedForwardBlock",
+                 "TransformerEncoderBlock", "TransformerEncoder", "ClassificationHead", "ViT",
+                 "create_model", "list_models", "summary", "save_pretrained", "load_pretrained"):
+        assert hasattr(vitkit, name), name

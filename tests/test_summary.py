@@ -1,0 +1,49 @@
+"""The summary table: true totals (torchsummary misses class token and positions) and GMACs."""
+
+import subprocess
+import sys
+
+import torch
+
+import vitkit
+
+
+def test_seed_model_totals_and_gmacs(capsys):
+    s = vitkit.summary(vitkit.ViT(), (3, 224, 224))
+    assert s.total_params == 86_567_656
+    # torchsummary's total, which only counted .weight/.bias, is short by the tokens and positions
+    weights_and_biases = sum(p.numel() for n, p in vitkit.ViT().named_parameters() if n.endswith(("weight", "bias")))
+    assert weights_and_biases == 86_415_592
+    assert s.total_params - weights_and_biases == 152_064
+    assert sum(r.params for r in s.rows) == s.total_params
+    assert abs(s.gmacs - 17.58) < 0.05
+    table = capsys.readouterr().out
+    assert "PatchEmbedding" in table and "Total params: 86,567,656" in table
+    assert "[-1, 8, 197, 197]" in table  # the attention probabilities' row, as in the seed
+
+
+def test_gmacs_matches_an_independent_count():
+    model = vitkit.create_model("vit_small_patch16_224")
+    cfg = model.cfg
+    n, e, h = cfg.num_patches + 1, cfg.emb_size, cfg.mlp_hidden
+    per_block = n * e * 3 * e + n * e * e + 2 * n * e * h + 2 * n * n * e  # qkv, proj, mlp, attention matmuls
+    expected = cfg.depth * per_block + cfg.num_patches * e * 3 * 16 * 16 + e * cfg.num_classes
+    s = vitkit.summary(model, print_table=False)
+    assert s.macs == expected
+
+
+def test_summary_cli():
+    out = subprocess.run([sys.executable, "-m", "vitkit", "summary", "vit_digits", "--input", "1", "8", "8"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Total params: 136,138" in out
+    bad = subprocess.run([sys.executable, "-m", "vitkit", "summary", "vit_tiny_patch16_2244"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean vit_tiny_patch16_224" in bad.stderr
+
+
+def test_summary_leaves_the_model_as_it_was():
+    model = vitkit.create_model("vit_digits").train()
+    vitkit.summary(model, print_table=False)
+    assert model.training and all(b.attn.fused for b in model.encoder.blocks)
+    assert not any(m._forward_hooks for m in model.modules())
+    torch.testing.assert_close(model.eval()(torch.ones(1, 1, 8, 8)), model(torch.ones(1, 1, 8, 8)))
