@@ -1,0 +1,98 @@
+"""Reading user images safely, and the preprocessing a checkpoint asks for.
+
+Every image vitkit reads goes through ``load_image``: any mode (RGB, grayscale, RGBA,
+palette, 16-bit), any size; Pillow's decompression-bomb limit stays on; a file that is not
+an image gets an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .checkpoint import IMAGENET_MEAN, IMAGENET_STD
+
+
+class ImageError(ValueError):
+    """An input image vitkit cannot read; the message names the file."""
+
+
+def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Open ``path`` fully (so truncation is caught here) as RGB (channels=3) or L (channels=1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns below its hard limit; vitkit treats any bomb warning as an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = _to_mode(img, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused: the image is too large to decode safely ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image Pillow can read") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+    return img
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white rather than dropping alpha (which shows hidden pixels).
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def preprocess_image(img: Image.Image, preprocess: dict) -> Tensor:
+    """Resize (shorter side to img_size / crop_pct), centre-crop, scale to [0, 1], normalise: (C, H, W).
+
+    ``preprocess`` is the dict a checkpoint's config.json carries (timm's eval transform).
+    """
+    h, w = preprocess.get("img_size", [224, 224])
+    crop_pct = float(preprocess.get("crop_pct", 1.0))
+    interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
+    scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
+    if crop_pct == 1.0:
+        img = img.resize((w, h), interp)
+    else:
+        # shorter side to the scaled size, keeping the aspect ratio, then a centre crop
+        ratio = max(scale_h / img.height, scale_w / img.width)
+        img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), interp)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
+    channels = x.shape[0]
+    mean = torch.tensor(preprocess.get("mean", IMAGENET_MEAN if channels == 3 else [0.5]), dtype=torch.float32)
+    std = torch.tensor(preprocess.get("std", IMAGENET_STD if channels == 3 else [0.5]), dtype=torch.float32)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def load_and_preprocess(path: str | os.PathLike, preprocess: dict, channels: int) -> Tensor:
+    return preprocess_image(load_image(path, channels), preprocess)
+
+
+__all__ = ["load_image", "preprocess_image", "load_and_preprocess", "ImageError"]
