@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vitkit summary vit_seed_patch16_224
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) fashion-mnist lint
 	$(PY) -m pytest -q
