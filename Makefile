@@ -24,8 +24,15 @@ fashion-mnist:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	fi
 
+# Train a ViT on the real 8x8 digits (default recipe, configs/digits.yaml), evaluate it,
+# and classify a few test digits saved as PNG files.
+DEMO_RUN := runs/demo
 demo: $(STAMP)
-	$(VENV)/bin/vitkit summary vit_seed_patch16_224
+	$(VENV)/bin/vitkit train --config configs/digits.yaml --out $(DEMO_RUN) --overwrite
+	$(VENV)/bin/vitkit eval $(DEMO_RUN)
+	$(PY) -c "from vitkit.data import load_digits, save_samples; save_samples(load_digits(), '$(DEMO_RUN)/samples', 6)"
+	$(VENV)/bin/vitkit predict $(DEMO_RUN) $(DEMO_RUN)/samples/*.png --topk 3
+	@echo "run folder: $(DEMO_RUN) (config.yaml, metrics.csv, curves.png, confusion.png, best/, last/, samples/)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -34,7 +41,7 @@ test: $(STAMP) fashion-mnist lint
 	$(PY) -m pytest -q
 
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_properties.py --hypothesis-show-statistics
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,5 +1,6 @@
 """vitkit: the seed tutorial's Vision Transformer, made correct, fast and interoperable."""
 
+from . import convert  # vitkit.convert.load / export: timm, Hugging Face, torchvision, JAX
 from .checkpoint import load_pretrained, save_pretrained
 from .config import VARIANTS, ViTConfig, get_config, list_models
 from .layers import (
@@ -31,4 +32,5 @@ __all__ = [
     "summary",
     "save_pretrained",
     "load_pretrained",
+    "convert",
 ]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import pickle
+import re
+import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +75,11 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _temp_path(final: Path) -> Path:
+    """A fresh name beside ``final`` (same file system, so the final rename is atomic)."""
+    return final.parent / f".{final.name}.tmp-{secrets.token_hex(6)}"
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces ``final`` in one step.
@@ -82,9 +89,15 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     temporary directory is removed and ``final`` is untouched.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        # renameat2 would happily swap a directory with the user's file and then lose the file
+        raise FileExistsError(f"{final}: exists and is not a directory; refusing to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = _temp_path(final)
     try:
+        # Created inside the try (not with mkdtemp before it): a Ctrl-C that lands just after
+        # the mkdir still removes it. Mode 0o777 minus the umask, as any mkdir (mkdtemp gives 0700).
+        os.mkdir(tmp, 0o777)
         yield tmp
         _fsync_tree(tmp)
         if final.exists():
@@ -94,7 +107,11 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
                 old = final.parent / f".{final.name}.old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
-                os.rename(tmp, final)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(old, final)  # the new one could not go in: put the previous one back
+                    raise
                 tmp = old
         else:
             os.rename(tmp, final)
@@ -110,8 +127,10 @@ def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``final``; on success fsync it and rename it into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    tmp = _temp_path(final)
     try:
+        # as in atomic_directory: created inside the try, with open()'s permissions (mkstemp gives 0600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -144,7 +163,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"{path}: refused to load: the pickle asks to run code or build objects that a weights "
                 f"file does not need, and vitkit loads .pth/.bin only with torch.load(weights_only=True). "
-                f"Detail: {str(e).splitlines()[0]}"
+                f"Detail: {_pickle_detail(e)}"
             ) from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable PyTorch file ({e})") from e
@@ -156,6 +175,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
         return obj
     raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors, .pth, .pt or .bin")
+
+
+def _pickle_detail(e: Exception) -> str:
+    """The line of torch's refusal that names what the pickle asked for (e.g. ``GLOBAL posix.system``)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or ["(no detail)"])[0]
 
 
 def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], source: str) -> None:
@@ -210,7 +236,12 @@ def save_pretrained(
         meta.update(extra)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_directory(directory) as tmp:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        try:
+            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        except SafetensorError as e:
+            # safetensors reports a full disk as "... No space left on device (os error 28)", naming no file
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, f"{directory}: could not save the weights ({e})") from e
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
@@ -226,13 +257,42 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: expected a vitkit config with \"format\": \"vitkit\" and a \"model\" object")
-    meta["config"] = ViTConfig.from_dict(meta["model"], source=str(path))
+    try:
+        meta["config"] = cfg = ViTConfig.from_dict(meta["model"], source=str(path))
+        if meta.get("preprocess") is not None:
+            from .images import check_preprocess  # images imports this module
+
+            check_preprocess(meta["preprocess"], cfg.in_channels, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: class_names: expected a list of strings or null, got {names!r}")
+    if names is not None and len(names) != cfg.num_classes:
+        raise CheckpointError(f"{path}: {len(names)} class_names for a model with num_classes={cfg.num_classes}")
     return meta
 
 
-def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights file, directory) for a checkpoint directory or its .safetensors file."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A training run folder (runs/NAME) means its best/ checkpoint (else last/); anything else is taken as given."""
     path = Path(path)
+    is_checkpoint = (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).exists()
+    if path.is_dir() and not is_checkpoint and any((path / n).is_dir() for n in ("best", "last")):
+        for name in ("best", "last"):
+            if (path / name / CONFIG_NAME).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: a run folder without a best/ or last/ checkpoint yet")
+    return path
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights file, directory) for a checkpoint directory, a run folder or a .safetensors file."""
+    path = resolve_checkpoint(path)
+    backup = path.parent / f".{path.name}.old"
+    if not path.exists() and (backup / WEIGHTS_NAME).is_file():
+        # atomic_directory's fallback was interrupted between its two renames: the previous save is here
+        warnings.warn(f"{path}: missing; loading {backup}, left by an interrupted save", stacklevel=3)
+        return backup / WEIGHTS_NAME, backup
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.exists():
@@ -241,6 +301,8 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
                 return backup / WEIGHTS_NAME, backup
         return weights, path
     if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such weights file")
         return path, path.parent
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
@@ -288,8 +350,15 @@ def build_with_state(
     """A ViT of ``cfg`` holding ``state`` (vitkit keys), adapted to a new size or head."""
     from .model import ViT
 
+    # Check the weights against a model on the meta device (no memory) before building the real one:
+    # a config.json claiming a huge model must not allocate it. Depth first, as meta still costs time per block.
+    blocks = {k.split(".")[2] for k in state if k.startswith("encoder.blocks.") and k.count(".") >= 3}
+    if len(blocks) != cfg.depth:
+        raise CheckpointError(f"{source}: the config says depth {cfg.depth}, the weights hold {len(blocks)} blocks")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in ViT(cfg).state_dict().items()}
+    check_state_dict(expected, state, source)
     model = ViT(cfg)
-    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source)
     model.load_state_dict(state)
     new_fields = dict(overrides)
     if img_size is not None and to_2tuple(img_size) != cfg.img_size:
@@ -322,6 +391,7 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "read_config",
+    "resolve_checkpoint",
     "build_with_state",
     "CheckpointError",
 ]

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # subcommand modules, in the order `vitkit --help` lists them
 COMMAND_MODULES = (
     "vitkit.commands.models",
+    "vitkit.commands.convert",
+    "vitkit.commands.inspect",
+    "vitkit.commands.train",
+    "vitkit.commands.bench",
 )
 
 
@@ -24,14 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so atomic writers remove their temporaries on the way out.
+    # (`vitkit train` installs its own handler: it finishes the step and saves last/.)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         # Errors vitkit raises for bad input already name the input: print, don't trace.
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission problem: the message names the path
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ an image gets an error that names it.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -64,6 +65,36 @@ _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
+
+
+def check_preprocess(preprocess, channels: int, source: str) -> None:
+    """Raise ValueError naming ``source`` for a preprocess dict ``preprocess_image`` cannot follow.
+
+    A checkpoint's config.json may come from anywhere: a KeyError or a division by zero deep
+    inside predict is no way to say that its ``preprocess`` is wrong.
+    """
+    if not isinstance(preprocess, dict):
+        raise ValueError(f"{source}: preprocess: expected an object, got {type(preprocess).__name__}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    lengths = {1, 3, channels}
+    checks = {
+        "img_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                     and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v),
+                     "[height, width] of positive ints"),
+        "crop_pct": (lambda v: number(v) and v > 0, "a positive number"),
+        "interpolation": (lambda v: isinstance(v, str) and v in _INTERPOLATION, f"one of {sorted(_INTERPOLATION)}"),
+        # one value per channel, or one for all; 3 is what default_preprocess writes for any non-gray model
+        "mean": (lambda v: isinstance(v, (list, tuple)) and len(v) in lengths and all(map(number, v)),
+                 f"{' or '.join(map(str, sorted(lengths)))} numbers"),
+        "std": (lambda v: isinstance(v, (list, tuple)) and len(v) in lengths
+                and all(number(x) and x > 0 for x in v), f"{' or '.join(map(str, sorted(lengths)))} positive numbers"),
+    }
+    for key, (ok, expected) in checks.items():
+        if key in preprocess and not ok(preprocess[key]):
+            raise ValueError(f"{source}: preprocess.{key}: expected {expected}, got {preprocess[key]!r}")
 
 
 def preprocess_image(img: Image.Image, preprocess: dict) -> Tensor:

@@ -23,7 +23,8 @@ def trunc_normal_(tensor: Tensor, std: float = 0.02) -> Tensor:
 
 
 def resample_positions(
-    positions: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int
+    positions: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int,
+    always: bool = False,
 ) -> Tensor:
     """Resize a (1, prefix + gh*gw, E) position table to another patch grid.
 
@@ -31,7 +32,7 @@ def resample_positions(
     the same recipe as timm's ``resample_abs_pos_embed``, so checkpoints resampled by
     either library agree.
     """
-    if tuple(new_grid) == tuple(old_grid):
+    if not always and tuple(new_grid) == tuple(old_grid):
         return positions
     prefix, grid = positions[:, :num_prefix_tokens], positions[:, num_prefix_tokens:]
     dtype = grid.dtype
@@ -82,15 +83,21 @@ class PatchEmbedding(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
+        weight = self.projection.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input: dtype {x.dtype} does not match the model's {weight.dtype}; use x.to(model dtype)")
+        if x.device != weight.device:
+            raise ValueError(f"input: on {x.device}, the model is on {weight.device}")
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"input: expected {self.in_channels} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})"
             )
         h, w = x.shape[-2:]
         if self.dynamic_img_size:
-            if h % self.patch_size or w % self.patch_size:
+            if h == 0 or w == 0 or h % self.patch_size or w % self.patch_size:
                 raise ValueError(
                     f"input: image size {h}x{w} is not divisible by patch size {self.patch_size}"
+                    + (" (an empty image)" if h == 0 or w == 0 else "")
                 )
         elif (h, w) != self.img_size:
             raise ValueError(
@@ -102,13 +109,17 @@ class PatchEmbedding(nn.Module):
         self.check_input(x)
         x = self.projection(x)  # (B, E, H/p, W/p)
         grid = tuple(x.shape[-2:])
-        x = rearrange(x, "b e gh gw -> b (gh gw) e")  # (B, N_patches, E)
+        # = rearrange(x, "b e gh gw -> b (gh gw) e"), as two views: no einops parsing per call
+        x = x.flatten(2).transpose(1, 2)  # (B, N_patches, E)
         if self.cls_token is not None:
             cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, E), a view: no copy
             x = torch.cat([cls_tokens, x], dim=1)  # (B, 1 + N_patches, E)
         positions = self.positions
-        if grid != self.grid_size:  # only reachable with dynamic_img_size
-            positions = resample_positions(positions, grid, self.grid_size, self.num_prefix_tokens)
+        # Under torch.export the grid is symbolic: resample unconditionally (exact identity at the
+        # native grid) so that one exported program serves every image size.
+        exporting = self.dynamic_img_size and torch.compiler.is_exporting()
+        if exporting or grid != self.grid_size:  # only reachable with dynamic_img_size
+            positions = resample_positions(positions, grid, self.grid_size, self.num_prefix_tokens, always=exporting)
         # Fix: the seed added in place (x += positions), which mutates a tensor autograd needs.
         return self.pos_drop(x + positions)
 
@@ -169,7 +180,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
         b, n, _ = x.shape
-        qkv = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv.unbind(0)  # each (B, h, N, d)
         if mask is not None:
             mask = expand_mask(mask, b, n)
@@ -185,7 +197,7 @@ class MultiHeadAttention(nn.Module):
             out = out.masked_fill(attends_nothing, 0.0)
             if att is not None:
                 att = att.masked_fill(attends_nothing, 0.0)
-        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, E)
+        out = out.transpose(1, 2).reshape(b, n, self.emb_size)  # (B, h, N, d) -> (B, N, E)
         out = self.proj_drop(self.projection(out))
         return (out, att) if return_attention else out
 

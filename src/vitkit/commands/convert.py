@@ -1,0 +1,54 @@
+"""`vitkit convert SRC OUT --from FMT --to FMT`: move weights between vitkit, timm, HF, torchvision, JAX."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..convert import EXPORT_FORMATS, IMPORT_FORMATS
+
+    p = sub.add_parser(
+        "convert",
+        help="convert weights between vitkit, timm, Hugging Face, torchvision and JAX .npz",
+        description=(
+            "Read SRC in the format named by --from and write OUT in the format named by --to (default: a vitkit "
+            "checkpoint directory that `vitkit.load_pretrained(OUT)` opens). The architecture is read from the "
+            "checkpoint; timm and torchvision files do not store the number of heads: give --model NAME or "
+            "--num-heads N, otherwise heads = width / 64 (the published convention) is assumed."
+        ),
+    )
+    p.add_argument("src", help="the source checkpoint: a file or a directory")
+    p.add_argument("out", help="where to write: a directory (vitkit, hf, timm) or a file (.safetensors/.pth, .npz)")
+    p.add_argument("--from", dest="src_fmt", required=True, choices=IMPORT_FORMATS, help="the source format")
+    p.add_argument("--to", dest="dst_fmt", default="vitkit", choices=EXPORT_FORMATS, help="the target format")
+    p.add_argument("--model", help="a vitkit variant name (see `vitkit models`) giving the number of heads")
+    p.add_argument("--num-heads", type=int, help="the number of attention heads of the source model")
+    p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
+                   help="resample the position table for this image size (one value: square)")
+    p.add_argument("--num-classes", type=int, help="a new, freshly initialised classifier with N classes")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..convert import convert
+
+    img_size = None
+    if args.img_size is not None:
+        if len(args.img_size) > 2:
+            raise ValueError(f"--img-size: expected H or H W, got {len(args.img_size)} values {args.img_size}")
+        img_size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}
+    # Warnings (assumed heads, a re-initialised head, dropped tensors) are part of the answer: print them plainly.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = convert(
+            args.src, args.out, args.src_fmt, args.dst_fmt,
+            model=args.model, img_size=img_size, num_classes=args.num_classes, **overrides,
+        )
+    for w in caught:
+        print(f"vitkit convert: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {out} ({args.dst_fmt})")
+    return 0

@@ -1,0 +1,312 @@
+"""Weights that move both ways between vitkit and timm, Hugging Face, torchvision and JAX.
+
+Each foreign format is one module with ONE explicit key map: a table of rules
+``(vitkit key pattern, foreign key pattern(s), transform)``. The same table is read
+left-to-right to import and right-to-left to export, so the two directions cannot drift
+apart. A transform is a named pair of functions (e.g. split/concat q, k, v; transpose a
+Dense kernel) that turns the foreign tensor(s) into the vitkit tensor and back.
+
+The user names the source format; it is never guessed from the keys. The architecture
+(a ViTConfig) is read from the checkpoint: tensor shapes, plus the file's own config
+where it has one (Hugging Face config.json, timm's hub config.json). Heads cannot be read
+from the shapes of timm or torchvision weights: they come from ``model=NAME``,
+``num_heads=N``, the file's config, or the published convention heads = width / 64.
+
+    model = vitkit.convert.load("vit.safetensors", "timm", img_size=384)
+    vitkit.convert.export(model, "hf_dir", "hf")
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import (
+    CheckpointError,
+    build_with_state,
+    check_state_dict,
+    default_preprocess,
+    load_pretrained,
+    save_pretrained,
+)
+from ..config import ViTConfig, get_config
+
+IMPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
+EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
+# Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
+# (how to read its weights), not a change applied after loading.
+SOURCE_FIELDS = ("num_heads", "pool", "norm_eps")
+
+
+# --- transforms -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Transform:
+    """How one vitkit tensor is made from its foreign tensor(s), and split back."""
+
+    name: str
+    to_vitkit: Callable[[list[Tensor], ViTConfig], Tensor]
+    from_vitkit: Callable[[Tensor, ViTConfig], list[Tensor]]
+
+
+IDENTITY = Transform("identity", lambda ts, cfg: ts[0], lambda t, cfg: [t])
+# A Linear weight is (out, in); a JAX Dense kernel is (in, out).
+TRANSPOSE = Transform("transpose", lambda ts, cfg: ts[0].T, lambda t, cfg: [t.T])
+# Separate q, k, v projections (Hugging Face) <-> vitkit's fused one, laid out (qkv, h, d) on dim 0.
+CONCAT_QKV = Transform("concat_qkv", lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: list(t.chunk(3, dim=0)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``vitkit`` and ``foreign`` are key patterns; ``{i}`` is a block index, ``{p}`` weight|bias."""
+
+    vitkit: str
+    foreign: tuple[str, ...]
+    transform: Transform = IDENTITY
+
+
+def rule(vitkit: str, foreign: str | tuple[str, ...], transform: Transform = IDENTITY) -> Rule:
+    return Rule(vitkit, (foreign,) if isinstance(foreign, str) else tuple(foreign), transform)
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(regex)
+
+
+def meta_state(cfg: ViTConfig) -> dict[str, Tensor]:
+    """The state dict of a ViT of ``cfg`` on the meta device: names and shapes, no memory."""
+    from ..model import ViT
+
+    with torch.device("meta"):
+        return ViT(cfg).state_dict()
+
+
+class KeyMap:
+    """One format's table of rules, usable in both directions.
+
+    ``ignore``: regexes of foreign keys that carry nothing vitkit uses (e.g. Hugging Face's
+    pooler); they are dropped on import with a warning naming them.
+    """
+
+    def __init__(self, fmt: str, rules: list[Rule], ignore: tuple[str, ...] = ()):
+        self.fmt = fmt
+        self.rules = rules
+        self._compiled = [(r, _pattern(r.vitkit)) for r in rules]
+        self.ignore = tuple(re.compile(p) for p in ignore)
+
+    def foreign_names(self, vitkit_key: str) -> tuple[Rule, list[str]]:
+        for r, regex in self._compiled:
+            m = regex.fullmatch(vitkit_key)
+            if m:
+                return r, [f.format(**m.groupdict()) for f in r.foreign]
+        # Only reachable if vitkit grows a parameter this table does not know yet.
+        raise CheckpointError(f"{self.fmt} key map: no rule for the vitkit key {vitkit_key!r}")
+
+    def from_vitkit(self, state: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
+        """vitkit state dict -> this format's state dict."""
+        out: dict[str, Tensor] = {}
+        for key, tensor in state.items():
+            r, names = self.foreign_names(key)
+            for name, t in zip(names, r.transform.from_vitkit(tensor, cfg), strict=True):
+                out[name] = t if t.device.type == "meta" else t.contiguous()
+        return out
+
+    def to_vitkit(self, foreign: dict[str, Tensor], cfg: ViTConfig, source: str) -> dict[str, Tensor]:
+        """This format's state dict -> vitkit state dict for ``cfg``, every tensor shape-checked.
+
+        The foreign names are checked first, so a bad file is reported in its own terms
+        (missing / unexpected / wrongly shaped keys under the names the file uses).
+        """
+        dropped = sorted(k for k in foreign if any(p.fullmatch(k) for p in self.ignore))
+        if dropped:
+            warnings.warn(f"{source}: dropped {len(dropped)} tensor(s) vitkit does not use: {dropped}", stacklevel=3)
+        foreign = {k: v for k, v in foreign.items() if k not in dropped}
+        target = meta_state(cfg)
+        expected = {k: v.shape for k, v in self.from_vitkit(target, cfg).items()}
+        check_state_dict(expected, foreign, f"{source} ({self.fmt} layout)")
+        out = {}
+        for key in target:
+            r, names = self.foreign_names(key)
+            out[key] = r.transform.to_vitkit([foreign[n] for n in names], cfg)
+        check_state_dict({k: v.shape for k, v in target.items()}, out, f"{source} (converted to vitkit)")
+        return out
+
+
+# --- what a reader hands back ---------------------------------------------------------------
+@dataclass
+class Foreign:
+    """A foreign checkpoint as read from disk: its tensors and whatever its own config says."""
+
+    path: str
+    state: dict[str, Tensor]
+    config: dict = field(default_factory=dict)  # the file's own config (HF config.json...), if any
+    preprocess: dict | None = None
+    class_names: list[str] | None = None
+    layout: str = ""  # a sub-layout within the format (JAX: "vision_transformer" or "big_vision")
+
+
+# --- helpers the format modules share -------------------------------------------------------
+def require(state: dict[str, Tensor], key: str, source: str, fmt: str) -> Tensor:
+    if key not in state:
+        some = sorted(state)[:8]
+        raise CheckpointError(
+            f"{source}: no tensor {key!r}, which every {fmt} ViT checkpoint has; is this really a {fmt} "
+            f"checkpoint? (first keys: {some})"
+        )
+    return state[key]
+
+
+def count_blocks(state: dict[str, Tensor], prefix_regex: str) -> int:
+    """Number of blocks, from keys like ``blocks.11.norm1.weight`` (``prefix_regex`` captures the index)."""
+    found = {int(m.group(1)) for k in state if (m := re.match(prefix_regex, k))}
+    return max(found) + 1 if found else 0
+
+
+def square_grid(num_patches: int, source: str) -> tuple[int, int]:
+    """(g, g) for a position table of g*g patches; foreign files do not store the grid's aspect."""
+    g = round(num_patches**0.5)
+    if g * g != num_patches:
+        raise CheckpointError(
+            f"{source}: the position table has {num_patches} patch positions, not a square grid; "
+            "non-square foreign checkpoints are not supported (load at a square size, then pass img_size)"
+        )
+    return (g, g)
+
+
+def mlp_ratio_of(hidden: int, width: int, source: str) -> float:
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise CheckpointError(f"{source}: MLP width {hidden} is not representable as mlp_ratio * {width}")
+    return ratio
+
+
+def resolve_heads(width: int, base: dict, source: str) -> int:
+    """Heads from the caller (model name / num_heads) or the published convention: head width 64."""
+    if "num_heads" in base:
+        return int(base["num_heads"])
+    if width % 64:
+        raise CheckpointError(
+            f"{source}: the number of attention heads is not stored in this format and width {width} is not "
+            "a multiple of 64 (the usual head width); pass model=NAME or num_heads=N (CLI: --model/--num-heads)"
+        )
+    heads = width // 64
+    warnings.warn(
+        f"{source}: heads are not stored in this format; assuming the published convention "
+        f"heads = width / 64 = {heads}. Pass model=NAME or num_heads=N if the model differs.",
+        stacklevel=4,
+    )
+    return heads
+
+
+def base_fields(model: str | None, overrides: dict) -> dict:
+    """Source fields no shape reveals: from a variant name (``model``) and SOURCE_FIELDS overrides.
+
+    Pops those overrides out of ``overrides``; what remains is applied after loading.
+    """
+    base: dict = {}
+    if model is not None:
+        base["num_heads"] = get_config(model).num_heads
+        base["_model"] = model
+    for name in SOURCE_FIELDS:
+        if name in overrides:
+            base[name] = overrides.pop(name)
+    return base
+
+
+def config_with(base: dict, source: str, **fields) -> ViTConfig:
+    """A ViTConfig from shape-read ``fields``, with the caller's source fields taking priority.
+
+    If a variant name was given (``model=NAME``), its width and patch must be the file's.
+    """
+    name = base.get("_model")
+    if name is not None:
+        named = get_config(name)
+        diffs = [
+            f"{f}: {name} has {getattr(named, f)}, the checkpoint has {fields[f]}"
+            for f in ("emb_size", "patch_size")
+            if getattr(named, f) != fields[f]
+        ]
+        if diffs:
+            raise CheckpointError(f"{source}: the weights are not a {name}: " + "; ".join(diffs))
+    fields.update({k: v for k, v in base.items() if not k.startswith("_")})
+    try:
+        return ViTConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+# --- the public API ---------------------------------------------------------------------------
+def _format_module(fmt: str, allowed: tuple[str, ...], direction: str):
+    if fmt not in allowed:
+        raise ValueError(f"{direction} format: expected one of {', '.join(allowed)}, got {fmt!r}")
+    return importlib.import_module(f"{__name__}.{fmt}")
+
+
+def load(
+    path: str | os.PathLike,
+    fmt: str,
+    model: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    **overrides,
+):
+    """Load a ``fmt`` checkpoint ("vitkit", "timm", "hf", "torchvision", "jax") as a vitkit ViT.
+
+    ``model``: a vitkit variant name whose head count to use (timm/torchvision files do not
+    store it). ``num_heads``, ``pool``, ``norm_eps`` overrides also describe the source.
+    ``img_size`` resamples the positions, ``num_classes`` re-initialises the classifier,
+    other overrides (``dynamic_img_size=True``, dropouts) apply to the loaded model.
+    """
+    if fmt == "vitkit":
+        return load_pretrained(path, img_size=img_size, num_classes=num_classes, **overrides)
+    module = _format_module(fmt, IMPORT_FORMATS, "source")
+    source = str(path)
+    foreign: Foreign = module.read(Path(path))
+    base = base_fields(model, overrides)
+    cfg: ViTConfig = module.infer_config(foreign, base)
+    state = module.to_vitkit(foreign, cfg)
+    vit = build_with_state(cfg, state, source, img_size=img_size, num_classes=num_classes, **overrides)
+    # What the file says about its inputs (mean/std...), at the size the model now has; statistics
+    # for another channel count (a 3-channel processor config beside a 1-channel model) are not used.
+    pre = foreign.preprocess
+    fits = pre and len(pre.get("mean", ())) in (1, vit.cfg.in_channels) and len(pre.get("std", ())) in (1, vit.cfg.in_channels)
+    vit.preprocess = dict(pre) if fits else default_preprocess(vit.cfg)
+    vit.preprocess["img_size"] = list(vit.cfg.img_size)
+    changed_head = num_classes is not None and num_classes != cfg.num_classes
+    vit.class_names = None if changed_head else foreign.class_names
+    return vit
+
+
+def export(model, out: str | os.PathLike, fmt: str) -> Path:
+    """Write a vitkit ViT in ``fmt`` ("vitkit", "timm", "hf", "torchvision", "jax"), atomically."""
+    model = getattr(model, "_orig_mod", model)
+    if fmt == "vitkit":
+        return save_pretrained(model, out)
+    module = _format_module(fmt, EXPORT_FORMATS, "target")
+    return module.export(model, Path(out))
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    src_fmt: str,
+    dst_fmt: str = "vitkit",
+    model: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    **overrides,
+) -> Path:
+    """``load(src, src_fmt, ...)`` then ``export(..., out, dst_fmt)``: what ``vitkit convert`` runs."""
+    vit = load(src, src_fmt, model=model, img_size=img_size, num_classes=num_classes, **overrides)
+    return export(vit, out, dst_fmt)
+
+
+__all__ = ["load", "export", "convert", "KeyMap", "Rule", "Transform", "Foreign", "IMPORT_FORMATS", "EXPORT_FORMATS"]

@@ -1,0 +1,195 @@
+"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions.
+
+The table is written in the layout Hugging Face stores on disk (and on the Hub):
+``vit.encoder.layer.N.attention.attention.query`` ... with separate q, k, v projections,
+``layernorm_before``/``layernorm_after``, a ``vit.`` prefix and a ``classifier``.
+(transformers 5 renames modules in memory, e.g. ``q_proj``, but still saves this layout.)
+A ``ViTModel`` file has no ``vit.`` prefix, no classifier, and a pooler (dense + tanh on
+the class token) that image classification does not use: it is dropped with a warning.
+
+Everything about the architecture comes from the directory's ``config.json``
+(hidden_size, num_attention_heads, image_size, patch_size, num_channels, layer_norm_eps,
+qkv_bias) and the class names from its ``id2label``. Note: HF's own
+``interpolate_pos_encoding=True`` resamples bicubic *without* antialiasing at run time;
+vitkit resamples once, on load, bicubic with antialiasing (as timm does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file
+from ..config import ViTConfig
+from . import CONCAT_QKV, Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, rule
+
+LAYER = "vit.encoder.layer.{i}"
+KEYS = KeyMap(
+    "hf",
+    [
+        rule("patch_embed.projection.{p}", "vit.embeddings.patch_embeddings.projection.{p}"),
+        rule("patch_embed.cls_token", "vit.embeddings.cls_token"),
+        rule("patch_embed.positions", "vit.embeddings.position_embeddings"),
+        rule("encoder.blocks.{i}.norm1.{p}", f"{LAYER}.layernorm_before.{{p}}"),
+        rule(
+            "encoder.blocks.{i}.attn.qkv.{p}",
+            tuple(f"{LAYER}.attention.attention.{n}.{{p}}" for n in ("query", "key", "value")),
+            CONCAT_QKV,
+        ),
+        rule("encoder.blocks.{i}.attn.projection.{p}", f"{LAYER}.attention.output.dense.{{p}}"),
+        rule("encoder.blocks.{i}.norm2.{p}", f"{LAYER}.layernorm_after.{{p}}"),
+        rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{LAYER}.intermediate.dense.{{p}}"),
+        rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{LAYER}.output.dense.{{p}}"),
+        rule("encoder.norm.{p}", "vit.layernorm.{p}"),
+        rule("head.fc.{p}", "classifier.{p}"),
+    ],
+    ignore=(r"vit\.pooler\..*",),
+)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return load_state_dict_file(directory / name)
+    index = directory / "model.safetensors.index.json"  # a sharded checkpoint
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_state_dict_file(directory / shard))
+        return state
+    raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)} (or a sharded index) in this directory")
+
+
+def read(path: Path) -> Foreign:
+    """A directory written by ``save_pretrained`` (or one of its weight files)."""
+    directory = path if path.is_dir() else path.parent
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{directory}: no config.json; a Hugging Face ViT directory has one")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    if config.get("model_type") != "vit":
+        raise CheckpointError(f"{cfg_file}: model_type is {config.get('model_type')!r}; only 'vit' is supported")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP uses exact 'gelu'")
+    state = load_state_dict_file(path) if path.is_file() else _read_weights(directory)
+    if not any(k.startswith("vit.") for k in state):
+        state = {f"vit.{k}": v for k, v in state.items()}  # a ViTModel: the base model without prefix
+    foreign = Foreign(str(path), state, config=config)
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if names and not all(DEFAULT_LABEL.fullmatch(n) for n in names):
+        foreign.class_names = names
+    pre_file = directory / "preprocessor_config.json"
+    if pre_file.is_file():
+        pre = json.loads(pre_file.read_text())
+        if "image_mean" in pre and "image_std" in pre:
+            foreign.preprocess = dict(
+                mean=list(pre["image_mean"]), std=list(pre["image_std"]), crop_pct=1.0,  # HF resizes, no crop
+                interpolation={3: "bicubic"}.get(pre.get("resample"), "bilinear"),  # PIL codes: 2 bilinear, 3 bicubic
+            )
+    return foreign
+
+
+def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
+    c, s = foreign.config, foreign.state
+    try:
+        width = int(c["hidden_size"])
+        fields = dict(
+            img_size=c.get("image_size", 224),
+            patch_size=int(c.get("patch_size", 16)),
+            in_channels=int(c.get("num_channels", 3)),
+            emb_size=width,
+            depth=int(c["num_hidden_layers"]),
+            num_heads=int(c["num_attention_heads"]),
+            mlp_ratio=mlp_ratio_of(int(c.get("intermediate_size", 4 * width)), width, foreign.path),
+            qkv_bias=bool(c.get("qkv_bias", True)),
+            norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
+    held = count_blocks(s, r"vit\.encoder\.layer\.(\d+)\.")
+    if held != fields["depth"]:  # checked before a model of the claimed depth is built
+        raise CheckpointError(f"{foreign.path}: config.json says {fields['depth']} layers, the weights hold {held}")
+    return config_with(
+        base,
+        foreign.path,
+        **fields,
+        class_token=True,
+        pool="cls",  # ViTForImageClassification classifies the class token's output
+        final_norm="tokens",
+        num_classes=s["classifier.weight"].shape[0] if "classifier.weight" in s else 0,
+    )
+
+
+def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
+    return KEYS.to_vitkit(foreign.state, cfg, foreign.path)
+
+
+def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
+    """The config.json ``transformers.ViTForImageClassification.from_pretrained`` reads."""
+    problems = []
+    if not cfg.class_token or cfg.pool != "cls":
+        problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
+    if cfg.final_norm != "tokens":
+        problems.append(f"HF ViT normalises all tokens (needs final_norm='tokens', got {cfg.final_norm!r})")
+    if problems:
+        raise ValueError("hf export: " + "; ".join(problems))
+    names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
+    h, w = cfg.img_size
+    return {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": cfg.emb_size,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.mlp_hidden,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": cfg.norm_eps,
+        "image_size": h if h == w else [h, w],
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_channels,
+        "qkv_bias": cfg.qkv_bias,
+        "encoder_stride": cfg.patch_size,
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+
+
+def export(model: nn.Module, out: Path) -> Path:
+    """A directory (config.json, model.safetensors, preprocessor_config.json) for ``from_pretrained``."""
+    from safetensors.torch import save_file
+
+    cfg: ViTConfig = model.cfg
+    config = hf_config(cfg, getattr(model, "class_names", None))
+    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    preprocess = getattr(model, "preprocess", None) or {}
+    gray = cfg.in_channels == 1
+    processor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": cfg.img_size[0], "width": cfg.img_size[1]},
+        "resample": 3 if preprocess.get("interpolation", "bicubic") == "bicubic" else 2,  # PIL codes
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess.get("mean", [0.5] if gray else [0.485, 0.456, 0.406])),
+        "image_std": list(preprocess.get("std", [0.5] if gray else [0.229, 0.224, 0.225])),
+    }
+    with atomic_directory(out) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return out

@@ -1,0 +1,185 @@
+"""timm ``VisionTransformer`` state dicts (.safetensors, .pth, .bin), both directions.
+
+vitkit's modules were named after timm's, so the table is mostly renames: the fused qkv
+projection has the same (qkv, h, d) layout, the patch embedding is the same Conv2d.
+timm's ``global_pool="avg"`` + ``fc_norm`` is vitkit's ``pool="mean", final_norm="pooled"``;
+``class_token=False`` models have no ``cls_token`` and no class position.
+
+timm's state dicts do not store the number of heads: it comes from ``model=NAME``,
+``num_heads=N``, a timm hub ``config.json`` beside the weights (``model_args.num_heads``,
+or an ``architecture`` name vitkit knows), or the convention heads = width / 64.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file
+from ..config import VARIANTS, ViTConfig
+from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
+
+KEYS = KeyMap(
+    "timm",
+    [
+        rule("patch_embed.projection.{p}", "patch_embed.proj.{p}"),
+        rule("patch_embed.cls_token", "cls_token"),
+        rule("patch_embed.positions", "pos_embed"),
+        rule("encoder.blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+        rule("encoder.blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}"),
+        rule("encoder.blocks.{i}.attn.projection.{p}", "blocks.{i}.attn.proj.{p}"),
+        rule("encoder.blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+        rule("encoder.blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+        rule("encoder.blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+        rule("encoder.norm.{p}", "norm.{p}"),  # final_norm="tokens"
+        rule("head.norm.{p}", "fc_norm.{p}"),  # final_norm="pooled"
+        rule("head.fc.{p}", "head.{p}"),
+    ],
+)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+# vitkit pool -> timm global_pool
+GLOBAL_POOL = {"cls": "token", "mean": "avg"}
+
+
+def read(path: Path) -> Foreign:
+    """A weights file, or a timm hub directory (``config.json`` + ``model.safetensors``)."""
+    directory = path if path.is_dir() else path.parent
+    if path.is_dir():
+        found = [directory / n for n in WEIGHT_FILES if (directory / n).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: a directory without {' or '.join(WEIGHT_FILES)}")
+        path = found[0]
+    config = {}
+    cfg_file = directory / "config.json"
+    if cfg_file.is_file():
+        try:
+            loaded = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+        if isinstance(loaded, dict) and "architecture" in loaded:  # timm's hub config, not someone else's
+            config = loaded
+    foreign = Foreign(str(path), load_state_dict_file(path), config=config)
+    pretrained = config.get("pretrained_cfg", {})
+    if "mean" in pretrained and "std" in pretrained:
+        foreign.preprocess = dict(
+            mean=list(pretrained["mean"]), std=list(pretrained["std"]),
+            interpolation=pretrained.get("interpolation", "bicubic"), crop_pct=pretrained.get("crop_pct", 0.875),
+        )
+    if isinstance(config.get("label_names"), list):
+        foreign.class_names = [str(n) for n in config["label_names"]]
+    return foreign
+
+
+def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
+    s, src = foreign.state, foreign.path
+    proj = require(s, "patch_embed.proj.weight", src, "timm")  # (E, C, p, p)
+    width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    class_token = "cls_token" in s
+    num_patches = require(s, "pos_embed", src, "timm").shape[1] - int(class_token)
+    fc_norm = "fc_norm.weight" in s
+    # The file's own timm config, where there is one, fills what shapes cannot tell.
+    args = foreign.config.get("model_args", {})
+    base = dict(base)
+    if "num_heads" not in base:
+        if "num_heads" in args:
+            base["num_heads"] = int(args["num_heads"])
+        elif foreign.config.get("architecture") in VARIANTS:
+            base["num_heads"] = VARIANTS[foreign.config["architecture"]]["num_heads"]
+    global_pool = foreign.config.get("global_pool", args.get("global_pool"))
+    if "pool" not in base and global_pool in ("token", "avg"):
+        base["pool"] = {"token": "cls", "avg": "mean"}[global_pool]
+    return config_with(
+        base,
+        src,
+        img_size=tuple(g * patch for g in square_grid(num_patches, src)),
+        patch_size=patch,
+        in_channels=in_channels,
+        emb_size=width,
+        depth=count_blocks(s, r"blocks\.(\d+)\."),
+        num_heads=resolve_heads(width, base, src),
+        mlp_ratio=mlp_ratio_of(require(s, "blocks.0.mlp.fc1.weight", src, "timm").shape[0], width, src),
+        qkv_bias="blocks.0.attn.qkv.bias" in s,
+        class_token=class_token,
+        # fc_norm exists only with average pooling (timm's default for global_pool="avg");
+        # without a class token there is nothing else to pool.
+        pool="mean" if fc_norm or not class_token else "cls",
+        final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
+        norm_eps=1e-6,  # timm's LayerNorm default for ViTs
+        num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
+    )
+
+
+def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
+    return KEYS.to_vitkit(foreign.state, cfg, foreign.path)
+
+
+def model_args(cfg: ViTConfig) -> dict:
+    """The ``timm.create_model(...)`` keyword arguments that build the same network."""
+    if cfg.final_norm == "none":
+        raise ValueError("timm export: final_norm='none' has no timm equivalent used by its checkpoints")
+    if cfg.norm_eps != 1e-6:
+        warnings.warn(
+            f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's ViT uses 1e-6; outputs will differ "
+            f"slightly unless timm is given norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})",
+            stacklevel=3,
+        )
+    return dict(
+        img_size=list(cfg.img_size), patch_size=cfg.patch_size, in_chans=cfg.in_channels,
+        num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
+        fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
+    )
+
+
+def export(model: nn.Module, out: Path) -> Path:
+    """A ``.safetensors``/``.pth`` state dict file, or a timm hub directory.
+
+    The directory (``config.json`` + ``model.safetensors``) opens with
+    ``timm.create_model("local-dir:OUT", pretrained=True)``; a file loads strictly into
+    ``timm.create_model(..., **model_args(cfg)).load_state_dict``.
+    """
+    from safetensors.torch import save, save_file
+
+    cfg = model.cfg
+    args = model_args(cfg)
+    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    if out.suffix in (".pth", ".pt", ".bin"):
+        with atomic_file(out) as f:
+            torch.save(state, f)
+        return out
+    if out.suffix == ".safetensors":
+        with atomic_file(out) as f:
+            f.write(save(state, metadata={"format": "pt"}))
+        return out
+    preprocess = getattr(model, "preprocess", None) or {}
+    hub_config = {
+        # timm resolves the architecture name, then model_args override all of its fields.
+        "architecture": "vit_base_patch16_224",
+        "num_classes": cfg.num_classes,
+        "num_features": cfg.emb_size,
+        "global_pool": args["global_pool"],
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [cfg.in_channels, *cfg.img_size],
+            "fixed_input_size": not cfg.dynamic_img_size,
+            "interpolation": preprocess.get("interpolation", "bicubic"),
+            "crop_pct": preprocess.get("crop_pct", 0.875),
+            "mean": list(preprocess.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(preprocess.get("std", (0.229, 0.224, 0.225))),
+            "num_classes": cfg.num_classes,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    class_names = getattr(model, "class_names", None)
+    if class_names:
+        hub_config["label_names"] = list(class_names)
+    with atomic_directory(out) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
+    return out

@@ -1,0 +1,94 @@
+"""torchvision ``VisionTransformer`` (``vit_b_16``, ``vit_b_32``, ``vit_l_16``...) state dicts.
+
+torchvision's ``nn.MultiheadAttention`` keeps q, k, v fused in ``in_proj_weight`` in the
+same (qkv, h, d) order as vitkit, so the table is renames only. LayerNorm eps is 1e-6,
+the classifier reads the class token, GELU is exact. Heads are not stored: they come from
+``model=NAME`` / ``num_heads=N`` or the convention heads = width / 64 (true for every
+torchvision ViT). A ``heads.pre_logits`` layer (``representation_size``) is not supported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_file, load_state_dict_file
+from ..config import ViTConfig
+from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
+
+LAYER = "encoder.layers.encoder_layer_{i}"
+KEYS = KeyMap(
+    "torchvision",
+    [
+        rule("patch_embed.projection.{p}", "conv_proj.{p}"),
+        rule("patch_embed.cls_token", "class_token"),
+        rule("patch_embed.positions", "encoder.pos_embedding"),
+        rule("encoder.blocks.{i}.norm1.{p}", f"{LAYER}.ln_1.{{p}}"),
+        rule("encoder.blocks.{i}.attn.qkv.weight", f"{LAYER}.self_attention.in_proj_weight"),
+        rule("encoder.blocks.{i}.attn.qkv.bias", f"{LAYER}.self_attention.in_proj_bias"),
+        rule("encoder.blocks.{i}.attn.projection.{p}", f"{LAYER}.self_attention.out_proj.{{p}}"),
+        rule("encoder.blocks.{i}.norm2.{p}", f"{LAYER}.ln_2.{{p}}"),
+        rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{LAYER}.mlp.0.{{p}}"),
+        rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{LAYER}.mlp.3.{{p}}"),
+        rule("encoder.norm.{p}", "encoder.ln.{p}"),
+        rule("head.fc.{p}", "heads.head.{p}"),
+    ],
+)
+
+
+def read(path: Path) -> Foreign:
+    foreign = Foreign(str(path), load_state_dict_file(path))
+    # torchvision's ImageNet recipe: resize 256 (bilinear), centre crop 224, ImageNet statistics.
+    foreign.preprocess = dict(
+        mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bilinear", crop_pct=224 / 256
+    )
+    return foreign
+
+
+def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
+    s, src = foreign.state, foreign.path
+    proj = require(s, "conv_proj.weight", src, "torchvision")  # (E, C, p, p)
+    width, patch = proj.shape[0], proj.shape[-1]
+    num_patches = require(s, "encoder.pos_embedding", src, "torchvision").shape[1] - 1
+    fc1 = require(s, f"{LAYER.format(i=0)}.mlp.0.weight", src, "torchvision")
+    return config_with(
+        base,
+        src,
+        img_size=tuple(g * patch for g in square_grid(num_patches, src)),
+        patch_size=patch,
+        in_channels=proj.shape[1],
+        emb_size=width,
+        depth=count_blocks(s, r"encoder\.layers\.encoder_layer_(\d+)\."),
+        num_heads=resolve_heads(width, base, src),
+        mlp_ratio=mlp_ratio_of(fc1.shape[0], width, src),
+        qkv_bias=True,  # nn.MultiheadAttention always has in_proj_bias here
+        class_token=True,
+        pool="cls",
+        final_norm="tokens",
+        norm_eps=1e-6,
+        num_classes=s["heads.head.weight"].shape[0] if "heads.head.weight" in s else 0,
+    )
+
+
+def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
+    return KEYS.to_vitkit(foreign.state, cfg, foreign.path)
+
+
+def export(model: nn.Module, out: Path) -> Path:
+    """A ``.pth`` state dict for ``torchvision.models.VisionTransformer(...).load_state_dict``."""
+    cfg: ViTConfig = model.cfg
+    problems = []
+    if cfg.img_size[0] != cfg.img_size[1]:
+        problems.append(f"square images only (img_size {cfg.img_size})")
+    if not (cfg.class_token and cfg.pool == "cls" and cfg.final_norm == "tokens" and cfg.qkv_bias):
+        problems.append("needs class_token=True, pool='cls', final_norm='tokens', qkv_bias=True")
+    if cfg.num_classes == 0 or cfg.in_channels != 3:
+        problems.append("needs a classifier and 3 input channels")
+    if problems:
+        raise ValueError("torchvision export: " + "; ".join(problems))
+    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    with atomic_file(out) as f:
+        torch.save(state, f)
+    return out

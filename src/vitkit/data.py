@@ -1,0 +1,338 @@
+"""Training data: real datasets held in memory as uint8 tensors, augmented a batch at a time.
+
+Three sources, named by ``--dataset``:
+
+* ``digits``: scikit-learn's 8x8 handwritten digits (1797 real images, shipped inside
+  the sklearn package, so nothing is downloaded). Fixed stratified split: 1437 train / 360 test.
+* ``fashion-mnist``: the idx files Debian's ``dataset-fashion-mnist`` installs under
+  ``/usr/share/datasets/fashion-mnist`` (or ``--data-dir``). 60000 train / 10000 test.
+* ``folder:PATH``: an ImageFolder tree ``PATH/{train,val}/CLASS/IMAGE``, every image read
+  through ``vitkit.images.load_image`` and resized once to the model's input size.
+
+Every split is one ``(N, C, H, W)`` uint8 tensor, the same numbers an image file of it
+would hold, so a checkpoint's ``preprocess`` dict (resize, /255, mean/std) turns a saved
+image back into exactly what the model saw in training. Augmentation runs on whole batches
+(``BatchAugment``), so loading never limits the training speed of these small models.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .images import ImageError, load_image, preprocess_image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+DIGITS_TEST_SIZE = 360  # 1797 - 360 = 1437 training images
+DIGITS_MAX = 16  # sklearn's digits count ink in 0..16 per pixel
+
+
+@dataclass
+class Split:
+    """One split in memory: ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.ndim == 4, self.images.shape
+        assert self.labels.shape == (self.images.shape[0],), (self.labels.shape, self.images.shape)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, n: int) -> Split:
+        """The first ``n`` examples (tests and quick runs)."""
+        return Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    class_names: list[str]
+    # How an image file becomes model input (vitkit.images.preprocess_image); saved in every checkpoint.
+    preprocess: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # (C, H, W)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def gray_preprocess(size: tuple[int, int]) -> dict:
+    """Eval transform of the 1-channel datasets: the file's pixels /255, then (x - 0.5) / 0.5 into [-1, 1]."""
+    return dict(img_size=list(size), mean=[0.5], std=[0.5], interpolation="bilinear", crop_pct=1.0)
+
+
+def normalize(images: Tensor, preprocess: dict) -> Tensor:
+    """uint8 (B, C, H, W) -> float (B, C, H, W): what preprocess_image does to a file, on a batch."""
+    mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=images.device)
+    std = torch.tensor(preprocess["std"], dtype=torch.float32, device=images.device)
+    return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+
+
+# --- the sources -------------------------------------------------------------------------
+def load_digits() -> Dataset:
+    """sklearn's real 8x8 digits, as white ink (255) on black (0), split 1437/360 stratified."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    # 0..16 ink -> 0..255 like an image file; rounding makes a saved PNG hold exactly these numbers.
+    images = torch.from_numpy(bunch.images).float().mul(255.0 / DIGITS_MAX).round().to(torch.uint8)
+    images = images.unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
+    labels = torch.from_numpy(bunch.target).long()
+    idx = torch.arange(len(labels)).numpy()
+    train_idx, test_idx = train_test_split(
+        idx, test_size=DIGITS_TEST_SIZE, stratify=bunch.target, random_state=0, shuffle=True
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return Dataset(
+        name="digits",
+        train=Split(images[train_idx], labels[train_idx]),
+        val=Split(images[test_idx], labels[test_idx]),
+        class_names=[str(d) for d in range(10)],
+        preprocess=gray_preprocess((8, 8)),
+    )
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> Tensor:
+    """One gzipped (or plain) idx file: big-endian magic, then ``ndim`` sizes, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read the idx file ({e})") from e
+    header = 4 + 4 * ndim
+    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+        raise ValueError(f"{path}: not an idx file with magic number {magic}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = 1
+    for d in dims:
+        expected *= d
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: header says {dims} = {expected} bytes of data, found {len(data) - header}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"{directory / stem}.gz: Fashion-MNIST file not found. Install the data with "
+        f"`apt-get install dataset-fashion-mnist` (it fills {FASHION_MNIST_DIR}), or point --data-dir "
+        "at a folder holding train-images-idx3-ubyte[.gz] and the other three idx files"
+    )
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    directory = Path(data_dir or FASHION_MNIST_DIR)
+    splits = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = _read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"), 2051, 3)
+        labels = _read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"), 2049, 1)
+        if len(images) != len(labels):
+            raise ValueError(f"{directory}: {prefix} has {len(images)} images but {len(labels)} labels")
+        splits[split] = Split(images.unsqueeze(1).clone(), labels.long())  # (N, 28, 28) -> (N, 1, 28, 28)
+    return Dataset("fashion-mnist", splits["train"], splits["val"], list(FASHION_MNIST_CLASSES),
+                   preprocess=gray_preprocess((28, 28)))
+
+
+def _folder_split(root: Path, class_names: list[str], preprocess: dict, channels: int,
+                  skip_bad_images: bool, skipped: list[str]) -> Split:
+    # preprocess_image with mean 0 / std 1 gives the resized pixels / 255: back to the file's uint8 values.
+    to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
+    images, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            continue  # a class may be absent from val/
+        for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            try:
+                x = preprocess_image(load_image(path, channels), to_unit)
+            except ImageError as e:
+                if not skip_bad_images:
+                    raise ImageError(f"{e}; pass --skip-bad-images to leave unreadable images out") from e
+                skipped.append(str(e))
+                continue
+            images.append(x.mul(255.0).round().to(torch.uint8))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"{root}: no readable images (expected {root}/CLASS/*.png|jpg|...)")
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))  # (N, C, H, W)
+
+
+def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: int,
+                preprocess: dict, skip_bad_images: bool = False, with_train: bool = True) -> Dataset:
+    """``root/train/CLASS/*`` and ``root/val/CLASS/*``; classes are train/'s subfolders, sorted.
+    ``with_train=False`` reads only val/ (evaluation), leaving the train split empty."""
+    root = Path(root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"{root / split}: missing; a folder dataset needs {root}/train/CLASS/... "
+                                    f"and {root}/val/CLASS/...")
+    class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not class_names:
+        raise ValueError(f"{root / 'train'}: no class subfolders")
+    extra = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in class_names)
+    if extra:
+        raise ValueError(f"{root / 'val'}: classes {extra} do not appear in {root / 'train'}")
+    preprocess = dict(preprocess, img_size=list(img_size))
+    skipped: list[str] = []
+    if with_train:
+        train = _folder_split(root / "train", class_names, preprocess, channels, skip_bad_images, skipped)
+    else:
+        train = Split(torch.zeros(0, channels, *img_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    val = _folder_split(root / "val", class_names, preprocess, channels, skip_bad_images, skipped)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) in {root}:", file=sys.stderr)
+        for reason in skipped:
+            print(f"  {reason}", file=sys.stderr)
+    return Dataset(f"folder:{root}", train, val, class_names, preprocess=preprocess, skipped=skipped)
+
+
+def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] = (224, 224),
+                 channels: int = 3, preprocess: dict | None = None, skip_bad_images: bool = False,
+                 with_train: bool = True) -> Dataset:
+    """``digits``, ``fashion-mnist`` or ``folder:PATH``. ``img_size``/``channels``/``preprocess``
+    (the model's) only matter for folders, whose images are resized to what the model takes."""
+    if spec == "digits":
+        return load_digits()
+    if spec in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        return load_fashion_mnist(data_dir)
+    if spec.startswith("folder:"):
+        from .checkpoint import default_preprocess
+        from .config import ViTConfig
+
+        if preprocess is None:
+            preprocess = default_preprocess(ViTConfig(img_size=img_size, patch_size=1, in_channels=channels,
+                                                      emb_size=8, num_heads=1))
+        # Training sees the whole image resized, not a centre crop, so evaluation does the same.
+        return load_folder(spec[len("folder:"):], img_size, channels, dict(preprocess, crop_pct=1.0),
+                           skip_bad_images, with_train)
+    raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist' or 'folder:PATH'")
+
+
+def save_samples(data: Dataset, directory: str | os.PathLike, n: int = 6) -> list[Path]:
+    """The first ``n`` test images as PNG files named ``INDEX-CLASS.png`` (for trying ``vitkit predict``)."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(min(n, len(data.val))):
+        img = data.val.images[i]  # (C, H, W) uint8
+        arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()  # -> (H, W) or (H, W, C)
+        label = data.class_names[int(data.val.labels[i])].replace("/", "-")
+        path = directory / f"{i}-{label}.png"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+# --- batches -----------------------------------------------------------------------------
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The order of epoch ``epoch``: a function of (seed, epoch) only, never of the RNG's history,
+    so a resumed run, and every rank of a distributed one, sees the same order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """Index tensors of the epoch's full (global) batches; the ragged tail is dropped, as DeiT does,
+    so every step of every rank has the same size."""
+    perm = epoch_permutation(n, seed, epoch)
+    steps = n // batch_size
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+class BatchAugment:
+    """Training augmentation of a uint8 (B, C, H, W) batch -> normalised float batch (+ soft targets).
+
+    Cheap geometric steps (random translation, horizontal flip) are vectorised over the
+    batch; RandAugment / TrivialAugment and random erasing are torchvision.transforms.v2
+    applied per image (each image its own random op); MixUp / CutMix are v2's batch transforms.
+    All randomness comes from torch's global RNG, which a checkpoint saves and restores.
+    """
+
+    def __init__(self, preprocess: dict, num_classes: int, translate: int = 0, hflip: float = 0.0,
+                 auto_augment: str = "none", ra_num_ops: int = 2, ra_magnitude: int = 9,
+                 random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 mixup_prob: float = 1.0):
+        from torchvision.transforms import v2
+
+        self.preprocess = preprocess
+        self.num_classes = num_classes
+        self.translate = translate
+        self.hflip = hflip
+        if auto_augment == "randaugment":
+            self.auto = v2.RandAugment(num_ops=ra_num_ops, magnitude=ra_magnitude)
+        elif auto_augment == "trivialaugment":
+            self.auto = v2.TrivialAugmentWide()
+        elif auto_augment == "none":
+            self.auto = None
+        else:
+            raise ValueError(f"auto_augment: expected 'none', 'randaugment' or 'trivialaugment', got {auto_augment!r}")
+        self.erase = v2.RandomErasing(p=random_erasing, value=0) if random_erasing > 0 else None
+        mixes = []
+        if mixup_alpha > 0:
+            mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = v2.RandomChoice(mixes) if mixes else None
+        self.mixup_prob = mixup_prob
+
+    def shift(self, x: Tensor) -> Tensor:
+        """Translate each image by its own (dy, dx) in [-t, t], filling with zeros: pad, then crop."""
+        b, _, h, w = x.shape
+        t = self.translate
+        padded = torch.nn.functional.pad(x, (t, t, t, t))  # (B, C, H+2t, W+2t)
+        oy = torch.randint(0, 2 * t + 1, (b,))
+        ox = torch.randint(0, 2 * t + 1, (b,))
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+        out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (B, H, W, C)
+        return out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        x = images
+        if self.translate > 0:
+            x = self.shift(x)
+        if self.hflip > 0:
+            flip = torch.rand(x.shape[0]) < self.hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.auto is not None:
+            x = torch.stack([self.auto(img) for img in x])
+        x = normalize(x, self.preprocess)
+        if self.erase is not None:
+            x = torch.stack([self.erase(img) for img in x])
+        if self.mix is not None and torch.rand(()) < self.mixup_prob:
+            x, targets = self.mix(x, labels)  # targets: (B, num_classes) mixed one-hot
+        else:
+            targets = labels
+        return x, targets
+
+
+__all__ = [
+    "Split", "Dataset", "load_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
+    "gray_preprocess", "save_samples", "epoch_permutation", "global_batches", "BatchAugment",
+]

@@ -1,0 +1,130 @@
+"""``vitkit eval``: top-1, top-5, loss, per-class accuracy and a confusion matrix of a checkpoint.
+
+``evaluate`` is also what the training loop calls after every epoch; under torch.distributed
+each rank scores its share of the images and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import atomic_file, load_pretrained, read_config, resolve_checkpoint
+from .data import Split, load_dataset, normalize
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, preprocess: dict, num_classes: int, batch_size: int = 512,
+             device: torch.device | str = "cpu", precision: str = "fp32", dist=None) -> dict:
+    """Score ``model`` on ``split``: loss (plain cross-entropy), top-1/top-5 (%), per-class accuracy (%),
+    and the (num_classes, num_classes) confusion matrix, rows = true class, columns = prediction."""
+    from .train import DistInfo, autocast
+
+    dist = dist or DistInfo.current()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, images
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64)
+    mine = torch.arange(dist.rank, len(split), dist.world_size)  # this rank's share, interleaved
+    # the same number of batches on every rank (a last one may be empty): an FSDP forward is collective
+    for start in range(0, -(-len(split) // dist.world_size), batch_size):
+        idx = mine[start:start + batch_size]
+        x = normalize(split.images[idx], preprocess).to(device)
+        y = split.labels[idx].to(device)
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        topk = logits.topk(k, dim=-1).indices  # (B, k)
+        sums += torch.tensor([
+            F.cross_entropy(logits, y, reduction="sum").item(),
+            (topk[:, 0] == y).sum().item(),
+            (topk == y[:, None]).any(-1).sum().item(),
+            len(idx),
+        ], dtype=torch.float64)
+        confusion += torch.bincount((y * num_classes + topk[:, 0]).cpu(), minlength=num_classes ** 2).double()
+    dist.all_reduce(sums)
+    dist.all_reduce(confusion)
+    model.train(was_training)
+    confusion = confusion.reshape(num_classes, num_classes)  # (K*K,) -> (true K, predicted K)
+    per_class = (100 * confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()
+    n = max(sums[3].item(), 1)
+    return {
+        "loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+        "images": int(sums[3].item()), "per_class": per_class, "confusion": confusion.long(),
+    }
+
+
+def plot_confusion(confusion: Tensor, class_names: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """A confusion-matrix PNG (counts in the cells), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(class_names, rotation=90)
+    ax.set_yticklabels(class_names)
+    if n <= 30:
+        peak = max(int(confusion.max()), 1)
+        for i in range(n):
+            for j in range(n):
+                v = int(confusion[i, j])
+                if v:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                            color="white" if v > peak / 2 else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_file(path) as f:
+        f.write(buf.getvalue())
+    return Path(path)
+
+
+def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
+                        batch_size: int = 512, device: str = "cpu", precision: str = "fp32",
+                        confusion_png: str | os.PathLike | None = None, skip_bad_images: bool = False) -> dict:
+    """Load a checkpoint (or a run folder's best/), score it on the dataset's test split, plot the confusion."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_config(ckpt)
+    model = load_pretrained(ckpt, map_location=device)
+    dataset = dataset or (meta.get("train") or {}).get("dataset")
+    if not dataset:
+        raise ValueError(f"{ckpt}: the checkpoint does not say which dataset it was trained on; pass --dataset")
+    data_dir = data_dir or (meta.get("train") or {}).get("data_dir")
+    data = load_dataset(dataset, data_dir, img_size=model.cfg.img_size, channels=model.cfg.in_channels,
+                        preprocess=model.preprocess, skip_bad_images=skip_bad_images, with_train=False)
+    class_names = model.class_names or data.class_names
+    if model.cfg.num_classes != data.num_classes:
+        raise ValueError(f"{ckpt}: the model has {model.cfg.num_classes} classes but {dataset} has "
+                         f"{data.num_classes}")
+    want = (model.cfg.in_channels, *model.cfg.img_size)
+    if tuple(data.val.images.shape[1:]) != want:
+        raise ValueError(f"{ckpt}: the model takes {want} images but {dataset} has {tuple(data.val.images.shape[1:])}")
+    result = evaluate(model, data.val, model.preprocess, data.num_classes, batch_size=batch_size,
+                      device=device, precision=precision)
+    if confusion_png is None:
+        run = Path(path)
+        confusion_png = run / "confusion.png" if ckpt != run else ckpt.parent / f"confusion-{ckpt.name}.png"
+    plot_confusion(result["confusion"], class_names, confusion_png,
+                   title=f"{dataset}: top-1 {result['top1']:.2f}%")
+    return {
+        "checkpoint": str(ckpt), "dataset": dataset, "split": "val", "images": result["images"],
+        "loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
+        "per_class": dict(zip(class_names, result["per_class"])),
+        "confusion": result["confusion"].tolist(), "confusion_png": str(confusion_png),
+    }
+
+
+__all__ = ["evaluate", "evaluate_checkpoint", "plot_confusion"]

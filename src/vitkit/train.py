@@ -1,0 +1,829 @@
+"""``vitkit train``: the DeiT/timm recipe on real data, resumable, ready for torch.distributed.
+
+Reading order: ``TrainConfig`` (every knob, typed; a config file and ``--key value`` flags
+override its defaults), ``DistInfo`` (the one place rank and world size come from),
+``RunDir`` (what a run writes, under a lock), then ``Trainer`` (the loop).
+
+The recipe: AdamW (no weight decay on norms, biases, class token and positions), linear
+warm-up then cosine decay per optimizer step, label smoothing, MixUp/CutMix, RandAugment /
+TrivialAugment, random erasing, stochastic depth, gradient clipping and accumulation,
+model EMA, bf16 autocast, a fixed seed. Every piece can be switched off from the config.
+
+Reproducibility: the data order of an epoch is a function of (seed, epoch) only, and
+``last/`` holds the optimizer, scheduler, EMA and every RNG state, so on CPU a run stopped
+and resumed ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import difflib
+import io
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, atomic_directory, atomic_file, default_preprocess, save_pretrained
+from .config import get_config
+from .data import BatchAugment, Dataset, global_batches, load_dataset, normalize
+from .distributed import (
+    STRATEGIES,
+    full_model,
+    full_optimizer_state,
+    is_elastic_restart,
+    load_model_state,
+    load_optimizer_state,
+    no_sync,
+    wrap_model,
+)
+from .fast import default_training_precision
+from .model import ViT, create_model
+
+STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
+CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of a run
+CURVES_EVERY_S = 30.0
+METRIC_FIELDS = ("epoch", "step", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s")
+
+
+# --- the configuration ---------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every choice of a training run. The defaults are the digits recipe (configs/digits.yaml)."""
+
+    # data
+    dataset: str = "digits"  # digits | fashion-mnist | folder:PATH
+    data_dir: str | None = None  # where fashion-mnist's idx files are (default /usr/share/datasets/fashion-mnist)
+    skip_bad_images: bool = False  # folder datasets: leave unreadable images out (counted) instead of failing
+    train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
+    # model
+    model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
+    drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
+    drop_rate: float = 0.0
+    # optimisation
+    epochs: int = 150
+    batch_size: int = 64  # the GLOBAL batch: summed over ranks and accumulation steps
+    accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / (world_size * accum_steps)
+    lr: float = 3e-3  # peak learning rate, reached at the end of warm-up
+    min_lr: float = 1e-5  # where the cosine ends
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0  # max global gradient norm (0: off)
+    label_smoothing: float = 0.1
+    # augmentation (applied a batch at a time, see vitkit.data.BatchAugment)
+    translate: int = 1  # random shift of up to N pixels each way
+    hflip: float = 0.0  # probability of a horizontal flip (0 for digits: a flipped 2 is not a 2)
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    ra_num_ops: int = 2
+    ra_magnitude: int = 9
+    random_erasing: float = 0.0  # probability
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
+    mixup_prob: float = 1.0  # probability a batch is mixed (when mixup or cutmix is on)
+    # model EMA (evaluated and saved as best/ when on)
+    ema: bool = True
+    ema_decay: float = 0.998
+    # the run
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    name: str | None = None  # run name (default: DATASET-MODEL)
+    out: str | None = None  # run folder (default: runs/NAME)
+    overwrite: bool = False  # start afresh in a run folder that already holds a run
+    stop_after_epoch: int = 0  # checkpoint and exit after this epoch, as an interruption would (0: off)
+    eval_batch_size: int = 512
+    strategy: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it, FSDP2; needs --ema false)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, one more forward a step
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for tiny models on a busy CPU
+    progress: str = "auto"  # auto (a bar when stdout is a terminal) | on | off
+
+    def __post_init__(self) -> None:
+        choices = {
+            "precision": ("auto", "fp32", "bf16"),
+            "auto_augment": ("none", "randaugment", "trivialaugment"),
+            "progress": ("auto", "on", "off"),
+            "strategy": STRATEGIES,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"--{key.replace('_', '-')}: expected one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')}: expected a positive int, got {getattr(self, key)}")
+        for key in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs", "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key.replace('_', '-')}: expected a number >= 0, got {getattr(self, key)}")
+        for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"--{key.replace('_', '-')}: expected a value in [0, 1], got {getattr(self, key)}")
+        if self.strategy == "fsdp" and self.ema:
+            raise ValueError("--strategy fsdp: the model EMA is not sharded; pass --ema false (or use --strategy ddp)")
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        data = Path(self.dataset[len("folder:"):]).name if self.dataset.startswith("folder:") else self.dataset
+        return f"{data}-{self.model}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, tuple[type, bool]]:
+    """name -> (base type, optional) for every TrainConfig field, from the annotations."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        tp, optional = hints[f.name], False
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp, optional = args[0], True
+        out[f.name] = (tp, optional)
+    return out
+
+
+def field_help() -> dict[str, str]:
+    """name -> the comment beside it in TrainConfig's source: the help text of each flag."""
+    import inspect
+    import re
+
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def coerce(key: str, value, source: str):
+    """Check/convert one config value against TrainConfig's type of ``key``; errors name ``source``."""
+    types_ = field_types()
+    if key not in types_:
+        close = difflib.get_close_matches(key, types_, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"{source}: unknown training option {key!r}{hint}")
+    tp, optional = types_[key]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError(f"{source}: {key} cannot be empty")
+    if isinstance(value, str) and tp is not str:
+        text = value.strip().lower()
+        if tp is bool:
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{source}: {key} expects true or false, got {value!r}")
+        try:
+            return tp(float(text)) if tp is int and float(text).is_integer() else tp(text)
+        except ValueError:
+            raise ValueError(f"{source}: {key} expects {tp.__name__}, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not tp:
+        raise ValueError(f"{source}: {key} expects {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A YAML (or JSON) file of TrainConfig fields, each checked and typed."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of training options, got {type(data).__name__}")
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v, str(path)) for k, v in data.items()}
+
+
+def resolve_config(file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then a config file, then flags: nanoGPT's configurator order, typed."""
+    values = read_config_file(file) if file else {}
+    values.update({k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items()})
+    return TrainConfig(**values)
+
+
+# Options a resumed run may change: how long it runs and how it reports, never the math of a step.
+RESUME_OVERRIDABLE = ("epochs", "stop_after_epoch", "progress", "eval_batch_size", "device", "data_dir", "threads",
+                      "strategy", "grad_checkpointing")
+
+
+# --- distributed: the one place rank and world size come from -------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def current(cls) -> DistInfo:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over ranks (in place); a no-op in a single process."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE in the environment), if any."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo.current()
+
+
+# --- hardware --------------------------------------------------------------------------------
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.distributed:
+        name = f"cuda:{dist.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if default_training_precision(device) == "bf16" else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- RNG state, storable with weights_only ----------------------------------------------------
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the run folder ---------------------------------------------------------------------------
+class RunLockedError(ValueError):
+    """Another process is writing the same run folder."""
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the current step finished, ``last/`` was written."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunDir:
+    """``runs/NAME``: config.yaml, metrics.csv, curves.png, last/ and best/, guarded by a lock.
+
+    The lock is ``fcntl.flock`` on ``.lock`` (holding the owner's pid): the kernel drops
+    it when the process dies, so a crashed run never leaves the folder locked.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.last = self.path / "last"
+        self.best = self.path / "best"
+        self._lock_file = None
+
+    def lock(self) -> None:
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open for the run's lifetime)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            f.close()
+            raise RunLockedError(
+                f"{self.path}: in use by another vitkit train (pid {owner}); wait for it to finish, or pick "
+                "another folder with --out/--name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    def clear(self) -> None:
+        for name in ("last", "best"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in ("metrics.csv", "curves.png"):
+            (self.path / name).unlink(missing_ok=True)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        import yaml
+
+        with atomic_file(self.path / CONFIG_FILE, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    def write_metrics(self, history: list[dict], curves: bool = True) -> None:
+        with atomic_file(self.path / "metrics.csv", "w") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+        if curves:
+            self.write_curves(history)
+
+    def write_curves(self, history: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in history]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val")
+        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+        ax_loss.legend()
+        ax_acc.plot(epochs, [r["top1"] for r in history], label="top-1")
+        ax_acc.plot(epochs, [r["top5"] for r in history], label="top-5")
+        ax_acc.set(xlabel="epoch", ylabel="val accuracy (%)", title="accuracy")
+        ax_acc.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        with atomic_file(self.path / "curves.png") as f:
+            f.write(buf.getvalue())
+
+
+def read_run_config(run: str | os.PathLike) -> TrainConfig:
+    path = Path(run) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {run} a vitkit run folder (runs/NAME)?")
+    return resolve_config(str(path))
+
+
+# --- progress ---------------------------------------------------------------------------------
+class Progress:
+    """One self-overwriting status line on a terminal; silent otherwise (logs get the epoch lines)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.width = 0
+
+    def update(self, text: str) -> None:
+        if self.enabled:
+            sys.stdout.write("\r" + text.ljust(self.width))
+            sys.stdout.flush()
+            self.width = len(text)
+
+    def close(self) -> None:
+        if self.enabled and self.width:
+            sys.stdout.write("\r" + " " * self.width + "\r")
+            sys.stdout.flush()
+            self.width = 0
+
+
+# --- the optimizer and schedule ---------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: no decay on biases, norms, the class token and positions (timm/DeiT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("cls_token", "positions")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
+    """lr factor per optimizer step: linear from 1/warmup to 1, then cosine down to min_factor."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """Exponential moving average of the weights, with timm's warm-up: decay = min(decay, (1+n)/(10+n))."""
+
+    def ema_avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return averaged * d + current * (1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    best_top1: float
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).fit()``; ``Trainer(cfg, resume=True)`` continues ``last/``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, data: Dataset | None = None):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dist = init_distributed(cfg.device)
+        self.device = resolve_device(cfg.device, self.dist)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.run = RunDir(cfg.run_dir)
+        self.resume = resume
+        if self.dist.is_main:
+            self.run.lock()
+        try:
+            self._setup(data)
+        except BaseException:
+            self.run.unlock()
+            raise
+
+    # --- setup ------------------------------------------------------------------------------
+    def _setup(self, data: Dataset | None) -> None:
+        cfg, dist = self.cfg, self.dist
+        if cfg.batch_size % (dist.world_size * cfg.accum_steps):
+            raise ValueError(f"--batch-size {cfg.batch_size}: must be divisible by world size {dist.world_size} "
+                             f"x --accum-steps {cfg.accum_steps}")
+        self.micro_batch = cfg.batch_size // (dist.world_size * cfg.accum_steps)
+        if not self.resume and self.run.last.exists():
+            if not cfg.overwrite:
+                raise ValueError(f"{self.run.path}: already holds a run; continue it with "
+                                 f"`vitkit train --resume {self.run.path}`, pick another --name/--out, "
+                                 "or pass --overwrite to start afresh")
+            if dist.is_main:
+                self.run.clear()
+
+        model_cfg = get_config(cfg.model)
+        # folder images are resized once to the model's input and normalised as its checkpoints say
+        self.data = data or load_dataset(
+            cfg.dataset, cfg.data_dir, img_size=model_cfg.img_size, channels=model_cfg.in_channels,
+            preprocess=default_preprocess(model_cfg), skip_bad_images=cfg.skip_bad_images,
+        )
+        if cfg.train_subset:
+            self.data.train = self.data.train.subset(cfg.train_subset)
+        want = (model_cfg.in_channels, *model_cfg.img_size)
+        if self.data.image_shape != want:
+            raise ValueError(f"--model {cfg.model} takes {want[0]}x{want[1]}x{want[2]} images but --dataset "
+                             f"{cfg.dataset} has {'x'.join(map(str, self.data.image_shape))}; pick a model made "
+                             "for this data (`vitkit models`)")
+        if len(self.data.train) < cfg.batch_size:
+            raise ValueError(f"--batch-size {cfg.batch_size}: larger than the {len(self.data.train)} training images")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model: ViT = create_model(cfg.model, num_classes=self.data.num_classes,
+                                       drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate).to(self.device)
+        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
+        # DDP wraps the model; FSDP shards it in place (self.model's parameters become DTensor shards)
+        self.ddp = wrap_model(self.model, cfg.strategy, dist, self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.999), fused=fused or None)
+        self.steps_per_epoch = len(self.data.train) // cfg.batch_size
+        total = cfg.epochs * self.steps_per_epoch
+        warmup = max(1, round(cfg.warmup_epochs * self.steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup, total, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
+        )
+        self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema else None
+        self.augment = BatchAugment(
+            self.data.preprocess, self.data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
+            auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
+            random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+            mixup_prob=cfg.mixup_prob,
+        )
+        # Each rank augments with its own stream; seeded apart from the model's initialisation.
+        torch.manual_seed(cfg.seed * 7919 + 1 + dist.rank)
+        random.seed(cfg.seed + dist.rank)
+        np.random.seed(cfg.seed + dist.rank)
+
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # optimizer steps done in the current (unfinished) epoch
+        self.global_step = 0
+        self.best_top1 = -1.0
+        self.history: list[dict] = []
+        self.running = torch.zeros(3, dtype=torch.float64)  # (loss sum, correct, images) this epoch, all ranks
+        self.step_losses: list[float] = []  # mean loss of every optimizer step so far, all ranks
+        if self.resume:
+            self._load_last()
+        elif dist.is_main:
+            self.run.write_config(cfg)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.dist.rank),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": get_rng_state(), "best_top1": self.best_top1, "history": self.history,
+            "step_losses": torch.tensor(self.step_losses, dtype=torch.float64),
+            "running": self.running.clone(),
+        }
+
+    def save_last(self) -> None:
+        """model.safetensors + config.json + training_state.pt, replacing last/ in one atomic step."""
+        model, state = full_model(self.model, self.dist.rank), self._state()  # collective under FSDP
+        if not self.dist.is_main:
+            return
+        with atomic_directory(self.run.last) as tmp:
+            # save_pretrained swaps its own files into tmp; the outer swap publishes all of them together.
+            save_pretrained(model, tmp, preprocess=self.data.preprocess, class_names=self.data.class_names,
+                            extra={"train": self.cfg.to_dict()})
+            torch.save(state, tmp / STATE_NAME)
+
+    def save_best(self, row: dict) -> None:
+        model = full_model(self.eval_model, self.dist.rank)  # collective under FSDP
+        if self.dist.is_main:
+            save_pretrained(model, self.run.best, preprocess=self.data.preprocess,
+                            class_names=self.data.class_names, extra={"train": self.cfg.to_dict(), "metrics": row})
+
+    def _load_last(self) -> None:
+        from .checkpoint import load_state_dict_file
+
+        last = self.run.last
+        path = last / STATE_NAME
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no training state; {self.run.path} has no resumable last/ checkpoint")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (any unreadable file is reported by path)
+            raise CheckpointError(f"{path}: not a readable training state ({e})") from e
+        load_model_state(self.model, load_state_dict_file(last / "model.safetensors"), self.dist.rank)
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist.rank)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError(f"{path}: the run had no EMA; cannot resume with ema on")
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
+        self.history, self.running = list(state["history"]), state["running"].clone()
+        self.step_losses = state["step_losses"].tolist()
+        rng = state["rng"]
+        if self.dist.rank == 0:
+            set_rng_state(rng)
+        else:  # other ranks' streams are not saved: reseed them from (seed, epoch, step, rank)
+            torch.manual_seed(self.cfg.seed * 7919 + self.global_step * 31 + self.dist.rank)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    # --- one step -------------------------------------------------------------------------------
+    def loss_fn(self, logits: Tensor, targets: Tensor) -> Tensor:
+        # targets are class indices, or (B, num_classes) probabilities after MixUp/CutMix
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+
+    def train_step(self, idx: Tensor, signum: int = 0) -> Tensor:
+        """One optimizer step on the global batch ``idx``; this rank takes its contiguous slice.
+
+        Returns (loss sum, correct, images, non-finite flag, signal) summed over all ranks:
+        one all_reduce per step carries the metrics and every rank's reasons to stop.
+        """
+        cfg, dist = self.cfg, self.dist
+        per_rank = cfg.batch_size // dist.world_size
+        mine = idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct = 0.0, 0.0
+        for k in range(cfg.accum_steps):
+            micro = mine[k * self.micro_batch:(k + 1) * self.micro_batch]
+            x, targets = self.augment(self.data.train.images[micro], self.data.train.labels[micro])
+            x, targets = x.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            sync = k == cfg.accum_steps - 1 or not dist.distributed
+            with no_sync(self.ddp, sync):
+                with autocast(self.device, self.precision):
+                    logits = self.ddp(x)
+                loss = self.loss_fn(logits, targets)
+                (loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach().item() * len(micro)
+            hard = targets.argmax(-1) if targets.ndim == 2 else targets
+            correct += (logits.detach().argmax(-1) == hard).sum().item()
+        # Every rank must agree to stop on a bad loss, or the others would hang in all_reduce.
+        stats = dist.all_reduce(torch.tensor(
+            [loss_sum, correct, len(mine), 0.0 if math.isfinite(loss_sum) else 1.0, float(signum)], dtype=torch.float64
+        ))
+        if stats[3] > 0:
+            raise NonFiniteLossError(
+                f"loss became {loss_sum / len(mine):.4g} at epoch {self.epoch + 1}, step {self.global_step + 1}; "
+                f"stopped. The last good checkpoint is kept in {self.run.last} "
+                f"({'epoch ' + str(self.epoch) if self.run.last.exists() else 'none was written yet'}). "
+                f"Try a lower --lr (now {cfg.lr:g}), --clip-grad, or --precision fp32"
+            )
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.step_losses.append(float(stats[0] / stats[2]))
+        return stats
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        from .evaluate import evaluate
+
+        result = evaluate(self.eval_model, self.data.val, self.data.preprocess, self.data.num_classes,
+                          batch_size=self.cfg.eval_batch_size, device=self.device, precision=self.precision,
+                          dist=self.dist)
+        return result
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        stop = {"signum": 0}
+
+        def on_signal(signum, _frame):
+            stop["signum"] = signum  # finish the step in flight, then checkpoint and leave
+
+        handlers = {}
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, on_signal)
+        curves_at = time.monotonic()
+        progress = Progress(dist.is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty())))
+        if dist.is_main:
+            print(f"training {cfg.model} on {self.data.name} ({len(self.data.train)} train / {len(self.data.val)} val) "
+                  f"for {cfg.epochs} epochs: global batch {cfg.batch_size} on {dist.world_size} process(es), "
+                  f"{self.device.type}, {self.precision}; run folder {self.run.path}", flush=True)
+        try:
+            while self.epoch < cfg.epochs:
+                self.model.train()
+                batches = global_batches(len(self.data.train), cfg.batch_size, cfg.seed, self.epoch)
+                t0, done_images = time.perf_counter(), 0
+                for idx in batches[self.step_in_epoch:]:
+                    stats = self.train_step(idx, stop["signum"])
+                    self.running += stats[:3]
+                    done_images += len(idx)
+                    rate = done_images / max(time.perf_counter() - t0, 1e-9)
+                    progress.update(
+                        f"epoch {self.epoch + 1}/{cfg.epochs} step {self.step_in_epoch}/{len(batches)} "
+                        f"loss {stats[0] / stats[2]:.4f} acc {100 * stats[1] / stats[2]:.1f}% "
+                        f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s"
+                    )
+                    # a signal seen after this step's all_reduce waits one step when distributed, so ranks agree
+                    if stats[4] > 0 or (stop["signum"] and not dist.distributed):
+                        progress.close()
+                        self.save_last()
+                        if dist.is_main and self.history:
+                            self.run.write_curves(self.history)
+                        signum = int(stop["signum"] or signal.SIGTERM)
+                        raise Interrupted(signum, (
+                            f"interrupted by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step "
+                            f"{self.global_step}; saved {self.run.last}. Resume with: vitkit train --resume "
+                            f"{self.run.path}"
+                        ))
+                train_time = time.perf_counter() - t0
+                progress.close()
+                totals = self.running.clone()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.running.zero_()
+                val = self.evaluate()
+                row = {
+                    "epoch": self.epoch, "step": self.global_step,
+                    "train_loss": round(float(totals[0] / max(totals[2], 1)), 6),
+                    "val_loss": round(val["loss"], 6), "top1": round(val["top1"], 4), "top5": round(val["top5"], 4),
+                    "lr": float(f"{self.scheduler.get_last_lr()[0]:.6g}"),
+                    "images_per_s": round(done_images / max(train_time, 1e-9), 1),
+                }
+                self.history.append(row)
+                if row["top1"] > self.best_top1:
+                    self.best_top1 = row["top1"]
+                    self.save_best(row)
+                self.save_last()
+                if dist.is_main:
+                    # A plot costs ~0.5 s: redraw it at most every CURVES_EVERY_S, and at the end.
+                    final = self.epoch in (cfg.epochs, cfg.stop_after_epoch)
+                    curves = final or time.monotonic() - curves_at > CURVES_EVERY_S
+                    self.run.write_metrics(self.history, curves=curves)
+                    curves_at = time.monotonic() if curves else curves_at
+                    print(f"epoch {row['epoch']:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+                          f"val_loss {row['val_loss']:.4f}  top1 {row['top1']:6.2f}%  top5 {row['top5']:6.2f}%  "
+                          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s", flush=True)
+                if cfg.stop_after_epoch and self.epoch == cfg.stop_after_epoch and self.epoch < cfg.epochs:
+                    raise Interrupted(0, f"stopped after epoch {self.epoch} (--stop-after-epoch); saved "
+                                         f"{self.run.last}. Resume with: vitkit train --resume {self.run.path}")
+        finally:
+            progress.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.run.unlock()
+        if dist.is_main:
+            print(f"done: best top-1 {self.best_top1:.2f}% -> {self.run.best}; last -> {self.run.last}", flush=True)
+        return TrainResult(self.run.path, self.history, self.best_top1)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, data: Dataset | None = None) -> TrainResult:
+    """Train a new run (Python API for ``vitkit train``)."""
+    if is_elastic_restart() and (cfg.run_dir / "last" / STATE_NAME).is_file():
+        # torchrun restarted the group after a worker died: continue from the last checkpoint
+        return resume(cfg.run_dir, {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE}, data=data)
+    return Trainer(cfg, data=data).fit()
+
+
+def resume(run: str | os.PathLike, overrides: dict | None = None, data: Dataset | None = None) -> TrainResult:
+    """Continue ``run``/last/ with the run's own config; only RESUME_OVERRIDABLE options may change."""
+    saved = read_run_config(run)
+    changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != coerce(k, v, f"--{k}")}
+    refused = sorted(set(changed) - set(RESUME_OVERRIDABLE))
+    if refused:
+        raise ValueError(f"--resume {run}: cannot change {refused} of a run in progress (only "
+                         f"{list(RESUME_OVERRIDABLE)}); start a new run for a new recipe")
+    values = saved.to_dict()
+    values.update({k: coerce(k, v, f"--{k}") for k, v in changed.items()})
+    values["out"] = str(run)
+    cfg = TrainConfig(**values)
+    trainer = Trainer(cfg, resume=True, data=data)
+    if trainer.dist.is_main and changed:
+        trainer.run.write_config(cfg)
+    return trainer.fit()
+
+
+__all__ = [
+    "TrainConfig", "Trainer", "TrainResult", "DistInfo", "RunDir", "train", "resume", "resolve_config",
+    "read_config_file", "coerce", "NonFiniteLossError", "RunLockedError", "Interrupted", "normalize",
+]

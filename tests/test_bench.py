@@ -1,0 +1,150 @@
+"""The benchmark harness and the fast path: structure and numerics, never timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vitkit import create_model, get_config
+from vitkit.bench import build_contestant, gpu_peak_tflops, parse_contestant, run_benchmark, timm_model
+from vitkit.cli import main
+from vitkit.convert.timm import KEYS
+from vitkit.fast import adamw, default_precision, has_native_bf16, optimize_for_inference, optimize_for_training
+
+
+def _check_report(report, contestants, runs, mode):
+    assert report.mode == mode and report.runs == runs
+    assert [r.contestant for r in report.results] == contestants
+    assert report.gmacs_per_image > 0 and math.isfinite(report.matmul_gflops) and report.matmul_gflops > 0
+    assert report.machine["torch"] == torch.__version__ and report.machine["threads"] >= 1
+    for r in report.results:
+        assert len(r.step_s) == runs and all(t > 0 and math.isfinite(t) for t in r.step_s)
+        assert r.images_per_s > 0 and math.isfinite(r.images_per_s)
+        assert r.gflops > 0 and 0 < r.matmul_fraction < math.inf
+        assert math.isfinite(r.peak_mem_mb) and r.peak_mem_mb >= 0
+        assert r.vs_baseline > 0
+    assert next(r for r in report.results if r.contestant == "timm").vs_baseline == 1.0
+    table = report.table()
+    for name in contestants:
+        assert name in table
+    json.dumps(report.to_dict())  # the --json output is plain JSON
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_benchmark_report_on_a_tiny_model(mode):
+    contestants = ["vitkit", "timm", "vitkit-math"]
+    report = run_benchmark("vit_digits", batch_size=4, mode=mode, precision="fp32", contestants=contestants,
+                           runs=2, warmup=0, matmul_size=256)
+    _check_report(report, contestants, 2, mode)
+    # FLOPs come from the model's own MAC count: a training step counts 3x a forward pass.
+    r = report.results[0]
+    per_image = 2 * report.gmacs_per_image * (3 if mode == "train" else 1)
+    assert r.gflops == pytest.approx(r.images_per_s * per_image)
+
+
+def test_timm_contestant_has_the_same_architecture():
+    cfg = get_config("vit_digits")
+    ours, theirs = create_model(cfg), timm_model(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    # Same weights give the same logits: the two contestants compute the same function.
+    theirs.load_state_dict(KEYS.from_vitkit(ours.state_dict(), cfg))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_updates_the_weights():
+    c = build_contestant("vitkit", get_config("vit_digits"), "train", "bf16-autocast", False, 4, torch.device("cpu"))
+    before = [p.detach().clone() for p in c.model.parameters()]
+    loss = c.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, c.model.parameters()))
+
+
+def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
+    model = create_model("vit_digits", depth=1).eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    fast_model = optimize_for_inference(model, precision="bf16", compile=True)
+    out = fast_model(x)
+    assert out.dtype == torch.bfloat16 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings deep.
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert (out.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+def test_int8_inference_stays_close_to_fp32():
+    model = create_model("vit_digits").eval()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    out = optimize_for_inference(model, precision="int8", compile=False)(x)
+    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__
+               for m in optimize_for_inference(model, precision="int8", compile=False).modules())
+    torch.testing.assert_close(out, ref, atol=0.1 * ref.abs().max().item(), rtol=0.1)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    with pytest.raises(ValueError, match="int8"):
+        optimize_for_inference(model, precision="int8", compile=True)
+
+
+def test_contestant_specs_override_precision_and_compile():
+    assert parse_contestant("timm", "bf16", False) == ("timm", "bf16", False)
+    assert parse_contestant("vitkit:int8:eager", "bf16", True) == ("vitkit", "int8", False)
+    assert parse_contestant("timm:bf16:compiled", "fp32", False) == ("timm", "bf16", True)
+    with pytest.raises(ValueError, match="precision"):
+        parse_contestant("timm:fp8", "fp32", False)
+    with pytest.raises(ValueError, match="int8"):
+        run_benchmark("vit_digits", mode="train", contestants=["vitkit:int8"], runs=1)
+
+
+def test_optimize_for_training_shares_parameters_and_learns():
+    torch.manual_seed(0)
+    model = create_model("vit_digits", depth=1)
+    run = optimize_for_training(model, compile=False, precision="bf16-autocast")
+    opt = adamw(model.parameters(), lr=1e-2, weight_decay=0.0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5  # memorising 16 samples
+
+
+def test_precision_defaults_follow_the_hardware():
+    assert default_precision("cpu") == ("bf16" if has_native_bf16("cpu") else "fp32")
+
+
+def test_gpu_peak_table():
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_peak_tflops("Some Future GPU") is None
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="contestants"):
+        run_benchmark("vit_digits", contestants=["vitkit", "nope"], runs=1)
+    with pytest.raises(ValueError, match="precision"):
+        run_benchmark("vit_digits", precision="fp8", runs=1)
+    with pytest.raises(ValueError, match="mode"):
+        run_benchmark("vit_digits", mode="serve", runs=1)
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "vit_digits", "--batch-size", "2", "--runs", "1", "--warmup", "0",
+               "--contestants", "vitkit,timm", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["contestant"] for r in report["results"]] == ["vitkit", "timm"]
+    assert "img/s" in capsys.readouterr().out
+    assert main(["bench", "--model", "vit_nope", "--runs", "1"]) == 2

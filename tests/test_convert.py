@@ -1,0 +1,314 @@
+"""Weights from and to timm, Hugging Face, torchvision and JAX .npz.
+
+Every check runs the foreign library's own model (random weights, nothing downloaded) as
+the oracle and compares logits on the same batch: fp32, max |diff| <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+import transformers
+from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+import vitkit.convert as vc
+from vitkit import ViT, ViTConfig, load_pretrained
+from vitkit.checkpoint import CheckpointError, load_state_dict_file
+from vitkit.cli import main as cli
+
+ATOL = 1e-4
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= ATOL, f"max |diff| {diff:.2e} > {ATOL}"
+
+
+def run(model, x):
+    with torch.no_grad():
+        out = model.eval()(x)
+    return getattr(out, "logits", out)  # transformers returns an output object
+
+
+def timm_vit(name: str, **kw):
+    # The named architectures' width, heads, patch and image size; two blocks keep it fast.
+    return timm.create_model(name, pretrained=False, depth=2, **kw).eval()
+
+
+def save_timm(model, path):
+    if path.suffix == ".safetensors":
+        save_file(model.state_dict(), path)
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+# --- timm --------------------------------------------------------------------------------------
+TIMM_CASES = [
+    ("vit_tiny_patch16_224", {}),
+    ("vit_small_patch32_224", {}),
+    ("vit_base_patch16_384", {}),
+    ("vit_tiny_patch16_224", dict(global_pool="avg", fc_norm=True)),
+    ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+]
+
+
+@pytest.mark.parametrize("name, kw", TIMM_CASES, ids=lambda c: str(c))
+def test_timm_both_ways(tmp_path, name, kw):
+    theirs = timm_vit(name, **kw)
+    size = theirs.patch_embed.img_size
+    x = torch.randn(1 if size[0] > 224 else 2, 3, *size)
+    expected = run(theirs, x)
+
+    ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", model=name)
+    assert ours.cfg.img_size == tuple(size) and ours.cfg.num_heads == theirs.blocks[0].attn.num_heads
+    assert_same_logits(run(ours, x), expected)
+
+    # vitkit -> timm: a state dict timm loads strictly, and a hub directory timm opens by itself
+    file = vc.export(ours, tmp_path / "back.safetensors", "timm")
+    fresh = timm_vit(name, **kw)
+    fresh.load_state_dict(load_state_dict_file(file), strict=True)
+    assert_same_logits(run(fresh, x), expected)
+    if size[0] == 224:  # the hub directory (config.json + weights) once per image size is enough
+        vc.export(ours, tmp_path / "hubdir", "timm")
+        assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+
+
+def test_timm_heads_are_not_in_the_file(tmp_path):
+    # width 64 with 4 heads: the width/64 convention says 1 head, which gives other logits
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=64, num_heads=4,
+                               img_size=32, patch_size=8, num_classes=3).eval()
+    path = save_timm(theirs, tmp_path / "w.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"heads = width / 64 = 1\b"):
+        guessed = vc.load(path, "timm")
+    assert (run(guessed, x) - run(theirs, x)).abs().max() > 1e-3  # the comparison can fail
+    assert_same_logits(run(vc.load(path, "timm", num_heads=4), x), run(theirs, x))
+    with pytest.raises(CheckpointError, match="not a vit_small_patch16_224: emb_size"):
+        vc.load(path, "timm", model="vit_small_patch16_224")
+
+
+def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
+    theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
+    path = save_timm(theirs, tmp_path / "w.safetensors")
+    # timm's way to 384: build at 384 and let its checkpoint filter resample the positions
+    timm384 = timm_vit("vit_tiny_patch16_224", num_classes=10, img_size=384)
+    timm384.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), timm384))
+    x = torch.randn(2, 3, 384, 384)
+    tiny = "vit_tiny_patch16_224"
+    assert_same_logits(run(vc.load(path, "timm", model=tiny, img_size=384), x), run(timm384, x))
+    # dynamic_img_size as an override: positions resampled on the fly, as timm does
+    timm_dyn = timm_vit("vit_tiny_patch16_224", num_classes=10, dynamic_img_size=True)
+    timm_dyn.load_state_dict(theirs.state_dict())
+    ours_dyn = vc.load(path, "timm", model=tiny, dynamic_img_size=True)
+    x = torch.randn(2, 3, 160, 224)
+    assert_same_logits(run(ours_dyn, x), run(timm_dyn, x))
+    # a new head: warned about, everything else kept
+    with pytest.warns(UserWarning, match="re-initialised"):
+        ours5 = vc.load(path, "timm", model=tiny, num_classes=5)
+    assert ours5.head.fc.out_features == 5
+
+
+def test_timm_bad_state_dict_names_the_keys_in_timms_terms(tmp_path):
+    state = timm_vit("vit_tiny_patch16_224").state_dict()
+    state.pop("blocks.1.mlp.fc2.bias")
+    state["blocks.0.ls1.gamma"] = torch.ones(192)  # layer scale: not a vitkit part
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        vc.load(tmp_path / "w.safetensors", "timm", num_heads=3)
+    msg = str(err.value)
+    assert "timm layout" in msg and "['blocks.1.mlp.fc2.bias']" in msg and "['blocks.0.ls1.gamma']" in msg
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+def hf_vit(num_channels=3, **kw):
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_channels=num_channels, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"}, **kw,
+    )
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("num_channels", [3, 1])
+def test_hf_both_ways(tmp_path, num_channels):
+    theirs = hf_vit(num_channels)
+    theirs.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, num_channels, 32, 32)
+    expected = run(theirs, x)
+
+    ours = vc.load(tmp_path / "hf", "hf")
+    assert (ours.cfg.num_heads, ours.cfg.norm_eps, ours.cfg.in_channels) == (4, 1e-12, num_channels)
+    assert ours.class_names == ["cat", "dog", "fox"]
+    assert_same_logits(run(ours, x), expected)
+
+    vc.export(ours, tmp_path / "vitkit", "vitkit")  # and as a vitkit checkpoint, class names kept
+    reopened = load_pretrained(tmp_path / "vitkit")
+    assert reopened.class_names == ["cat", "dog", "fox"]
+    assert_same_logits(run(reopened, x), expected)
+
+    vc.export(ours, tmp_path / "back", "hf")
+    again = transformers.ViTForImageClassification.from_pretrained(tmp_path / "back")
+    assert again.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    assert_same_logits(run(again, x), expected)
+
+
+def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
+    base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
+    base.save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="pooler"):
+        ours = vc.load(tmp_path / "base", "hf").eval()
+    assert ours.cfg.num_classes == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_logits(ours.forward_features(x), base(x).last_hidden_state)
+
+
+# --- torchvision ------------------------------------------------------------------------------------
+def test_torchvision_vit_b_32(tmp_path):
+    # vit_b_32's patch, width, heads and MLP; two layers to stay fast (a full vit_b_32 takes ~20 s here)
+    theirs = torchvision.models.VisionTransformer(
+        image_size=224, patch_size=32, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=10
+    ).eval()
+    torch.save(theirs.state_dict(), tmp_path / "vit_b_32.pth")
+    x = torch.randn(2, 3, 224, 224)
+    ours = vc.load(tmp_path / "vit_b_32.pth", "torchvision", model="vit_base_patch32_224")
+    assert_same_logits(run(ours, x), run(theirs, x))
+    # and back into torchvision, strictly
+    vc.export(ours, tmp_path / "back.pth", "torchvision")
+    fresh = torchvision.models.VisionTransformer(
+        image_size=224, patch_size=32, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=10
+    )
+    fresh.load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True), strict=True)
+    assert_same_logits(run(fresh, x), run(theirs, x))
+
+
+# --- JAX .npz ----------------------------------------------------------------------------------------
+def tiny_vitkit(**kw) -> ViT:
+    fields = dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=7,
+                  class_token=True, pool="cls", final_norm="tokens", norm_eps=1e-6)
+    fields.update(kw)
+    return ViT(ViTConfig(**fields)).eval()
+
+
+def timm_like(model: ViT, **kw):
+    c = model.cfg
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+        num_classes=7, class_token=c.class_token, global_pool="token" if c.pool == "cls" else "avg", fc_norm=False,
+        **kw,
+    ).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(class_token=False, pool="mean")], ids=["token", "gap"])
+def test_jax_npz_written_by_vitkit_loads_in_timm_and_back(tmp_path, kw):
+    ours = tiny_vitkit(**kw)
+    npz = vc.export(ours, tmp_path / "vit.npz", "jax")
+    x = torch.randn(2, 3, 32, 32)
+    theirs = timm_like(ours)
+    theirs.load_pretrained(str(npz))  # timm's own JAX loader (_load_weights) is the oracle
+    assert_same_logits(run(theirs, x), run(ours, x))
+    back = vc.load(npz, "jax")
+    assert back.cfg.num_heads == 4  # JAX stores q/k/v kernels as (E, h, d): heads are read
+    assert_same_logits(run(back, x), run(ours, x))
+
+
+def to_big_vision(npz_in, npz_out, scanned=False, keep_class_position=False):
+    """Rename a vision_transformer-layout npz into big_vision's layout (big_vision/models/vit.py):
+    ``params/`` prefix; block parts LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+    MlpBlock_0; ``pos_embedding`` at the top, added before the class token is prepended, so the
+    class token's own position is folded into ``cls`` (big_vision's fix_old_checkpoints)."""
+    with np.load(npz_in) as f:
+        src = {k: f[k] for k in f.files}
+    out = {}
+    pe = src.pop("Transformer/posembed_input/pos_embedding")
+    if "cls" in src and not keep_class_position:
+        src["cls"] = src["cls"] + pe[:, :1]
+        pe = pe[:, 1:]
+    out["params/pos_embedding"] = pe
+    renames = [("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"), ("LayerNorm_2", "LayerNorm_1"),
+               ("MlpBlock_3", "MlpBlock_0")]
+    blocks: dict[str, list] = {}
+    for k, v in src.items():
+        for old, new in renames:
+            k = k.replace(old, new)
+        m = re.match(r"Transformer/encoderblock_(\d+)/(.*)", k)
+        if scanned and m:  # nn.scan stacks the blocks on a leading axis
+            blocks.setdefault(m.group(2), []).append((int(m.group(1)), v))
+        else:
+            out[f"params/{k}"] = v
+    for name, parts in blocks.items():
+        out[f"params/Transformer/encoderblock/{name}"] = np.stack([v for _, v in sorted(parts, key=lambda p: p[0])])
+    np.savez(npz_out, **out)
+    return npz_out
+
+
+@pytest.mark.parametrize(
+    "kw, scanned, keep_class_position",
+    [({}, False, False), ({}, True, False), ({}, False, True), (dict(class_token=False, pool="mean"), False, False)],
+    ids=["token", "scanned", "old-class-position", "gap"],
+)
+def test_jax_big_vision_layout(tmp_path, kw, scanned, keep_class_position):
+    ours = tiny_vitkit(**kw)
+    bv = to_big_vision(vc.export(ours, tmp_path / "vt.npz", "jax"), tmp_path / "bv.npz", scanned, keep_class_position)
+    x = torch.randn(2, 3, 32, 32)
+    if not keep_class_position:
+        # timm reads big_vision files into a model whose class token has no position: the same network
+        theirs = timm_like(ours, no_embed_class=True)
+        theirs.load_pretrained(str(bv))
+        assert_same_logits(run(theirs, x), run(ours, x))
+    assert_same_logits(run(vc.load(bv, "jax"), x), run(ours, x))
+
+
+# --- the CLI --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_cli_timm_to_vitkit(tmp_path, capsys, suffix):
+    theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
+    src = save_timm(theirs, tmp_path / f"w{suffix}")
+    assert cli(["convert", str(src), str(tmp_path / "out"), "--from", "timm", "--model", "vit_tiny_patch16_224"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    x = torch.randn(2, 3, 224, 224)
+    assert_same_logits(run(load_pretrained(tmp_path / "out"), x), run(theirs, x))
+    if suffix == ".pth":
+        return
+    assert cli(["convert", str(src), str(tmp_path / "out384"), "--from", "timm", "--img-size", "384",
+                "--num-heads", "3"]) == 0
+    loaded = load_pretrained(tmp_path / "out384")
+    assert loaded.cfg.img_size == (384, 384)
+    timm384 = timm_vit("vit_tiny_patch16_224", num_classes=10, img_size=384)
+    timm384.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), timm384))
+    x = torch.randn(2, 3, 384, 384)
+    assert_same_logits(run(loaded, x), run(timm384, x))
+
+
+def test_cli_vitkit_to_hf_and_errors(tmp_path, capsys):
+    ours = tiny_vitkit(norm_eps=1e-12)
+    vc.export(ours, tmp_path / "ckpt", "vitkit")
+    assert cli(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--from", "vitkit", "--to", "hf"]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_logits(run(transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf"), x), run(ours, x))
+    # the source format is what the user says: a vitkit directory read as timm is an error naming the file
+    assert cli(["convert", str(tmp_path / "ckpt"), str(tmp_path / "x"), "--from", "timm"]) == 2
+    err = capsys.readouterr().err
+    assert "patch_embed.proj.weight" in err and "timm" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_malicious_pickle(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"patch_embed.proj.weight": torch.zeros(1), "evil": Evil()}, tmp_path / "evil.pth")
+    assert cli(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out"), "--from", "timm"]) == 2
+    assert "refused to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()

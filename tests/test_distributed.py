@@ -1,0 +1,63 @@
+"""torchrun DDP (gloo, CPU) computes the same steps as one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from vitkit.train import STATE_NAME, resolve_config, train
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+# No randomness outside the data order (no dropout, drop path or augmentation): the ranks' RNG
+# streams differ from a single process's, the data order (seed, epoch) does not. The gradients
+# agree to float rounding (two half-batch means averaged vs one mean); Adam's normalised update
+# turns that into weight differences proportional to the lr, hence a modest lr here.
+CFG = dict(dataset="digits", model="vit_digits", train_subset=256, batch_size=64, epochs=2, warmup_epochs=1, lr=5e-4,
+           drop_path_rate=0.0, translate=0, threads=1, progress="off", precision="fp32", label_smoothing=0.1)
+
+
+def flags(cfg: dict) -> list[str]:
+    return [x for k, v in cfg.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def final(run) -> tuple[dict, list[float], list[dict]]:
+    state = torch.load(run / "last" / STATE_NAME, weights_only=True)
+    return load_file(run / "last" / "model.safetensors"), state["step_losses"].tolist(), state["history"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_same_run(a, b, tol=1e-5):
+    (wa, la, ha), (wb, lb, hb) = a, b
+    assert len(la) == len(lb) == 8
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= tol, f"final weights differ by {worst}"
+    assert [r["top1"] for r in ha] == [r["top1"] for r in hb]  # the sharded evaluation counts the same images
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    train(resolve_config(None, dict(CFG, out=str(tmp_path / "one"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", *flags(dict(CFG, out=str(tmp_path / "ddp")))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on 2 process(es)" in out.stdout and out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
+    assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    train(resolve_config(None, dict(CFG, out=str(tmp_path / "full"))))
+    train(resolve_config(None, dict(CFG, accum_steps=4, out=str(tmp_path / "accum"))))
+    assert_same_run(final(tmp_path / "full"), final(tmp_path / "accum"))

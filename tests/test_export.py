@@ -1,0 +1,102 @@
+"""ONNX (run in onnxruntime) and torch.export (saved, loaded) give PyTorch's logits, at any batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import vitkit
+from vitkit.cli import main
+from vitkit.export import save_onnx, save_torch_export
+
+
+def tiny(dynamic=False, class_token=True):
+    cfg = vitkit.ViTConfig(
+        img_size=16, patch_size=4, in_channels=3, emb_size=32, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=5,
+        class_token=class_token, pool="cls" if class_token else "mean", final_norm="tokens" if class_token else "pooled",
+        dynamic_img_size=dynamic,
+    )
+    return vitkit.ViT(cfg).eval()
+
+
+def run_onnx(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    return session.run(["logits"], {"x": x.numpy()})[0]
+
+
+# (dynamic image size, the input sizes to try): a fixed-size model and one that takes any multiple of 4
+CASES = {"fixed": (False, [(1, 16, 16), (5, 16, 16)]), "dynamic": (True, [(1, 16, 16), (3, 12, 20), (2, 32, 8)])}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    dynamic, sizes = CASES[request.param]
+    torch.manual_seed(0)
+    model = tiny(dynamic=dynamic, class_token=not dynamic)
+    tmp = tmp_path_factory.mktemp(request.param)
+    return model, sizes, save_onnx(model, tmp / "model.onnx"), save_torch_export(model, tmp / "model.pt2")
+
+
+def test_onnx_matches_pytorch(exported):
+    model, sizes, onnx_path, _ = exported
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert len(list(onnx_path.parent.glob("*.data"))) == 0  # a small model is one self-contained file
+    for b, h, w in sizes:
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = run_onnx(onnx_path, x)
+        assert got.shape == (b, 5)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    if not model.cfg.dynamic_img_size:
+        with pytest.raises(Exception):  # noqa: B017 (onnxruntime raises its own error types)
+            run_onnx(onnx_path, torch.randn(2, 3, 20, 20))
+
+
+def test_torch_export_matches_pytorch(exported):
+    model, sizes, _, pt2 = exported
+    program = torch.export.load(str(pt2)).module()
+    for b, h, w in sizes:
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=1e-5)
+    if not model.cfg.dynamic_img_size:
+        with pytest.raises(Exception):  # noqa: B017 (a guard error from the exported program)
+            program(torch.randn(2, 3, 20, 20))
+
+
+def test_onnx_external_data_and_opset_check(tmp_path):
+    model = tiny()
+    path = save_onnx(model, tmp_path / "big.onnx", opset=17, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, x), model(x).numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="opset: expected 17 or newer"):
+        save_onnx(model, tmp_path / "old.onnx", opset=13)
+    with pytest.raises(ValueError, match="needs opset >= 18"):
+        save_onnx(tiny(dynamic=True), tmp_path / "old.onnx", opset=17)
+    assert not (tmp_path / "old.onnx").exists()
+
+
+def test_cli_export(tmp_path, capsys):
+    model = tiny(dynamic=True)
+    ckpt = vitkit.save_pretrained(model, tmp_path / "ckpt")
+    x = torch.randn(3, 3, 8, 24)
+    with torch.no_grad():
+        want = model(x)
+    assert main(["export", str(ckpt), "--format", "torch-export", "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "any size divisible by the patch size" in capsys.readouterr().out
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), want, atol=1e-5, rtol=1e-5)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 0
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), want.numpy(), atol=1e-4, rtol=0)
+    assert main(["export", str(ckpt), "--opset", "12", "--out", str(tmp_path / "bad.onnx")]) == 2
+    assert "opset" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad.onnx")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""vitkit predict: any image file gives the probabilities the model gives the matching test tensor."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit import load_pretrained
+from vitkit.cli import main
+from vitkit.data import load_digits, normalize
+from vitkit.predict import predict, predict_files
+from vitkit.train import resolve_config, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    threads = torch.get_num_threads()
+    train(resolve_config(None, dict(train_subset=512, batch_size=64, epochs=2, warmup_epochs=1, threads=1,
+                                    progress="off", precision="fp32", out=str(out))))
+    torch.set_num_threads(threads)
+    return out
+
+
+def digit_files(tmp_path, n=4):
+    """The first n test digits saved as L, RGB and RGBA PNGs; returns (paths by mode, test images)."""
+    data = load_digits()
+    files = {"L": [], "RGB": [], "RGBA": []}
+    for i in range(n):
+        img = Image.fromarray(data.val.images[i, 0].numpy(), mode="L")
+        for mode in files:
+            path = tmp_path / f"digit{i}-{mode}.png"
+            img.convert(mode).save(path)  # RGBA: fully opaque, so compositing on white changes nothing
+            files[mode].append(path)
+    return files, data
+
+
+def test_files_in_any_mode_match_the_test_tensor(run, tmp_path):
+    files, data = digit_files(tmp_path)
+    model = load_pretrained(run / "best").eval()
+    with torch.no_grad():
+        expected = model(normalize(data.val.images[:4], model.preprocess)).softmax(-1)
+    for mode, paths in files.items():
+        results = predict(model, paths, topk=10)
+        for r, p in zip(results, expected):
+            got = torch.zeros(10)
+            for pred in r["predictions"]:
+                got[pred["index"]] = pred["probability"]
+            torch.testing.assert_close(got, p, atol=1e-6, rtol=0, msg=f"{mode} {r['image']}")
+            assert r["predictions"][0]["label"] == model.class_names[int(p.argmax())]
+
+
+def test_odd_sizes_grayscale_16bit_and_transparency(run, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, img in {
+        "odd.png": Image.fromarray(rng.integers(0, 256, (13, 21, 3), dtype=np.uint8)),
+        "gray.jpg": Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)),
+        "deep.png": Image.fromarray(rng.integers(0, 65535, (9, 9), dtype=np.uint16)),
+        "clear.png": Image.new("RGBA", (16, 16), (0, 0, 0, 0)),
+        "palette.gif": Image.new("P", (5, 7), 3),
+    }.items():
+        img.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    results = predict_files(run, paths, topk=3)
+    assert [r["image"] for r in results] == [str(p) for p in paths]
+    for r in results:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(p["label"] in [str(d) for d in range(10)] for p in r["predictions"])
+
+
+def test_predict_cli_json_text_and_errors(run, tmp_path, capsys):
+    files, _ = digit_files(tmp_path, n=2)
+    assert main(["predict", str(run / "best"), *map(str, files["L"]), "--topk", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 2 and all(len(r["predictions"]) == 2 for r in out)
+    assert main(["predict", str(run), str(files["RGB"][0])]) == 0
+    assert f"{files['RGB'][0]}: " in capsys.readouterr().out
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["predict", str(run), str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err

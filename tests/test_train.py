@@ -1,0 +1,234 @@
+"""vitkit train: resume gives the weights of an uninterrupted run; signals, NaN and a second writer are handled.
+
+Every run here is vit_digits on a slice of the real digits data, a few steps long.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitkit import load_pretrained
+from vitkit.cli import main
+from vitkit.train import (
+    STATE_NAME,
+    Interrupted,
+    NonFiniteLossError,
+    RunDir,
+    RunLockedError,
+    Trainer,
+    resolve_config,
+    resume,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(out: Path, **overrides) -> dict:
+    cfg = dict(dataset="digits", model="vit_digits", train_subset=256, batch_size=64, epochs=4, warmup_epochs=1,
+               threads=1, progress="off", precision="fp32", out=str(out))
+    cfg.update(overrides)
+    return cfg
+
+
+# Every source of randomness the recipe has: drop path, dropout, TrivialAugment, erasing, MixUp/CutMix, EMA.
+FULL_RECIPE = dict(drop_path_rate=0.2, drop_rate=0.1, auto_augment="trivialaugment", random_erasing=0.5,
+                   mixup_alpha=0.8, cutmix_alpha=1.0, ema=True, ema_decay=0.9, accum_steps=2, hflip=0.5)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "last" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+
+
+def test_resume_after_stop_gives_the_uninterrupted_weights(tmp_path):
+    small = dict(FULL_RECIPE, train_subset=128, batch_size=32)  # 4 steps per epoch
+    full = train(resolve_config(None, tiny(tmp_path / "full", **small)))
+    with pytest.raises(Interrupted, match="--resume"):
+        train(resolve_config(None, tiny(tmp_path / "cut", stop_after_epoch=2, **small)))
+    state = torch.load(tmp_path / "cut" / "last" / STATE_NAME, weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 0, 8)
+    resumed = resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    s_full = torch.load(tmp_path / "full" / "last" / STATE_NAME, weights_only=True)
+    s_cut = torch.load(tmp_path / "cut" / "last" / STATE_NAME, weights_only=True)
+    for k, v in s_full["ema"].items():
+        assert torch.equal(v, s_cut["ema"][k]), k
+    assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
+    # and the run really changed the weights between epochs 2 and 4
+    assert not torch.equal(weights(tmp_path / "full")["head.fc.weight"], state["ema"]["module.head.fc.weight"])
+
+
+def test_run_folder_contents(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *flags(tiny(run, epochs=2))]) == 0
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "top1", "top5", "lr", "images_per_s"]
+    assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["top1"]) <= 100 for r in rows)
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert resolve_config(str(run / "config.yaml")).epochs == 2
+    model = load_pretrained(run / "best")
+    assert model.class_names == [str(d) for d in range(10)] and model.preprocess["mean"] == [0.5]
+    assert load_pretrained(run / "last").cfg.num_classes == 10
+    # a second start in the same folder is refused; --overwrite starts afresh
+    assert main(["train", *flags(tiny(run, epochs=1))]) == 2
+    assert main(["train", *flags(tiny(run, epochs=1)), "--overwrite"]) == 0
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 1
+
+
+def flags(cfg: dict) -> list[str]:
+    return [x for k, v in cfg.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_config_file_then_flags_typed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 1\nmixup-alpha: 0.2\nema: true\n")
+    cfg = resolve_config(str(f), {"epochs": "3", "ema": "false"})
+    assert (cfg.epochs, cfg.lr, cfg.mixup_alpha, cfg.ema) == (3, 1.0, 0.2, False)
+    with pytest.raises(ValueError, match="unknown training option 'epoch'.*did you mean epochs"):
+        resolve_config(None, {"epoch": "3"})
+    with pytest.raises(ValueError, match="--epochs: epochs expects int, got 'many'"):
+        resolve_config(None, {"epochs": "many"})
+    f.write_text("epochs: 2.5\n")
+    with pytest.raises(ValueError, match="c.yaml: epochs expects int"):
+        resolve_config(str(f))
+    with pytest.raises(ValueError, match="--precision: expected one of"):
+        resolve_config(None, {"precision": "fp8"})
+    with pytest.raises(SystemExit):  # no prefix guessing on the command line: --epoch is not --epochs
+        main(["train", "--epoch", "3", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_refuses_to_change_the_recipe(tmp_path):
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, tiny(tmp_path / "r", epochs=2, stop_after_epoch=1)))
+    with pytest.raises(ValueError, match=r"cannot change \['lr'\]"):
+        resume(tmp_path / "r", {"lr": "0.5"})
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    original = Trainer.loss_fn
+
+    def poisoned(self, logits, targets):
+        loss = original(self, logits, targets)
+        return loss * float("nan") if self.epoch >= 1 else loss  # a NaN from the second epoch on
+
+    monkeypatch.setattr(Trainer, "loss_fn", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 5.*last good checkpoint"):
+        train(resolve_config(None, tiny(run, epochs=3)))
+    state = torch.load(run / "last" / STATE_NAME, weights_only=True)
+    assert state["epoch"] == 1
+    good = weights(run)
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 1
+    # and the run can go on from it (once the cause is fixed)
+    monkeypatch.setattr(Trainer, "loss_fn", original)
+    assert resume(run).history[-1]["epoch"] == 3
+
+
+def test_huge_lr_is_reported_from_the_cli(tmp_path, capsys):
+    code = main(["train", *flags(tiny(tmp_path / "run", epochs=1, lr=1e30, warmup_epochs=0, clip_grad=0))])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became nan" in err and "--lr" in err
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_two_runs_on_one_folder_are_refused(tmp_path, capsys):
+    holder = RunDir(tmp_path / "run")
+    holder.lock()
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by another vitkit train \\(pid {os.getpid()}\\)"):
+            RunDir(tmp_path / "run").lock()
+        assert main(["train", *flags(tiny(tmp_path / "run", epochs=1))]) == 2
+        assert "in use by another vitkit train" in capsys.readouterr().err
+    finally:
+        holder.unlock()
+    RunDir(tmp_path / "run").lock()  # free again once the holder is gone
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(run, train_subset=512, batch_size=32, epochs=2, drop_path_rate=0.2, translate=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "train", *flags(dict(cfg, progress="on"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen, deadline = b"", time.time() + 120
+    while b"step 1/" not in seen and time.time() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"step 1/" in seen, seen + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert b"interrupted by SIGTERM" in err and f"--resume {run}".encode() in err
+    state = torch.load(run / "last" / STATE_NAME, weights_only=True)
+    assert 1 <= state["global_step"] < 32  # stopped before the end (normally a few steps in: mid-epoch)
+    assert state["global_step"] == 16 * state["epoch"] + state["step_in_epoch"]
+    load_pretrained(run / "last")  # a complete, loadable checkpoint
+    assert not list(run.glob(".last.tmp-*"))  # no half-written temporary left
+
+    assert main(["train", "--resume", str(run)]) == 0
+    reference = train(resolve_config(None, dict(cfg, out=str(tmp_path / "ref"))))
+    assert reference.history[-1]["epoch"] == 2
+    assert_same_weights(weights(tmp_path / "ref"), weights(run))
+
+
+def test_predict_and_eval_cli_on_a_trained_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *flags(tiny(run, epochs=1))]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 360 and r["checkpoint"] == str(run / "best")
+    assert set(r["per_class"]) == {str(d) for d in range(10)}
+    confusion = torch.tensor(r["confusion"])
+    assert confusion.sum() == 360
+    assert abs(100 * confusion.diagonal().sum().item() / 360 - r["top1"]) < 1e-9
+    assert r["top1"] <= r["top5"] <= 100
+    assert Path(r["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_folder_dataset_cli_reports_then_skips_a_corrupt_image(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    for split, n in (("train", 8), ("val", 4)):
+        for c, (color, size) in {"dark": (30, (10, 14)), "light": (220, (9, 9))}.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", size, (color, color + i, color)).save(root / split / c / f"{i}.png")
+    bad = root / "train" / "light" / "zz.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["train", "--dataset", f"folder:{root}", "--model", "vit_digits", "--epochs", "2", "--batch-size", "4",
+            "--warmup-epochs", "0", "--threads", "1", "--progress", "off", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert f"{bad}: corrupt or truncated image" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-images"]) == 0
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+    model = load_pretrained(tmp_path / "run" / "best")
+    assert model.class_names == ["dark", "light"] and model.preprocess["img_size"] == [8, 8]
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0  # reads val/ only: the bad train image is moot
+    assert json.loads(capsys.readouterr().out)["images"] == 8
