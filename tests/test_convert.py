@@ -190,6 +190,16 @@ def test_torchvision_vit_b_32(tmp_path):
     assert_same_logits(run(fresh, x), run(theirs, x))
 
 
+def test_torchvision_full_vit_b_32(tmp_path):
+    """The real torchvision.models.vit_b_32() (12 layers, 1000 classes), random weights, into vitkit."""
+    theirs = torchvision.models.vit_b_32().eval()
+    torch.save(theirs.state_dict(), tmp_path / "vit_b_32.pth")
+    x = torch.randn(2, 3, 224, 224)
+    ours = vc.load(tmp_path / "vit_b_32.pth", "torchvision", model="vit_base_patch32_224")
+    assert ours.cfg.depth == 12 and ours.cfg.num_classes == 1000
+    assert_same_logits(run(ours, x), run(theirs, x))
+
+
 # --- JAX .npz ----------------------------------------------------------------------------------------
 def tiny_vitkit(**kw) -> ViT:
     fields = dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=7,

@@ -16,7 +16,6 @@ and resumed ends with the same weights as one that never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import difflib
@@ -51,6 +50,7 @@ from .distributed import (
     no_sync,
     wrap_model,
 )
+from .fast import autocast as fast_autocast
 from .fast import default_training_precision
 from .model import ViT, create_model
 
@@ -287,15 +287,13 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    return "bf16" if default_training_precision(device) == "bf16" else "fp32"
+    """``--precision auto|fp32|bf16`` -> ``fp32|bf16``; in training, bf16 always means bf16 autocast."""
+    return default_training_precision(device) if precision == "auto" else precision
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast context of a training precision (``fp32`` or ``bf16``), via vitkit.fast."""
+    return fast_autocast("bf16-autocast" if precision == "bf16" else "fp32", device)
 
 
 # --- RNG state, storable with weights_only ----------------------------------------------------
