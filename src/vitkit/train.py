@@ -271,7 +271,13 @@ def init_distributed(device: str) -> DistInfo:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun's agent keeps one store across `--max-restarts` attempts: without a prefix per
+        # attempt, a restarted rank can read the address a dead peer published in the previous
+        # attempt and fail to connect ("Connection refused"), depending on who starts first.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"vitkit/attempt_{attempt}/", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return DistInfo.current()
 
 
