@@ -246,15 +246,20 @@ def save_pretrained(
     return Path(directory)
 
 
+def read_json(path: Path):
+    """Parse a JSON file; an unreadable one is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_config(directory: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a checkpoint directory, checked for its required fields."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json; is {directory} a vitkit checkpoint directory?")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: expected a vitkit config with \"format\": \"vitkit\" and a \"model\" object")
     try:
@@ -391,6 +396,7 @@ __all__ = [
     "atomic_directory",
     "atomic_file",
     "read_config",
+    "read_json",
     "resolve_checkpoint",
     "build_with_state",
     "CheckpointError",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file
+from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import ViTConfig
 from . import CONCAT_QKV, Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, rule
 
@@ -61,7 +61,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"  # a sharded checkpoint
     if index.is_file():
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
             state.update(load_state_dict_file(directory / shard))
         return state
     raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)} (or a sharded index) in this directory")
@@ -73,10 +73,7 @@ def read(path: Path) -> Foreign:
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{directory}: no config.json; a Hugging Face ViT directory has one")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    config = read_json(cfg_file)
     if config.get("model_type") != "vit":
         raise CheckpointError(f"{cfg_file}: model_type is {config.get('model_type')!r}; only 'vit' is supported")
     if config.get("hidden_act", "gelu") != "gelu":
@@ -91,7 +88,7 @@ def read(path: Path) -> Foreign:
         foreign.class_names = names
     pre_file = directory / "preprocessor_config.json"
     if pre_file.is_file():
-        pre = json.loads(pre_file.read_text())
+        pre = read_json(pre_file)
         if "image_mean" in pre and "image_std" in pre:
             foreign.preprocess = dict(
                 mean=list(pre["image_mean"]), std=list(pre["image_std"]), crop_pct=1.0,  # HF resizes, no crop

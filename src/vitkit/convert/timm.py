@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file
+from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
 from ..config import VARIANTS, ViTConfig
 from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
 
@@ -57,10 +57,7 @@ def read(path: Path) -> Foreign:
     config = {}
     cfg_file = directory / "config.json"
     if cfg_file.is_file():
-        try:
-            loaded = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+        loaded = read_json(cfg_file)
         if isinstance(loaded, dict) and "architecture" in loaded:  # timm's hub config, not someone else's
             config = loaded
     foreign = Foreign(str(path), load_state_dict_file(path), config=config)
@@ -92,7 +89,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             base["num_heads"] = VARIANTS[foreign.config["architecture"]]["num_heads"]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
     if "pool" not in base and global_pool in ("token", "avg"):
-        base["pool"] = {"token": "cls", "avg": "mean"}[global_pool]
+        base["pool"] = {timm: ours for ours, timm in GLOBAL_POOL.items()}[global_pool]
     return config_with(
         base,
         src,
