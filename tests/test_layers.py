@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from torch import nn
+from torch import Tensor, nn
 
 import vitkit
 from vitkit import (
@@ -13,6 +13,7 @@ from vitkit import (
     PatchEmbedding,
     ResidualAdd,
     TransformerEncoderBlock,
+    layers,
 )
 
 
@@ -81,11 +82,52 @@ def test_fused_equals_math(mask_kind):
         mask[:, 0] = True
     elif mask_kind == "full":
         mask = torch.rand(3, 17, 17) > 0.5
-    mha.fused = True
-    fused = mha(x, mask=mask)
-    mha.fused = False
-    math = mha(x, mask=mask)
+    with torch.no_grad():  # inference: the fused kernel runs on every device
+        mha.fused = True
+        fused = mha(x, mask=mask)
+        mha.fused = False
+        math = mha(x, mask=mask)
     assert (fused - math).abs().max() <= 1e-5
+
+
+def spy_on_sdpa(monkeypatch) -> list:
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_cpu_training_takes_the_math_path_with_the_fused_kernels_gradients(monkeypatch):
+    """On CPU, autograd steers attention to the math path (faster backward); the gradients are
+    those of the fused kernel, and inference still calls the fused kernel."""
+    torch.manual_seed(2)
+    mha = MultiHeadAttention(48, 4)
+    x = torch.randn(3, 13, 48, requires_grad=True)
+    calls = spy_on_sdpa(monkeypatch)
+
+    def grads() -> list[Tensor]:
+        x.grad = None
+        mha.zero_grad(set_to_none=True)
+        (mha(x) * torch.linspace(-1, 1, 48)).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in mha.parameters()]
+
+    math_grads = grads()
+    assert calls == []  # the math path ran
+    monkeypatch.setattr(layers, "fused_kernel_pays", lambda q: True)
+    fused_grads = grads()
+    assert calls == [1]  # the fused kernel ran
+    for g_math, g_fused in zip(math_grads, fused_grads):
+        torch.testing.assert_close(g_math, g_fused, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    calls = spy_on_sdpa(monkeypatch)
+    with torch.no_grad():
+        mha(x)
+    assert calls == [1]
 
 
 def test_masked_key_gets_zero_probability_and_matches_reference():
@@ -104,7 +146,8 @@ def test_masked_key_gets_zero_probability_and_matches_reference():
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fully_masked_row_gives_no_nan(fused, dtype):
+def test_fully_masked_row_gives_no_nan(fused, dtype, monkeypatch):
+    monkeypatch.setattr(layers, "fused_kernel_pays", lambda q: True)  # the fused kernel's backward too
     mha = MultiHeadAttention(32, 4, fused=fused).to(dtype)
     x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
     mask = torch.ones(2, 5, 5, dtype=torch.bool)

@@ -18,7 +18,12 @@ PUBLISHED_PARAMS = {
 def expected_params(cfg: ViTConfig) -> int:
     """Parameter count from the architecture alone (an independent formula)."""
     e, p, c, h = cfg.emb_size, cfg.patch_size, cfg.in_channels, cfg.mlp_hidden
-    embed = c * p * p * e + e + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
+    if cfg.stem == "conv":  # 3x3 convs from e/p channels doubling up to e, then a 1x1 conv to e
+        widths = [e * 2**i // p for i in range(p.bit_length())]  # e/p, ..., e/2, e (>= 8 for these models)
+        stem = sum(9 * a * b + b for a, b in zip([c] + widths[:-1], widths)) + widths[-1] * e + e
+    else:
+        stem = c * p * p * e + e
+    embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
     final_norm = 2 * e if cfg.final_norm != "none" else 0
     head = cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0
@@ -138,3 +143,43 @@ def test_public_api():
                  "TransformerEncoderBlock", "TransformerEncoder", "ClassificationHead", "ViT",
                  "create_model", "list_models", "summary", "save_pretrained", "load_pretrained"):
         assert hasattr(vitkit, name), name
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_class_token_head_computes_one_token_in_the_last_block_with_equal_logits_and_gradients(grad_checkpointing):
+    """``forward`` of a class-token model runs the last block on the class token alone; the logits
+    and every gradient equal those of the full path (all tokens, then pool)."""
+    torch.manual_seed(3)
+    model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=7)
+    model.set_grad_checkpointing(grad_checkpointing)
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    hook = model.encoder.blocks[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+
+    def logits_and_grads(full: bool):
+        model.zero_grad(set_to_none=True)
+        logits = model.forward_head(model.forward_features(x)) if full else model(x)
+        (logits * torch.arange(7.0)).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_logits, fast_grads = logits_and_grads(full=False)
+    assert seen == [(4, 1, 192)]  # the last block's MLP saw one token per image
+    full_logits, full_grads = logits_and_grads(full=True)
+    assert seen[-1] == (4, 17, 192)
+    hook.remove()
+    torch.testing.assert_close(fast_logits, full_logits, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_convolutional_stem_makes_the_same_tokens_and_refuses_foreign_export(tmp_path):
+    model = create_model("vit_fmnist_convstem")
+    x = torch.randn(2, 1, 28, 28)
+    assert model.forward_features(x).shape == create_model("vit_fmnist").forward_features(x).shape
+    with pytest.raises(ValueError, match="target format timm: this model has a convolutional stem"):
+        vitkit.convert.export(model, tmp_path / "t", "timm")
+    with pytest.raises(ValueError, match="ViTConfig.stem: .*power of 2"):
+        ViTConfig(img_size=24, patch_size=6, stem="conv")
+    with pytest.raises(ValueError, match="ViTConfig.stem: expected one of"):
+        ViTConfig(stem="resnet")

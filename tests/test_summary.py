@@ -47,3 +47,17 @@ def test_summary_leaves_the_model_as_it_was():
     assert model.training and all(b.attn.fused for b in model.encoder.blocks)
     assert not any(m._forward_hooks for m in model.modules())
     torch.testing.assert_close(model.eval()(torch.ones(1, 1, 8, 8)), model(torch.ones(1, 1, 8, 8)))
+
+
+def test_convolutional_stem_is_counted():
+    """A conv stem's convs appear as rows, and its MACs add to those of the transformer."""
+    patch = vitkit.create_model("vit_fmnist")
+    conv = vitkit.create_model("vit_fmnist_convstem")
+    s_patch, s_conv = vitkit.summary(patch, print_table=False), vitkit.summary(conv, print_table=False)
+    # vit_fmnist_convstem: 1 -> 16 (3x3, 28x28 out), 16 -> 32 (3x3, stride 2, 14x14), 32 -> 64 (3x3, stride 2,
+    # 7x7), 64 -> 64 (1x1), against one 4x4 patch conv 1 -> 64 per 7x7 token
+    stem_macs = 28 * 28 * 16 * 9 * 1 + 14 * 14 * 32 * 9 * 16 + 7 * 7 * 64 * 9 * 32 + 7 * 7 * 64 * 64
+    patch_macs = 7 * 7 * 64 * 16
+    assert s_conv.macs - s_patch.macs == stem_macs - patch_macs
+    assert [r.output_shape for r in s_conv.rows if r.name.startswith("Conv2d")] == [
+        [1, 16, 28, 28], [1, 32, 14, 14], [1, 64, 7, 7], [1, 64, 7, 7]]

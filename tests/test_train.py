@@ -232,3 +232,18 @@ def test_folder_dataset_cli_reports_then_skips_a_corrupt_image(tmp_path, capsys)
     assert model.class_names == ["dark", "light"] and model.preprocess["img_size"] == [8, 8]
     assert main(["eval", str(tmp_path / "run"), "--json"]) == 0  # reads val/ only: the bad train image is moot
     assert json.loads(capsys.readouterr().out)["images"] == 8
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """--compile true runs every step through torch.compile: the weights of the eager run, to
+    float rounding, and checkpoints without the compiler's ``_orig_mod.`` prefix."""
+    small = dict(train_subset=128, batch_size=32, epochs=1, ema=False)  # 4 steps
+    train(resolve_config(None, tiny(tmp_path / "eager", **small)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(resolve_config(None, tiny(tmp_path / "compiled", compile=True, **small)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the steps really were compiled
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
+    assert worst <= 1e-4, f"compiled training drifted from eager by {worst}"

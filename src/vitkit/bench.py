@@ -8,10 +8,12 @@ a GPU, against the card's datasheet peak: MFU).
 
 Contestants, built with the same architecture and random weights:
 
-* ``vitkit``: vitkit's model through ``vitkit.fast`` (fused attention; ``optimize_for_inference``
-  or ``optimize_for_training`` when compiling).
+* ``vitkit``: vitkit's model through ``vitkit.fast`` (fused attention where it is the faster
+  kernel: all of inference, GPU training; the math path for training on CPU, whose fused backward
+  is slow, see ``layers.fused_kernel_pays``; ``optimize_for_inference`` or
+  ``optimize_for_training`` when compiling).
 * ``timm``: ``timm``'s VisionTransformer, plain ``torch.compile`` when compiling, its fused attention.
-* ``vitkit-math``: vitkit with the explicit math attention, the naive baseline.
+* ``vitkit-math``: vitkit with the explicit math attention everywhere, the naive baseline.
 * ``timm-recipe``: timm's model through vitkit.fast's recipe: shows how much of a win is the
   recipe (freezing, prepacking), not the model code.
 

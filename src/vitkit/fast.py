@@ -3,7 +3,10 @@
 What is on by default, and why:
 
 * Fused attention (``F.scaled_dot_product_attention``) is the model's default (``fused=True``):
-  flash kernels on CPU and GPU, never materialising the (B, h, N, N) attention matrix.
+  flash kernels on CPU and GPU, never materialising the (B, h, N, N) attention matrix. One
+  exception, automatic: training on CPU takes the math path, because torch's CPU flash-attention
+  backward is slower than two batched matmuls (1.1x at ViT-B/16, 3.9x for vit_fmnist in bf16;
+  ``layers.fused_kernel_pays``).
 * ``precision="bf16"`` where the hardware has bf16 arithmetic (CPUs with AVX512-BF16 or AMX,
   NVIDIA GPUs from Ampere on): half the memory traffic, and the bf16 GEMMs run at about twice
   the fp32 rate. Where bf16 is only emulated it is *slower*, so ``default_precision`` falls back
@@ -100,17 +103,20 @@ def default_precision(device: str | torch.device = "cpu") -> str:
 
 
 def default_training_precision(device: str | torch.device = "cpu") -> str:
-    """Training (``--precision auto``): ``"bf16"`` autocast on bf16 GPUs and on AMX CPUs, else ``"fp32"``.
+    """Training (``--precision auto``): ``"bf16"`` autocast on bf16 GPUs and on CPUs with bf16
+    arithmetic (AVX512-BF16 or AMX), else ``"fp32"``.
 
-    Stricter than inference because the small ViTs trained on CPU are narrow: on a CPU with
-    avx512_bf16 but no AMX (1 thread) a vit_digits_gap step (batch 64) took 97-105 ms in fp32
-    and 123-125 ms under bf16 autocast, a vit_fmnist step (batch 128) 960-1027 ms and
-    1591-2042 ms: the casts cost more than the bf16 dot products save at these widths.
+    Measured on a 2-core EPYC with avx512_bf16 and no AMX (``benchmarks/throughput.py``), with
+    the math attention path that CPU training takes (``layers.fused_kernel_pays``): vit_fmnist
+    (batch 128) trained at 1293-1465 images/s in bf16 autocast against 786-886 in fp32, and the
+    tiny vit_digits_gap (16 tokens) at the same speed in both. Through the fused kernel's slow CPU
+    backward, bf16 had been *slower* than fp32, which is why the attention rule matters here.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if "amx_bf16" in cpu_info()[1] else "fp32"
+    flags = cpu_info()[1]
+    return "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "fp32"
 
 
 def autocast(precision: str, device: str | torch.device = "cpu") -> AbstractContextManager:

@@ -42,11 +42,30 @@ def resample_positions(
     return torch.cat([prefix, grid], dim=1)
 
 
+def conv_stem(in_channels: int, patch_size: int, emb_size: int) -> nn.Sequential:
+    """(B, C, H, W) -> (B, E, H/p, W/p): a 3x3 conv at full resolution, then log2(p) 3x3
+    stride-2 convs, each with GELU, then a 1x1 conv.
+
+    Xiao et al. 2021's stem, without its BatchNorm (no running statistics to keep in step with
+    an EMA or across ranks), and led by a stride-1 conv as in Hassani et al. 2021's compact
+    transformers, so that the first downsampling already sees local features. Channels double
+    from E/p up to E.
+    """
+    steps = patch_size.bit_length() - 1  # p = 2**steps
+    widths = [max(emb_size >> (steps - i), 8) for i in range(steps + 1)]  # E/p, ..., E/2, E
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1), nn.GELU()]
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+    layers.append(nn.Conv2d(widths[-1], emb_size, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
 class PatchEmbedding(nn.Module):
     """Image -> patch tokens, with the class token prepended and positions added.
 
     A Conv2d whose kernel and stride are the patch size is a linear map of each
     flattened patch; the seed's choice, and the layout every checkpoint format uses.
+    ``stem="conv"`` makes the same tokens with a small convolutional stem (``conv_stem``).
     """
 
     def __init__(
@@ -58,6 +77,7 @@ class PatchEmbedding(nn.Module):
         class_token: bool = True,
         pos_drop_rate: float = 0.0,
         dynamic_img_size: bool = False,
+        stem: str = "patch",
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -66,7 +86,10 @@ class PatchEmbedding(nn.Module):
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
-        self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size)
+        if stem == "conv":
+            self.projection = conv_stem(in_channels, patch_size, emb_size)
+        else:
+            self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size)
         # Fix: the seed used torch.randn (std 1) for both; timm/JAX use a truncated normal, std 0.02.
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if class_token else None
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
@@ -83,7 +106,7 @@ class PatchEmbedding(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"input: expected a floating-point tensor, got dtype {x.dtype}")
-        weight = self.projection.weight
+        weight = next(self.projection.parameters())
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"input: dtype {x.dtype} does not match the model's {weight.dtype}; use x.to(model dtype)")
         if x.device != weight.device:
@@ -145,11 +168,25 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
     )
 
 
+def fused_kernel_pays(q: Tensor) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` beats the math path for this query tensor.
+
+    Everywhere but one case: on CPU, when autograd records the call, torch's flash-attention
+    backward is slower than the math path's two batched matmuls. Measured on a 2-core EPYC
+    (avx512_bf16): a vit_fmnist training step (49 tokens, batch 128) ran at 375 images/s fused
+    and 1465 math under bf16 autocast, 786 and 886 in fp32; a ViT-B/16 step (197 tokens, batch 8,
+    bf16) 2.74 and 3.00 (``benchmarks/throughput.py``). Inference (no autograd) stays fused on CPU:
+    ViT-B/16 in bf16 ran 9.5 images/s fused and 8.5 math.
+    """
+    return q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention with a fused kernel and a readable math twin.
 
-    ``fused=True`` (default) calls ``F.scaled_dot_product_attention``; the math path is the
-    seed's einsum form with its bugs fixed and can return the attention probabilities.
+    ``fused=True`` (default) calls ``F.scaled_dot_product_attention`` wherever it is the faster
+    kernel (``fused_kernel_pays``); ``fused=False`` always takes the math path, the seed's
+    einsum form with its bugs fixed, which can also return the attention probabilities.
     q, k and v come from one Linear laid out as (qkv, h, d), the layout timm and JAX
     checkpoints use (the seed put the qkv axis innermost, which no checkpoint uses).
     """
@@ -178,18 +215,28 @@ class MultiHeadAttention(nn.Module):
         self.projection = nn.Linear(emb_size, emb_size)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
+                num_queries: int | None = None):
+        """(B, N, E) -> (B, N, E). ``num_queries=q``: only the first q tokens ask (their outputs,
+        (B, q, E), are all that is computed), still attending to all N tokens; no mask then."""
         b, n, _ = x.shape
-        # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        queries, keys, values = qkv.unbind(0)  # each (B, h, N, d)
+        if num_queries is not None:
+            if mask is not None:
+                raise ValueError("MultiHeadAttention: num_queries does not take a mask")
+            queries, keys, values = self._split_qkv(x, num_queries)
+            n_out = num_queries
+        else:
+            # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            queries, keys, values = qkv.unbind(0)  # each (B, h, N, d)
+            n_out = n
         if mask is not None:
             mask = expand_mask(mask, b, n)
             # A query that may attend to nothing gets a zero output, not NaN, on both paths:
             # let it attend everywhere (finite softmax, finite gradients), then zero its output.
             attends_nothing = ~mask.any(dim=-1, keepdim=True)  # (B|1, h|1, N|1, 1)
             mask = mask | attends_nothing
-        if self.fused and not return_attention:
+        if self.fused and not return_attention and fused_kernel_pays(queries):
             out, att = self._fused(queries, keys, values, mask), None
         else:
             out, att = self._math(queries, keys, values, mask)
@@ -197,9 +244,24 @@ class MultiHeadAttention(nn.Module):
             out = out.masked_fill(attends_nothing, 0.0)
             if att is not None:
                 att = att.masked_fill(attends_nothing, 0.0)
-        out = out.transpose(1, 2).reshape(b, n, self.emb_size)  # (B, h, N, d) -> (B, N, E)
+        out = out.transpose(1, 2).reshape(b, n_out, self.emb_size)  # (B, h, N, d) -> (B, N, E)
         out = self.proj_drop(self.projection(out))
         return (out, att) if return_attention else out
+
+    def _split_qkv(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries of the first ``num_queries`` tokens only, keys and values of all: the rows of
+        the fused qkv weight, used as they are (contiguous slices, no copies)."""
+        b, n, e = x.shape
+        weight, bias = getattr(self.qkv, "weight", None), getattr(self.qkv, "bias", None)
+        if not isinstance(weight, Tensor):  # a quantised or otherwise swapped-in qkv: run it whole
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, h, N, d)
+            return q[:, :, :num_queries], k, v
+        q = F.linear(x[:, :num_queries], weight[:e], None if bias is None else bias[:e])
+        kv = F.linear(x, weight[e:], None if bias is None else bias[e:])
+        q = q.reshape(b, num_queries, self.num_heads, self.head_dim).transpose(1, 2)  # (B, q, E) -> (B, h, q, d)
+        k, v = kv.reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        return q, k, v
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         drop = self.att_drop.p if self.training else 0.0
@@ -291,9 +353,15 @@ class TransformerEncoderBlock(nn.Module):
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
+                num_queries: int | None = None):
+        """``num_queries=q``: compute only the first q tokens' outputs, (B, N, E) -> (B, q, E);
+        what a class-token head needs from the last block (``ViT.forward``)."""
         if return_attention:
             y, att = self.attn(self.norm1(x), mask=mask, return_attention=True)
+        elif num_queries is not None:
+            y, att = self.attn(self.norm1(x), num_queries=num_queries), None
+            x = x[:, :num_queries]  # (B, N, E) -> (B, q, E)
         else:
             y, att = self.attn(self.norm1(x), mask=mask), None
         x = x + self.drop_path(y)

@@ -29,12 +29,16 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.emb_size, eps=cfg.norm_eps) if cfg.final_norm == "tokens" else nn.Identity()
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        for block in self.blocks:
+    def forward(self, x: Tensor, mask: Tensor | None = None, last_queries: int | None = None) -> Tensor:
+        """(B, N, E) -> (B, N, E); with ``last_queries=q`` the last block computes only the first
+        q tokens, (B, N, E) -> (B, q, E)."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            queries = last_queries if i == last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, False, queries, use_reentrant=False)
             else:
-                x = block(x, mask=mask)
+                x = block(x, mask=mask, num_queries=queries)
         return self.norm(x)
 
 
@@ -77,6 +81,7 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbedding(
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
             class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
+            stem=cfg.stem,
         )
         self.encoder = TransformerEncoder(cfg)
         self.head = ClassificationHead(
@@ -99,6 +104,11 @@ class ViT(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) -> (B, num_classes). A class-token head reads one token, so the last block
+        computes only that token (its keys and values still come from every token): about 7% of
+        ViT-B/16's work saved, logits unchanged. ``forward_features`` gives every token."""
+        if self.head.pool == "cls" and mask is None:
+            return self.forward_head(self.encoder(self.patch_embed(x), last_queries=1))  # (B, 1, E) -> (B, classes)
         return self.forward_head(self.forward_features(x, mask=mask))
 
     # --- a look inside ------------------------------------------------------------------
@@ -116,7 +126,8 @@ class ViT(nn.Module):
         ``layers``: block indices (negative counts from the end), or an int n for the last n
         blocks; default all. Returns ``{"logits", "features", "block{i}"...}`` plus
         ``"attn{i}"`` (B, h, N, N) probabilities when ``return_attention``. Only the chosen
-        blocks take the math path; the others stay on the fused kernel.
+        blocks take the math path; the others stay on the fused kernel (under autograd on CPU,
+        every block takes the math path: ``layers.fused_kernel_pays``).
         ``output_fmt="NCHW"`` gives patch tokens as (B, E, H/p, W/p) maps for dense tasks.
         """
         depth = len(self.encoder.blocks)

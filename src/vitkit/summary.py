@@ -111,7 +111,12 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_s
     model.eval()
     try:
         with torch.no_grad(), _math_attention(model), FlopCounterMode(display=False) as counter:
-            model(x)
+            if hasattr(model, "forward_features"):
+                # every token through every block, as the table shows it (ViT.forward would run the
+                # last block on the class token alone, and its rows would say (1, 1, E))
+                model.forward_head(model.forward_features(x))
+            else:
+                model(x)
     finally:
         for h in hooks:
             h.remove()

@@ -107,6 +107,7 @@ class TrainConfig:
     stop_after_epoch: int = 0  # checkpoint and exit after this epoch, as an interruption would (0: off)
     eval_batch_size: int = 512
     strategy: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it, FSDP2; needs --ema false)
+    compile: bool = False  # torch.compile the training forward/backward (compiles once at the start)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, one more forward a step
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for tiny models on a busy CPU
     progress: str = "auto"  # auto (a bar when stdout is a terminal) | on | off
@@ -230,7 +231,7 @@ def resolve_config(file: str | None = None, overrides: dict | None = None) -> Tr
 
 # Options a resumed run may change: how long it runs and how it reports, never the math of a step.
 RESUME_OVERRIDABLE = ("epochs", "stop_after_epoch", "progress", "eval_batch_size", "device", "data_dir", "threads",
-                      "strategy", "grad_checkpointing")
+                      "strategy", "grad_checkpointing", "compile")
 
 
 # --- distributed: the one place rank and world size come from -------------------------------
@@ -555,6 +556,8 @@ class Trainer:
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         # DDP wraps the model; FSDP shards it in place (self.model's parameters become DTensor shards)
         self.ddp = wrap_model(self.model, cfg.strategy, dist, self.device)
+        # what a training step calls; self.model keeps the plain parameters for checkpoints and eval
+        self.step_model = torch.compile(self.ddp) if cfg.compile else self.ddp
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(0.9, 0.999), fused=fused or None)
@@ -672,7 +675,7 @@ class Trainer:
             sync = k == cfg.accum_steps - 1 or not dist.distributed
             with no_sync(self.ddp, sync):
                 with autocast(self.device, self.precision):
-                    logits = self.ddp(x)
+                    logits = self.step_model(x)
                 loss = self.loss_fn(logits, targets)
                 (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().item() * len(micro)

@@ -291,6 +291,9 @@ def export(model, out: str | os.PathLike, fmt: str) -> Path:
     if fmt == "vitkit":
         return save_pretrained(model, out)
     module = _format_module(fmt, EXPORT_FORMATS, "target")
+    if model.cfg.stem != "patch":
+        raise ValueError(f"target format {fmt}: this model has a convolutional stem (stem={model.cfg.stem!r}), "
+                         f"which a {fmt} ViT cannot hold; save it in vitkit's format instead")
     return module.export(model, Path(out))
 
 
