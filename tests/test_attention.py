@@ -108,7 +108,7 @@ def test_only_the_chosen_blocks_take_the_math_path(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(MultiHeadAttention, "_math", spy_math)
     blocks = model.encoder.blocks
-    with torch.no_grad():  # under autograd, CPU attention takes the math path everywhere (faster backward)
+    with torch.no_grad():  # (CPU bf16 training takes the math path everywhere: faster backward)
         out = model.forward_intermediates(x, layers=[1], return_attention=True)
     assert len(fused_calls) == 2 and math_calls == [blocks[1].attn]
     # only the asked-for attention is kept

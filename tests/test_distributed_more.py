@@ -222,8 +222,12 @@ def _fsdp_eval(out: str) -> int:
     result = evaluate(model, split, preprocess, 10, batch_size=2, dist=info)
     if info.is_main:
         Path(out).write_text(json.dumps({k: result[k] for k in ("loss", "top1", "top5", "images")}))
+    dist.barrier()  # neither rank tears its gloo pairs down while the other may still use them
     dist.destroy_process_group()
-    return 0
+    # as `vitkit train` does: skip Python's finalisation, where gloo's threads can abort the process
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker() -> int:

@@ -4,8 +4,8 @@ What is on by default, and why:
 
 * Fused attention (``F.scaled_dot_product_attention``) is the model's default (``fused=True``):
   flash kernels on CPU and GPU, never materialising the (B, h, N, N) attention matrix. One
-  exception, automatic: training on CPU takes the math path, because torch's CPU flash-attention
-  backward is slower than two batched matmuls (1.1x at ViT-B/16, 3.9x for vit_fmnist in bf16;
+  exception, automatic: bf16 training on CPU takes the math path, because torch's CPU flash-attention
+  backward is slower than two batched matmuls (bf16 training ran 1.16x timm at ViT-B/16, 3.2x at vit_fmnist;
   ``layers.fused_kernel_pays``).
 * ``precision="bf16"`` where the hardware has bf16 arithmetic (CPUs with AVX512-BF16 or AMX,
   NVIDIA GPUs from Ampere on): half the memory traffic, and the bf16 GEMMs run at about twice

@@ -171,14 +171,16 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
 def fused_kernel_pays(q: Tensor) -> bool:
     """Whether ``F.scaled_dot_product_attention`` beats the math path for this query tensor.
 
-    Everywhere but one case: on CPU, when autograd records the call, torch's flash-attention
-    backward is slower than the math path's two batched matmuls. Measured on a 2-core EPYC
-    (avx512_bf16): a vit_fmnist training step (49 tokens, batch 128) ran at 375 images/s fused
-    and 1465 math under bf16 autocast, 786 and 886 in fp32; a ViT-B/16 step (197 tokens, batch 8,
-    bf16) 2.74 and 3.00 (``benchmarks/throughput.py``). Inference (no autograd) stays fused on CPU:
-    ViT-B/16 in bf16 ran 9.5 images/s fused and 8.5 math.
+    Everywhere but one case: on CPU, in bf16 (or fp16), when autograd records the call, torch's
+    flash-attention backward is far slower than the math path's two batched matmuls. Measured on a
+    2-core EPYC (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a
+    vit_fmnist training step (49 tokens, batch 128) ran 3.2x timm's (fused) speed, vit_digits 3.9x,
+    ViT-B/16 (batch 8) 1.16x. In fp32 the fused backward is the faster one (vit_fmnist: 814 against
+    756 images/s), and inference (no autograd) stays fused everywhere.
     """
-    return q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad)
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return True
+    return not (torch.is_grad_enabled() and q.requires_grad)
 
 
 class MultiHeadAttention(nn.Module):
@@ -273,7 +275,14 @@ class MultiHeadAttention(nn.Module):
             # Fix: the seed called a non-existent `mask_fill` and discarded its result.
             # The fill is the most negative value of the logits' own dtype (fp16/bf16 safe).
             energy = energy.masked_fill(~mask, torch.finfo(energy.dtype).min)
-        att = energy.softmax(dim=-1)
+        if energy.dtype == torch.bfloat16:
+            # Autocast would run this softmax in fp32 and autograd would keep its output twice, in
+            # fp32 and cast to bf16 for the next matmul (3 bytes more per (B, h, N, N) entry). Its
+            # kernel accumulates in fp32 either way, and the next matmul reads bf16: same forward.
+            with torch.autocast(energy.device.type, enabled=False):
+                att = energy.softmax(dim=-1)
+        else:
+            att = energy.softmax(dim=-1)
         out = torch.einsum("bhqk, bhkd -> bhqd", self.att_drop(att), v)  # (B, h, N, d)
         return out, att
 

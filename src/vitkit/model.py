@@ -126,7 +126,7 @@ class ViT(nn.Module):
         ``layers``: block indices (negative counts from the end), or an int n for the last n
         blocks; default all. Returns ``{"logits", "features", "block{i}"...}`` plus
         ``"attn{i}"`` (B, h, N, N) probabilities when ``return_attention``. Only the chosen
-        blocks take the math path; the others stay on the fused kernel (under autograd on CPU,
+        blocks take the math path; the others stay on the fused kernel (under autograd in bf16 on CPU,
         every block takes the math path: ``layers.fused_kernel_pays``).
         ``output_fmt="NCHW"`` gives patch tokens as (B, E, H/p, W/p) maps for dense tasks.
         """
