@@ -267,7 +267,10 @@ def test_interrupt_inside_a_save_leaves_the_previous_checkpoint(tmp_path, monkey
 # --- interrupted conversions ----------------------------------------------------------------------
 def _interrupt_when_writing(cmd: list[str], out: Path, signum: int, timeout: float = 120.0) -> tuple[int, bool]:
     """Run ``cmd``; the moment a temporary for ``out`` appears, send ``signum``. (returncode, hit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN (no
+    # KeyboardInterrupt): give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     hit, deadline = False, time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
