@@ -228,9 +228,7 @@ class MultiHeadAttention(nn.Module):
             queries, keys, values = self._split_qkv(x, num_queries)
             n_out = num_queries
         else:
-            # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
-            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            queries, keys, values = qkv.unbind(0)  # each (B, h, N, d)
+            queries, keys, values = self._project_qkv(x)
             n_out = n
         if mask is not None:
             mask = expand_mask(mask, b, n)
@@ -250,14 +248,20 @@ class MultiHeadAttention(nn.Module):
         out = self.proj_drop(self.projection(out))
         return (out, att) if return_attention else out
 
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, E) -> q, k, v, each (B, h, N, d)."""
+        b, n, _ = x.shape
+        # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
     def _split_qkv(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
         """Queries of the first ``num_queries`` tokens only, keys and values of all: the rows of
         the fused qkv weight, used as they are (contiguous slices, no copies)."""
         b, n, e = x.shape
         weight, bias = getattr(self.qkv, "weight", None), getattr(self.qkv, "bias", None)
         if not isinstance(weight, Tensor):  # a quantised or otherwise swapped-in qkv: run it whole
-            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each (B, h, N, d)
+            q, k, v = self._project_qkv(x)
             return q[:, :, :num_queries], k, v
         q = F.linear(x[:, :num_queries], weight[:e], None if bias is None else bias[:e])
         kv = F.linear(x, weight[e:], None if bias is None else bias[e:])

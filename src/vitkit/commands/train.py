@@ -64,7 +64,6 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in known}
     import torch.distributed as dist
 
-    distributed = False
     try:
         if args.resume:
             if args.config:
@@ -74,16 +73,15 @@ def run_train(args: argparse.Namespace) -> int:
             from ..train import train
 
             train(resolve_config(args.config, overrides))
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank is done with its collectives before any tears its group down
         code = 0
     except Interrupted as e:
         print(str(e), file=sys.stderr, flush=True)
-        distributed = dist.is_available() and dist.is_initialized()
         code = 128 + e.signum if e.signum else 0
     finally:
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
             dist.destroy_process_group()
     if distributed:
         # Everything is saved. Gloo's worker threads may still hold tensors when Python finalises,
