@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from vitkit import load_pretrained
 from vitkit.cli import main
+from vitkit.evaluate import evaluate_checkpoint
 from vitkit.train import (
     STATE_NAME,
     Interrupted,
@@ -209,6 +210,14 @@ def test_predict_and_eval_cli_on_a_trained_run(tmp_path, capsys):
     assert abs(100 * confusion.diagonal().sum().item() / 360 - r["top1"]) < 1e-9
     assert r["top1"] <= r["top5"] <= 100
     assert Path(r["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+
+    # int8: every Linear quantised (a different computation: the loss moves), accuracy barely
+    assert main(["eval", str(run), "--json", "--precision", "int8", "--confusion", str(tmp_path / "c8.png")]) == 0
+    r8 = json.loads(capsys.readouterr().out)
+    assert r8["loss"] != r["loss"] and abs(r8["loss"] - r["loss"]) < 0.05 * r["loss"]
+    assert abs(r8["top1"] - r["top1"]) <= 2.0
+    with pytest.raises(ValueError, match="int8.*CPU only"):
+        evaluate_checkpoint(run, device="cuda", precision="int8")
 
 
 def test_folder_dataset_cli_reports_then_skips_a_corrupt_image(tmp_path, capsys):

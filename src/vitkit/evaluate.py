@@ -16,6 +16,9 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_file, load_pretrained, read_config, resolve_checkpoint
 from .data import Split, load_dataset, normalize
+from .fast import quantize_int8
+
+EVAL_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @torch.no_grad()
@@ -95,10 +98,20 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | os.Pat
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         batch_size: int = 512, device: str = "cpu", precision: str = "fp32",
                         confusion_png: str | os.PathLike | None = None, skip_bad_images: bool = False) -> dict:
-    """Load a checkpoint (or a run folder's best/), score it on the dataset's test split, plot the confusion."""
+    """Load a checkpoint (or a run folder's best/), score it on the dataset's test split, plot the confusion.
+
+    ``precision``: ``fp32``, ``bf16`` (autocast) or ``int8`` (every Linear dynamically quantised,
+    ``vitkit.fast.quantize_int8``; CPU only): how much accuracy a faster inference path costs.
+    """
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision: expected one of {EVAL_PRECISIONS}, got {precision!r}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"precision 'int8': CPU only, got device {device!r}")
     ckpt = resolve_checkpoint(path)
     meta = read_config(ckpt)
     model = load_pretrained(ckpt, map_location=device)
+    if precision == "int8":
+        model, precision = quantize_int8(model), "fp32"  # int8 Linears take float activations
     dataset = dataset or (meta.get("train") or {}).get("dataset")
     if not dataset:
         raise ValueError(f"{ckpt}: the checkpoint does not say which dataset it was trained on; pass --dataset")
@@ -127,4 +140,4 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     }
 
 
-__all__ = ["evaluate", "evaluate_checkpoint", "plot_confusion"]
+__all__ = ["EVAL_PRECISIONS", "evaluate", "evaluate_checkpoint", "plot_confusion"]

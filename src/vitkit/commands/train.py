@@ -15,6 +15,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..evaluate import EVAL_PRECISIONS
     from ..train import TrainConfig, field_help, field_types
 
     p = sub.add_parser(
@@ -42,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="where the dataset's files are")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS,
+                   help="bf16: autocast; int8: dynamically quantised Linear layers (CPU)")
     p.add_argument("--confusion", metavar="PNG", help="where to write the confusion matrix")
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
