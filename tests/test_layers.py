@@ -135,6 +135,81 @@ def test_cpu_bf16_training_takes_the_math_path_with_the_fused_kernels_gradients(
     assert calls == [1]
 
 
+def test_lean_backward_passes_match_numerical_gradients():
+    """recomputed_attention and gelu_linear write their backward passes by hand: check them against
+    finite differences (float64), the class-token case (fewer queries than keys) included."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # 4 queries
+    k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 7 keys
+    assert torch.autograd.gradcheck(lambda q, k, v: layers.recomputed_attention(q, k, v, 0.3), (q, k, v))
+    h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda h, w, b, a=approximate: layers.gelu_linear(h, w, b, a), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w: layers.gelu_linear(h, w, None), (h, w))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of ``fn()``."""
+    storages = {}
+
+    def pack(t: Tensor):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_cpu_bf16_training_block_keeps_less_for_the_same_gradients(monkeypatch):
+    """In lean_training a block (with enough tokens) keeps neither the attention probabilities nor
+    gelu(h) for the backward pass, and its gradients are those of plain autograd."""
+    torch.manual_seed(4)
+    b, n, e, heads = 2, layers.RECOMPUTE_MIN_TOKENS + 3, 64, 4  # head width 16: a scale of 1/4, exact in bf16
+    block = TransformerEncoderBlock(e, heads)
+    x = torch.randn(b, n, e, requires_grad=True)
+    weights = torch.randn(b, n, e)
+    calls = []
+    for name in ("recomputed_attention", "gelu_linear"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    def step() -> list[Tensor]:
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        (out.float() * weights).sum().backward()
+        return [x.grad] + [p.grad for p in block.parameters()]
+
+    lean_bytes = saved_bytes(step)
+    lean = step()
+    assert calls.count("recomputed_attention") == 2 and calls.count("gelu_linear") == 2
+    block.attn.fused = False  # plain autograd: the math path, then fc2(gelu(h))
+    monkeypatch.setattr(FeedForwardBlock, "_gelu_linear_applies", lambda self, h: False)
+    plain_bytes = saved_bytes(step)
+    plain = step()
+    assert len(calls) == 4
+    for g_lean, g_plain in zip(lean, plain):
+        torch.testing.assert_close(g_lean, g_plain, atol=1e-3 * g_plain.abs().max().item(), rtol=0)
+    probabilities, gelu_out = b * heads * n * n * 2, b * n * 4 * e * 2  # bf16
+    assert plain_bytes - lean_bytes >= probabilities + gelu_out
+
+
+def test_lean_training_leaves_masks_dropout_and_short_sequences_to_the_math_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(layers, "recomputed_attention", lambda *a: calls.append(1))
+    short = MultiHeadAttention(32, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        short(torch.randn(2, layers.RECOMPUTE_MIN_TOKENS - 1, 32, requires_grad=True)).sum().backward()
+        long = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS, 32, requires_grad=True)
+        short(long, mask=torch.rand(2, layers.RECOMPUTE_MIN_TOKENS) > 0.5).sum().backward()
+        MultiHeadAttention(32, 4, dropout=0.1).train()(long).sum().backward()
+    assert calls == []
+
+
 def test_masked_key_gets_zero_probability_and_matches_reference():
     mha = MultiHeadAttention(32, 4).eval()
     x = torch.randn(2, 6, 32)

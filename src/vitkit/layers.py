@@ -168,19 +168,129 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
     )
 
 
-def fused_kernel_pays(q: Tensor) -> bool:
-    """Whether ``F.scaled_dot_product_attention`` beats the math path for this query tensor.
+# From this many tokens on, lean_training recomputes the attention probabilities in the backward
+# pass instead of keeping them. Measured in one process on a 2-core EPYC, bf16 autocast: at ViT-B/16
+# (197 tokens, batch 8) the recomputation cost no time we could tell from the noise (+-2%) and,
+# with gelu_linear, the step's peak memory fell from 866 to 681-717 MB (timm: 794); at vit_fmnist
+# (49 tokens) attention is a larger share of the step and recomputing it cost 13-17%.
+RECOMPUTE_MIN_TOKENS = 128
 
-    Everywhere but one case: on CPU, in bf16 (or fp16), when autograd records the call, torch's
-    flash-attention backward is far slower than the math path's two batched matmuls. Measured on a
-    2-core EPYC (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a
-    vit_fmnist training step (49 tokens, batch 128) ran 3.2x timm's (fused) speed, vit_digits 3.9x,
-    ViT-B/16 (batch 8) 1.16x. In fp32 the fused backward is the faster one (vit_fmnist: 814 against
-    756 images/s), and inference (no autograd) stays fused everywhere.
+
+def lean_training(x: Tensor) -> bool:
+    """True on CPU, in bf16 (or fp16), when autograd records: where vitkit swaps in its own backward.
+
+    There torch's flash-attention backward is far slower than two batched matmuls, so attention
+    takes the math path (with ``recomputed_attention`` from ``RECOMPUTE_MIN_TOKENS`` tokens on), and
+    ``gelu_linear`` keeps only one of the MLP's two wide activations. Measured on a 2-core EPYC
+    (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a vit_fmnist training
+    step (49 tokens, batch 128) ran 3.2x timm's (fused) speed, vit_digits 3.9x, ViT-B/16 (batch 8)
+    1.12-1.17x. In fp32 the fused backward is the faster one (vit_fmnist: 814 against 756 images/s),
+    and inference (no autograd) stays fused everywhere.
     """
-    if q.device.type != "cpu" or q.dtype == torch.float32:
-        return True
-    return not (torch.is_grad_enabled() and q.requires_grad)
+    return x.device.type == "cpu" and x.dtype != torch.float32 and torch.is_grad_enabled() and x.requires_grad
+
+
+def fused_kernel_pays(q: Tensor) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` beats the math path for this query tensor:
+    everywhere but in ``lean_training``."""
+    return not lean_training(q)
+
+
+def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale) over the keys: (B, h, Nq, d), (B, h, N, d) -> (B, h, Nq, N).
+
+    The scale goes on q, the smaller tensor (exact in bf16 when the head width is a power of 4).
+    """
+    return torch.matmul(q * scale, k.transpose(-2, -1)).softmax(dim=-1)
+
+
+# A custom op rather than an autograd.Function: torch.compile traces an autograd.Function's forward
+# and backward into one graph and then picks for itself what to keep between them (it kept the
+# probabilities); an op's body is opaque to it, so only what setup_context saves is kept.
+@torch.library.custom_op("vitkit::recomputed_attention", mutates_args=())
+def _recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    with torch.autocast(q.device.type, enabled=False):  # in the inputs' dtype, softmax included
+        return torch.matmul(_attention_probs(q, k, scale), v)  # (B, h, Nq, d)
+
+
+@_recomputed_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _recomputed_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)  # not the (B, h, Nq, N) probabilities
+    ctx.scale = scale
+
+
+def _recomputed_attention_backward(ctx, d_out: Tensor):
+    q, k, v = ctx.saved_tensors
+    scale = ctx.scale
+    with torch.autocast(q.device.type, enabled=False):
+        att = _attention_probs(q, k, scale)  # (B, h, Nq, N), recomputed as in the forward pass
+        d_v = torch.matmul(att.transpose(-2, -1), d_out)  # (B, h, N, d)
+        d_att = torch.matmul(d_out, v.transpose(-2, -1))  # (B, h, Nq, N)
+        d_energy = torch._softmax_backward_data(d_att, att, -1, att.dtype)  # att * (d_att - rowsum(att*d_att))
+        d_q = torch.matmul(d_energy, k) * scale  # (B, h, Nq, d)
+        d_k = torch.matmul(d_energy.transpose(-2, -1), q * scale)  # (B, h, N, d)
+    return d_q, d_k, d_v, None
+
+
+_recomputed_attention.register_autograd(_recomputed_attention_backward, setup_context=_recomputed_attention_setup)
+
+
+def recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale) v, (B, h, Nq, d) -> (B, h, Nq, d), keeping only q, k and v for the
+    backward pass, as flash attention does: the (B, h, Nq, N) probabilities are recomputed there
+    (one more batched matmul, a few percent of a ViT's FLOPs) instead of being held between the
+    passes, which at ViT-B/16 is 7 MB per block for a batch of 8 in bf16. The backward pass is
+    written out (``_recomputed_attention_backward``). No mask, no dropout: ``MultiHeadAttention._math``
+    covers those."""
+    return _recomputed_attention(q, k, v, float(scale))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps h, not gelu(h), for the backward pass and
+    recomputes gelu(h) there: the MLP's two (B, N, 4E) activations become one, for one cheap
+    elementwise pass."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+        with torch.autocast(h.device.type, enabled=False):  # the caller cast the weights already
+            out = F.linear(F.gelu(h, approximate=approximate), weight, bias)
+        ctx.save_for_backward(h, weight)
+        ctx.approximate, ctx.has_bias = approximate, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        h, weight = ctx.saved_tensors
+        with torch.autocast(h.device.type, enabled=False):
+            return _GeluLinear._backward(h, weight, d_out, ctx.approximate, ctx.has_bias, ctx.needs_input_grad)
+
+    @staticmethod
+    def _backward(h: Tensor, weight: Tensor, d_out: Tensor, approximate: str, has_bias: bool, needs: tuple):
+        d_h = d_weight = d_bias = None
+        d_rows = d_out.reshape(-1, d_out.shape[-1])  # (B, N, out) -> (B*N, out)
+        if needs[1]:
+            act = F.gelu(h, approximate=approximate)  # recomputed
+            d_weight = d_rows.t().mm(act.reshape(-1, act.shape[-1]))  # (out, in)
+        if has_bias and needs[2]:
+            d_bias = d_rows.sum(0)
+        if needs[0]:
+            d_h = torch.ops.aten.gelu_backward(d_out.matmul(weight), h, approximate=approximate)
+        return d_h, d_weight, d_bias, None
+
+
+def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
+    """``F.linear(F.gelu(h), weight, bias)``, holding only h for the backward pass (``_GeluLinear``).
+
+    Under autocast, ``weight`` and ``bias`` are cast to h's dtype here, outside the Function, so that
+    autograd carries their gradients back to the fp32 parameters as autocast's own cast does.
+    """
+    weight = weight.to(h.dtype)
+    return _GeluLinear.apply(h, weight, None if bias is None else bias.to(h.dtype), approximate)
 
 
 class MultiHeadAttention(nn.Module):
@@ -238,6 +348,9 @@ class MultiHeadAttention(nn.Module):
             mask = mask | attends_nothing
         if self.fused and not return_attention and fused_kernel_pays(queries):
             out, att = self._fused(queries, keys, values, mask), None
+        elif (self.fused and not return_attention and mask is None and not (self.training and self.att_drop.p)
+              and keys.shape[-2] >= RECOMPUTE_MIN_TOKENS):
+            out, att = recomputed_attention(queries, keys, values, self.scale), None  # lean_training
         else:
             out, att = self._math(queries, keys, values, mask)
         if mask is not None:
@@ -338,7 +451,16 @@ class FeedForwardBlock(nn.Module):
         self.drop2 = nn.Dropout(drop_p)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.fc1(x)  # (B, N, E) -> (B, N, hidden)
+        if self._gelu_linear_applies(h):
+            return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate))
+        return self.drop2(self.fc2(self.drop1(self.act(h))))
+
+    def _gelu_linear_applies(self, h: Tensor) -> bool:
+        """In ``lean_training``, fc2(gelu(h)) in one Function that keeps only h (``gelu_linear``),
+        when nothing sits between them (no active dropout) and both are the stock modules."""
+        return (lean_training(h) and type(self.act) is nn.GELU and type(self.fc2) is nn.Linear
+                and not (self.training and self.drop1.p))
 
 
 class TransformerEncoderBlock(nn.Module):
