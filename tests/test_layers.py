@@ -148,6 +148,15 @@ def test_lean_backward_passes_match_numerical_gradients():
     for approximate in ("none", "tanh"):
         assert torch.autograd.gradcheck(lambda h, w, b, a=approximate: layers.gelu_linear(h, w, b, a), (h, w, b))
     assert torch.autograd.gradcheck(lambda h, w: layers.gelu_linear(h, w, None), (h, w))
+    # torch.compile relies on each op's fake (shape and layout only) twin: check them, with q, k and v
+    # as the strided views of one qkv tensor that MultiHeadAttention passes
+    qkv = torch.randn(2, 7, 3, 3, 5, dtype=torch.float64).permute(2, 0, 3, 1, 4).requires_grad_()  # (3, B, h, N, d)
+    torch.library.opcheck(layers._recomputed_attention, (*qkv.unbind(0), 0.3))
+    torch.library.opcheck(layers._recomputed_attention_backward, (torch.randn(2, 3, 7, 5, dtype=torch.float64),
+                                                                  *qkv.detach().unbind(0), 0.3))
+    torch.library.opcheck(layers._gelu_linear, (h, w, b, "none"))
+    torch.library.opcheck(layers._gelu_linear_backward, (torch.randn(2, 3, 4, dtype=torch.float64), h.detach(),
+                                                         w.detach(), "tanh"))
 
 
 def saved_bytes(fn) -> int:

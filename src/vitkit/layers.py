@@ -196,6 +196,12 @@ def fused_kernel_pays(q: Tensor) -> bool:
     return not lean_training(q)
 
 
+# The two lean passes below are torch.library custom ops, forward and backward each, rather than
+# autograd.Functions: torch.compile traces a Function's forward and backward into one graph and then
+# decides for itself what to keep between them (it kept gelu(h), and copies of q and k); an op is
+# opaque to it, so only what setup_context saves is kept, compiled or not.
+
+
 def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """softmax(q kᵀ · scale) over the keys: (B, h, Nq, d), (B, h, N, d) -> (B, h, Nq, N).
 
@@ -204,18 +210,33 @@ def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.matmul(q * scale, k.transpose(-2, -1)).softmax(dim=-1)
 
 
-# A custom op rather than an autograd.Function: torch.compile traces an autograd.Function's forward
-# and backward into one graph and then picks for itself what to keep between them (it kept the
-# probabilities); an op's body is opaque to it, so only what setup_context saves is kept.
 @torch.library.custom_op("vitkit::recomputed_attention", mutates_args=())
 def _recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     with torch.autocast(q.device.type, enabled=False):  # in the inputs' dtype, softmax included
-        return torch.matmul(_attention_probs(q, k, scale), v)  # (B, h, Nq, d)
+        return torch.matmul(_attention_probs(q, k, scale), v).contiguous()  # (B, h, Nq, d)
 
 
 @_recomputed_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("vitkit::recomputed_attention_backward", mutates_args=())
+def _recomputed_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(q.device.type, enabled=False):
+        att = _attention_probs(q, k, scale)  # (B, h, Nq, N), recomputed as in the forward pass
+        d_v = torch.matmul(att.transpose(-2, -1), d_out)  # (B, h, N, d)
+        d_att = torch.matmul(d_out, v.transpose(-2, -1))  # (B, h, Nq, N)
+        d_energy = torch._softmax_backward_data(d_att, att, -1, att.dtype)  # att * (d_att - rowsum(att*d_att))
+        d_q = torch.matmul(d_energy, k) * scale  # (B, h, Nq, d)
+        d_k = torch.matmul(d_energy.transpose(-2, -1), q * scale)  # (B, h, N, d)
+    return d_q.contiguous(), d_k.contiguous(), d_v.contiguous()  # the layout register_fake promises
+
+
+@_recomputed_attention_backward.register_fake
+def _(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, whatever q, k, v are
 
 
 def _recomputed_attention_setup(ctx, inputs, output) -> None:
@@ -224,73 +245,71 @@ def _recomputed_attention_setup(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
-def _recomputed_attention_backward(ctx, d_out: Tensor):
-    q, k, v = ctx.saved_tensors
-    scale = ctx.scale
-    with torch.autocast(q.device.type, enabled=False):
-        att = _attention_probs(q, k, scale)  # (B, h, Nq, N), recomputed as in the forward pass
-        d_v = torch.matmul(att.transpose(-2, -1), d_out)  # (B, h, N, d)
-        d_att = torch.matmul(d_out, v.transpose(-2, -1))  # (B, h, Nq, N)
-        d_energy = torch._softmax_backward_data(d_att, att, -1, att.dtype)  # att * (d_att - rowsum(att*d_att))
-        d_q = torch.matmul(d_energy, k) * scale  # (B, h, Nq, d)
-        d_k = torch.matmul(d_energy.transpose(-2, -1), q * scale)  # (B, h, N, d)
-    return d_q, d_k, d_v, None
+def _recomputed_attention_grad(ctx, d_out: Tensor):
+    return (*_recomputed_attention_backward(d_out, *ctx.saved_tensors, ctx.scale), None)
 
 
-_recomputed_attention.register_autograd(_recomputed_attention_backward, setup_context=_recomputed_attention_setup)
+_recomputed_attention.register_autograd(_recomputed_attention_grad, setup_context=_recomputed_attention_setup)
 
 
 def recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(q kᵀ · scale) v, (B, h, Nq, d) -> (B, h, Nq, d), keeping only q, k and v for the
     backward pass, as flash attention does: the (B, h, Nq, N) probabilities are recomputed there
     (one more batched matmul, a few percent of a ViT's FLOPs) instead of being held between the
-    passes, which at ViT-B/16 is 7 MB per block for a batch of 8 in bf16. The backward pass is
-    written out (``_recomputed_attention_backward``). No mask, no dropout: ``MultiHeadAttention._math``
-    covers those."""
+    passes, which at ViT-B/16 is 7 MB per block for a batch of 8 in bf16. No mask, no dropout:
+    ``MultiHeadAttention._math`` covers those."""
     return _recomputed_attention(q, k, v, float(scale))
 
 
-class _GeluLinear(torch.autograd.Function):
-    """``F.linear(F.gelu(h), weight, bias)`` that keeps h, not gelu(h), for the backward pass and
-    recomputes gelu(h) there: the MLP's two (B, N, 4E) activations become one, for one cheap
-    elementwise pass."""
+@torch.library.custom_op("vitkit::gelu_linear", mutates_args=())
+def _gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    with torch.autocast(h.device.type, enabled=False):  # gelu_linear cast the weights already
+        return F.linear(F.gelu(h, approximate=approximate), weight, bias).contiguous()
 
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
-        with torch.autocast(h.device.type, enabled=False):  # the caller cast the weights already
-            out = F.linear(F.gelu(h, approximate=approximate), weight, bias)
-        ctx.save_for_backward(h, weight)
-        ctx.approximate, ctx.has_bias = approximate, bias is not None
-        return out
 
-    @staticmethod
-    def backward(ctx, d_out: Tensor):
-        h, weight = ctx.saved_tensors
-        with torch.autocast(h.device.type, enabled=False):
-            return _GeluLinear._backward(h, weight, d_out, ctx.approximate, ctx.has_bias, ctx.needs_input_grad)
+@_gelu_linear.register_fake
+def _(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
-    @staticmethod
-    def _backward(h: Tensor, weight: Tensor, d_out: Tensor, approximate: str, has_bias: bool, needs: tuple):
-        d_h = d_weight = d_bias = None
-        d_rows = d_out.reshape(-1, d_out.shape[-1])  # (B, N, out) -> (B*N, out)
-        if needs[1]:
-            act = F.gelu(h, approximate=approximate)  # recomputed
-            d_weight = d_rows.t().mm(act.reshape(-1, act.shape[-1]))  # (out, in)
-        if has_bias and needs[2]:
-            d_bias = d_rows.sum(0)
-        if needs[0]:
-            d_h = torch.ops.aten.gelu_backward(d_out.matmul(weight), h, approximate=approximate)
-        return d_h, d_weight, d_bias, None
+
+@torch.library.custom_op("vitkit::gelu_linear_backward", mutates_args=())
+def _gelu_linear_backward(d_out: Tensor, h: Tensor, weight: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(h.device.type, enabled=False):
+        act = F.gelu(h, approximate=approximate)  # (..., in), recomputed
+        d_rows = d_out.reshape(-1, d_out.shape[-1])  # (..., out) -> (rows, out)
+        d_weight = d_rows.t().mm(act.reshape(-1, act.shape[-1]))  # (out, in)
+        d_h = torch.ops.aten.gelu_backward(d_out.matmul(weight), h, approximate=approximate)
+        return d_h.contiguous(), d_weight, d_rows.sum(0)  # the last: the bias's gradient
+
+
+@_gelu_linear_backward.register_fake
+def _(d_out: Tensor, h: Tensor, weight: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _gelu_linear_setup(ctx, inputs, output) -> None:
+    h, weight, bias, approximate = inputs
+    ctx.save_for_backward(h, weight)  # h, not gelu(h)
+    ctx.approximate, ctx.has_bias = approximate, bias is not None
+
+
+def _gelu_linear_grad(ctx, d_out: Tensor):
+    d_h, d_weight, d_bias = _gelu_linear_backward(d_out, *ctx.saved_tensors, ctx.approximate)
+    return d_h, d_weight, d_bias if ctx.has_bias else None, None
+
+
+_gelu_linear.register_autograd(_gelu_linear_grad, setup_context=_gelu_linear_setup)
 
 
 def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
-    """``F.linear(F.gelu(h), weight, bias)``, holding only h for the backward pass (``_GeluLinear``).
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps h, not gelu(h), for the backward pass and
+    recomputes gelu(h) there: the MLP's two (B, N, 4E) activations become one, for one cheap
+    elementwise pass.
 
-    Under autocast, ``weight`` and ``bias`` are cast to h's dtype here, outside the Function, so that
+    Under autocast, ``weight`` and ``bias`` are cast to h's dtype here, outside the op, so that
     autograd carries their gradients back to the fp32 parameters as autocast's own cast does.
     """
-    weight = weight.to(h.dtype)
-    return _GeluLinear.apply(h, weight, None if bias is None else bias.to(h.dtype), approximate)
+    return _gelu_linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype), approximate)
 
 
 class MultiHeadAttention(nn.Module):
