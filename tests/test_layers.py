@@ -136,35 +136,43 @@ def test_cpu_bf16_training_takes_the_math_path_with_the_fused_kernels_gradients(
 
 
 def test_lean_backward_passes_match_numerical_gradients():
-    """recomputed_attention and gelu_linear write their backward passes by hand: check them against
+    """lean_attention and gelu_linear write their backward passes by hand: check them against
     finite differences (float64), the class-token case (fewer queries than keys) included."""
     torch.manual_seed(3)
     q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # 4 queries
     k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 7 keys
-    assert torch.autograd.gradcheck(lambda q, k, v: layers.recomputed_attention(q, k, v, 0.3), (q, k, v))
+    for keep in (True, False):
+        assert torch.autograd.gradcheck(lambda q, k, v, keep=keep: layers.lean_attention(q, k, v, 0.3, keep), (q, k, v))
     h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    for approximate in ("none", "tanh"):
-        assert torch.autograd.gradcheck(lambda h, w, b, a=approximate: layers.gelu_linear(h, w, b, a), (h, w, b))
-    assert torch.autograd.gradcheck(lambda h, w: layers.gelu_linear(h, w, None), (h, w))
+    for activation in layers.LEAN_ACTIVATIONS:
+        assert torch.autograd.gradcheck(lambda h, w, b, a=activation: layers.lean_linear(h, w, b, a), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w: layers.lean_linear(h, w, None, "gelu"), (h, w))
     # torch.compile relies on each op's fake (shape and layout only) twin: check them, with q, k and v
     # as the strided views of one qkv tensor that MultiHeadAttention passes
     qkv = torch.randn(2, 7, 3, 3, 5, dtype=torch.float64).permute(2, 0, 3, 1, 4).requires_grad_()  # (3, B, h, N, d)
-    torch.library.opcheck(layers._recomputed_attention, (*qkv.unbind(0), 0.3))
-    torch.library.opcheck(layers._recomputed_attention_backward, (torch.randn(2, 3, 7, 5, dtype=torch.float64),
-                                                                  *qkv.detach().unbind(0), 0.3))
-    torch.library.opcheck(layers._gelu_linear, (h, w, b, "none"))
-    torch.library.opcheck(layers._gelu_linear_backward, (torch.randn(2, 3, 4, dtype=torch.float64), h.detach(),
-                                                         w.detach(), "tanh"))
+    for keep in (True, False):
+        torch.library.opcheck(layers._lean_attention, (*qkv.unbind(0), 0.3, keep))
+    q3, k3, v3 = (torch.randn(6, 7, 5, dtype=torch.float64) for _ in range(3))
+    d_out = torch.randn(2, 3, 7, 5, dtype=torch.float64).transpose(1, 2).transpose(1, 2)
+    for att in (None, torch.rand(6, 7, 7, dtype=torch.float64).softmax(-1)):
+        torch.library.opcheck(layers._lean_attention_backward, (d_out, q3, k3, v3, att, 0.3))
+    torch.library.opcheck(layers._lean_linear, (h, w, b, "gelu"))
+    torch.library.opcheck(layers._lean_linear, (h.bfloat16(), w.float(), None, "identity"))  # bf16 x, fp32 weight
+    torch.library.opcheck(layers._lean_linear_backward, (torch.randn(2, 3, 4, dtype=torch.float64), h.detach(),
+                                                         w.detach(), "gelu_tanh"))
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward pass of ``fn()``."""
+def saved_bytes(fn, parameters) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of ``fn()``, not counting
+    ``parameters`` (kept by the model anyway)."""
     storages = {}
+    own = {p.untyped_storage().data_ptr() for p in parameters}
 
     def pack(t: Tensor):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -173,17 +181,19 @@ def saved_bytes(fn) -> int:
 
 
 def test_cpu_bf16_training_block_keeps_less_for_the_same_gradients(monkeypatch):
-    """In lean_training a block (with enough tokens) keeps neither the attention probabilities nor
-    gelu(h) for the backward pass, and its gradients are those of plain autograd."""
+    """In lean_training a block (with enough tokens) keeps neither the attention probabilities, nor
+    gelu(h), nor bf16 copies of its weights for the backward pass, and its gradients are those of
+    plain autograd."""
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)  # lean at any size
     torch.manual_seed(4)
     b, n, e, heads = 2, layers.RECOMPUTE_MIN_TOKENS + 3, 64, 4  # head width 16: a scale of 1/4, exact in bf16
     block = TransformerEncoderBlock(e, heads)
     x = torch.randn(b, n, e, requires_grad=True)
     weights = torch.randn(b, n, e)
     calls = []
-    for name in ("recomputed_attention", "gelu_linear"):
+    for name in ("lean_attention", "lean_linear"):
         real = getattr(layers, name)
-        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
 
     def step() -> list[Tensor]:
         x.grad = None
@@ -193,30 +203,57 @@ def test_cpu_bf16_training_block_keeps_less_for_the_same_gradients(monkeypatch):
         (out.float() * weights).sum().backward()
         return [x.grad] + [p.grad for p in block.parameters()]
 
-    lean_bytes = saved_bytes(step)
+    lean_bytes = saved_bytes(step, block.parameters())
     lean = step()
-    assert calls.count("recomputed_attention") == 2 and calls.count("gelu_linear") == 2
-    block.attn.fused = False  # plain autograd: the math path, then fc2(gelu(h))
-    monkeypatch.setattr(FeedForwardBlock, "_gelu_linear_applies", lambda self, h: False)
-    plain_bytes = saved_bytes(step)
+    assert calls.count("lean_attention") == 2 and calls.count("lean_linear") == 8  # qkv, projection, fc1, fc2
+    block.attn.fused = False  # plain autograd: the math path, and every Linear as it is
+    monkeypatch.setattr(layers, "lean_linear_applies", lambda layer, x: False)
+    plain_bytes = saved_bytes(step, block.parameters())
     plain = step()
-    assert len(calls) == 4
+    assert len(calls) == 10
     for g_lean, g_plain in zip(lean, plain):
+        assert g_lean.dtype == g_plain.dtype
         torch.testing.assert_close(g_lean, g_plain, atol=1e-3 * g_plain.abs().max().item(), rtol=0)
-    probabilities, gelu_out = b * heads * n * n * 2, b * n * 4 * e * 2  # bf16
-    assert plain_bytes - lean_bytes >= probabilities + gelu_out
+    probabilities, gelu_out, bf16_weights = b * heads * n * n * 2, b * n * 4 * e * 2, 12 * e * e * 2
+    assert plain_bytes - lean_bytes >= probabilities + gelu_out + bf16_weights
 
 
-def test_lean_training_leaves_masks_dropout_and_short_sequences_to_the_math_path(monkeypatch):
-    calls = []
-    monkeypatch.setattr(layers, "recomputed_attention", lambda *a: calls.append(1))
-    short = MultiHeadAttention(32, 4)
+def test_lean_linear_leaves_small_hooked_and_swapped_layers_alone(monkeypatch):
+    mlp = FeedForwardBlock(16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        short(torch.randn(2, layers.RECOMPUTE_MIN_TOKENS - 1, 32, requires_grad=True)).sum().backward()
-        long = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS, 32, requires_grad=True)
-        short(long, mask=torch.rand(2, layers.RECOMPUTE_MIN_TOKENS) > 0.5).sum().backward()
+        assert not layers.lean_linear_applies(mlp.fc2, x)  # 96 elements: plain autograd is faster
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
+    seen = []
+    mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers.lean_linear_applies(mlp.fc2, x) and not layers.lean_linear_applies(mlp.fc1, x)
+        mlp(x)
+    assert seen == [(2, 3, 64)]  # the hook saw fc1's call
+    assert not layers.lean_linear_applies(nn.Identity(), x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.lean_linear_applies(mlp.fc2, x)  # no autograd: nothing to keep
+    assert not layers.lean_linear_applies(mlp.fc2, x)  # fp32: the usual Linear
+    with pytest.raises(ValueError, match="activation"):
+        layers.lean_linear(x, mlp.fc2.weight, None, "relu")
+
+
+def test_lean_attention_keeps_probabilities_of_short_sequences_and_leaves_masks_and_dropout_to_math(monkeypatch):
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
+    calls = []
+    real = layers.lean_attention
+    monkeypatch.setattr(layers, "lean_attention",
+                        lambda *a, keep_probabilities: calls.append(keep_probabilities) or real(*a, keep_probabilities))
+    mha = MultiHeadAttention(32, 4)
+    short = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS - 1, 32, requires_grad=True)
+    long = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mha(short)
+        mha(long)
+        assert calls == [True, False]  # short: keep the probabilities; long: recompute them
+        mha(long, mask=torch.rand(2, layers.RECOMPUTE_MIN_TOKENS) > 0.5).sum().backward()
         MultiHeadAttention(32, 4, dropout=0.1).train()(long).sum().backward()
-    assert calls == []
+    assert calls == [True, False]
 
 
 def test_masked_key_gets_zero_probability_and_matches_reference():

@@ -169,25 +169,38 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
 
 
 # From this many tokens on, lean_training recomputes the attention probabilities in the backward
-# pass instead of keeping them. Measured in one process on a 2-core EPYC, bf16 autocast: at ViT-B/16
-# (197 tokens, batch 8) the recomputation cost no time we could tell from the noise (+-2%) and,
-# with gelu_linear, the step's peak memory fell from 866 to 681-717 MB (timm: 794); at vit_fmnist
-# (49 tokens) attention is a larger share of the step and recomputing it cost 13-17%.
-RECOMPUTE_MIN_TOKENS = 128
+# pass instead of keeping them (they grow with the square of the tokens). Measured in one process on
+# a 2-core EPYC, bf16 autocast, ViT-B/16 at 197 tokens, batch 8: recomputing them cost about 2% of the
+# step for 82 MB, the worst trade of the three lean passes (lean_linear's weight casts: 172 MB for
+# well under 1%; its GELU: 101 MB for under 2%); at vit_fmnist (49 tokens) it cost 13-17%.
+RECOMPUTE_MIN_TOKENS = 256
+
+# The lean ops (torch.library custom ops) cost some tens of microseconds each to call, noise at ViT-B/16
+# (8 x 197 x 768 = 1.2M elements into each qkv projection) but not at the small models: measured as
+# above, they made a vit_digits step (128 x 17 x 64) 13% slower and a vit_fmnist step 5% slower, where
+# memory is no concern. Below this many input elements a layer runs as plain autograd.
+LEAN_MIN_ELEMENTS = 2**20
 
 
 def lean_training(x: Tensor) -> bool:
     """True on CPU, in bf16 (or fp16), when autograd records: where vitkit swaps in its own backward.
 
-    There torch's flash-attention backward is far slower than two batched matmuls, so attention
-    takes the math path (with ``recomputed_attention`` from ``RECOMPUTE_MIN_TOKENS`` tokens on), and
-    ``gelu_linear`` keeps only one of the MLP's two wide activations. Measured on a 2-core EPYC
+    There torch's flash-attention backward is far slower than batched matmuls, so attention takes
+    ``lean_attention`` (the math path with its backward pass written out; from ``RECOMPUTE_MIN_TOKENS``
+    tokens on it recomputes the probabilities), and the Linear layers take ``lean_linear``, which
+    keeps neither bf16 copies of the weights nor gelu(h) between the passes. Measured on a 2-core EPYC
     (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a vit_fmnist training
     step (49 tokens, batch 128) ran 3.2x timm's (fused) speed, vit_digits 3.9x, ViT-B/16 (batch 8)
     1.12-1.17x. In fp32 the fused backward is the faster one (vit_fmnist: 814 against 756 images/s),
     and inference (no autograd) stays fused everywhere.
     """
-    return x.device.type == "cpu" and x.dtype != torch.float32 and torch.is_grad_enabled() and x.requires_grad
+    return (x.device.type == "cpu" and compute_dtype(x) != torch.float32 and torch.is_grad_enabled()
+            and x.requires_grad)
+
+
+def lean_ops_pay(x: Tensor) -> bool:
+    """``lean_training`` for an input big enough that the lean ops' call cost is noise (``LEAN_MIN_ELEMENTS``)."""
+    return x.numel() >= LEAN_MIN_ELEMENTS and lean_training(x)
 
 
 def fused_kernel_pays(q: Tensor) -> bool:
@@ -202,114 +215,181 @@ def fused_kernel_pays(q: Tensor) -> bool:
 # opaque to it, so only what setup_context saves is kept, compiled or not.
 
 
-def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale) over the keys: (B, h, Nq, d), (B, h, N, d) -> (B, h, Nq, N).
+def _heads_as_batch(x: Tensor, scale: float = 1.0) -> Tensor:
+    """(B, h, N, d) -> (B*h, N, d) · scale, a contiguous copy: q, k and v arrive as strided views of
+    the qkv projection, and the batched matmuls below then read plain matrices (a transpose is free)."""
+    out = x.new_empty((x.shape[0] * x.shape[1], *x.shape[2:]))
+    torch.mul(x, scale, out=out.view(x.shape))  # the copy and the scaling in one pass
+    return out
 
-    The scale goes on q, the smaller tensor (exact in bf16 when the head width is a power of 4).
-    """
-    return torch.matmul(q * scale, k.transpose(-2, -1)).softmax(dim=-1)
+
+def _attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q kᵀ) over the keys, q already scaled: (B*h, Nq, d), (B*h, N, d) -> (B*h, Nq, N)."""
+    return torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
 
 
-@torch.library.custom_op("vitkit::recomputed_attention", mutates_args=())
-def _recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+@torch.library.custom_op("vitkit::lean_attention", mutates_args=())
+def _lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                    keep_probabilities: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (out (B, h, Nq, d), and for the backward pass: q · scale, k, v as (B*h, N, d), probabilities (B*h, Nq, N))."""
     with torch.autocast(q.device.type, enabled=False):  # in the inputs' dtype, softmax included
-        return torch.matmul(_attention_probs(q, k, scale), v).contiguous()  # (B, h, Nq, d)
+        # The scale goes on q, the smallest operand (exact in bf16 when the head width is a power of 4).
+        q3, k3, v3 = _heads_as_batch(q, scale), _heads_as_batch(k), _heads_as_batch(v)
+        att = _attention_probs(q3, k3)
+        out = torch.bmm(att, v3).view(*q.shape[:-1], v.shape[-1])  # (B*h, Nq, d) -> (B, h, Nq, d)
+    return out, q3, k3, v3, att
 
 
-@_recomputed_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+@_lean_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float,
+      keep_probabilities: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b, h, nq, d = q.shape
+    n = k.shape[2]
+    return (q.new_empty((b, h, nq, v.shape[-1])), q.new_empty((b * h, nq, d)), k.new_empty((b * h, n, d)),
+            v.new_empty((b * h, n, v.shape[-1])), q.new_empty((b * h, nq, n)))
 
 
-@torch.library.custom_op("vitkit::recomputed_attention_backward", mutates_args=())
-def _recomputed_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("vitkit::lean_attention_backward", mutates_args=())
+def _lean_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor | None,
+                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, h, Nq, d) gradient; (B*h, N, d) q · scale, k, v; probabilities or None (recomputed)
+    -> the gradients of (unscaled) q, k and v, each (B*h, N, d)."""
     with torch.autocast(q.device.type, enabled=False):
-        att = _attention_probs(q, k, scale)  # (B, h, Nq, N), recomputed as in the forward pass
-        d_v = torch.matmul(att.transpose(-2, -1), d_out)  # (B, h, N, d)
-        d_att = torch.matmul(d_out, v.transpose(-2, -1))  # (B, h, Nq, N)
+        d_out = d_out.reshape(q.shape[0], q.shape[1], -1)  # (B, h, Nq, d) -> (B*h, Nq, d)
+        if att is None:
+            att = _attention_probs(q, k)  # (B*h, Nq, N), as in the forward pass
+        d_v = torch.bmm(att.transpose(1, 2), d_out)  # (B*h, N, d)
+        d_att = torch.bmm(d_out, v.transpose(1, 2))  # (B*h, Nq, N)
         d_energy = torch._softmax_backward_data(d_att, att, -1, att.dtype)  # att * (d_att - rowsum(att*d_att))
-        d_q = torch.matmul(d_energy, k) * scale  # (B, h, Nq, d)
-        d_k = torch.matmul(d_energy.transpose(-2, -1), q * scale)  # (B, h, N, d)
-    return d_q.contiguous(), d_k.contiguous(), d_v.contiguous()  # the layout register_fake promises
+        d_q = torch.bmm(d_energy, k).mul_(scale)  # (B*h, Nq, d)
+        d_k = torch.bmm(d_energy.transpose(1, 2), q)  # (B*h, N, d); q carries the scale
+    return d_q, d_k, d_v
 
 
-@_recomputed_attention_backward.register_fake
-def _(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, whatever q, k, v are
+@_lean_attention_backward.register_fake
+def _(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor | None,
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _recomputed_attention_setup(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v)  # not the (B, h, Nq, N) probabilities
-    ctx.scale = scale
+def _lean_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, scale, keep_probabilities = inputs
+    _, q3, k3, v3, att = output
+    ctx.mark_non_differentiable(q3, k3, v3, att)
+    ctx.save_for_backward(q3, k3, v3, att if keep_probabilities else None)
+    ctx.scale, ctx.head_shapes = scale, (q.shape, k.shape, v.shape)
 
 
-def _recomputed_attention_grad(ctx, d_out: Tensor):
-    return (*_recomputed_attention_backward(d_out, *ctx.saved_tensors, ctx.scale), None)
+def _lean_attention_grad(ctx, d_out: Tensor, *_):
+    grads = _lean_attention_backward(d_out, *ctx.saved_tensors, ctx.scale)
+    d_q, d_k, d_v = (g.view(shape) for g, shape in zip(grads, ctx.head_shapes))  # (B*h, N, d) -> (B, h, N, d)
+    return d_q, d_k, d_v, None, None
 
 
-_recomputed_attention.register_autograd(_recomputed_attention_grad, setup_context=_recomputed_attention_setup)
+_lean_attention.register_autograd(_lean_attention_grad, setup_context=_lean_attention_setup)
 
 
-def recomputed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale) v, (B, h, Nq, d) -> (B, h, Nq, d), keeping only q, k and v for the
-    backward pass, as flash attention does: the (B, h, Nq, N) probabilities are recomputed there
-    (one more batched matmul, a few percent of a ViT's FLOPs) instead of being held between the
-    passes, which at ViT-B/16 is 7 MB per block for a batch of 8 in bf16. No mask, no dropout:
-    ``MultiHeadAttention._math`` covers those."""
-    return _recomputed_attention(q, k, v, float(scale))
+def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabilities: bool) -> Tensor:
+    """softmax(q kᵀ · scale) v, (B, h, Nq, d) -> (B, h, Nq, d), with the backward pass written out.
 
-
-@torch.library.custom_op("vitkit::gelu_linear", mutates_args=())
-def _gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
-    with torch.autocast(h.device.type, enabled=False):  # gelu_linear cast the weights already
-        return F.linear(F.gelu(h, approximate=approximate), weight, bias).contiguous()
-
-
-@_gelu_linear.register_fake
-def _(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
-    return h.new_empty((*h.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("vitkit::gelu_linear_backward", mutates_args=())
-def _gelu_linear_backward(d_out: Tensor, h: Tensor, weight: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.autocast(h.device.type, enabled=False):
-        act = F.gelu(h, approximate=approximate)  # (..., in), recomputed
-        d_rows = d_out.reshape(-1, d_out.shape[-1])  # (..., out) -> (rows, out)
-        d_weight = d_rows.t().mm(act.reshape(-1, act.shape[-1]))  # (out, in)
-        d_h = torch.ops.aten.gelu_backward(d_out.matmul(weight), h, approximate=approximate)
-        return d_h.contiguous(), d_weight, d_rows.sum(0)  # the last: the bias's gradient
-
-
-@_gelu_linear_backward.register_fake
-def _(d_out: Tensor, h: Tensor, weight: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
-    return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
-
-
-def _gelu_linear_setup(ctx, inputs, output) -> None:
-    h, weight, bias, approximate = inputs
-    ctx.save_for_backward(h, weight)  # h, not gelu(h)
-    ctx.approximate, ctx.has_bias = approximate, bias is not None
-
-
-def _gelu_linear_grad(ctx, d_out: Tensor):
-    d_h, d_weight, d_bias = _gelu_linear_backward(d_out, *ctx.saved_tensors, ctx.approximate)
-    return d_h, d_weight, d_bias if ctx.has_bias else None, None
-
-
-_gelu_linear.register_autograd(_gelu_linear_grad, setup_context=_gelu_linear_setup)
-
-
-def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
-    """``F.linear(F.gelu(h), weight, bias)`` that keeps h, not gelu(h), for the backward pass and
-    recomputes gelu(h) there: the MLP's two (B, N, 4E) activations become one, for one cheap
-    elementwise pass.
-
-    Under autocast, ``weight`` and ``bias`` are cast to h's dtype here, outside the op, so that
-    autograd carries their gradients back to the fp32 parameters as autocast's own cast does.
+    ``keep_probabilities=False`` keeps only q, k and v for the backward pass, as flash attention
+    does: the (B, h, Nq, N) probabilities are recomputed there (one more batched matmul, a few
+    percent of a ViT-B's FLOPs) instead of being held between the passes, which at ViT-B/16 is
+    7 MB per block for a batch of 8 in bf16. No mask, no dropout: ``MultiHeadAttention._math``
+    covers those.
     """
-    return _gelu_linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype), approximate)
+    return _lean_attention(q, k, v, float(scale), keep_probabilities)[0]
+
+
+# What a lean Linear applies to its input first: nothing, or GELU (exact or tanh), recomputed in backward.
+LEAN_ACTIVATIONS = ("identity", "gelu", "gelu_tanh")
+
+
+def _activate(x: Tensor, activation: str) -> Tensor:
+    if activation == "identity":
+        return x
+    return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+@torch.library.custom_op("vitkit::lean_linear", mutates_args=())
+def _lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # x is in the compute dtype already
+        w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(_activate(x, activation), w, b).contiguous()  # (..., in) -> (..., out)
+
+
+@_lean_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("vitkit::lean_linear_backward", mutates_args=())
+def _lean_linear_backward(d_out: Tensor, x: Tensor, weight: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> gradients of x (x's dtype), weight and bias (the weight's dtype: fp32 master weights)."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.to(x.dtype)  # cast again: cheaper than holding the cast copy between the passes
+        act = _activate(x, activation)  # recomputed
+        d_rows = d_out.reshape(-1, d_out.shape[-1])  # (..., out) -> (rows, out)
+        d_weight = d_rows.t().mm(act.reshape(-1, act.shape[-1])).to(weight.dtype)  # (out, in)
+        d_bias = d_rows.sum(0).to(weight.dtype)
+        d_x = d_out.matmul(w)  # (..., in)
+        if activation != "identity":
+            d_x = torch.ops.aten.gelu_backward(d_x, x, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return d_x.contiguous(), d_weight, d_bias
+
+
+@_lean_linear_backward.register_fake
+def _(d_out: Tensor, x: Tensor, weight: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _lean_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, activation = inputs
+    ctx.save_for_backward(x, weight)  # x, not gelu(x); the parameter, not a cast copy of it
+    ctx.activation, ctx.has_bias = activation, bias is not None
+
+
+def _lean_linear_grad(ctx, d_out: Tensor):
+    d_x, d_weight, d_bias = _lean_linear_backward(d_out, *ctx.saved_tensors, ctx.activation)
+    return d_x, d_weight, d_bias if ctx.has_bias else None, None
+
+
+_lean_linear.register_autograd(_lean_linear_grad, setup_context=_lean_linear_setup)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "identity") -> Tensor:
+    """``F.linear(act(x), weight, bias)`` in ``compute_dtype(x)`` that keeps, for the backward pass,
+    x and the weight *parameter*: under autocast, the usual Linear keeps a bf16 copy of every weight
+    (172 MB at ViT-B) from the forward pass to the backward pass; casting again there costs about a
+    millisecond per ViT-B block. With ``activation="gelu"`` it keeps h, not gelu(h): the MLP's two
+    (B, N, 4E) activations become one, recomputed in the backward pass.
+    """
+    if activation not in LEAN_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {LEAN_ACTIVATIONS}, got {activation!r}")
+    return _lean_linear(x.to(compute_dtype(x)), weight, bias, activation)
+
+
+def lean_linear_applies(layer: nn.Module, x: Tensor) -> bool:
+    """Whether ``layer(x)`` may run as ``lean_linear``: where ``lean_ops_pay``, for a stock nn.Linear
+    with no hooks (a hook would not see the call)."""
+    from torch.nn.modules import module as nn_module
+
+    return (lean_ops_pay(x) and type(layer) is nn.Linear and not layer._forward_hooks
+            and not layer._forward_pre_hooks and not nn_module._global_forward_hooks
+            and not nn_module._global_forward_pre_hooks)
+
+
+def _linear(layer: nn.Module, x: Tensor, activation: str = "identity") -> Tensor:
+    """``layer(act(x))``, lean where ``lean_linear_applies``."""
+    if lean_linear_applies(layer, x):
+        return lean_linear(x, layer.weight, layer.bias, activation)
+    return layer(_activate(x, activation))
 
 
 class MultiHeadAttention(nn.Module):
@@ -368,8 +448,9 @@ class MultiHeadAttention(nn.Module):
         if self.fused and not return_attention and fused_kernel_pays(queries):
             out, att = self._fused(queries, keys, values, mask), None
         elif (self.fused and not return_attention and mask is None and not (self.training and self.att_drop.p)
-              and keys.shape[-2] >= RECOMPUTE_MIN_TOKENS):
-            out, att = recomputed_attention(queries, keys, values, self.scale), None  # lean_training
+              and lean_ops_pay(keys)):
+            recompute = keys.shape[-2] >= RECOMPUTE_MIN_TOKENS
+            out, att = lean_attention(queries, keys, values, self.scale, keep_probabilities=not recompute), None
         else:
             out, att = self._math(queries, keys, values, mask)
         if mask is not None:
@@ -377,14 +458,14 @@ class MultiHeadAttention(nn.Module):
             if att is not None:
                 att = att.masked_fill(attends_nothing, 0.0)
         out = out.transpose(1, 2).reshape(b, n_out, self.emb_size)  # (B, h, N, d) -> (B, N, E)
-        out = self.proj_drop(self.projection(out))
+        out = self.proj_drop(_linear(self.projection, out))
         return (out, att) if return_attention else out
 
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, E) -> q, k, v, each (B, h, N, d)."""
         b, n, _ = x.shape
         # = rearrange(qkv, "b n (qkv h d) -> qkv b h n d"): a view, and unbind gives views; no copies.
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _linear(self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
     def _split_qkv(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -470,16 +551,17 @@ class FeedForwardBlock(nn.Module):
         self.drop2 = nn.Dropout(drop_p)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)  # (B, N, E) -> (B, N, hidden)
-        if self._gelu_linear_applies(h):
-            return self.drop2(gelu_linear(h, self.fc2.weight, self.fc2.bias, self.act.approximate))
+        h = _linear(self.fc1, x)  # (B, N, E) -> (B, N, hidden)
+        if self._lean_gelu(h):  # fc2(gelu(h)) in one op that keeps only h
+            return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, self._lean_gelu(h)))
         return self.drop2(self.fc2(self.drop1(self.act(h))))
 
-    def _gelu_linear_applies(self, h: Tensor) -> bool:
-        """In ``lean_training``, fc2(gelu(h)) in one Function that keeps only h (``gelu_linear``),
-        when nothing sits between them (no active dropout) and both are the stock modules."""
-        return (lean_training(h) and type(self.act) is nn.GELU and type(self.fc2) is nn.Linear
-                and not (self.training and self.drop1.p))
+    def _lean_gelu(self, h: Tensor) -> str | None:
+        """The ``lean_linear`` activation for fc2(drop1(act(h))) where that op can run it: the stock
+        GELU and nothing in between (no active dropout); else None."""
+        if type(self.act) is not nn.GELU or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
+            return None
+        return "gelu_tanh" if self.act.approximate == "tanh" else "gelu"
 
 
 class TransformerEncoderBlock(nn.Module):
