@@ -356,3 +356,26 @@ def test_bf16_autocast_training_keeps_no_fp32_attention_matrix():
         reference = mha(x)  # fp32, fused kernel
     assert (out.float() - reference).abs().max() < 0.05
     assert torch.isfinite(x.grad).all()
+
+
+def test_compiled_lean_block_follows_the_eager_one(monkeypatch):
+    """torch.compile sees the lean ops through their fake twins and runs their real kernels: the
+    same outputs and gradients as eager."""
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(layers, "RECOMPUTE_MIN_TOKENS", 8)  # recompute the probabilities too
+    torch.manual_seed(5)
+    block = TransformerEncoderBlock(32, 2)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+
+    def run(fn) -> list[Tensor]:
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x)
+        out.float().square().sum().backward()
+        return [out.float(), x.grad] + [p.grad for p in block.parameters()]
+
+    eager = run(block)
+    compiled = run(torch.compile(block, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=0)

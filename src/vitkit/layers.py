@@ -200,7 +200,7 @@ def lean_training(x: Tensor) -> bool:
 
 def lean_ops_pay(x: Tensor) -> bool:
     """``lean_training`` for an input big enough that the lean ops' call cost is noise (``LEAN_MIN_ELEMENTS``)."""
-    return x.numel() >= LEAN_MIN_ELEMENTS and lean_training(x)
+    return lean_training(x) and x.numel() >= LEAN_MIN_ELEMENTS  # in this order: no size guard when exporting
 
 
 def fused_kernel_pays(q: Tensor) -> bool:
@@ -219,7 +219,10 @@ def _heads_as_batch(x: Tensor, scale: float = 1.0) -> Tensor:
     """(B, h, N, d) -> (B*h, N, d) · scale, a contiguous copy: q, k and v arrive as strided views of
     the qkv projection, and the batched matmuls below then read plain matrices (a transpose is free)."""
     out = x.new_empty((x.shape[0] * x.shape[1], *x.shape[2:]))
-    torch.mul(x, scale, out=out.view(x.shape))  # the copy and the scaling in one pass
+    if scale == 1.0:
+        out.view(x.shape).copy_(x)
+    else:
+        torch.mul(x, scale, out=out.view(x.shape))  # the copy and the scaling in one pass
     return out
 
 
@@ -276,11 +279,14 @@ def _lean_attention_setup(ctx, inputs, output) -> None:
     q, k, v, scale, keep_probabilities = inputs
     _, q3, k3, v3, att = output
     ctx.mark_non_differentiable(q3, k3, v3, att)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for those four
     ctx.save_for_backward(q3, k3, v3, att if keep_probabilities else None)
     ctx.scale, ctx.head_shapes = scale, (q.shape, k.shape, v.shape)
 
 
-def _lean_attention_grad(ctx, d_out: Tensor, *_):
+def _lean_attention_grad(ctx, d_out: Tensor | None, *_):
+    if d_out is None:  # grads are not materialised: out took no part in the loss
+        return None, None, None, None, None
     grads = _lean_attention_backward(d_out, *ctx.saved_tensors, ctx.scale)
     d_q, d_k, d_v = (g.view(shape) for g, shape in zip(grads, ctx.head_shapes))  # (B*h, N, d) -> (B, h, N, d)
     return d_q, d_k, d_v, None, None
