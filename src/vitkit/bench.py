@@ -9,8 +9,8 @@ a GPU, against the card's datasheet peak: MFU).
 Contestants, built with the same architecture and random weights:
 
 * ``vitkit``: vitkit's model through ``vitkit.fast`` (fused attention where it is the faster
-  kernel: all of inference, GPU and fp32 training; the math path for bf16 training on CPU, whose fused backward
-  is slow, see ``layers.fused_kernel_pays``; ``optimize_for_inference`` or
+  kernel: all of inference, GPU and fp32 training; the math path and the lean ops for bf16 training on CPU,
+  whose fused backward is slow, see ``layers.lean_training``; ``optimize_for_inference`` or
   ``optimize_for_training`` when compiling).
 * ``timm``: ``timm``'s VisionTransformer, plain ``torch.compile`` when compiling, its fused attention.
 * ``vitkit-math``: vitkit with the explicit math attention everywhere, the naive baseline.

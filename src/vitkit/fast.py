@@ -5,8 +5,10 @@ What is on by default, and why:
 * Fused attention (``F.scaled_dot_product_attention``) is the model's default (``fused=True``):
   flash kernels on CPU and GPU, never materialising the (B, h, N, N) attention matrix. One
   exception, automatic: bf16 training on CPU takes the math path, because torch's CPU flash-attention
-  backward is slower than two batched matmuls (bf16 training ran 1.16x timm at ViT-B/16, 3.2x at vit_fmnist;
-  ``layers.fused_kernel_pays``).
+  backward is slower than batched matmuls (``layers.lean_training``). There, for ViT-B-sized blocks,
+  attention and the Linear layers run as vitkit's own lean ops, which keep less between the forward
+  and backward passes than autograd would: ViT-B/16's training step is faster than timm's and
+  holds less memory (README, "Performance").
 * ``precision="bf16"`` where the hardware has bf16 arithmetic (CPUs with AVX512-BF16 or AMX,
   NVIDIA GPUs from Ampere on): half the memory traffic, and the bf16 GEMMs run at about twice
   the fp32 rate. Where bf16 is only emulated it is *slower*, so ``default_precision`` falls back
@@ -25,8 +27,10 @@ What is not default, and why:
   with ``precision="bf16-autocast"`` (fp32 master weights, bf16 matmuls) instead.
 * ``precision="int8"`` (CPU inference only): dynamic int8 quantisation of every Linear layer
   (weights int8 per output channel, activations quantised on the fly). On an AVX512-VNNI CPU it
-  measured ~1.5x the images per CPU second of bf16 for ViT-B/16, but it moves logits ~5x more
-  than bf16 does and rests on torch's ``quantize_dynamic``, which torch has deprecated: opt-in.
+  ran ViT-B/16 at 1.5x bf16's images/s, and the Fashion-MNIST model scored 92.07% in int8 against
+  92.06% in fp32 (``benchmarks/int8_accuracy.py``; ``vitkit eval --precision int8``). It is opt-in all
+  the same: it moves logits ~5x more than bf16 does, gains nothing on tiny models (0.96x bf16 at
+  vit_fmnist), and rests on torch's ``quantize_dynamic``, which torch has deprecated.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def default_training_precision(device: str | torch.device = "cpu") -> str:
     arithmetic (AVX512-BF16 or AMX), else ``"fp32"``.
 
     Measured on a 2-core EPYC with avx512_bf16 and no AMX (``benchmarks/throughput.py``), with
-    the math attention path that CPU training takes (``layers.fused_kernel_pays``): vit_fmnist
+    the math attention path that CPU training takes (``layers.lean_training``): vit_fmnist
     (batch 128) trained at 1293-1465 images/s in bf16 autocast against 786-886 in fp32, and the
     tiny vit_digits_gap (16 tokens) at the same speed in both. Through the fused kernel's slow CPU
     backward, bf16 had been *slower* than fp32, which is why the attention rule matters here.

@@ -127,7 +127,7 @@ class ViT(nn.Module):
         blocks; default all. Returns ``{"logits", "features", "block{i}"...}`` plus
         ``"attn{i}"`` (B, h, N, N) probabilities when ``return_attention``. Only the chosen
         blocks take the math path; the others stay on the fused kernel (under autograd in bf16 on CPU,
-        every block takes the math path: ``layers.fused_kernel_pays``).
+        every block takes the math path: ``layers.lean_training``).
         ``output_fmt="NCHW"`` gives patch tokens as (B, E, H/p, W/p) maps for dense tasks.
         """
         depth = len(self.encoder.blocks)
