@@ -391,11 +391,11 @@ def lean_linear_applies(layer: nn.Module, x: Tensor) -> bool:
             and not nn_module._global_forward_pre_hooks)
 
 
-def _linear(layer: nn.Module, x: Tensor, activation: str = "identity") -> Tensor:
-    """``layer(act(x))``, lean where ``lean_linear_applies``."""
+def _linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``, lean where ``lean_linear_applies``."""
     if lean_linear_applies(layer, x):
-        return lean_linear(x, layer.weight, layer.bias, activation)
-    return layer(_activate(x, activation))
+        return lean_linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -558,8 +558,9 @@ class FeedForwardBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = _linear(self.fc1, x)  # (B, N, E) -> (B, N, hidden)
-        if self._lean_gelu(h):  # fc2(gelu(h)) in one op that keeps only h
-            return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, self._lean_gelu(h)))
+        lean_gelu = self._lean_gelu(h)
+        if lean_gelu:  # fc2(gelu(h)) in one op that keeps only h
+            return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, lean_gelu))
         return self.drop2(self.fc2(self.drop1(self.act(h))))
 
     def _lean_gelu(self, h: Tensor) -> str | None:
