@@ -182,6 +182,12 @@ RECOMPUTE_MIN_TOKENS = 256
 LEAN_MIN_ELEMENTS = 2**20
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def lean_training(x: Tensor) -> bool:
     """True on CPU, in bf16 (or fp16), when autograd records: where vitkit swaps in its own backward.
 
@@ -307,14 +313,16 @@ def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabili
     return _lean_attention(q, k, v, float(scale), keep_probabilities)[0]
 
 
-# What a lean Linear applies to its input first: nothing, or GELU (exact or tanh), recomputed in backward.
-LEAN_ACTIVATIONS = ("identity", "gelu", "gelu_tanh")
+# What a lean Linear applies to its input first: nothing, or GELU (exact or tanh), recomputed in
+# backward. Each GELU activation with its F.gelu ``approximate`` argument.
+LEAN_GELUS = {"gelu": "none", "gelu_tanh": "tanh"}
+LEAN_ACTIVATIONS = ("identity", *LEAN_GELUS)
 
 
 def _activate(x: Tensor, activation: str) -> Tensor:
     if activation == "identity":
         return x
-    return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return F.gelu(x, approximate=LEAN_GELUS[activation])
 
 
 @torch.library.custom_op("vitkit::lean_linear", mutates_args=())
@@ -340,7 +348,7 @@ def _lean_linear_backward(d_out: Tensor, x: Tensor, weight: Tensor, activation: 
         d_bias = d_rows.sum(0).to(weight.dtype)
         d_x = d_out.matmul(w)  # (..., in)
         if activation != "identity":
-            d_x = torch.ops.aten.gelu_backward(d_x, x, approximate="tanh" if activation == "gelu_tanh" else "none")
+            d_x = torch.ops.aten.gelu_backward(d_x, x, approximate=LEAN_GELUS[activation])
         return d_x.contiguous(), d_weight, d_bias
 
 
@@ -361,12 +369,6 @@ def _lean_linear_grad(ctx, d_out: Tensor):
 
 
 _lean_linear.register_autograd(_lean_linear_grad, setup_context=_lean_linear_setup)
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a matmul on ``x`` runs in: autocast's where it is on, else x's own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "identity") -> Tensor:
@@ -568,7 +570,7 @@ class FeedForwardBlock(nn.Module):
         GELU and nothing in between (no active dropout); else None."""
         if type(self.act) is not nn.GELU or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
             return None
-        return "gelu_tanh" if self.act.approximate == "tanh" else "gelu"
+        return next(name for name, approximate in LEAN_GELUS.items() if approximate == self.act.approximate)
 
 
 class TransformerEncoderBlock(nn.Module):
