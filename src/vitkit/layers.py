@@ -169,16 +169,16 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
 
 
 # From this many tokens on, lean_training recomputes the attention probabilities in the backward
-# pass instead of keeping them (they grow with the square of the tokens). Measured in one process on
-# a 2-core EPYC, bf16 autocast, ViT-B/16 at 197 tokens, batch 8: recomputing them cost about 2% of the
-# step for 82 MB, the worst trade of the three (lean_linear's weight casts: 172 MB for about 1%; its
-# GELU: 101 MB for under 2%); at vit_fmnist (49 tokens) it cost 13-17%.
+# pass instead of keeping them (they grow with the square of the tokens). Measured with
+# benchmarks/lean_ops.py (one process, 2-core EPYC, bf16 autocast): at ViT-B/16 (197 tokens, batch 8)
+# recomputing them cost 1-5% of the step for 0-77 MB of its peak; at vit_fmnist (49 tokens), 13%.
 RECOMPUTE_MIN_TOKENS = 256
 
 # The lean ops (torch.library custom ops) cost some tens of microseconds each to call, noise at ViT-B/16
-# (8 x 197 x 768 = 1.2M elements into each qkv projection) but not at the small models: measured as
-# above, they made a vit_digits step (128 x 17 x 64) 13% slower and a vit_fmnist step 5% slower, where
-# memory is no concern. Below this many input elements a layer runs as plain autograd.
+# (8 x 197 x 768 = 1.2M elements into each qkv projection) but not at the small models: at any size
+# (benchmarks/lean_ops.py, "lean-any-size"), they made a vit_digits step (128 x 17 x 64) 11% slower and
+# a vit_fmnist step 2% slower, where memory is no concern. Below this many input elements a layer runs
+# as plain autograd.
 LEAN_MIN_ELEMENTS = 2**20
 
 
