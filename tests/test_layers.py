@@ -238,6 +238,48 @@ def test_lean_linear_leaves_small_hooked_and_swapped_layers_alone(monkeypatch):
         layers.lean_linear(x, mlp.fc2.weight, None, "relu")
 
 
+def _onednn_linear_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+
+
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_cpu_inference_runs_linears_through_onednn_with_the_same_logits(dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_digits").eval().to(dtype)
+    x = torch.randn(4, 1, 8, 8, dtype=dtype)
+    with torch.inference_mode():
+        calls = _onednn_linear_calls(lambda: model(x))
+        fast = model(x).float()
+        monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
+        assert _onednn_linear_calls(lambda: model(x)) == 0
+        plain = model(x).float()
+    assert calls >= 3 * model.cfg.depth  # qkv (but the last block's split one), projection, fc1, fc2
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the Linear outputs apart
+    torch.testing.assert_close(fast, plain, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+def test_onednn_linear_stays_out_of_autograd_autocast_hooks_and_compiling():
+    mlp = FeedForwardBlock(16)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        assert _onednn_linear_calls(lambda: mlp(x)) == 2
+    assert _onednn_linear_calls(lambda: mlp(x).sum().backward()) == 0  # autograd records: nn.Linear
+    assert mlp.fc1.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _onednn_linear_calls(lambda: mlp(x)) == 0  # autocast casts: nn.Linear
+    mlp.fc2.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        assert _onednn_linear_calls(lambda: mlp(x)) == 1  # the hooked fc2 runs as itself
+    exported = torch.export.export(FeedForwardBlock(16).eval(), (x,), strict=False)
+    assert not any("mkldnn" in str(node.target) for node in exported.graph.nodes)
+
+
 def test_lean_attention_keeps_probabilities_of_short_sequences_and_leaves_masks_and_dropout_to_math(monkeypatch):
     monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
     calls = []
