@@ -33,8 +33,9 @@ def evaluate(model: nn.Module, split: Split, preprocess: dict, num_classes: int,
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, images
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64)
+    # On the device: no host sync per batch, and tensors that NCCL (CUDA tensors only) can reduce.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits, images
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     mine = torch.arange(dist.rank, len(split), dist.world_size)  # this rank's share, interleaved
     # the same number of batches on every rank (a last one may be empty): an FSDP forward is collective
     for start in range(0, -(-len(split) // dist.world_size), batch_size):
@@ -45,15 +46,15 @@ def evaluate(model: nn.Module, split: Split, preprocess: dict, num_classes: int,
             logits = model(x)
         logits = logits.float()
         topk = logits.topk(k, dim=-1).indices  # (B, k)
-        sums += torch.tensor([
-            F.cross_entropy(logits, y, reduction="sum").item(),
-            (topk[:, 0] == y).sum().item(),
-            (topk == y[:, None]).any(-1).sum().item(),
-            len(idx),
-        ], dtype=torch.float64)
-        confusion += torch.bincount((y * num_classes + topk[:, 0]).cpu(), minlength=num_classes ** 2).double()
-    dist.all_reduce(sums)
-    dist.all_reduce(confusion)
+        sums += torch.stack([
+            F.cross_entropy(logits, y, reduction="sum").double(),
+            (topk[:, 0] == y).sum().double(),
+            (topk == y[:, None]).any(-1).sum().double(),
+            torch.tensor(float(len(idx)), dtype=torch.float64, device=device),
+        ])
+        confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes ** 2).double()
+    sums = dist.all_reduce(sums).cpu()
+    confusion = dist.all_reduce(confusion).cpu()
     model.train(was_training)
     confusion = confusion.reshape(num_classes, num_classes)  # (K*K,) -> (true K, predicted K)
     per_class = (100 * confusion.diagonal() / confusion.sum(1).clamp(min=1)).tolist()

@@ -668,7 +668,10 @@ class Trainer:
         per_rank = cfg.batch_size // dist.world_size
         mine = idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct = 0.0, 0.0
+        # The metrics stay on the device until the step's one all_reduce: no host sync per
+        # micro-batch, and a tensor that NCCL (which reduces CUDA tensors only) can reduce.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.accum_steps):
             micro = mine[k * self.micro_batch:(k + 1) * self.micro_batch]
             x, targets = self.augment(self.data.train.images[micro], self.data.train.labels[micro])
@@ -679,16 +682,16 @@ class Trainer:
                     logits = self.step_model(x)
                 loss = self.loss_fn(logits, targets)
                 (loss / cfg.accum_steps).backward()
-            loss_sum += loss.detach().item() * len(micro)
+            loss_sum += loss.detach().double() * len(micro)
             hard = targets.argmax(-1) if targets.ndim == 2 else targets
-            correct += (logits.detach().argmax(-1) == hard).sum().item()
+            correct += (logits.detach().argmax(-1) == hard).sum()
         # Every rank must agree to stop on a bad loss, or the others would hang in all_reduce.
-        stats = dist.all_reduce(torch.tensor(
-            [loss_sum, correct, len(mine), 0.0 if math.isfinite(loss_sum) else 1.0, float(signum)], dtype=torch.float64
-        ))
+        local = torch.stack([loss_sum, correct, torch.full_like(loss_sum, len(mine)),
+                             (~loss_sum.isfinite()).double(), torch.full_like(loss_sum, float(signum))])
+        stats = dist.all_reduce(local).cpu()  # the step's one host sync
         if stats[3] > 0:
             raise NonFiniteLossError(
-                f"loss became {loss_sum / len(mine):.4g} at epoch {self.epoch + 1}, step {self.global_step + 1}; "
+                f"loss became {float(stats[0] / stats[2]):.4g} at epoch {self.epoch + 1}, step {self.global_step + 1}; "
                 f"stopped. The last good checkpoint is kept in {self.run.last} "
                 f"({'epoch ' + str(self.epoch) if self.run.last.exists() else 'none was written yet'}). "
                 f"Try a lower --lr (now {cfg.lr:g}), --clip-grad, or --precision fp32"
