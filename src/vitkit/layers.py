@@ -532,8 +532,12 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(weight, Tensor):  # a quantised or otherwise swapped-in qkv: run it whole
             q, k, v = self._project_qkv(x)
             return q[:, :, :num_queries], k, v
-        q = F.linear(x[:, :num_queries], weight[:e], None if bias is None else bias[:e])
-        kv = F.linear(x, weight[e:], None if bias is None else bias[e:])
+        # split, not two slices: its gradient is one concatenation, where each slice's would be
+        # zeros the size of the whole weight, then added together
+        w_q, w_kv = weight.split([e, 2 * e])
+        b_q, b_kv = (None, None) if bias is None else bias.split([e, 2 * e])
+        q = F.linear(x[:, :num_queries], w_q, b_q)
+        kv = F.linear(x, w_kv, b_kv)
         q = q.reshape(b, num_queries, self.num_heads, self.head_dim).transpose(1, 2)  # (B, q, E) -> (B, h, q, d)
         k, v = _heads_first(kv.reshape(b, n, 2, self.num_heads, self.head_dim))  # (B, N, 2E) -> 2 x (B, h, N, d)
         return q, k, v
