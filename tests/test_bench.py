@@ -72,6 +72,16 @@ def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
     fast_model = optimize_for_inference(model, precision="bf16", compile=True)
     out = fast_model(x)
     assert out.dtype == torch.bfloat16 and not model.training
+    if has_native_bf16("cpu"):  # frozen for real: Inductor prepacked the weights into oneDNN's linear
+        from torch.profiler import profile
+
+        with profile() as prof:
+            fast_model(x)
+        ops = {event.name for event in prof.events()}
+        assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, sorted(ops)
+    import torch._inductor.config as inductor_config
+
+    assert not inductor_config.freezing  # switched on around the model's calls only
     assert not any(p.requires_grad for p in model.parameters())
     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings deep.
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
