@@ -88,6 +88,22 @@ def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
     assert (out.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="oneDNN prepacks bf16 Linear layers on bf16 CPUs")
+def test_frozen_inference_is_not_handed_a_graph_compiled_plainly_for_the_same_class():
+    from torch.profiler import profile
+
+    cfg, cpu = get_config("vit_digits"), torch.device("cpu")
+    # timm's model compiled as a timm user would (that graph fits any instance), then another
+    # instance through vitkit's recipe: the bench's timm and timm-recipe contestants
+    plain = build_contestant("timm", cfg, "infer", "bf16", True, 2, cpu)
+    recipe = build_contestant("timm-recipe", cfg, "infer", "bf16", True, 2, cpu)
+    with profile() as prof:
+        recipe.step()
+    ops = {event.name for event in prof.events()}
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, sorted(ops)
+    assert plain.step().shape == recipe.step().shape
+
+
 def test_int8_inference_stays_close_to_fp32():
     model = create_model("vit_digits").eval()
     x = torch.rand(32, 1, 8, 8)

@@ -164,6 +164,24 @@ class InferenceModel(nn.Module):
             return self.model(x)
 
 
+class _FrozenForward(nn.Module):
+    """What ``torch.compile`` compiles for a frozen inference model: a forward of its own.
+
+    Dynamo caches graphs per code object. A graph compiled without freezing takes the weights as
+    inputs and fits every instance of the model's class, so a later frozen compile of another
+    instance would be handed that graph, unfrozen (the bench's ``timm-recipe`` after ``timm``
+    compiled plainly). Frozen graphs guard on the weights they hold, one instance each; under this
+    wrapper's code they never meet the class's other graphs.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
 def _inductor_freezing(on: bool) -> AbstractContextManager:
     """Inductor's ``freezing`` switched on for the calls that may compile, and only for them.
 
@@ -213,7 +231,8 @@ def optimize_for_inference(
     if compile:
         if freezing is None:
             freezing = device.type == "cpu"
-        model = torch.compile(model)  # frozen by InferenceModel.forward, around each call (see _inductor_freezing)
+        # Frozen by InferenceModel.forward, around each call (see _inductor_freezing).
+        model = torch.compile(_FrozenForward(model) if freezing else model)
     return InferenceModel(model, precision, device, channels_last, freezing=bool(compile and freezing))
 
 
