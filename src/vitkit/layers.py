@@ -230,8 +230,8 @@ def _heads_as_batch(x: Tensor) -> Tensor:
 
 
 def _scaled_bmm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``scale · (a @ b)`` batched, the scale applied in the matmul's fp32 accumulator (alpha):
-    no pass over an operand or the result (a separate scaling pass cost as much as the copies)."""
+    """``scale · (a @ b)`` batched, the scale applied in the matmul's fp32 accumulator (alpha), not
+    in a pass over an operand or the result."""
     # beta=0: the input is ignored; a broadcast zero stands in for it, allocating nothing.
     return torch.baddbmm(a.new_zeros(()).expand(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=scale)
 
