@@ -64,6 +64,16 @@ def test_training_step_updates_the_weights():
     assert all(not torch.equal(b, p) for b, p in zip(before, c.model.parameters()))
 
 
+def assert_runs_prepacked_linears(call) -> None:
+    """Frozen for real: Inductor prepacked the weights into oneDNN's linear, no ``addmm`` is left."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        call()
+    ops = {event.name for event in prof.events()}
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, sorted(ops)
+
+
 def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
     model = create_model("vit_digits", depth=1).eval()
     x = torch.rand(4, 1, 8, 8)
@@ -72,13 +82,8 @@ def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
     fast_model = optimize_for_inference(model, precision="bf16", compile=True)
     out = fast_model(x)
     assert out.dtype == torch.bfloat16 and not model.training
-    if has_native_bf16("cpu"):  # frozen for real: Inductor prepacked the weights into oneDNN's linear
-        from torch.profiler import profile
-
-        with profile() as prof:
-            fast_model(x)
-        ops = {event.name for event in prof.events()}
-        assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, sorted(ops)
+    if has_native_bf16("cpu"):
+        assert_runs_prepacked_linears(lambda: fast_model(x))
     import torch._inductor.config as inductor_config
 
     assert not inductor_config.freezing  # switched on around the model's calls only
@@ -90,17 +95,12 @@ def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
 
 @pytest.mark.skipif(not has_native_bf16("cpu"), reason="oneDNN prepacks bf16 Linear layers on bf16 CPUs")
 def test_frozen_inference_is_not_handed_a_graph_compiled_plainly_for_the_same_class():
-    from torch.profiler import profile
-
     cfg, cpu = get_config("vit_digits"), torch.device("cpu")
     # timm's model compiled as a timm user would (that graph fits any instance), then another
     # instance through vitkit's recipe: the bench's timm and timm-recipe contestants
     plain = build_contestant("timm", cfg, "infer", "bf16", True, 2, cpu)
     recipe = build_contestant("timm-recipe", cfg, "infer", "bf16", True, 2, cpu)
-    with profile() as prof:
-        recipe.step()
-    ops = {event.name for event in prof.events()}
-    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, sorted(ops)
+    assert_runs_prepacked_linears(recipe.step)
     assert plain.step().shape == recipe.step().shape
 
 
