@@ -17,8 +17,8 @@ What is on by default, and why:
   GEMMs get oneDNN-prepacked weights with the bias (and GELU) fused into the same kernel, and
   memory is planned once for the whole graph. Measured on a 2-core AVX512-BF16 EPYC for
   ViT-B/16 (batch 8): bf16 eager runs at 91-93% of the bf16 matmul rate (its Linear layers go
-  through the same oneDNN primitive, ``layers._cpu_linear``), and frozen compiled bf16 ran 8-12%
-  faster than that; in fp32 the frozen graph was 7-9% *slower* than eager (README, "Performance").
+  through the same oneDNN primitive, ``layers._cpu_linear``), and frozen compiled bf16 ran 8%
+  faster than that; in fp32 the frozen graph was 8% *slower* than eager (README, "Performance").
 
 What is not default, and why:
 
@@ -189,7 +189,7 @@ def _inductor_freezing(on: bool) -> AbstractContextManager:
     Dynamo reads the global flag while it traces, to decide whether the parameters become graph
     constants, so with the option alone the weights stay inputs and nothing is frozen or prepacked
     (torch 2.14: every Linear stayed ``addmm``; with the flag, oneDNN's prepacked linear with the
-    bias and GELU fused, and ViT-B/16 bf16 inference 8-12% faster than eager).
+    bias and GELU fused, and ViT-B/16 bf16 inference 8% faster than eager).
     """
     if not on:
         return contextlib.nullcontext()

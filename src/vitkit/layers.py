@@ -197,7 +197,7 @@ def lean_training(x: Tensor) -> bool:
     keeps neither bf16 copies of the weights nor gelu(h) between the passes. Measured on a 2-core EPYC
     (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a vit_fmnist training
     step (49 tokens, batch 128) ran 2.9x timm's (fused) speed, vit_digits 3.7x, ViT-B/16 (batch 8)
-    1.15-1.28x with 8-20% less peak memory. In fp32 the fused backward is the faster one (vit_fmnist:
+    1.16-1.28x with 8-20% less peak memory. In fp32 the fused backward is the faster one (vit_fmnist:
     1,129 against 1,032 images/s), and inference (no autograd) stays fused everywhere.
     """
     return (x.device.type == "cpu" and compute_dtype(x) != torch.float32 and torch.is_grad_enabled()
@@ -330,8 +330,8 @@ def _activate(x: Tensor, activation: str) -> Tensor:
 
 # oneDNN's linear primitive (what inductor calls for CPU Linear layers): the bias goes into the
 # matmul's accumulator as with addmm, but addmm first writes the bias into every output row, a pass
-# over the output. 2-5% faster per ViT-B Linear; ViT-B/16 eager inference (batch 8) 3-4% faster in
-# fp32 and in bf16. It has no autograd formula: only for what autograd does not record.
+# over the output. ViT-B/16 eager inference (batch 8, benchmarks/onednn_linear.py): 1.12-1.19x in
+# fp32, 1.00-1.02x in bf16. It has no autograd formula: only for what autograd does not record.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -443,8 +443,7 @@ def _heads_first(projected: Tensor) -> tuple[Tensor, ...]:
     Unbinding dim 2 before moving the heads, rather than permuting to (k, B, h, N, d) first as timm
     does, matters to the backward pass: torch's attention kernels return gradients laid out
     (B, N, h, d), so autograd stacks them straight into the (B, N, k, h, d) layout of the Linear's
-    output gradient, one copy instead of a stack and then a reshape copy (vit_fmnist fp32 training
-    step: 3% faster, vit_digits 4%).
+    output gradient, one copy instead of a stack and then a reshape copy.
     """
     return tuple(t.transpose(1, 2) for t in projected.unbind(2))
 
