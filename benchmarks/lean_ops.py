@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from vitkit import layers
+from vitkit import fast, layers
 from vitkit.bench import build_contestant, machine_info, peak_memory_mb
 from vitkit.config import get_config
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="then profile one 'lean' step (torch.profiler): where its time goes, op by op")
     args = p.parse_args(argv)
+    fast.tune_cpu_allocator()  # as in vitkit's own commands; process-wide, so timm runs under it too
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")

@@ -21,6 +21,7 @@ import torch
 from vitkit import layers
 from vitkit.bench import build_contestant, machine_info
 from vitkit.config import get_config
+from vitkit.fast import tune_cpu_allocator
 
 CONFIGS = [("infer", "fp32"), ("infer", "bf16"), ("train", "bf16-autocast")]
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=9)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
+    tune_cpu_allocator()  # as in vitkit's own commands
     if args.threads:
         torch.set_num_threads(args.threads)
     device, cfg = torch.device("cpu"), get_config(args.model)

@@ -378,6 +378,7 @@ def run_benchmark(
     on CPU, 8192 on GPU).
     """
     fast.check_precision(precision, inference=mode == "infer")
+    fast.tune_cpu_allocator()  # process-wide: every contestant runs under it
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if batch_size < 1 or runs < 1 or warmup < 0:

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so atomic writers remove their temporaries on the way out.
     # (`vitkit train` installs its own handler: it finishes the step and saves last/.)
     signal.signal(signal.SIGTERM, _interrupt)
+    from .fast import tune_cpu_allocator
+
+    tune_cpu_allocator()  # freed tensors stay in the process: no page faults batch after batch
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

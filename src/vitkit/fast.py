@@ -37,6 +37,8 @@ What is not default, and why:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 from contextlib import AbstractContextManager
 
 import torch
@@ -97,6 +99,48 @@ def cpu_info() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, flags
+
+
+# glibc malloc's mallopt(3) parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process for reuse, instead of glibc handing it back to the OS.
+
+    glibc's malloc serves large blocks with mmap, and trims the top of its heap whenever enough is
+    free there: a training or inference step that frees its activations gives the pages back, and
+    the next step faults them in again, each one zero-filled by the kernel. ``benchmarks/allocator.py``
+    (fresh processes, each setting in turn; 2-core EPYC) counted per ViT-B/16 bf16 training step
+    (batch 8) 63,000 page faults with glibc's defaults and 600 tuned (the step 1.03x faster); per
+    inference step 47,000 and none (1.04x); per vit_fmnist fp32 training step 12,000 and 160 (1.10x).
+    Blocks under 32 MiB now come from the heap, and the heap is never trimmed: the resident set stays
+    at its high-water mark, as with a caching allocator (jemalloc, tcmalloc, or CUDA's).
+
+    Process-wide; ``vitkit`` commands, ``vitkit.train`` and ``vitkit.bench`` call it. It does nothing,
+    and returns False, where the C library is not glibc, where ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` is set (the user's own choice wins), or with ``VITKIT_TUNE_MALLOC=0``.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if os.environ.get("VITKIT_TUNE_MALLOC", "1") == "0" or any(
+            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl and others take other parameters
+        return False
+    # The mmap threshold first: setting either parameter by hand stops glibc adapting the other,
+    # and a fixed default mmap threshold (128 KiB) would map nearly every tensor afresh.
+    _allocator_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _allocator_tuned
 
 
 def default_precision(device: str | torch.device = "cpu") -> str:

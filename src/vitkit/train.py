@@ -51,7 +51,7 @@ from .distributed import (
     wrap_model,
 )
 from .fast import autocast as fast_autocast
-from .fast import default_training_precision
+from .fast import default_training_precision, tune_cpu_allocator
 from .model import ViT, create_model
 
 STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
@@ -508,6 +508,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        tune_cpu_allocator()  # no page faults step after step (process-wide)
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
         self.precision = resolve_precision(cfg.precision, self.device)
