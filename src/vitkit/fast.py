@@ -19,6 +19,8 @@ What is on by default, and why:
   ViT-B/16 (batch 8): bf16 eager runs at 91-93% of the bf16 matmul rate (its Linear layers go
   through the same oneDNN primitive, ``layers._cpu_linear``), and frozen compiled bf16 ran 8%
   faster than that; in fp32 the frozen graph was 8% *slower* than eager (README, "Performance").
+* ``tune_cpu_allocator``, called by the CLI, the trainer and the benchmark: glibc keeps freed
+  tensors for the next step instead of returning their pages to the OS and faulting them in again.
 
 What is not default, and why:
 

@@ -196,8 +196,8 @@ def lean_training(x: Tensor) -> bool:
     tokens on it recomputes the probabilities), and the Linear layers take ``lean_linear``, which
     keeps neither bf16 copies of the weights nor gelu(h) between the passes. Measured on a 2-core EPYC
     (avx512_bf16), bf16 autocast, in one process (``benchmarks/throughput.py``): a vit_fmnist training
-    step (49 tokens, batch 128) ran 2.9x timm's (fused) speed, vit_digits 3.7x, ViT-B/16 (batch 8)
-    1.16-1.28x with 8-20% less peak memory. In fp32 the fused backward is the faster one (vit_fmnist:
+    step (49 tokens, batch 128) ran 2.9-3.2x timm's (fused) speed, vit_digits 3.4-3.7x, ViT-B/16
+    (batch 8) 1.16-1.22x with 9-20% less peak memory. In fp32 the fused backward is the faster one (vit_fmnist:
     1,129 against 1,032 images/s), and inference (no autograd) stays fused everywhere.
     """
     return (x.device.type == "cpu" and compute_dtype(x) != torch.float32 and torch.is_grad_enabled()
