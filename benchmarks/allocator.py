@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(*json.loads(args.child))))
         return 0
-    from vitkit.bench import machine_info
+    from vitkit.bench import machine_info, machine_line
 
     info = machine_info(torch.device("cpu"))
-    print(f"machine: {info['cpu']}; {info['threads']} threads; cpu flags: {' '.join(info['cpu_flags'])}; "
-          f"torch {info['torch']}")
+    print(machine_line(info))
     print(f"{args.library}, eager, {args.steps} steps per process, median of {args.rounds} processes per setting")
     print(f"{'model':<22}{'batch':>6}  {'mode':<6}{'precision':<15}{'faults/step':>22}{'sys ms':>14}"
           f"{'ms/step':>18}{'speed-up':>10}")

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 
 from vitkit import fast, layers
-from vitkit.bench import build_contestant, machine_info, peak_memory_mb
+from vitkit.bench import build_contestant, machine_info, machine_line, peak_memory_mb
 from vitkit.config import get_config
 
 # contestant -> (library, {vitkit.layers threshold: value for its turn})
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             memory[name] = peak_memory_mb(c.step, device)
 
     info = machine_info(device)
-    print(f"machine: {info['cpu']}; {info['threads']} threads; cpu flags: {' '.join(info['cpu_flags'])}; "
-          f"torch {info['torch']}")
+    print(machine_line(info))
     print(f"model {args.model}, batch {args.batch_size}, train step, bf16 autocast, median of {args.runs} runs")
     timm_s = statistics.median(times["timm"])
     print(f"{'contestant':<16}{'ms/step':>10}{'vs timm':>10}{'peak MB':>10}")

@@ -19,7 +19,7 @@ import time
 import torch
 
 from vitkit import layers
-from vitkit.bench import build_contestant, machine_info
+from vitkit.bench import build_contestant, machine_info, machine_line
 from vitkit.config import get_config
 from vitkit.fast import tune_cpu_allocator
 
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device, cfg = torch.device("cpu"), get_config(args.model)
     info = machine_info(device)
-    print(f"machine: {info['cpu']}; {info['threads']} threads; cpu flags: {' '.join(info['cpu_flags'])}; "
-          f"torch {info['torch']}")
+    print(machine_line(info))
     print(f"model {args.model}, batch {args.batch_size}, median of {args.runs} runs; eager")
     print(f"{'mode':<8}{'precision':<16}{'oneDNN ms':>11}{'addmm ms':>11}{'speed-up':>10}")
     saved = layers.ONEDNN_LINEAR

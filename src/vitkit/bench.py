@@ -103,6 +103,12 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def machine_line(m: dict) -> str:
+    """``machine_info`` in one line: what every report and benchmark script prints first."""
+    return (f"machine: {m.get('gpu') or m['cpu']}; {m['threads']} threads; cpu flags: {' '.join(m['cpu_flags']) or 'n/a'} "
+            f"(capability {m['cpu_capability']}); native bf16: {m['native_bf16']}; torch {m['torch']}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -326,10 +332,8 @@ class Report:
 
     def table(self) -> str:
         m = self.machine
-        where = m.get("gpu") or m["cpu"]
         lines = [
-            f"machine: {where}; {m['threads']} threads; cpu flags: {' '.join(m['cpu_flags']) or 'n/a'} "
-            f"(capability {m['cpu_capability']}); native bf16: {m['native_bf16']}; torch {m['torch']}",
+            machine_line(m),
             f"matmul rate ({self.matmul_dtype}): {self.matmul_gflops:.1f} GFLOP/s measured, "
             f"{self.matmul_gflops_per_cpu_s:.1f} GFLOP per CPU second"
             + (f"; datasheet peak {m['gpu_peak_bf16_tflops']} TFLOP/s bf16" if m.get("gpu_peak_bf16_tflops") else ""),
