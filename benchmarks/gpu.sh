@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 6's GPU path, checked and measured in one call of a lent GPU machine (README "Performance").
+#
+#   OUT=/tmp/gpu BUDGET_S=560 bash benchmarks/gpu.sh
+#
+# Runs from the repository root with the machine's own python3 (torch, timm, safetensors, einops,
+# scikit-learn there); vitkit comes from src/. Steps run in order of importance, each under its own
+# time limit and all under BUDGET_S seconds, so one that hangs costs only itself and the log comes
+# back whole. Everything is appended to $OUT/gpu.log; the bench tables also go to $OUT/*.json.
+set -u
+OUT=${OUT:-/tmp/vitkit-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+
+step() {  # step LIMIT_S CMD...: run CMD under min(LIMIT_S, time left); skip it when under 20 s are left
+    local limit=$1 left=$((DEADLINE - SECONDS)) t0=$SECONDS
+    shift
+    ((left < limit)) && limit=$left
+    echo
+    if ((limit < 20)); then echo "=== SKIPPED (budget spent): $*"; return; fi
+    echo "=== $* (limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "=== rc=$? in $((SECONDS - t0))s"
+}
+bench() {  # bench LIMIT_S NAME FLAGS...
+    local limit=$1 name=$2
+    shift 2
+    step "$limit" "$PY" -m vitkit bench --device cuda --runs 20 --warmup 3 --json "$OUT/$name.json" "$@"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+"$PY" -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"
+
+# 1. correctness on the device: parity with timm, flash attention, where the step's time goes
+step 100 "$PY" benchmarks/gpu_checks.py --batch-size 64
+
+# 2. eager speed (fast to run), the naive math-attention baseline included
+bench 90 infer_bf16_eager --mode infer --precision bf16 --batch-size 256 --contestants vitkit,timm,vitkit-math
+bench 90 train_autocast_eager --mode train --precision bf16-autocast --batch-size 128 --contestants vitkit,timm,vitkit-math
+
+# 3. the training CLI on CUDA: a run interrupted after epoch 3 and resumed, against one straight run,
+#    then eval; torchrun with NCCL (DDP and FSDP, one process: the machine has one GPU)
+RUNS=$(mktemp -d)
+TRAIN=(-m vitkit train --config configs/digits.yaml --epochs 6 --warmup-epochs 1 --precision bf16 --device cuda --progress off)
+step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/straight"
+step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/resumed" --stop-after-epoch 3
+step 60 "$PY" -m vitkit train --resume "$RUNS/resumed" --progress off
+for r in straight resumed; do echo "-- $r/metrics.csv"; cat "$RUNS/$r/metrics.csv"; done
+step 45 "$PY" -m vitkit eval "$RUNS/resumed" --device cuda --precision bf16
+for strategy in ddp fsdp; do
+    step 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "${TRAIN[@]}" --epochs 2 \
+        --strategy "$strategy" --ema false --out "$RUNS/torchrun-$strategy"
+    cat "$RUNS/torchrun-$strategy/metrics.csv"
+done
+
+# 4. fp32 (TF32 off, as torch's default) and compiled speed
+bench 60 infer_fp32_eager --mode infer --precision fp32 --batch-size 256 --contestants vitkit,timm
+bench 150 infer_bf16_compiled --mode infer --precision bf16 --compile --batch-size 256 --contestants vitkit,timm
+bench 200 train_autocast_compiled --mode train --precision bf16-autocast --compile --batch-size 128 --contestants vitkit,timm
+echo "=== done in ${SECONDS}s"

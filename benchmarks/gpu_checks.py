@@ -1,0 +1,111 @@
+"""What a GPU run of vitkit must show besides speed: same logits as timm, flash attention, a clean profile.
+
+    python benchmarks/gpu_checks.py              # on the first CUDA device (falls back to CPU to try it out)
+
+Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
+1. vitkit against timm with the same (random) weights on the device: the largest logit difference in
+   fp32 and in bf16 autocast, relative to the logits' scale.
+2. Which SDPA kernel vitkit's attention gets: the forward and backward of a bf16 ViT-B/16 step run
+   with only the flash kernel allowed (an error here means vitkit's attention falls off flash).
+3. The ten most expensive device kernels of one bf16-autocast ViT-B/16 training step, vitkit and timm
+   side by side, so a gap in the bench can be traced to a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from vitkit import fast
+from vitkit.bench import timm_model
+from vitkit.convert.timm import KEYS
+from vitkit.model import ViT, get_config
+
+
+def timm_twin(model: ViT, device: torch.device):
+    """timm's VisionTransformer of the same architecture, holding ``model``'s weights."""
+    theirs = timm_model(model.cfg)
+    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg)
+    theirs.load_state_dict(state)
+    return theirs.to(device).eval()
+
+
+def parity(device: torch.device, name: str, batch: int) -> None:
+    torch.manual_seed(0)
+    ours = ViT(get_config(name)).to(device).eval()
+    theirs = timm_twin(ours, device)
+    x = torch.randn(batch, 3, *ours.cfg.img_size, device=device)
+    for precision in ("fp32", "bf16-autocast"):
+        with torch.inference_mode(), fast.autocast(precision, device):
+            a, b = ours(x).float(), theirs(x).float()
+        rel = ((a - b).norm() / b.norm()).item()
+        print(f"parity {name} {precision}: max |vitkit - timm| = {(a - b).abs().max().item():.3g}, "
+              f"relative norm {rel:.3g}, same top-1 for {(a.argmax(1) == b.argmax(1)).float().mean().item():.0%}")
+
+
+def flash_only(device: torch.device, batch: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = ViT(get_config("vit_base_patch16_224")).to(device).train()
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+    try:
+        with sdpa_kernel(backend), fast.autocast("bf16-autocast", device):
+            loss = F.cross_entropy(model(x).float(), y)
+        with sdpa_kernel(backend):
+            loss.backward()
+        print(f"attention: forward and backward ran with only {backend.name} allowed (loss {loss.item():.3f})")
+    except RuntimeError as e:
+        print(f"attention: FAILED with only {backend.name} allowed: {str(e).splitlines()[0]}")
+
+
+def profile_step(device: torch.device, batch: int, top: int = 10) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    ours = ViT(get_config("vit_base_patch16_224")).to(device)
+    models = {"vitkit": ours, "timm": timm_twin(ours, device)}
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    for name, model in models.items():
+        model.train()
+        opt = fast.adamw(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            with fast.autocast("bf16-autocast", device):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=[activity]) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n-- {name}: one bf16-autocast ViT-B/16 training step, batch {batch}, top {top} kernels")
+        print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
+    parity(device, "vit_base_patch16_224", 8)
+    flash_only(device, 8)
+    profile_step(device, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
