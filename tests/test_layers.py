@@ -1,10 +1,13 @@
 """The seed's blocks: shapes of its walk-through, its bugs fixed, fused == math."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkit
 from vitkit import (
@@ -421,3 +424,63 @@ def test_compiled_lean_block_follows_the_eager_one(monkeypatch):
     compiled = run(torch.compile(block, fullgraph=True))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=0)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that ops created while active (inputs and weights
+    excluded): a device-free measure of a forward pass's working memory. A storage is counted
+    from the op that made it until torch frees it (its Python object lives exactly that long)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = set(), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                self.live.add(key)
+                self.now += size
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key, size):
+        self.live.discard(key)
+        self.now -= size
+
+
+def test_eager_inference_runs_gelu_in_place_for_a_lower_peak_than_timm_with_the_same_logits():
+    from vitkit.bench import timm_model
+
+    torch.manual_seed(0)
+    cfg = vitkit.get_config("vit_tiny_patch16_224", depth=2)
+    ours = vitkit.ViT(cfg).eval()
+    theirs = timm_model(cfg).eval()
+    theirs.load_state_dict(vitkit.convert.timm.KEYS.from_vitkit(ours.state_dict(), cfg))
+    x = torch.randn(4, 3, 224, 224)
+    with torch.enable_grad():
+        reference = ours(x.requires_grad_())  # autograd records: GELU out of place
+    x = x.detach()
+    peaks = {}
+    for name, model in (("vitkit", ours), ("timm", theirs)):
+        with torch.inference_mode(), LiveBytes() as live:
+            out = model(x)
+        peaks[name] = live.peak
+        torch.testing.assert_close(out, reference.detach(), rtol=1e-4, atol=1e-4)
+    hidden = 4 * 197 * 4 * cfg.emb_size * 4  # one fp32 (B, N, hidden) tensor
+    assert peaks["vitkit"] <= peaks["timm"] - 0.9 * hidden, peaks
+
+
+def test_in_place_gelu_leaves_hooked_layers_their_own_outputs():
+    mlp = FeedForwardBlock(16).eval()
+    x = torch.randn(2, 3, 16)
+    seen = {}
+    mlp.fc1.register_forward_hook(lambda module, args, out: seen.setdefault("fc1", out))
+    mlp.act.register_forward_hook(lambda module, args, out: seen.setdefault("act", out))
+    with torch.no_grad():
+        mlp(x)
+    torch.testing.assert_close(seen["fc1"], F.linear(x, mlp.fc1.weight, mlp.fc1.bias))  # not overwritten by GELU
+    torch.testing.assert_close(seen["act"], F.gelu(seen["fc1"]))  # the act's hook fired

@@ -401,18 +401,18 @@ def lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
     return _lean_linear(x.to(compute_dtype(x)), weight, bias, activation)
 
 
-def _stock_linear(layer: nn.Module) -> bool:
-    """A plain nn.Linear with no hooks: one that vitkit may run through another function (a hook
-    would not see the call; a subclass or a quantised layer computes something else)."""
+def _stock(module: nn.Module, cls: type) -> bool:
+    """A plain ``cls`` (nn.Linear, nn.GELU) with no hooks: one that vitkit may run through another
+    function (a hook would not see the call; a subclass or a quantised layer computes something else)."""
     from torch.nn.modules import module as nn_module
 
-    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
             and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
 
 
 def lean_linear_applies(layer: nn.Module, x: Tensor) -> bool:
     """Whether ``layer(x)`` may run as ``lean_linear``: a stock Linear where ``lean_ops_pay``."""
-    return lean_ops_pay(x) and _stock_linear(layer)
+    return lean_ops_pay(x) and _stock(layer, nn.Linear)
 
 
 def _inference_linear_applies(layer: nn.Module, x: Tensor) -> bool:
@@ -421,7 +421,7 @@ def _inference_linear_applies(layer: nn.Module, x: Tensor) -> bool:
     its own kernels, and an exported graph stays portable)."""
     if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    if not _stock_linear(layer):
+    if not _stock(layer, nn.Linear):
         return False
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
@@ -614,12 +614,19 @@ class FeedForwardBlock(nn.Module):
         lean_gelu = self._lean_gelu(h)
         if lean_gelu:  # fc2(gelu(h)) in one op that keeps only h
             return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, lean_gelu))
-        return self.drop2(_linear(self.fc2, self.drop1(self.act(h))))
+        if (_stock(self.act, nn.GELU) and _stock(self.fc1, nn.Linear) and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and h.requires_grad)):  # compiled/exported graphs stay functional
+            # Eager inference: GELU in place on fc1's output, which nothing else holds (no hook
+            # kept it). The block's peak is then one (B, N, hidden) tensor, not two (timm's has both).
+            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        else:
+            h = self.act(h)  # rebinding h frees fc1's output before fc2 runs when autograd need not keep it
+        return self.drop2(_linear(self.fc2, self.drop1(h)))
 
     def _lean_gelu(self, h: Tensor) -> str | None:
         """The ``lean_linear`` activation for fc2(drop1(act(h))) where that op can run it: the stock
         GELU and nothing in between (no active dropout); else None."""
-        if type(self.act) is not nn.GELU or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
+        if not _stock(self.act, nn.GELU) or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
             return None
         return next(name for name, approximate in LEAN_GELUS.items() if approximate == self.act.approximate)
 
@@ -661,6 +668,7 @@ class TransformerEncoderBlock(nn.Module):
         else:
             y, att = self.attn(self.norm1(x), mask=mask), None
         x = x + self.drop_path(y)
+        del y  # in inference, the attention output would otherwise stay alive through the MLP's peak
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, att) if return_attention else x
 
