@@ -250,6 +250,7 @@ def optimize_for_inference(
     compile: bool = True,
     freezing: bool | None = None,
     device: str | torch.device | None = None,
+    channels_last: bool | None = None,
 ) -> InferenceModel:
     """Eval mode, frozen weights, bf16 where it pays, ``torch.compile``: the fastest forward pass.
 
@@ -259,8 +260,9 @@ def optimize_for_inference(
     changing the original model's weights afterwards does not reach it. Works on any
     ``nn.Module`` taking an image batch (vitkit's ViT, or a timm/torchvision model).
 
-    On CUDA the patch convolution is switched to channels-last (NHWC), the layout cuDNN's bf16
-    convolutions prefer; SDPA picks the flash kernel for bf16 on its own.
+    ``channels_last`` (default: on for CUDA) switches the patch convolution and its input to NHWC,
+    the layout cuDNN's bf16 convolutions prefer (``benchmarks/channels_last.py`` measures it); SDPA
+    picks the flash kernel for bf16 on its own.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = check_precision(precision or default_precision(device), inference=True)
@@ -271,7 +273,9 @@ def optimize_for_inference(
         model = quantize_int8(model)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    channels_last = device.type == "cuda" and _patch_conv(model) is not None
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    channels_last = channels_last and _patch_conv(model) is not None
     if channels_last:
         _patch_conv(model).to(memory_format=torch.channels_last)
     if compile:
