@@ -271,7 +271,10 @@ class BatchAugment:
     Cheap geometric steps (random translation, horizontal flip) are vectorised over the
     batch; RandAugment / TrivialAugment and random erasing are torchvision.transforms.v2
     applied per image (each image its own random op); MixUp / CutMix are v2's batch transforms.
-    All randomness comes from torch's global RNG, which a checkpoint saves and restores.
+    All randomness comes from torch's global CPU RNG, which a checkpoint saves and restores, also
+    for a batch on a GPU: the trainer moves the uint8 batch first and augments it there (a quarter
+    of the bytes of a float batch cross the bus, and the host's one core is not the GPU's feeder),
+    with the same draws, so a run's augmentations do not depend on the device.
     """
 
     def __init__(self, preprocess: dict, num_classes: int, translate: int = 0, hflip: float = 0.0,
@@ -306,11 +309,11 @@ class BatchAugment:
         b, _, h, w = x.shape
         t = self.translate
         padded = torch.nn.functional.pad(x, (t, t, t, t))  # (B, C, H+2t, W+2t)
-        oy = torch.randint(0, 2 * t + 1, (b,))
-        ox = torch.randint(0, 2 * t + 1, (b,))
-        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-        out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (B, H, W, C)
+        oy = torch.randint(0, 2 * t + 1, (b,)).to(x.device)
+        ox = torch.randint(0, 2 * t + 1, (b,)).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # (B, H, W, C)
         return out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,7 +321,7 @@ class BatchAugment:
         if self.translate > 0:
             x = self.shift(x)
         if self.hflip > 0:
-            flip = torch.rand(x.shape[0]) < self.hflip
+            flip = (torch.rand(x.shape[0]) < self.hflip).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.auto is not None:
             x = torch.stack([self.auto(img) for img in x])

@@ -675,8 +675,9 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.accum_steps):
             micro = mine[k * self.micro_batch:(k + 1) * self.micro_batch]
-            x, targets = self.augment(self.data.train.images[micro], self.data.train.labels[micro])
-            x, targets = x.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            # uint8 images to the device, then augmented there (see BatchAugment)
+            x = self.data.train.images[micro].to(self.device, non_blocking=True)
+            x, targets = self.augment(x, self.data.train.labels[micro].to(self.device, non_blocking=True))
             sync = k == cfg.accum_steps - 1 or not dist.distributed
             with no_sync(self.ddp, sync):
                 with autocast(self.device, self.precision):

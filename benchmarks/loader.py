@@ -1,0 +1,70 @@
+"""How fast the training loader feeds a model: images/s of one batch's indexing, transfer and augmentation.
+
+    python benchmarks/loader.py                       # configs/digits.yaml and configs/fashion_mnist.yaml
+    python benchmarks/loader.py --device cuda         # the same on a GPU (augmented there, as vitkit train does)
+
+What ``vitkit train`` does per step before the model runs: index the uint8 training images with the
+step's batch, move them to the device, and augment them there (``vitkit.data.BatchAugment`` with the
+config's translation, flips, RandAugment, erasing, MixUp/CutMix). Compare the figure with the
+training images/s that ``vitkit bench --mode train`` or the run's metrics.csv show for the same
+model: the loader is the bottleneck only when it is the lower of the two. On CPU it runs on
+``--threads`` threads (default 1: the loader shares the cores with training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from vitkit.bench import _sync, machine_info, machine_line
+from vitkit.data import BatchAugment, global_batches, load_dataset
+from vitkit.train import resolve_config
+
+
+def loader_rate(config: str, device: torch.device, batches: int, data_dir: str | None) -> tuple[str, int, float]:
+    cfg = resolve_config(config, {"data_dir": data_dir} if data_dir else None)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    augment = BatchAugment(
+        data.preprocess, data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
+        random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+        mixup_prob=cfg.mixup_prob,
+    )
+    order = [idx for epoch in range(batches) for idx in global_batches(len(data.train), cfg.batch_size, 0, epoch)]
+    times = []
+    for i in range(batches + 3):  # three warm-up batches
+        idx = order[i % len(order)]
+        _sync(device)
+        start = time.perf_counter()
+        x = data.train.images[idx].to(device, non_blocking=True)
+        x, targets = augment(x, data.train.labels[idx].to(device, non_blocking=True))
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return cfg.dataset, cfg.batch_size, cfg.batch_size / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("configs", nargs="*", default=["configs/digits.yaml", "configs/fashion_mnist.yaml"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", help="where fashion-mnist's idx files are, if not in the default place")
+    p.add_argument("--batches", type=int, default=200, help="timed batches (median reported)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(machine_line(machine_info(device)))
+    print(f"{'config':<32}{'dataset':<16}{'batch':>6}{'images/s':>12}")
+    for config in args.configs:
+        dataset, batch, rate = loader_rate(config, device, args.batches, args.data_dir)
+        print(f"{config:<32}{dataset:<16}{batch:>6}{rate:>12,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
