@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitkit import load_pretrained
+from vitkit import create_model, load_pretrained
 from vitkit.cli import main
 from vitkit.evaluate import evaluate_checkpoint
 from vitkit.train import (
@@ -26,6 +26,7 @@ from vitkit.train import (
     RunDir,
     RunLockedError,
     Trainer,
+    make_ema,
     resolve_config,
     resume,
     train,
@@ -256,3 +257,23 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     assert eager.keys() == compiled.keys()
     worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
     assert worst <= 1e-4, f"compiled training drifted from eager by {worst}"
+
+
+def test_ema_follows_the_warm_up_formula_step_by_step():
+    """EMA = d * EMA + (1 - d) * weights with d = min(decay, (1 + n) / (10 + n)), n updates so far;
+    the first update copies. Written out here per tensor, against make_ema's one foreach lerp."""
+    torch.manual_seed(0)
+    model = create_model("vit_digits", num_classes=10)
+    ema = make_ema(model, 0.95)
+    expected = None
+    for n in range(40):  # d rises from 2/11 to the 0.95 cap
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(model)
+        d = min(0.95, (1 + n) / (10 + n))
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        expected = current if n == 0 else {k: d * expected[k] + (1 - d) * v for k, v in current.items()}
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-5)
+    assert int(ema.n_averaged) == 40

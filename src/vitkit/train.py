@@ -484,13 +484,22 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
 
 
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """Exponential moving average of the weights, with timm's warm-up: decay = min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of the weights, with timm's warm-up: decay = min(decay, (1+n)/(10+n)).
 
-    def ema_avg(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-        return averaged * d + current * (1.0 - d)
+    One in-place ``_foreach_lerp_`` over all tensors per step (timm's ModelEmaV3 does the same). A
+    per-tensor ``avg_fn`` would read the step count from the device once per tensor: on a GPU, a host
+    sync for each of the model's ~100 tensors, every step.
+    """
 
-    return torch.optim.swa_utils.AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+    def ema_update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)  # one read per step
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1.0 - d)
+        for i in set(range(len(averaged))) - set(floats):  # integer buffers: not averaged, copied
+            averaged[i].copy_(current[i])
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
 # --- the loop ---------------------------------------------------------------------------------
