@@ -7,7 +7,7 @@ Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
    fp32 and in bf16 autocast, relative to the logits' scale.
 2. Which SDPA kernel vitkit's attention gets: the forward and backward of a bf16 ViT-B/16 step run
    with only the flash kernel allowed (an error here means vitkit's attention falls off flash).
-3. The ten most expensive device kernels of one bf16-autocast ViT-B/16 training step, vitkit and timm
+3. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
    side by side, so a gap in the bench can be traced to a kernel.
 """
 
@@ -36,7 +36,7 @@ def parity(device: torch.device, name: str, batch: int) -> None:
     torch.manual_seed(0)
     ours = ViT(get_config(name)).to(device).eval()
     theirs = timm_twin(ours, device)
-    x = torch.randn(batch, 3, *ours.cfg.img_size, device=device)
+    x = torch.randn(batch, ours.cfg.in_channels, *ours.cfg.img_size, device=device)
     for precision in ("fp32", "bf16-autocast"):
         with torch.inference_mode(), fast.autocast(precision, device):
             a, b = ours(x).float(), theirs(x).float()
@@ -45,34 +45,34 @@ def parity(device: torch.device, name: str, batch: int) -> None:
               f"relative norm {rel:.3g}, same top-1 for {(a.argmax(1) == b.argmax(1)).float().mean().item():.0%}")
 
 
-def flash_only(device: torch.device, batch: int) -> None:
+def flash_only(device: torch.device, name: str, batch: int) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    model = ViT(get_config("vit_base_patch16_224")).to(device).train()
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    model = ViT(get_config(name)).to(device).train()
+    x = torch.randn(batch, model.cfg.in_channels, *model.cfg.img_size, device=device)
+    y = torch.randint(0, model.cfg.num_classes, (batch,), device=device)
     backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
     try:
         with sdpa_kernel(backend), fast.autocast("bf16-autocast", device):
             loss = F.cross_entropy(model(x).float(), y)
         with sdpa_kernel(backend):
             loss.backward()
-        print(f"attention: forward and backward ran with only {backend.name} allowed (loss {loss.item():.3f})")
+        print(f"attention: {name} forward and backward ran with only {backend.name} allowed (loss {loss.item():.3f})")
     except RuntimeError as e:
         print(f"attention: FAILED with only {backend.name} allowed: {str(e).splitlines()[0]}")
 
 
-def profile_step(device: torch.device, batch: int, top: int = 10) -> None:
+def profile_step(device: torch.device, name: str, batch: int, top: int = 10) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    ours = ViT(get_config("vit_base_patch16_224")).to(device)
+    ours = ViT(get_config(name)).to(device)
     models = {"vitkit": ours, "timm": timm_twin(ours, device)}
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    x = torch.randn(batch, ours.cfg.in_channels, *ours.cfg.img_size, device=device)
+    y = torch.randint(0, ours.cfg.num_classes, (batch,), device=device)
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    for name, model in models.items():
+    for library, model in models.items():
         model.train()
         opt = fast.adamw(model.parameters(), lr=1e-4)
 
@@ -92,19 +92,20 @@ def profile_step(device: torch.device, batch: int, top: int = 10) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\n-- {name}: one bf16-autocast ViT-B/16 training step, batch {batch}, top {top} kernels")
+        print(f"\n-- {library}: one bf16-autocast {name} training step, batch {batch}, top {top} kernels")
         print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args()
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--batch-size", type=int, default=64, help="of the profiled training step")
+    args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
-    parity(device, "vit_base_patch16_224", 8)
-    flash_only(device, 8)
-    profile_step(device, args.batch_size)
+    parity(device, args.model, 8)
+    flash_only(device, args.model, 8)
+    profile_step(device, args.model, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Every script in benchmarks/ still runs, on the smallest inputs it takes: a benchmark that rots
+silently cannot back a figure in the README. No timings are checked (CI never fails on speed);
+the tables must hold a row for every contestant, with numbers in it."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NUMBER = r"[0-9][0-9,]*\.?[0-9]*"
+
+
+def run_script(name: str, argv: list[str], capsys) -> str:
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
+    threads = torch.get_num_threads()  # some scripts set their own: not for the tests after them
+    try:
+        spec.loader.exec_module(module)
+        module.main(argv)
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
+def rows(out: str, first_words: list[str]) -> None:
+    for word in first_words:
+        assert re.search(rf"^{re.escape(word)}\s+.*{NUMBER}", out, re.M), f"no row for {word!r} in:\n{out}"
+
+
+def test_loader(capsys):
+    out = run_script("loader", ["configs/digits.yaml", "--batches", "3"], capsys)
+    rows(out, ["configs/digits.yaml"])
+
+
+def test_ema(capsys):
+    out = run_script("ema", ["vit_digits_gap", "--runs", "2"], capsys)
+    rows(out, ["vit_digits_gap"])
+
+
+def test_channels_last(capsys):
+    out = run_script("channels_last", ["--model", "vit_digits", "--batch-size", "2", "--runs", "1", "--device", "cpu"],
+                     capsys)
+    rows(out, ["vitkit NHWC", "vitkit NCHW", "vitkit plain", "timm NHWC", "timm NCHW", "timm plain"])
+
+
+def test_gpu_checks_on_cpu(capsys):
+    out = run_script("gpu_checks", ["--model", "vit_digits", "--batch-size", "4"], capsys)
+    assert re.search(r"parity vit_digits fp32: max \|vitkit - timm\| = \S+, .* same top-1 for 100%", out), out
+    assert "forward and backward ran with only MATH allowed" in out, out
+    assert "-- vitkit:" in out and "-- timm:" in out
+
+
+@pytest.mark.parametrize("name, first_words", [("lean_ops", ["lean", "plain", "timm"]),
+                                               ("onednn_linear", ["infer", "train"])])
+def test_ab_scripts(name, first_words, capsys):
+    out = run_script(name, ["--model", "vit_digits", "--batch-size", "4", "--runs", "1"], capsys)
+    rows(out, first_words)
