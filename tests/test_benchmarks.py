@@ -38,6 +38,11 @@ def test_loader(capsys):
     rows(out, ["configs/digits.yaml"])
 
 
+def test_adamw(capsys):
+    out = run_script("adamw", ["vit_digits_gap", "--runs", "2", "--batch-size", "4"], capsys)
+    rows(out, ["vit_digits_gap"])
+
+
 def test_ema(capsys):
     out = run_script("ema", ["vit_digits_gap", "--runs", "2"], capsys)
     rows(out, ["vit_digits_gap"])
