@@ -184,7 +184,7 @@ from vitkit.config import get_config
 if sys.argv[1] == "tuned" and not fast.tune_cpu_allocator():
     print("untunable"); sys.exit()
 step = build_contestant("vitkit", get_config("vit_fmnist"), "train", "fp32", False, 128, torch.device("cpu")).step
-for _ in range(5):  # the heap grows to its working size
+for _ in range(15):  # the heap grows to its working size (after 5 steps it still grew now and then)
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
