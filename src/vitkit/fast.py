@@ -308,10 +308,13 @@ def optimize_for_training(model: nn.Module, compile: bool = True, precision: str
 def adamw(params, lr: float = 1e-3, weight_decay: float = 0.05, **kwargs) -> torch.optim.AdamW:
     """AdamW with the single fused kernel (one pass over all parameters) where torch has it.
 
-    Same update as the default ``foreach`` implementation, fewer passes over memory.
+    Same update as the default ``foreach`` implementation, fewer passes over memory; on CPU torch's
+    default is a Python loop over the tensors (``benchmarks/adamw.py``). ``params``: tensors or
+    param groups (dicts with ``"params"``), as torch's optimizers take them.
     """
     params = list(params)
-    kwargs.setdefault("fused", all(p.device.type in ("cpu", "cuda") for p in params))
+    tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
+    kwargs.setdefault("fused", all(t.device.type in ("cpu", "cuda") for t in tensors))
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
