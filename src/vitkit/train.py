@@ -492,12 +492,13 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     """
 
     def ema_update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = float(num_averaged)  # one read per step
+        # AveragedModel calls this once per (device, dtype) group of tensors
+        if not averaged[0].is_floating_point():  # integer buffers: not averaged, copied
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)  # one read per group and step
         d = min(decay, (1.0 + n) / (10.0 + n))
-        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
-        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1.0 - d)
-        for i in set(range(len(averaged))) - set(floats):  # integer buffers: not averaged, copied
-            averaged[i].copy_(current[i])
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
 
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
