@@ -4,7 +4,7 @@
     python benchmarks/loader.py --device cuda         # the same on a GPU (augmented there, as vitkit train does)
 
 What ``vitkit train`` does per step before the model runs: index the uint8 training images with the
-step's batch, move them to the device, and augment them there (``vitkit.data.BatchAugment`` with the
+step's batch, move them to the device, and augment them there (``vitkit.train.make_augment``: the
 config's translation, flips, RandAugment, erasing, MixUp/CutMix). Compare the figure with the
 training images/s that ``vitkit bench --mode train`` or the run's metrics.csv show for the same
 model: the loader is the bottleneck only when it is the lower of the two. On CPU it runs on
@@ -14,6 +14,7 @@ model: the loader is the bottleneck only when it is the lower of the two. On CPU
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -21,23 +22,19 @@ import time
 import torch
 
 from vitkit.bench import _sync, machine_info, machine_line
-from vitkit.data import BatchAugment, global_batches, load_dataset
-from vitkit.train import resolve_config
+from vitkit.data import global_batches, load_dataset
+from vitkit.train import make_augment, resolve_config
 
 
 def loader_rate(config: str, device: torch.device, batches: int, data_dir: str | None) -> tuple[str, int, float]:
     cfg = resolve_config(config, {"data_dir": data_dir} if data_dir else None)
     data = load_dataset(cfg.dataset, cfg.data_dir)
-    augment = BatchAugment(
-        data.preprocess, data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
-        auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
-        random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-        mixup_prob=cfg.mixup_prob,
-    )
-    order = [idx for epoch in range(batches) for idx in global_batches(len(data.train), cfg.batch_size, 0, epoch)]
+    augment = make_augment(cfg, data)
+    # the training order, epoch after epoch, made only as far as the batches timed here reach
+    order = itertools.chain.from_iterable(global_batches(len(data.train), cfg.batch_size, 0, epoch)
+                                          for epoch in itertools.count())
     times = []
-    for i in range(batches + 3):  # three warm-up batches
-        idx = order[i % len(order)]
+    for i, idx in enumerate(itertools.islice(order, batches + 3)):  # three warm-up batches
         _sync(device)
         start = time.perf_counter()
         x = data.train.images[idx].to(device, non_blocking=True)

@@ -503,6 +503,16 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
+def make_augment(cfg: TrainConfig, data: Dataset) -> BatchAugment:
+    """The training augmentation ``cfg`` asks for, for ``data``'s normalisation and classes."""
+    return BatchAugment(
+        data.preprocess, data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
+        random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+        mixup_prob=cfg.mixup_prob,
+    )
+
+
 # --- the loop ---------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -580,12 +590,7 @@ class Trainer:
             self.optimizer, warmup_cosine(warmup, total, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
         )
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema else None
-        self.augment = BatchAugment(
-            self.data.preprocess, self.data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
-            auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
-            random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-            mixup_prob=cfg.mixup_prob,
-        )
+        self.augment = make_augment(cfg, self.data)
         # Each rank augments with its own stream; seeded apart from the model's initialisation.
         torch.manual_seed(cfg.seed * 7919 + 1 + dist.rank)
         random.seed(cfg.seed + dist.rank)
