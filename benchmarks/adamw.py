@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vitkit import fast
-from vitkit.bench import machine_info, machine_line
+from vitkit.bench import machine_info, machine_line, take_turns
 from vitkit.model import create_model
 from vitkit.train import param_groups
 
@@ -49,13 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             for param in twin.parameters():
                 param.grad = torch.randn_like(param)
             optimizers[label] = torch.optim.AdamW(param_groups(twin, 0.05), lr=1e-3, **kwargs)
-        times: dict[str, list[float]] = {k: [] for k in optimizers}
-        for r in range(args.runs + 2):  # two warm-up rounds (the first step allocates the state)
-            for label, opt in optimizers.items() if r % 2 == 0 else reversed(optimizers.items()):
-                start = time.perf_counter()
-                opt.step()
-                if r >= 2:
-                    times[label].append(time.perf_counter() - start)
+        # two warm-up steps each: the first allocates the optimizer state
+        times, _ = take_turns({label: opt.step for label, opt in optimizers.items()}, args.runs, warmup=2)
         x = torch.randn(args.batch_size, model.cfg.in_channels, *model.cfg.img_size)
         y = torch.randint(0, 10, (args.batch_size,))
         passes = []

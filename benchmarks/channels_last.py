@@ -15,12 +15,11 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 
 import torch
 
 from vitkit import fast
-from vitkit.bench import _sync, machine_info, machine_line, peak_memory_mb, timm_model
+from vitkit.bench import machine_info, machine_line, peak_memory_mb, take_turns, timm_model
 from vitkit.model import ViT, get_config
 
 
@@ -43,27 +42,16 @@ def main(argv: list[str] | None = None) -> int:
                 copy.deepcopy(model), "bf16", compile=False, device=device, channels_last=layout == "NHWC")
         runners[f"{library} plain"] = model.to(device).eval().requires_grad_(False).to(torch.bfloat16)
     x = torch.randn(args.batch_size, cfg.in_channels, *cfg.img_size, device=device, dtype=torch.bfloat16)
-    steps = {name: (lambda run=run: run(x)) for name, run in runners.items()}
 
-    def timed(step) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            step()
-        _sync(device)
-        return time.perf_counter() - start
+    def inference(run):
+        def step():
+            with torch.inference_mode():
+                return run(x)
+        return step
 
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for r in range(args.runs + 3):  # rounds 0-2 warm up (cuDNN picks its algorithms)
-        for name in order if r % 2 == 0 else order[::-1]:
-            t = timed(steps[name])
-            if r >= 3:
-                times[name].append(t)
-    memory = {}
-    for name, step in steps.items():
-        with torch.inference_mode():
-            memory[name] = peak_memory_mb(step, device)
+    steps = {name: inference(run) for name, run in runners.items()}
+    times, _ = take_turns(steps, args.runs, warmup=3, device=device)  # the warm-up: cuDNN picks its algorithms
+    memory = {name: peak_memory_mb(step, device) for name, step in steps.items()}
 
     print(machine_line(machine_info(device)))
     print(f"model {args.model}, batch {args.batch_size}, bf16 eager inference, median of {args.runs} runs")

@@ -13,14 +13,15 @@ for every tensor). The EMA runs once per optimizer step, so compare it with the 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import statistics
 import sys
-import time
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from vitkit.bench import _sync, machine_info, machine_line
+from vitkit.bench import machine_info, machine_line, take_turns
 from vitkit.model import create_model
 from vitkit.train import make_ema
 
@@ -31,6 +32,10 @@ def per_tensor_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
         return averaged * d + current * (1.0 - d)
 
     return AveragedModel(model, avg_fn=ema_avg, use_buffers=True)
+
+
+def timm_update(ema, model: torch.nn.Module, steps: itertools.count) -> None:
+    ema.update(model, step=next(steps))  # ModelEmaV3 takes the step number for its warm-up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,19 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model(name, num_classes=10).to(device)
         timm_ema = ModelEmaV3(model, decay=0.999, use_warmup=True)
         updates = {
-            "vitkit": make_ema(model, 0.999).update_parameters,
-            "timm": lambda step, ema=timm_ema, model=model: ema.update(model, step=step),
-            "per-tensor": per_tensor_ema(model, 0.999).update_parameters,
+            "vitkit": functools.partial(make_ema(model, 0.999).update_parameters, model),
+            "timm": functools.partial(timm_update, timm_ema, model, itertools.count()),
+            "per-tensor": functools.partial(per_tensor_ema(model, 0.999).update_parameters, model),
         }
-        times: dict[str, list[float]] = {k: [] for k in updates}
-        for r in range(args.runs + 2):  # two warm-up rounds
-            for who, update in updates.items() if r % 2 == 0 else reversed(updates.items()):
-                _sync(device)
-                start = time.perf_counter()
-                update(r) if who == "timm" else update(model)
-                _sync(device)
-                if r >= 2:
-                    times[who].append(time.perf_counter() - start)
+        times, _ = take_turns(updates, args.runs, warmup=2, device=device)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         print(f"{name:<24}{sum(1 for _ in model.parameters()):>8}{ms['vitkit']:>11.2f}{ms['timm']:>9.2f}"
               f"{ms['per-tensor']:>15.2f}{ms['timm'] / ms['vitkit']:>12.2f}x")

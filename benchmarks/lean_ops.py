@@ -24,13 +24,12 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 
 import torch
 
 from vitkit import fast, layers
-from vitkit.bench import build_contestant, machine_info, machine_line, peak_memory_mb
+from vitkit.bench import build_contestant, machine_info, machine_line, peak_memory_mb, take_turns
 from vitkit.config import get_config
 
 # contestant -> (library, {vitkit.layers threshold: value for its turn})
@@ -74,19 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, (library, values) in VARIANTS.items():
         with thresholds(values):  # the first call (optimizer state) under the contestant's own settings
             built[name] = build_contestant(library, cfg, "train", "bf16-autocast", False, args.batch_size, device)
-    times: dict[str, list[float]] = {name: [] for name in built}
-    order = list(built)
-    for r in range(args.runs + 1):  # round 0 warms up
-        for name in order if r % 2 == 0 else order[::-1]:
+
+    def turn(name: str):  # the contestant's step under its own thresholds
+        def step():
             with thresholds(VARIANTS[name][1]):
-                start = time.perf_counter()
-                built[name].step()
-                if r:
-                    times[name].append(time.perf_counter() - start)
-    memory = {}
-    for name, c in built.items():
-        with thresholds(VARIANTS[name][1]):
-            memory[name] = peak_memory_mb(c.step, device)
+                return built[name].step()
+        return step
+
+    steps = {name: turn(name) for name in built}
+    times, _ = take_turns(steps, args.runs, warmup=1, device=device)
+    memory = {name: peak_memory_mb(step, device) for name, step in steps.items()}
 
     info = machine_info(device)
     print(machine_line(info))

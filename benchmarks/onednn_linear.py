@@ -12,18 +12,24 @@ call time, set for each contestant's turn and put back after it.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-import time
 
 import torch
 
 from vitkit import layers
-from vitkit.bench import build_contestant, machine_info, machine_line
+from vitkit.bench import build_contestant, machine_info, machine_line, take_turns
 from vitkit.config import get_config
 from vitkit.fast import tune_cpu_allocator
 
 CONFIGS = [("infer", "fp32"), ("infer", "bf16"), ("train", "bf16-autocast")]
+
+
+def switched(on: bool, step):
+    """``step()`` with oneDNN's linear switched ``on`` for its turn (put back in ``main``)."""
+    layers.ONEDNN_LINEAR = on
+    return step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,18 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     saved = layers.ONEDNN_LINEAR
     try:
         for mode, precision in CONFIGS:
-            built = {}
+            steps = {}
             for on in (True, False):
                 layers.ONEDNN_LINEAR = on
-                built[on] = build_contestant("vitkit", cfg, mode, precision, False, args.batch_size, device)
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for r in range(args.runs + 1):  # round 0 warms up
-                for on in (True, False) if r % 2 == 0 else (False, True):
-                    layers.ONEDNN_LINEAR = on
-                    start = time.perf_counter()
-                    built[on].step()
-                    if r:
-                        times[on].append(time.perf_counter() - start)
+                built = build_contestant("vitkit", cfg, mode, precision, False, args.batch_size, device)
+                steps[on] = functools.partial(switched, on, built.step)
+            times, _ = take_turns(steps, args.runs, warmup=1, device=device)
             fast, plain = (statistics.median(times[on]) for on in (True, False))
             print(f"{mode:<8}{precision:<16}{1e3 * fast:>11.1f}{1e3 * plain:>11.1f}{plain / fast:>9.3f}x")
     finally:

@@ -293,6 +293,34 @@ def parse_contestant(spec: str, precision: str, compile: bool) -> tuple[str, str
 
 
 # --- the measurement -----------------------------------------------------------------------
+def take_turns(steps: dict[str, Callable[[], object]], runs: int, warmup: int = 1,
+               device: torch.device | str = "cpu") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Call each step ``warmup`` times untimed, then time ``runs`` rounds in which every step runs
+    once, taking turns; the order flips every round, so no one always runs first.
+
+    Returns the seconds of every timed call, by name: on the wall clock and on this process's CPU
+    clock. The device is synchronised around each call. Every benchmark that compares contestants
+    in one process (``run_benchmark`` and the A/B scripts in benchmarks/) times them here.
+    """
+    device = torch.device(device)
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name]()
+            _sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    return wall, cpu
+
+
+
 @dataclass
 class Result:
     contestant: str
@@ -403,19 +431,7 @@ def run_benchmark(
         c = build_contestant(who, cfg, mode, prec, comp, batch_size, device)
         c.name = spec
         built.append(c)
-    for _ in range(warmup):
-        for c in built:
-            c.step()
-    times: dict[str, list[float]] = {c.name: [] for c in built}
-    cpu_times: dict[str, list[float]] = {c.name: [] for c in built}
-    for r in range(runs):
-        for c in built if r % 2 == 0 else built[::-1]:  # flip the order: no one always runs first
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            c.step()
-            _sync(device)
-            times[c.name].append(time.perf_counter() - start)
-            cpu_times[c.name].append(time.process_time() - cpu_start)
+    times, cpu_times = take_turns({c.name: c.step for c in built}, runs, warmup, device)
     memory = {c.name: peak_memory_mb(c.step, device) for c in built}
 
     # int8 is put against the bf16 matmul rate: torch has no general int8 matmul to time.
@@ -490,9 +506,11 @@ __all__ = [
     "add_arguments",
     "gpu_peak_tflops",
     "machine_info",
+    "machine_line",
     "matmul_rate",
     "peak_memory_mb",
     "run_benchmark",
     "run_from_args",
+    "take_turns",
     "timm_model",
 ]
