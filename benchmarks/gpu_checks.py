@@ -19,23 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from vitkit import fast
-from vitkit.bench import timm_model
-from vitkit.convert.timm import KEYS
+from vitkit.bench import timm_twin
 from vitkit.model import ViT, get_config
-
-
-def timm_twin(model: ViT, device: torch.device):
-    """timm's VisionTransformer of the same architecture, holding ``model``'s weights."""
-    theirs = timm_model(model.cfg)
-    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg)
-    theirs.load_state_dict(state)
-    return theirs.to(device).eval()
 
 
 def parity(device: torch.device, name: str, batch: int) -> None:
     torch.manual_seed(0)
     ours = ViT(get_config(name)).to(device).eval()
-    theirs = timm_twin(ours, device)
+    theirs = timm_twin(ours).to(device).eval()
     x = torch.randn(batch, ours.cfg.in_channels, *ours.cfg.img_size, device=device)
     for precision in ("fp32", "bf16-autocast"):
         with torch.inference_mode(), fast.autocast(precision, device):
@@ -68,7 +59,7 @@ def profile_step(device: torch.device, name: str, batch: int, top: int = 10) -> 
 
     torch.manual_seed(0)
     ours = ViT(get_config(name)).to(device)
-    models = {"vitkit": ours, "timm": timm_twin(ours, device)}
+    models = {"vitkit": ours, "timm": timm_twin(ours).to(device)}
     x = torch.randn(batch, ours.cfg.in_channels, *ours.cfg.img_size, device=device)
     y = torch.randint(0, ours.cfg.num_classes, (batch,), device=device)
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU

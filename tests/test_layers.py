@@ -453,13 +453,12 @@ class LiveBytes(TorchDispatchMode):
 
 
 def test_eager_inference_runs_gelu_in_place_for_a_lower_peak_than_timm_with_the_same_logits():
-    from vitkit.bench import timm_model
+    from vitkit.bench import timm_twin
 
     torch.manual_seed(0)
     cfg = vitkit.get_config("vit_tiny_patch16_224", depth=2)
     ours = vitkit.ViT(cfg).eval()
-    theirs = timm_model(cfg).eval()
-    theirs.load_state_dict(vitkit.convert.timm.KEYS.from_vitkit(ours.state_dict(), cfg))
+    theirs = timm_twin(ours).eval()
     x = torch.randn(4, 3, 224, 224)
     with torch.enable_grad():
         reference = ours(x.requires_grad_())  # autograd records: GELU out of place

@@ -203,6 +203,15 @@ def timm_model(cfg: ViTConfig) -> nn.Module:
     return VisionTransformer(**args, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
 
 
+def timm_twin(model: ViT) -> nn.Module:
+    """``timm_model`` holding ``model``'s weights (on the CPU): the peer for parity checks."""
+    from .convert.timm import KEYS
+
+    theirs = timm_model(model.cfg)
+    theirs.load_state_dict(KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg))
+    return theirs
+
+
 @dataclass
 class Contestant:
     name: str
@@ -513,4 +522,5 @@ __all__ = [
     "run_from_args",
     "take_turns",
     "timm_model",
+    "timm_twin",
 ]
