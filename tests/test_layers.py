@@ -362,6 +362,23 @@ def test_patch_embedding_does_not_mutate_and_inits_like_timm():
     assert pe.positions.grad is not None and pe.cls_token.grad is not None
 
 
+@pytest.mark.parametrize("name", ["vit_fmnist", "vit_fmnist_convstem", "vit_digits"])
+def test_token_stream_is_row_major_so_layer_norms_copy_nothing(name):
+    # Without a class token the tokens are a transposed view of the conv's (B, E, N) output; a
+    # residual stream left in that layout makes every LayerNorm copy it, forward and backward.
+    model = vitkit.create_model(name).train()
+    seen = []
+    for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+        norm.register_forward_pre_hook(lambda m, args: seen.append(("input", args[0].is_contiguous())))
+        norm.register_full_backward_hook(lambda m, gi, go: seen.append(("grad", go[0].is_contiguous())))
+    x = torch.randn(4, 1, *model.patch_embed.img_size)
+    assert model.patch_embed(x).is_contiguous()
+    seen.clear()
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    assert {kind for kind, _ in seen} == {"input", "grad"}
+    assert all(contiguous for _, contiguous in seen), seen
+
+
 def test_gradients_flow_to_every_parameter():
     model = vitkit.create_model("vit_digits", drop_path_rate=0.1, drop_rate=0.1).train()
     x = torch.randn(4, 1, 8, 8)

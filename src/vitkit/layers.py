@@ -144,7 +144,11 @@ class PatchEmbedding(nn.Module):
         if exporting or grid != self.grid_size:  # only reachable with dynamic_img_size
             positions = resample_positions(positions, grid, self.grid_size, self.num_prefix_tokens, always=exporting)
         # Fix: the seed added in place (x += positions), which mutates a tensor autograd needs.
-        return self.pos_drop(x + positions)
+        # positions first: a sum takes its memory layout from its first operand, and x (with no class
+        # token) is a transposed view of the conv's (B, E, N) output. The tokens must leave here row-major
+        # (B, N, E): every residual add keeps its input's layout, and every LayerNorm would copy a
+        # transposed stream to contiguous, forward and backward (vit_fmnist fp32 training: 24 copies a step).
+        return self.pos_drop(positions + x)
 
 
 def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
