@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from vitkit import create_model, get_config
-from vitkit.bench import build_contestant, gpu_peak_tflops, parse_contestant, run_benchmark, timm_model
+from vitkit.bench import build_contestant, gpu_peak_tflops, parse_contestant, run_benchmark, timm_model, timm_twin
 from vitkit.cli import main
-from vitkit.convert.timm import KEYS
 from vitkit.fast import adamw, default_precision, has_native_bf16, optimize_for_inference, optimize_for_training
 
 
@@ -45,13 +44,15 @@ def test_benchmark_report_on_a_tiny_model(mode):
     assert r.gflops == pytest.approx(r.images_per_s * per_image)
 
 
-def test_timm_contestant_has_the_same_architecture():
-    cfg = get_config("vit_digits")
+@pytest.mark.parametrize("name", ["vit_digits", "vit_fmnist", "vit_fmnist_convstem"])
+def test_timm_contestant_has_the_same_architecture(name):
+    cfg = get_config(name)
     ours, theirs = create_model(cfg), timm_model(cfg)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    # Same weights give the same logits: the two contestants compute the same function.
-    theirs.load_state_dict(KEYS.from_vitkit(ours.state_dict(), cfg))
-    x = torch.randn(3, 1, 8, 8)
+    # Same weights give the same logits: the two contestants compute the same function (a conv
+    # stem included: timm's contestant once had a plain patch projection in its place).
+    theirs = timm_twin(ours)
+    x = torch.randn(3, 1, *cfg.img_size)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
 

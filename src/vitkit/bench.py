@@ -45,6 +45,7 @@ from torch import nn
 
 from . import fast
 from .config import ViTConfig, get_config
+from .layers import conv_stem
 from .model import ViT
 
 MODES = ("infer", "train")
@@ -200,7 +201,10 @@ def timm_model(cfg: ViTConfig) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the eps warning: passed explicitly below
         args = model_args(cfg)
-    return VisionTransformer(**args, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
+    model = VisionTransformer(**args, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
+    if cfg.stem == "conv":  # what a timm user writes for a convolutional stem: swap PatchEmbed's projection
+        model.patch_embed.proj = conv_stem(cfg.in_channels, cfg.patch_size, cfg.emb_size)
+    return model
 
 
 def timm_twin(model: ViT) -> nn.Module:
@@ -208,7 +212,11 @@ def timm_twin(model: ViT) -> nn.Module:
     from .convert.timm import KEYS
 
     theirs = timm_model(model.cfg)
-    theirs.load_state_dict(KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # A conv stem has no rule in the timm key map (timm has none; timm_model swaps vitkit's in): same layers, same names.
+    stem = {k: state.pop(k) for k in list(state) if model.cfg.stem == "conv" and k.startswith("patch_embed.projection.")}
+    theirs.load_state_dict({**KEYS.from_vitkit(state, model.cfg),
+                            **{k.replace("patch_embed.projection.", "patch_embed.proj.", 1): v for k, v in stem.items()}})
     return theirs
 
 
