@@ -54,6 +54,12 @@ def test_channels_last(capsys):
     rows(out, ["vitkit NHWC", "vitkit NCHW", "vitkit plain", "timm NHWC", "timm NCHW", "timm plain"])
 
 
+def test_conv_stem(capsys):
+    out = run_script("conv_stem", ["--batch-size", "2", "--runs", "1", "--device", "cpu"], capsys)
+    assert out.count("vitkit NHWC") == 2, out  # one table per precision
+    rows(out, ["vitkit NHWC", "vitkit NCHW", "timm"])
+
+
 def test_gpu_checks_on_cpu(capsys):
     out = run_script("gpu_checks", ["--model", "vit_digits", "--batch-size", "4"], capsys)
     assert re.search(r"parity vit_digits fp32: max \|vitkit - timm\| = \S+, .* same top-1 for 100%", out), out

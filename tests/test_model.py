@@ -1,5 +1,7 @@
 """Every variant in the table builds and runs; published sizes; clear errors for bad input."""
 
+import copy
+
 import pytest
 import torch
 
@@ -183,3 +185,27 @@ def test_convolutional_stem_makes_the_same_tokens_and_refuses_foreign_export(tmp
         ViTConfig(img_size=24, patch_size=6, stem="conv")
     with pytest.raises(ValueError, match="ViTConfig.stem: expected one of"):
         ViTConfig(stem="resnet")
+
+
+def test_conv_stem_runs_channels_last_with_the_same_outputs_gradients_and_checkpoints(tmp_path):
+    nhwc = create_model("vit_fmnist_convstem")
+    convs = [m for m in nhwc.patch_embed.projection if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not all(c.weight.is_contiguous() for c in convs)
+    nchw = copy.deepcopy(nhwc)
+    nchw.patch_embed.set_channels_last(False)
+    assert all(c.weight.is_contiguous() for c in nchw.patch_embed.projection if isinstance(c, torch.nn.Conv2d))
+    x = torch.randn(4, 1, 28, 28)
+    logits = {}
+    for name, model in (("nhwc", nhwc), ("nchw", nchw)):
+        logits[name] = model(x)
+        logits[name].square().sum().backward()
+    torch.testing.assert_close(logits["nhwc"], logits["nchw"], atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # A checkpoint holds plain contiguous tensors and loads into either layout.
+    vitkit.save_pretrained(nhwc, tmp_path / "ckpt")
+    loaded = vitkit.load_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.patch_embed.channels_last
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), nhwc.eval()(x))

@@ -238,11 +238,12 @@ def _build_model(name: str, cfg: ViTConfig) -> nn.Module:
 
 
 def build_contestant(name: str, cfg: ViTConfig, mode: str, precision: str, compile: bool,
-                     batch_size: int, device: torch.device) -> Contestant:
-    """A model and its step function, prepared as its library's recipe prepares it."""
+                     batch_size: int, device: torch.device, model: nn.Module | None = None) -> Contestant:
+    """A model and its step function, prepared as its library's recipe prepares it; ``model``: this
+    one (a variant the caller has set up) instead of a fresh build of ``cfg``."""
     if name not in CONTESTANTS:
         raise ValueError(f"contestants: unknown contestant {name!r}; expected some of {CONTESTANTS}")
-    model = _build_model(name, cfg).to(device)
+    model = (_build_model(name, cfg) if model is None else model).to(device)
     uses_recipe = name != "timm"  # vitkit, vitkit-math and timm-recipe go through vitkit.fast
     x = torch.randn(batch_size, cfg.in_channels, *cfg.img_size, device=device)
     if mode == "infer":
