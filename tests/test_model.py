@@ -187,14 +187,15 @@ def test_convolutional_stem_makes_the_same_tokens_and_refuses_foreign_export(tmp
         ViTConfig(stem="resnet")
 
 
-def test_conv_stem_runs_channels_last_with_the_same_outputs_gradients_and_checkpoints(tmp_path):
-    nhwc = create_model("vit_fmnist_convstem")
+def test_conv_stem_runs_channels_last_on_request_with_the_same_outputs_gradients_and_checkpoints(tmp_path):
+    nchw = create_model("vit_fmnist_convstem")
+    assert not nchw.patch_embed.channels_last  # opt-in
+    assert all(c.weight.is_contiguous() for c in nchw.patch_embed.projection if isinstance(c, torch.nn.Conv2d))
+    nhwc = copy.deepcopy(nchw)
+    nhwc.patch_embed.set_channels_last(True)
     convs = [m for m in nhwc.patch_embed.projection if isinstance(m, torch.nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     assert not all(c.weight.is_contiguous() for c in convs)
-    nchw = copy.deepcopy(nhwc)
-    nchw.patch_embed.set_channels_last(False)
-    assert all(c.weight.is_contiguous() for c in nchw.patch_embed.projection if isinstance(c, torch.nn.Conv2d))
     x = torch.randn(4, 1, 28, 28)
     logits = {}
     for name, model in (("nhwc", nhwc), ("nchw", nchw)):
@@ -206,6 +207,5 @@ def test_conv_stem_runs_channels_last_with_the_same_outputs_gradients_and_checkp
     # A checkpoint holds plain contiguous tensors and loads into either layout.
     vitkit.save_pretrained(nhwc, tmp_path / "ckpt")
     loaded = vitkit.load_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.patch_embed.channels_last
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), nhwc.eval()(x))
