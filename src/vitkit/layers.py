@@ -102,10 +102,9 @@ class PatchEmbedding(nn.Module):
 
         For the conv stem NHWC is faster: oneDNN's convolutions skip reordering activations and
         weights at every call, and the stem's (B, E, h, w) output is already the row-major (B, N, E)
-        token layout. vit_fmnist_convstem training on a 2-core CPU, ``benchmarks/conv_stem.py``:
-        1.04x in fp32, 1.02x in bf16. It stays opt-in: the Fashion-MNIST recipe (bf16) ended at
-        91.93% and 91.92% with it (seeds 0, 1) against 92.06-92.14% without (README, "Measured"), two
-        pairs of runs, not enough to call it noise. State dicts are unaffected (saved contiguous).
+        token layout (``benchmarks/conv_stem.py`` measures it). It stays opt-in because the
+        Fashion-MNIST recipe scored lower with it in the runs so far (README, "Performance"). State
+        dicts are unaffected: checkpoints are saved contiguous.
         """
         self.projection.to(memory_format=torch.channels_last if on else torch.contiguous_format)
         self.channels_last = on
