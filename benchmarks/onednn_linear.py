@@ -2,11 +2,17 @@
 
     python benchmarks/onednn_linear.py                 # ViT-B/16, batch 8
     python benchmarks/onednn_linear.py --model vit_fmnist --batch-size 128
+    python benchmarks/onednn_linear.py --sizes --threads 1   # single Linears, small to ViT-B sized
 
 The same vitkit model with ``layers.ONEDNN_LINEAR`` on and off, in one process, taking turns run by
 run (the order flips every round), medians reported, for eager inference in fp32 and in bf16 and
 for the bf16-autocast training step (where the lean op's forward uses it). The switch is read at
-call time, set for each contestant's turn and put back after it.
+call time, set for each contestant's turn and put back after it. The models' fp32 Linears below
+``layers.ONEDNN_LINEAR_MIN_MACS_FP32`` multiply-adds take addmm either way.
+
+``--sizes`` times single Linear layers instead, from a tiny model's (17 x 64 by 64 x 192) to
+ViT-B/16's, each through oneDNN's primitive and through ``F.linear`` (addmm) in turns: oneDNN's
+larger cost per call against its faster kernel, the measurement behind that threshold.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from vitkit import layers
 from vitkit.bench import build_contestant, machine_info, machine_line, take_turns
@@ -32,12 +39,39 @@ def switched(on: bool, step):
     return step()
 
 
+# (rows, in, out) of single Linears: vit_digits (batch 1, 8, 64), vit_fmnist (batch 8, 128), ViT-B/16 (1, 8)
+SIZES = [(17, 64, 192), (136, 64, 192), (136, 64, 128), (392, 64, 128), (1088, 64, 192), (6272, 64, 128),
+         (6272, 128, 64), (197, 768, 768), (394, 768, 2304), (1576, 768, 768), (1576, 768, 3072)]
+
+
+def repeat(calls: int, fn, *args) -> None:
+    with torch.inference_mode():
+        for _ in range(calls):
+            fn(*args)
+
+
+def time_sizes(runs: int) -> None:
+    """oneDNN's primitive against addmm for single Linears of each size in ``SIZES``, fp32 and bf16."""
+    print(f"{'precision':<11}{'rows x in x out':>20}{'MACs':>10}{'addmm us':>11}{'oneDNN us':>11}{'speed-up':>10}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, fan_in, fan_out in SIZES:
+            x, w, b = (torch.randn(*shape, dtype=dtype) for shape in ((rows, fan_in), (fan_out, fan_in), (fan_out,)))
+            calls = max(1, int(2e8 // (rows * fan_in * fan_out)))  # ~0.2 GMAC a turn: short calls repeat
+            onednn = (torch.ops.mkldnn._linear_pointwise, x, w, b, "none", [], "")  # as layers._cpu_linear calls it
+            times, _ = take_turns({"addmm": functools.partial(repeat, calls, F.linear, x, w, b),
+                                   "onednn": functools.partial(repeat, calls, *onednn)}, runs, warmup=2)
+            plain, fast = (1e6 * statistics.median(times[k]) / calls for k in ("addmm", "onednn"))
+            print(f"{str(dtype).replace('torch.', ''):<11}{f'{rows} x {fan_in} x {fan_out}':>20}"
+                  f"{rows * fan_in * fan_out:>10.1e}{plain:>11.1f}{fast:>11.1f}{plain / fast:>9.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--runs", type=int, default=9)
     p.add_argument("--threads", type=int)
+    p.add_argument("--sizes", action="store_true", help="time single Linears of several sizes instead of a model")
     args = p.parse_args(argv)
     tune_cpu_allocator()  # as in vitkit's own commands
     if args.threads:
@@ -45,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     device, cfg = torch.device("cpu"), get_config(args.model)
     info = machine_info(device)
     print(machine_line(info))
+    if args.sizes:
+        time_sizes(args.runs)
+        return 0
     print(f"model {args.model}, batch {args.batch_size}, median of {args.runs} runs; eager")
     print(f"{'mode':<8}{'precision':<16}{'oneDNN ms':>11}{'addmm ms':>11}{'speed-up':>10}")
     saved = layers.ONEDNN_LINEAR

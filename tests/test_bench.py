@@ -25,7 +25,11 @@ def _check_report(report, contestants, runs, mode):
         assert r.gflops > 0 and 0 < r.matmul_fraction < math.inf
         assert math.isfinite(r.peak_mem_mb) and r.peak_mem_mb >= 0
         assert r.vs_baseline > 0
+        # the median ratio lies within the per-round ratios, which come from the recorded runs
+        low, high = r.vs_baseline_rounds
+        assert low <= r.vs_baseline * (1 + 1e-9) and r.vs_baseline <= high * (1 + 1e-9)
     assert next(r for r in report.results if r.contestant == "timm").vs_baseline == 1.0
+    assert next(r for r in report.results if r.contestant == "timm").vs_baseline_rounds == (1.0, 1.0)
     table = report.table()
     for name in contestants:
         assert name in table

@@ -72,3 +72,8 @@ def test_gpu_checks_on_cpu(capsys):
 def test_ab_scripts(name, first_words, capsys):
     out = run_script(name, ["--model", "vit_digits", "--batch-size", "4", "--runs", "1"], capsys)
     rows(out, first_words)
+
+
+def test_onednn_linear_sizes(capsys):
+    out = run_script("onednn_linear", ["--sizes", "--runs", "1"], capsys)
+    rows(out, ["float32", "bfloat16"])

@@ -252,6 +252,7 @@ def _onednn_linear_calls(fn) -> int:
 @pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_cpu_inference_runs_linears_through_onednn_with_the_same_logits(dtype, monkeypatch):
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_MACS_FP32", 0)  # this tiny model's Linears too
     torch.manual_seed(0)
     model = vitkit.create_model("vit_digits").eval().to(dtype)
     x = torch.randn(4, 1, 8, 8, dtype=dtype)
@@ -267,7 +268,8 @@ def test_eager_cpu_inference_runs_linears_through_onednn_with_the_same_logits(dt
 
 
 @pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
-def test_onednn_linear_stays_out_of_autograd_autocast_hooks_and_compiling():
+def test_onednn_linear_stays_out_of_autograd_autocast_hooks_and_compiling(monkeypatch):
+    monkeypatch.setattr(layers, "ONEDNN_LINEAR_MIN_MACS_FP32", 0)
     mlp = FeedForwardBlock(16)
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
@@ -281,6 +283,21 @@ def test_onednn_linear_stays_out_of_autograd_autocast_hooks_and_compiling():
         assert _onednn_linear_calls(lambda: mlp(x)) == 1  # the hooked fc2 runs as itself
     exported = torch.export.export(FeedForwardBlock(16).eval(), (x,), strict=False)
     assert not any("mkldnn" in str(node.target) for node in exported.graph.nodes)
+
+
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+def test_onednn_linear_only_where_its_call_cost_pays():
+    # fp32: oneDNN's primitive costs more per call than addmm, so small Linears stay addmm (a tiny
+    # model's eager inference had run at 0.6x timm's); bf16 takes oneDNN at any size.
+    mlp = FeedForwardBlock(16).eval()  # fc1 16 -> 64, fc2 64 -> 16
+    small = torch.randn(2, 3, 16)
+    rows = -(-layers.ONEDNN_LINEAR_MIN_MACS_FP32 // (16 * 64))  # just enough rows for both Linears
+    large = torch.randn(1, rows, 16)
+    with torch.inference_mode():
+        assert _onednn_linear_calls(lambda: mlp(small)) == 0
+        assert _onednn_linear_calls(lambda: mlp(large[:, :rows - 1])) == 0  # one row short
+        assert _onednn_linear_calls(lambda: mlp(large)) == 2
+        assert _onednn_linear_calls(lambda: mlp.to(torch.bfloat16)(small.bfloat16())) == 2
 
 
 def test_lean_attention_keeps_probabilities_of_short_sequences_and_leaves_masks_and_dropout_to_math(monkeypatch):

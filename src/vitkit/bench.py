@@ -355,6 +355,9 @@ class Result:
     images_per_cpu_s: float = math.nan
     vs_baseline: float | None = None  # images/s over the baseline contestant's
     vs_baseline_cpu: float | None = None  # the same ratio on the CPU clock
+    # The lowest and highest ratio of a single round (the baseline's run over this one's in the same
+    # round, minutes apart at most): how far the machine's drift moves the median ratio.
+    vs_baseline_rounds: tuple[float, float] | None = None
     matmul_fraction_cpu: float = math.nan  # FLOPs per CPU second over the matmul's per CPU second
 
 
@@ -387,15 +390,16 @@ class Report:
             f"{self.mode}, {self.precision}, {'compiled' if self.compile else 'eager'}, median of {self.runs} runs",
             f"{'contestant':<24}{'img/s':>10}{'ms/step':>10}{'peak MB':>10}{'GFLOP/s':>10}{'% matmul':>10}"
             + (f"{'MFU':>8}" if any(r.mfu is not None for r in self.results) else "")
-            + f"{'vs ' + BASELINE:>10}{'img/cpu-s':>11}{'(cpu) vs':>9}{'% (cpu)':>9}{'1st call s':>12}",
+            + f"{'vs ' + BASELINE:>10}{'rounds':>12}{'img/cpu-s':>11}{'(cpu) vs':>9}{'% (cpu)':>9}{'1st call s':>12}",
         ]
         for r in self.results:
             ratio = f"{r.vs_baseline:.3f}" if r.vs_baseline is not None else "-"
+            rounds = f"{r.vs_baseline_rounds[0]:.2f}-{r.vs_baseline_rounds[1]:.2f}" if r.vs_baseline_rounds else "-"
             cpu_ratio = f"{r.vs_baseline_cpu:.3f}" if r.vs_baseline_cpu is not None else "-"
             mfu = f"{100 * r.mfu:7.1f}%" if r.mfu is not None else ""
             lines.append(
                 f"{r.contestant:<24}{r.images_per_s:>10.2f}{1e3 * statistics.median(r.step_s):>10.1f}"
-                f"{r.peak_mem_mb:>10.1f}{r.gflops:>10.1f}{100 * r.matmul_fraction:>9.1f}%{mfu}{ratio:>10}"
+                f"{r.peak_mem_mb:>10.1f}{r.gflops:>10.1f}{100 * r.matmul_fraction:>9.1f}%{mfu}{ratio:>10}{rounds:>12}"
                 f"{r.images_per_cpu_s:>11.2f}{cpu_ratio:>9}"
                 f"{100 * r.matmul_fraction_cpu:>8.1f}%{r.first_call_s:>12.1f}"
             )
@@ -476,6 +480,9 @@ def run_benchmark(
     for r in report.results:
         r.vs_baseline = r.images_per_s / base.images_per_s if base else None
         r.vs_baseline_cpu = r.images_per_cpu_s / base.images_per_cpu_s if base else None
+        if base:
+            per_round = [b / t for b, t in zip(base.step_s, r.step_s)]  # run i of each is in round i
+            r.vs_baseline_rounds = (min(per_round), max(per_round))
     return report
 
 

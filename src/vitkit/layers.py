@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 from .config import to_2tuple
 
@@ -220,8 +221,9 @@ def lean_training(x: Tensor) -> bool:
     (batch 8) 1.16-1.22x with 9-20% less peak memory. In fp32 the fused backward is the faster one (vit_fmnist:
     1,129 against 1,032 images/s), and inference (no autograd) stays fused everywhere.
     """
-    return (x.device.type == "cpu" and compute_dtype(x) != torch.float32 and torch.is_grad_enabled()
-            and x.requires_grad)
+    # cheapest first: in inference (no grad) this is asked of every Linear, and must cost nothing
+    return (x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+            and compute_dtype(x) != torch.float32)
 
 
 def lean_ops_pay(x: Tensor) -> bool:
@@ -353,14 +355,31 @@ def _activate(x: Tensor, activation: str) -> Tensor:
 # over the output. ViT-B/16 eager inference (batch 8, benchmarks/onednn_linear.py): 1.12-1.19x in
 # fp32, 1.00-1.02x in bf16. It has no autograd formula: only for what autograd does not record.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Each call costs oneDNN about 13 us more than addmm, which only a large fp32 matmul earns back.
+# `python benchmarks/onednn_linear.py --sizes` (2-core EPYC, 1 and 2 threads, four runs): a 17x64 by
+# 64x192 fp32 Linear (vit_digits, batch 1) ran at 0.34-0.41x addmm's speed, 1.3e7 multiply-adds at
+# 0.96-1.01x, 5.1e7 at 1.02-1.25x, ViT-B/16's at 1.07-1.48x. In bf16 oneDNN was the faster at every
+# size (1.01-1.30x): torch's own bf16 addmm goes through it too, with more around it.
+ONEDNN_LINEAR_MIN_MACS_FP32 = 2**25
 
 
 def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN's primitive where it applies (CPU, x and weight
-    both fp32 or both bf16); the caller makes sure autograd and autocast are not involved."""
-    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype in (torch.float32, torch.bfloat16):
+    both bf16, or both fp32 and the matmul large); the caller makes sure autograd and autocast are
+    not involved."""
+    if _onednn_linear_pays(x, weight.shape[0]) and x.dtype == weight.dtype and x.device.type == "cpu":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# torch.nn.functional has no in-place GELU; torch.ops.aten.gelu_ is the same kernel through ~1.5 us
+# more of Python dispatch, a fifth of a small model's GELU
+_gelu_inplace = getattr(torch._C._nn, "gelu_", torch.ops.aten.gelu_)
+
+
+def _onednn_linear_pays(x: Tensor, out_features: int) -> bool:
+    return ONEDNN_LINEAR and (x.dtype == torch.bfloat16 or (
+        x.dtype == torch.float32 and x.numel() * out_features >= ONEDNN_LINEAR_MIN_MACS_FP32))
 
 
 @torch.library.custom_op("vitkit::lean_linear", mutates_args=())
@@ -424,8 +443,6 @@ def lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
 def _stock(module: nn.Module, cls: type) -> bool:
     """A plain ``cls`` (nn.Linear, nn.GELU) with no hooks: one that vitkit may run through another
     function (a hook would not see the call; a subclass or a quantised layer computes something else)."""
-    from torch.nn.modules import module as nn_module
-
     return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
             and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
 
@@ -436,23 +453,29 @@ def lean_linear_applies(layer: nn.Module, x: Tensor) -> bool:
 
 
 def _inference_linear_applies(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer(x)`` may run as ``_cpu_linear``: eager CPU inference, where autograd records
-    nothing and autocast casts nothing (torch.compile and export trace ``layer(x)``: Inductor picks
-    its own kernels, and an exported graph stays portable)."""
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    """Whether ``layer(x)`` should run as ``_cpu_linear``: oneDNN pays for its size, and this is
+    eager CPU inference, where autograd records nothing and autocast casts nothing (torch.compile and
+    export trace ``layer(x)``: Inductor picks its own kernels, and an exported graph stays portable).
+    The cheap questions first: a small model asks this of every Linear, at every call."""
+    out_features = getattr(layer, "out_features", None)  # an attribute of the instance: no Module.__getattr__
+    if out_features is None or not _onednn_linear_pays(x, out_features):
         return False
-    if not _stock(layer, nn.Linear):
+    if not _stock(layer, nn.Linear) or x.device.type != "cpu":  # a quantised layer's weight is a method
         return False
-    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    weight, bias = layer.weight, layer.bias
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
 
 
 def _linear(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``: lean where ``lean_linear_applies``, through oneDNN's linear primitive in eager
-    CPU inference, else the layer itself."""
-    if lean_linear_applies(layer, x):
-        return lean_linear(x, layer.weight, layer.bias)
-    if _inference_linear_applies(layer, x):
+    CPU inference where that pays, else the layer itself."""
+    if x.requires_grad and torch.is_grad_enabled():  # autograd records: never oneDNN's primitive
+        if lean_linear_applies(layer, x):
+            return lean_linear(x, layer.weight, layer.bias)
+    elif _inference_linear_applies(layer, x):
         return _cpu_linear(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -463,9 +486,12 @@ def _heads_first(projected: Tensor) -> tuple[Tensor, ...]:
     Unbinding dim 2 before moving the heads, rather than permuting to (k, B, h, N, d) first as timm
     does, matters to the backward pass: torch's attention kernels return gradients laid out
     (B, N, h, d), so autograd stacks them straight into the (B, N, k, h, d) layout of the Linear's
-    output gradient, one copy instead of a stack and then a reshape copy.
+    output gradient, one copy instead of a stack and then a reshape copy. Where autograd does not
+    record, one permute makes the same views (k + 1 view ops fewer: small models are call-bound).
     """
-    return tuple(t.transpose(1, 2) for t in projected.unbind(2))
+    if projected.requires_grad:
+        return tuple(t.transpose(1, 2) for t in projected.unbind(2))
+    return projected.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, k, h, d) -> k x (B, h, N, d)
 
 
 class MultiHeadAttention(nn.Module):
@@ -631,14 +657,16 @@ class FeedForwardBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = _linear(self.fc1, x)  # (B, N, E) -> (B, N, hidden)
-        lean_gelu = self._lean_gelu(h)
-        if lean_gelu:  # fc2(gelu(h)) in one op that keeps only h
-            return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, lean_gelu))
-        if (_stock(self.act, nn.GELU) and _stock(self.fc1, nn.Linear) and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and h.requires_grad)):  # compiled/exported graphs stay functional
-            # Eager inference: GELU in place on fc1's output, which nothing else holds (no hook
-            # kept it). The block's peak is then one (B, N, hidden) tensor, not two (timm's has both).
-            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        if h.requires_grad and torch.is_grad_enabled():  # autograd records
+            lean_gelu = self._lean_gelu(h)
+            if lean_gelu:  # fc2(gelu(h)) in one op that keeps only h
+                return self.drop2(lean_linear(h, self.fc2.weight, self.fc2.bias, lean_gelu))
+            h = self.act(h)
+        elif _stock(self.act, nn.GELU) and _stock(self.fc1, nn.Linear) and not torch.compiler.is_compiling():
+            # Eager inference (compiled and exported graphs stay functional): GELU in place on fc1's
+            # output, which nothing else holds (no hook kept it). The block's peak is then one
+            # (B, N, hidden) tensor, not two (timm's has both).
+            h = _gelu_inplace(h, approximate=self.act.approximate)
         else:
             h = self.act(h)  # rebinding h frees fc1's output before fc2 runs when autograd need not keep it
         return self.drop2(_linear(self.fc2, self.drop1(h)))
