@@ -378,6 +378,7 @@ _gelu_inplace = getattr(torch._C._nn, "gelu_", torch.ops.aten.gelu_)
 
 
 def _onednn_linear_pays(x: Tensor, out_features: int) -> bool:
+    """Whether oneDNN's primitive beats addmm for ``x`` times a (out_features, in) weight."""
     return ONEDNN_LINEAR and (x.dtype == torch.bfloat16 or (
         x.dtype == torch.float32 and x.numel() * out_features >= ONEDNN_LINEAR_MIN_MACS_FP32))
 
