@@ -11,7 +11,8 @@ call time, set for each contestant's turn and put back after it. The models' fp3
 ``layers.ONEDNN_LINEAR_MIN_MACS_FP32`` multiply-adds take addmm either way.
 
 ``--sizes`` times single Linear layers instead, from a tiny model's (17 x 64 by 64 x 192) to
-ViT-B/16's, each through oneDNN's primitive and through ``F.linear`` (addmm) in turns: oneDNN's
+ViT-B/16's, each through ``layers._cpu_linear`` (oneDNN's primitive, whatever the size) and
+through ``F.linear`` (addmm) in turns: oneDNN's
 larger cost per call against its faster kernel, the measurement behind that threshold.
 """
 
@@ -57,9 +58,9 @@ def time_sizes(runs: int) -> None:
         for rows, fan_in, fan_out in SIZES:
             x, w, b = (torch.randn(*shape, dtype=dtype) for shape in ((rows, fan_in), (fan_out, fan_in), (fan_out,)))
             calls = max(1, int(2e8 // (rows * fan_in * fan_out)))  # ~0.2 GMAC a turn: short calls repeat
-            onednn = (torch.ops.mkldnn._linear_pointwise, x, w, b, "none", [], "")  # as layers._cpu_linear calls it
             times, _ = take_turns({"addmm": functools.partial(repeat, calls, F.linear, x, w, b),
-                                   "onednn": functools.partial(repeat, calls, *onednn)}, runs, warmup=2)
+                                   "onednn": functools.partial(repeat, calls, layers._cpu_linear, x, w, b)},
+                                  runs, warmup=2)
             plain, fast = (1e6 * statistics.median(times[k]) / calls for k in ("addmm", "onednn"))
             print(f"{str(dtype).replace('torch.', ''):<11}{f'{rows} x {fan_in} x {fan_out}':>20}"
                   f"{rows * fan_in * fan_out:>10.1e}{plain:>11.1f}{fast:>11.1f}{plain / fast:>9.2f}x")

@@ -365,9 +365,9 @@ ONEDNN_LINEAR_MIN_MACS_FP32 = 2**25
 
 def _cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN's primitive where it applies (CPU, x and weight
-    both bf16, or both fp32 and the matmul large); the caller makes sure autograd and autocast are
-    not involved."""
-    if _onednn_linear_pays(x, weight.shape[0]) and x.dtype == weight.dtype and x.device.type == "cpu":
+    both fp32 or both bf16); the caller makes sure autograd and autocast are not involved, and that
+    the primitive pays (``_onednn_linear_pays``)."""
+    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
