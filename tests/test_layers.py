@@ -517,3 +517,27 @@ def test_in_place_gelu_leaves_hooked_layers_their_own_outputs():
         mlp(x)
     torch.testing.assert_close(seen["fc1"], F.linear(x, mlp.fc1.weight, mlp.fc1.bias))  # not overwritten by GELU
     torch.testing.assert_close(seen["act"], F.gelu(seen["fc1"]))  # the act's hook fired
+
+
+def test_idle_dropouts_are_not_called_but_hooked_and_training_ones_are(monkeypatch):
+    calls = []
+    for cls in (nn.Dropout, vitkit.layers.DropPath):
+        monkeypatch.setattr(cls, "forward", lambda self, x, f=cls.forward: calls.append(self) or f(self, x))
+    cfg = vitkit.get_config("vit_digits", drop_rate=0.1, pos_drop_rate=0.1, drop_path_rate=0.1, head_drop_rate=0.1)
+    model = vitkit.ViT(cfg)
+    x = torch.randn(2, 1, 8, 8)
+    model.train()(x)  # every Dropout and DropPath is live: each is called
+    live = len(calls)
+    assert live >= 3 * cfg.depth + 2, live
+    calls.clear()
+    with torch.no_grad():
+        reference = model.eval()(x)
+        assert calls == []  # eval: all of them are the identity, and none is called
+        hooked = []
+        model.encoder.blocks[0].mlp.drop1.register_forward_hook(lambda *args: hooked.append(1))
+        torch.testing.assert_close(model(x), reference)
+    assert hooked == [1] and calls == [model.encoder.blocks[0].mlp.drop1]  # a hooked one still runs
+    calls.clear()
+    zero = vitkit.ViT(vitkit.get_config("vit_digits")).train()  # p = 0 in training: the identity too
+    zero(x).sum().backward()
+    assert calls == []

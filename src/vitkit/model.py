@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ViTConfig, get_config
-from .layers import PatchEmbedding, TransformerEncoderBlock, init_weights
+from .layers import PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights
 
 
 class TransformerEncoder(nn.Module):
@@ -61,7 +61,7 @@ class ClassificationHead(nn.Module):
         return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.drop(self.norm(self.pool_tokens(x)))
+        x = _dropout(self.drop, self.norm(self.pool_tokens(x)))
         return x if pre_logits else self.fc(x)
 
 
