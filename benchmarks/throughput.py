@@ -72,6 +72,8 @@ def run_suite(runs: int, warmup: int, only: str | None, device: str) -> dict:
                          ("B/16 train, best vs best", [k for k in reports if k.startswith("B/16 train")]),
                          ("digits train, best vs best", [k for k in reports if k.startswith("digits train")]),
                          ("fmnist train, best vs best", [k for k in reports if k.startswith("fmnist train")])]:
+        if not any(label in reports for label in labels):  # --only left this group out
+            continue
         for clock in ("wall", "cpu"):
             (ours, at), (theirs, their_at) = best_of(reports, labels, "vitkit", clock), best_of(reports, labels, "timm", clock)
             print(f"{what:<34} [{clock}] vitkit {ours:.2f} img/s ({at}) / timm {theirs:.2f} img/s ({their_at}) "
