@@ -628,6 +628,9 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+_DROPOUTS = (nn.Dropout, DropPath)  # the layers _dropout may skip
+
+
 def _dropout(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` for a Dropout or DropPath layer, skipped where it is the identity (eval mode, or
     p=0) and nothing hooks it: even then nn.Dropout's call costs about 3.6 us, and a small model's
@@ -635,9 +638,6 @@ def _dropout(layer: nn.Module, x: Tensor) -> Tensor:
     if type(layer) in _DROPOUTS and (not layer.training or layer.p == 0) and _stock(layer, type(layer)):
         return x
     return layer(x)
-
-
-_DROPOUTS = (nn.Dropout, DropPath)
 
 
 class ResidualAdd(nn.Module):
