@@ -77,3 +77,12 @@ def test_ab_scripts(name, first_words, capsys):
 def test_onednn_linear_sizes(capsys):
     out = run_script("onednn_linear", ["--sizes", "--runs", "1"], capsys)
     rows(out, ["float32", "bfloat16"])
+
+
+def test_throughput_suite_runs_only_the_chosen_configuration(capsys):
+    out = run_script("throughput", ["--suite", "--only", "digits train fp32 eager", "--runs", "1", "--warmup", "0"],
+                     capsys)
+    rows(out, ["vitkit", "timm", "vitkit-math"])
+    assert "== digits train fp32 eager" in out and "== B/16" not in out, out
+    assert re.search(rf"^digits train, best vs best\s+\[wall\] vitkit {NUMBER} img/s", out, re.M), out
+    assert "nan" not in out.lower(), out  # no summary line for the groups the filter left out
