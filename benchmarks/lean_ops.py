@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=9)
     p.add_argument("--threads", type=int)
     p.add_argument("--profile", action="store_true",
-                   help="then profile one 'lean' step (torch.profiler): where its time goes, op by op")
+                   help="then profile one 'lean' and one timm step (torch.profiler): where their time goes, op by op")
     args = p.parse_args(argv)
     fast.tune_cpu_allocator()  # as in vitkit's own commands; process-wide, so timm runs under it too
     if args.threads:
@@ -95,15 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with thresholds(VARIANTS["lean"][1]), profile(activities=[ProfilerActivity.CPU]) as prof:
-            built["lean"].step()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        linear_ops = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the lean forward: oneDNN's linear
-        matmul = sum(e.self_cpu_time_total for e in events if e.key in linear_ops)
-        print(f"\none 'lean' step: the Linear layers' matmuls ({', '.join(linear_ops)}) take {100 * matmul / total:.0f}% "
-              f"of its CPU time ({matmul / 1e6:.2f} s of {total / 1e6:.2f} s)")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+        for name in ("lean", "timm"):  # where each step's time goes, op by op
+            with thresholds(VARIANTS[name][1]), profile(activities=[ProfilerActivity.CPU]) as prof:
+                built[name].step()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            linear_ops = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the lean forward: oneDNN's linear
+            matmul = sum(e.self_cpu_time_total for e in events if e.key in linear_ops)
+            print(f"\none '{name}' step: the Linear layers' matmuls ({', '.join(linear_ops)}) take "
+                  f"{100 * matmul / total:.0f}% of its CPU time ({matmul / 1e6:.2f} s of {total / 1e6:.2f} s)")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
     return 0
 
 

@@ -74,6 +74,12 @@ def test_ab_scripts(name, first_words, capsys):
     rows(out, first_words)
 
 
+def test_lean_ops_profiles_both_libraries(capsys):
+    out = run_script("lean_ops", ["--model", "vit_digits", "--batch-size", "4", "--runs", "1", "--profile"], capsys)
+    for name in ("lean", "timm"):
+        assert re.search(rf"^one '{name}' step: the Linear layers' matmuls .* take \d+% of its CPU time", out, re.M), out
+
+
 def test_onednn_linear_sizes(capsys):
     out = run_script("onednn_linear", ["--sizes", "--runs", "1"], capsys)
     rows(out, ["float32", "bfloat16"])
