@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        linear_ops = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the lean forward: oneDNN's linear
         for name in ("lean", "timm"):  # where each step's time goes, op by op
             with thresholds(VARIANTS[name][1]), profile(activities=[ProfilerActivity.CPU]) as prof:
                 built[name].step()
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events)
-            linear_ops = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the lean forward: oneDNN's linear
             matmul = sum(e.self_cpu_time_total for e in events if e.key in linear_ops)
             print(f"\none '{name}' step: the Linear layers' matmuls ({', '.join(linear_ops)}) take "
                   f"{100 * matmul / total:.0f}% of its CPU time ({matmul / 1e6:.2f} s of {total / 1e6:.2f} s)")
