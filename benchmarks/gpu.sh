@@ -3,6 +3,10 @@
 #
 #   OUT=/tmp/gpu BUDGET_S=560 bash benchmarks/gpu.sh
 #
+# Optional: FMNIST_DIR, a folder with Fashion-MNIST's four idx .gz files (that machine has no Debian
+# package), for the small-model training runs; BEFORE_SRC, another checkout's src/ to run those
+# runs with as well, so a change is measured against the code before it in the same call.
+#
 # Runs from the repository root with the machine's own python3 (torch, timm, safetensors, einops,
 # scikit-learn there); vitkit comes from src/. Steps run in order of importance, each under its own
 # time limit and all under BUDGET_S seconds, so one that hangs costs only itself and the log comes
@@ -37,13 +41,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # 1. correctness on the device: parity with timm, flash attention, where the step's time goes
 step 100 "$PY" benchmarks/gpu_checks.py --batch-size 64
 
-# 2. eager speed (fast to run), the naive math-attention baseline included
+# 2. a small model's training on the GPU, where kernel launches are the step: Fashion-MNIST's recipe
+#    for 2 epochs eager (and with BEFORE_SRC's code), compiled, and compiled with CUDA graphs
+RUNS=$(mktemp -d)
+if [[ -n "${FMNIST_DIR:-}" ]]; then
+    FM=(-m vitkit train --config configs/fashion_mnist.yaml --data-dir "$FMNIST_DIR" --epochs 2 --device cuda --progress off)
+    [[ -n "${BEFORE_SRC:-}" ]] && step 60 env PYTHONPATH="$BEFORE_SRC" "$PY" "${FM[@]}" --out "$RUNS/fm-before"
+    step 60 "$PY" "${FM[@]}" --out "$RUNS/fm-eager"
+    step 120 "$PY" "${FM[@]}" --compile true --out "$RUNS/fm-compiled"
+    step 120 "$PY" "${FM[@]}" --compile true --compile-mode reduce-overhead --out "$RUNS/fm-cudagraphs"
+fi
+step 45 "$PY" benchmarks/ema.py --device cuda
+
+# 3. eager speed (fast to run), the naive math-attention baseline included
 bench 90 infer_bf16_eager --mode infer --precision bf16 --batch-size 256 --contestants vitkit,timm,vitkit-math
 bench 90 train_autocast_eager --mode train --precision bf16-autocast --batch-size 128 --contestants vitkit,timm,vitkit-math
 
-# 3. the training CLI on CUDA: a run interrupted after epoch 3 and resumed, against one straight run,
+# 4. the training CLI on CUDA: a run interrupted after epoch 3 and resumed, against one straight run,
 #    then eval; torchrun with NCCL (DDP and FSDP, one process: the machine has one GPU)
-RUNS=$(mktemp -d)
 TRAIN=(-m vitkit train --config configs/digits.yaml --epochs 6 --warmup-epochs 1 --precision bf16 --device cuda --progress off)
 step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/straight"
 step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/resumed" --stop-after-epoch 3
@@ -56,7 +71,7 @@ for strategy in ddp fsdp; do
     cat "$RUNS/torchrun-$strategy/metrics.csv"
 done
 
-# 4. fp32 (TF32 off, as torch's default) and compiled speed
+# 5. fp32 (TF32 off, as torch's default) and compiled speed
 bench 60 infer_fp32_eager --mode infer --precision fp32 --batch-size 256 --contestants vitkit,timm
 bench 150 infer_bf16_compiled --mode infer --precision bf16 --compile --batch-size 256 --contestants vitkit,timm
 bench 200 train_autocast_compiled --mode train --precision bf16-autocast --compile --batch-size 128 --contestants vitkit,timm

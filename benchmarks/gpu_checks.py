@@ -7,7 +7,9 @@ Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
    fp32 and in bf16 autocast, relative to the logits' scale.
 2. Which SDPA kernel vitkit's attention gets: the forward and backward of a bf16 ViT-B/16 step run
    with only the flash kernel allowed (an error here means vitkit's attention falls off flash).
-3. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
+3. Whether an EMA update makes the host wait for the device: vitkit's ``ModelEma`` (none) and torch's
+   ``AveragedModel`` (one or more), run under ``torch.cuda.set_sync_debug_mode("error")``.
+4. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
    side by side, so a gap in the bench can be traced to a kernel.
 """
 
@@ -54,6 +56,30 @@ def flash_only(device: torch.device, name: str, batch: int) -> None:
         print(f"attention: FAILED with only {backend.name} allowed: {str(e).splitlines()[0]}")
 
 
+def ema_syncs(device: torch.device, name: str) -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from vitkit.train import make_ema
+
+    if device.type != "cuda":
+        print("ema: no CUDA device, host syncs not checked")
+        return
+    model = ViT(get_config(name)).to(device)
+    emas = {"vitkit ModelEma": make_ema(model, 0.999),
+            "torch AveragedModel": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)}
+    for label, ema in emas.items():
+        ema.update_parameters(model)  # the first update copies (vitkit reads its count once)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ema.update_parameters(model)
+            print(f"ema: {label}: an update made no host sync")
+        except RuntimeError as e:
+            print(f"ema: {label}: an update synced the host ({str(e).splitlines()[0][:80]})")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def profile_step(device: torch.device, name: str, batch: int, top: int = 10) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -96,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
     parity(device, args.model, 8)
     flash_only(device, args.model, 8)
+    ema_syncs(device, args.model)
     profile_step(device, args.model, args.batch_size)
 
 

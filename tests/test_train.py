@@ -116,6 +116,11 @@ def test_config_file_then_flags_typed(tmp_path):
         resolve_config(str(f))
     with pytest.raises(ValueError, match="--precision: expected one of"):
         resolve_config(None, {"precision": "fp8"})
+    assert resolve_config(None, {"compile": "true", "compile_mode": "reduce-overhead"}).compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead: only used when compiling; add --compile true"):
+        resolve_config(None, {"compile_mode": "reduce-overhead"})
+    with pytest.raises(ValueError, match="--compile-mode: expected one of"):
+        resolve_config(None, {"compile": "true", "compile_mode": "fast"})
     with pytest.raises(SystemExit):  # no prefix guessing on the command line: --epoch is not --epochs
         main(["train", "--epoch", "3", "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
@@ -277,3 +282,47 @@ def test_ema_follows_the_warm_up_formula_step_by_step():
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-5)
     assert int(ema.n_averaged) == 40
+
+
+def test_ema_update_reads_nothing_back_from_the_device():
+    """The EMA's update count lives on the host: after the first update (which reads the buffer once),
+    an update runs no op that copies a tensor's value to the host (``aten._local_scalar_dense``, what
+    ``int()``, ``float()`` and ``bool()`` of a tensor call), the per-step sync torch's AveragedModel
+    makes on a GPU. A loaded state dict is read again, so a resumed EMA continues its warm-up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    model = create_model("vit_digits", num_classes=10)
+    ema = make_ema(model, 0.99)
+    ema.update_parameters(model)
+    with HostReads() as reads:
+        for _ in range(3):
+            ema.update_parameters(model)
+    assert reads.count == 0
+    assert int(ema.n_averaged) == 4
+    # plain AveragedModel reads its count back on every update: the probe can see a read
+    plain = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
+    plain.update_parameters(model)
+    with HostReads() as reads:
+        plain.update_parameters(model)
+    assert reads.count > 0
+    # a resumed EMA takes its count (and so its warm-up decay) from the state dict
+    other = make_ema(create_model("vit_digits", num_classes=10), 0.99)
+    other.load_state_dict(ema.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = ema.module.head.fc.bias.clone()
+    ema.update_parameters(model)
+    other.update_parameters(model)
+    torch.testing.assert_close(other.module.state_dict(), ema.module.state_dict(), rtol=0, atol=0)
+    d = min(0.99, 5 / 14)
+    torch.testing.assert_close(ema.module.head.fc.bias, d * before + (1 - d) * model.head.fc.bias)

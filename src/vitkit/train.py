@@ -109,6 +109,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     strategy: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it, FSDP2; needs --ema false)
     compile: bool = False  # torch.compile the training forward/backward (compiles once at the start)
+    # torch.compile's mode; reduce-overhead replays each step's forward and backward as CUDA graphs,
+    # which pays for small models on a GPU (kernel launches are their step); on a CPU it is the default
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, one more forward a step
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for tiny models on a busy CPU
     progress: str = "auto"  # auto (a bar when stdout is a terminal) | on | off
@@ -119,6 +122,7 @@ class TrainConfig:
             "auto_augment": ("none", "randaugment", "trivialaugment"),
             "progress": ("auto", "on", "off"),
             "strategy": STRATEGIES,
+            "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -132,6 +136,8 @@ class TrainConfig:
         for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a value in [0, 1], got {getattr(self, key)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile-mode {self.compile_mode}: only used when compiling; add --compile true")
         if self.strategy == "fsdp" and self.ema:
             raise ValueError("--strategy fsdp: the model EMA is not sharded; pass --ema false (or use --strategy ddp)")
 
@@ -483,24 +489,51 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
     return factor
 
 
-def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+class ModelEma(torch.optim.swa_utils.AveragedModel):
     """Exponential moving average of the weights, with timm's warm-up: decay = min(decay, (1+n)/(10+n)).
 
-    One in-place ``_foreach_lerp_`` over all tensors per step (timm's ModelEmaV3 does the same). A
-    per-tensor ``avg_fn`` would read the step count from the device once per tensor: on a GPU, a host
-    sync for each of the model's ~100 tensors, every step.
+    One in-place ``_foreach_lerp_`` over all floating tensors per step (timm's ModelEmaV3 does the
+    same); integer buffers are copied. The update count ``n`` is kept on the host: torch's
+    ``AveragedModel.update_parameters`` moves its count to the device and the decay then has to be
+    read back, a host sync every step that stalls a GPU's queue. The ``n_averaged`` buffer is still
+    written (without a sync), so checkpoints keep AveragedModel's layout and resume as before.
     """
 
-    def ema_update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # AveragedModel calls this once per (device, dtype) group of tensors
-        if not averaged[0].is_floating_point():  # integer buffers: not averaged, copied
-            torch._foreach_copy_(averaged, current)
-            return
-        n = float(num_averaged)  # one read per group and step
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self._updates: int | None = None  # the host's copy of n_averaged; read from the buffer once
 
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updates = None  # a loaded count is read again at the next update
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        ours = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if len(ours) != len(theirs):
+            raise ValueError(f"EMA update: the model has {len(theirs)} parameters and buffers, the EMA {len(ours)}")
+        if self._updates is None:
+            self._updates = int(self.n_averaged)
+        n = self._updates
+        theirs = [t.detach().to(o.device) for o, t in zip(ours, theirs)]
+        if n == 0:  # the first update copies
+            torch._foreach_copy_(ours, theirs)
+        else:
+            d = min(self.decay, (1.0 + n) / (10.0 + n))
+            floating = [(o, t) for o, t in zip(ours, theirs) if o.is_floating_point()]
+            integral = [(o, t) for o, t in zip(ours, theirs) if not o.is_floating_point()]
+            torch._foreach_lerp_([o for o, _ in floating], [t for _, t in floating], 1.0 - d)
+            if integral:  # integer buffers (none in vitkit's models) are copied, not averaged
+                torch._foreach_copy_([o for o, _ in integral], [t for _, t in integral])
+        self._updates = n + 1
+        self.n_averaged.fill_(n + 1)  # a write, not a read: no sync even where the buffer is on a GPU
+
+
+def make_ema(model: nn.Module, decay: float) -> ModelEma:
+    """The model EMA the trainer keeps (``ModelEma``), evaluated and saved as ``best/`` when on."""
+    return ModelEma(model, decay)
 
 
 def make_augment(cfg: TrainConfig, data: Dataset) -> BatchAugment:
@@ -579,7 +612,11 @@ class Trainer:
         # DDP wraps the model; FSDP shards it in place (self.model's parameters become DTensor shards)
         self.ddp = wrap_model(self.model, cfg.strategy, dist, self.device)
         # what a training step calls; self.model keeps the plain parameters for checkpoints and eval
-        self.step_model = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.step_model = torch.compile(self.ddp, mode=cfg.compile_mode) if cfg.compile else self.ddp
+        # CUDA graphs reuse their output memory: each forward starts a new step, so that graph trees
+        # know the last step's outputs (logits, saved activations) are no longer needed
+        self.cuda_graphs = (cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+                            and self.device.type == "cuda")
         # fused on CPU too: torch's CPU default loop took 1.5 ms against 0.4 of a 20 ms vit_digits_gap
         # step here (benchmarks/adamw.py); each group carries its own weight decay
         self.optimizer = adamw(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
@@ -695,6 +732,8 @@ class Trainer:
             x, targets = self.augment(x, self.data.train.labels[micro].to(self.device, non_blocking=True))
             sync = k == cfg.accum_steps - 1 or not dist.distributed
             with no_sync(self.ddp, sync):
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast(self.device, self.precision):
                     logits = self.step_model(x)
                 loss = self.loss_fn(logits, targets)
