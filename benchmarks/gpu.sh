@@ -5,7 +5,8 @@
 #
 # Optional: FMNIST_DIR, a folder with Fashion-MNIST's four idx .gz files (that machine has no Debian
 # package), for the small-model training runs; BEFORE_SRC, another checkout's src/ to run those
-# runs with as well, so a change is measured against the code before it in the same call.
+# runs with as well, so a change is measured against the code before it in the same call;
+# ONLY=small, those runs alone (with the EMA benchmark).
 #
 # Runs from the repository root with the machine's own python3 (torch, timm, safetensors, einops,
 # scikit-learn there); vitkit comes from src/. Steps run in order of importance, each under its own
@@ -39,19 +40,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"
 
 # 1. correctness on the device: parity with timm, flash attention, where the step's time goes
-step 100 "$PY" benchmarks/gpu_checks.py --batch-size 64
+[[ "${ONLY:-}" != small ]] && step 100 "$PY" benchmarks/gpu_checks.py --batch-size 64
 
 # 2. a small model's training on the GPU, where kernel launches are the step: Fashion-MNIST's recipe
-#    for 2 epochs eager (and with BEFORE_SRC's code), compiled, and compiled with CUDA graphs
+#    for 2 epochs eager (and with BEFORE_SRC's code), compiled, and compiled with CUDA graphs; eager
+#    and with CUDA graphs again with a host read every step (--log-every 1) instead of every 32
 RUNS=$(mktemp -d)
 if [[ -n "${FMNIST_DIR:-}" ]]; then
     FM=(-m vitkit train --config configs/fashion_mnist.yaml --data-dir "$FMNIST_DIR" --epochs 2 --device cuda --progress off)
     [[ -n "${BEFORE_SRC:-}" ]] && step 60 env PYTHONPATH="$BEFORE_SRC" "$PY" "${FM[@]}" --out "$RUNS/fm-before"
     step 60 "$PY" "${FM[@]}" --out "$RUNS/fm-eager"
-    step 120 "$PY" "${FM[@]}" --compile true --out "$RUNS/fm-compiled"
+    step 60 "$PY" "${FM[@]}" --log-every 1 --out "$RUNS/fm-eager-read-every-step"
     step 120 "$PY" "${FM[@]}" --compile true --compile-mode reduce-overhead --out "$RUNS/fm-cudagraphs"
+    step 120 "$PY" "${FM[@]}" --compile true --compile-mode reduce-overhead --log-every 1 \
+        --out "$RUNS/fm-cudagraphs-read-every-step"
+    step 120 "$PY" "${FM[@]}" --compile true --out "$RUNS/fm-compiled"
 fi
 step 45 "$PY" benchmarks/ema.py --device cuda
+[[ "${ONLY:-}" == small ]] && exit 0
 
 # 3. eager speed (fast to run), the naive math-attention baseline included
 bench 90 infer_bf16_eager --mode infer --precision bf16 --batch-size 256 --contestants vitkit,timm,vitkit-math

@@ -133,7 +133,10 @@ def test_resume_refuses_to_change_the_recipe(tmp_path):
         resume(tmp_path / "r", {"lr": "0.5"})
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [0, 3], ids=["read-every-step", "read-every-3-steps"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every):
+    """Read every step (a CPU's default), the NaN step stops before its update; read every 3 steps (a
+    GPU's way, --log-every), the first NaN step is still the one named, and no checkpoint holds it."""
     run = tmp_path / "run"
     original = Trainer.loss_fn
 
@@ -143,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(Trainer, "loss_fn", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 5.*last good checkpoint"):
-        train(resolve_config(None, tiny(run, epochs=3)))
+        train(resolve_config(None, tiny(run, epochs=3, log_every=log_every)))
     state = torch.load(run / "last" / STATE_NAME, weights_only=True)
     assert state["epoch"] == 1
     good = weights(run)
@@ -174,19 +177,22 @@ def test_two_runs_on_one_folder_are_refused(tmp_path, capsys):
     RunDir(tmp_path / "run").lock()  # free again once the holder is gone
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("log_every", [0, 3], ids=["read-every-step", "read-every-3-steps"])
+def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path, log_every):
+    """With --log-every 3 the metrics of up to 3 steps are still on the device when the signal comes:
+    they are read before the checkpoint, and the run ends as the one that read every step."""
     run = tmp_path / "run"
-    cfg = tiny(run, train_subset=512, batch_size=32, epochs=2, drop_path_rate=0.2, translate=1)
+    cfg = tiny(run, train_subset=512, batch_size=32, epochs=2, drop_path_rate=0.2, translate=1, log_every=log_every)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "vitkit", "train", *flags(dict(cfg, progress="on"))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     seen, deadline = b"", time.time() + 120
-    while b"step 1/" not in seen and time.time() < deadline:
+    while b" step " not in seen and time.time() < deadline:
         chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
             break
         seen += chunk
-    assert b"step 1/" in seen, seen + proc.stderr.read()
+    assert b" step " in seen, seen + proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -198,9 +204,12 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_to_the_same_weights(tmp_path)
     assert not list(run.glob(".last.tmp-*"))  # no half-written temporary left
 
     assert main(["train", "--resume", str(run)]) == 0
-    reference = train(resolve_config(None, dict(cfg, out=str(tmp_path / "ref"))))
+    reference = train(resolve_config(None, dict(cfg, out=str(tmp_path / "ref"), log_every=0)))
     assert reference.history[-1]["epoch"] == 2
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
+    ours, theirs = (torch.load(r / "last" / STATE_NAME, weights_only=True) for r in (run, tmp_path / "ref"))
+    assert torch.equal(ours["step_losses"], theirs["step_losses"]) and len(ours["step_losses"]) == 32
+    assert [h["train_loss"] for h in ours["history"]] == [h["train_loss"] for h in theirs["history"]]
 
 
 def test_predict_and_eval_cli_on_a_trained_run(tmp_path, capsys):

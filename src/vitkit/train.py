@@ -115,6 +115,9 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, one more forward a step
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for tiny models on a busy CPU
     progress: str = "auto"  # auto (a bar when stdout is a terminal) | on | off
+    # a read feeds the progress bar, the non-finite check and a stop signal under torchrun; each waits
+    # for the device, so a GPU's queue empties at every one (32: DEVICE_LOG_EVERY)
+    log_every: int = 0  # steps between host reads of the metrics; 0: every step on a CPU, every 32 on a GPU
 
     def __post_init__(self) -> None:
         choices = {
@@ -127,6 +130,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key.replace('_', '-')}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every: expected an int >= 0 (0: automatic), got {self.log_every}")
         for key in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a positive int, got {getattr(self, key)}")
@@ -238,7 +243,9 @@ def resolve_config(file: str | None = None, overrides: dict | None = None) -> Tr
 
 # Options a resumed run may change: how long it runs and how it reports, never the math of a step.
 RESUME_OVERRIDABLE = ("epochs", "stop_after_epoch", "progress", "eval_batch_size", "device", "data_dir", "threads",
-                      "strategy", "grad_checkpointing", "compile")
+                      "strategy", "grad_checkpointing", "compile", "compile_mode", "log_every")
+# --log-every 0 on a GPU: a read every 32 steps keeps the queue full and a stop signal under a second late
+DEVICE_LOG_EVERY = 32
 
 
 # --- distributed: the one place rank and world size come from -------------------------------
@@ -640,6 +647,11 @@ class Trainer:
         self.history: list[dict] = []
         self.running = torch.zeros(3, dtype=torch.float64)  # (loss sum, correct, images) this epoch, all ranks
         self.step_losses: list[float] = []  # mean loss of every optimizer step so far, all ranks
+        # steps whose metrics are still on the device: (epoch, step, their all-reduced stats)
+        self.unread: list[tuple[int, int, Tensor]] = []
+        # on a CPU a read costs nothing (its ops have finished): then every step is read before
+        # its update, so a non-finite loss never reaches the weights
+        self.log_every = cfg.log_every or (1 if self.device.type == "cpu" else DEVICE_LOG_EVERY)
         if self.resume:
             self._load_last()
         elif dist.is_main:
@@ -711,11 +723,13 @@ class Trainer:
         # targets are class indices, or (B, num_classes) probabilities after MixUp/CutMix
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
 
-    def train_step(self, idx: Tensor, signum: int = 0) -> Tensor:
+    def train_step(self, idx: Tensor, signum: int = 0) -> Tensor | None:
         """One optimizer step on the global batch ``idx``; this rank takes its contiguous slice.
 
-        Returns (loss sum, correct, images, non-finite flag, signal) summed over all ranks:
-        one all_reduce per step carries the metrics and every rank's reasons to stop.
+        One all_reduce per step carries the metrics and every rank's reasons to stop: (loss sum,
+        correct, images, non-finite flag, signal), summed over all ranks. They stay on the device
+        until ``read_metrics``, every ``log_every`` steps (before this step's update); returns
+        the rows read then, or None.
         """
         cfg, dist = self.cfg, self.dist
         per_rank = cfg.batch_size // dist.world_size
@@ -744,14 +758,9 @@ class Trainer:
         # Every rank must agree to stop on a bad loss, or the others would hang in all_reduce.
         local = torch.stack([loss_sum, correct, torch.full_like(loss_sum, len(mine)),
                              (~loss_sum.isfinite()).double(), torch.full_like(loss_sum, float(signum))])
-        stats = dist.all_reduce(local).cpu()  # the step's one host sync
-        if stats[3] > 0:
-            raise NonFiniteLossError(
-                f"loss became {float(stats[0] / stats[2]):.4g} at epoch {self.epoch + 1}, step {self.global_step + 1}; "
-                f"stopped. The last good checkpoint is kept in {self.run.last} "
-                f"({'epoch ' + str(self.epoch) if self.run.last.exists() else 'none was written yet'}). "
-                f"Try a lower --lr (now {cfg.lr:g}), --clip-grad, or --precision fp32"
-            )
+        self.unread.append((self.epoch + 1, self.global_step + 1, dist.all_reduce(local)))
+        # every rank reads at the same steps, so all of them see a stop at the same step
+        rows = self.read_metrics() if len(self.unread) >= self.log_every else None
         if cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
@@ -760,8 +769,27 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.global_step += 1
         self.step_in_epoch += 1
-        self.step_losses.append(float(stats[0] / stats[2]))
-        return stats
+        return rows
+
+    def read_metrics(self) -> Tensor | None:
+        """Bring the unread steps' metrics to the host, in one sync: (steps, 5) rows, or None if
+        none were unread. Adds them to the epoch's running totals and the per-step losses; a
+        non-finite loss stops the run here, before any checkpoint holds its weights."""
+        if not self.unread:
+            return None
+        rows = torch.stack([stats for _, _, stats in self.unread]).cpu()  # (steps, 5); the host sync
+        for (epoch, step, _), row in zip(self.unread, rows):
+            if row[3] > 0:
+                raise NonFiniteLossError(
+                    f"loss became {float(row[0] / row[2]):.4g} at epoch {epoch}, step {step}; stopped. The last good "
+                    f"checkpoint is kept in {self.run.last} "
+                    f"({'epoch ' + str(self.epoch) if self.run.last.exists() else 'none was written yet'}). "
+                    f"Try a lower --lr (now {self.cfg.lr:g}), --clip-grad, or --precision fp32"
+                )
+            self.running += row[:3]
+            self.step_losses.append(float(row[0] / row[2]))
+        self.unread.clear()
+        return rows
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -796,17 +824,21 @@ class Trainer:
                 batches = global_batches(len(self.data.train), cfg.batch_size, cfg.seed, self.epoch)
                 t0, done_images = time.perf_counter(), 0
                 for idx in batches[self.step_in_epoch:]:
-                    stats = self.train_step(idx, stop["signum"])
-                    self.running += stats[:3]
+                    rows = self.train_step(idx, stop["signum"])
                     done_images += len(idx)
+                    if stop["signum"] and not dist.distributed:
+                        rows = self.read_metrics() if self.unread else rows  # all of them, before the checkpoint
+                    if rows is None:
+                        continue
+                    stats = rows[-1]
                     rate = done_images / max(time.perf_counter() - t0, 1e-9)
                     progress.update(
                         f"epoch {self.epoch + 1}/{cfg.epochs} step {self.step_in_epoch}/{len(batches)} "
                         f"loss {stats[0] / stats[2]:.4f} acc {100 * stats[1] / stats[2]:.1f}% "
                         f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s"
                     )
-                    # a signal seen after this step's all_reduce waits one step when distributed, so ranks agree
-                    if stats[4] > 0 or (stop["signum"] and not dist.distributed):
+                    # under torchrun a signal waits for the next read, so that every rank stops at the same step
+                    if rows[:, 4].any() or (stop["signum"] and not dist.distributed):
                         progress.close()
                         self.save_last()
                         if dist.is_main and self.history:
@@ -817,6 +849,7 @@ class Trainer:
                             f"{self.global_step}; saved {self.run.last}. Resume with: vitkit train --resume "
                             f"{self.run.path}"
                         ))
+                self.read_metrics()  # the epoch's last steps
                 train_time = time.perf_counter() - t0
                 progress.close()
                 totals = self.running.clone()
