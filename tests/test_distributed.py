@@ -47,10 +47,11 @@ def assert_same_run(a, b, tol=1e-5):
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
+    """The ranks read their metrics every 3 steps (--log-every 3, a GPU's way), the one process every step."""
     train(resolve_config(None, dict(CFG, out=str(tmp_path / "one"))))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", *flags(dict(CFG, out=str(tmp_path / "ddp")))]
+           "-m", "vitkit", "train", *flags(dict(CFG, log_every=3, out=str(tmp_path / "ddp")))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on 2 process(es)" in out.stdout and out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
