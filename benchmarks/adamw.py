@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fast.tune_cpu_allocator()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
     print(machine_line(machine_info(torch.device("cpu"))))
     print(f"{'model':<24}{'default ms':>12}{'foreach ms':>12}{'fused ms':>10}{'fwd+bwd ms':>12}{'default/fused':>15}")
     for name in args.models:

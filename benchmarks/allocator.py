@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from vitkit import fast
+
 # (model, batch, mode, precision)
 CONFIGS = [
     ("vit_base_patch16_224", 8, "train", "bf16-autocast"),
@@ -34,7 +36,6 @@ CONFIGS = [
 
 def child(library: str, model: str, batch: int, mode: str, precision: str, tuned: bool, steps: int) -> dict:
     """One measurement, in this process: time, page faults and system time per step."""
-    from vitkit import fast
     from vitkit.bench import build_contestant
     from vitkit.config import get_config
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(*json.loads(args.child))))
         return 0

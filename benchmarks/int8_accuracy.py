@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from vitkit import fast
 from vitkit.bench import run_benchmark
 from vitkit.checkpoint import load_pretrained, resolve_checkpoint
 from vitkit.config import get_config
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
 
     top1 = {}
     for precision in EVAL_PRECISIONS:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fast.tune_cpu_allocator()  # as in vitkit's own commands; process-wide, so timm runs under it too
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
     device = torch.device("cpu")
     cfg = get_config(args.model)
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from vitkit import fast
 from vitkit.bench import _sync, machine_info, machine_line
 from vitkit.data import global_batches, load_dataset
 from vitkit.train import make_augment, resolve_config
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="where fashion-mnist's idx files are, if not in the default place")
     p.add_argument("--batches", type=int, default=200, help="timed batches (median reported)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    fast.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(machine_line(machine_info(device)))
     print(f"{'config':<32}{'dataset':<16}{'batch':>6}{'images/s':>12}")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vitkit import layers
 from vitkit.bench import build_contestant, machine_info, machine_line, take_turns
 from vitkit.config import get_config
-from vitkit.fast import tune_cpu_allocator
+from vitkit.fast import set_num_threads, tune_cpu_allocator
 
 CONFIGS = [("infer", "fp32"), ("infer", "bf16"), ("train", "bf16-autocast")]
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tune_cpu_allocator()  # as in vitkit's own commands
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     device, cfg = torch.device("cpu"), get_config(args.model)
     info = machine_info(device)
     print(machine_line(info))

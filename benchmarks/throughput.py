@@ -16,8 +16,7 @@ import json
 import sys
 import time
 
-import torch
-
+from vitkit import fast
 from vitkit.bench import add_arguments, run_benchmark, run_from_args
 from vitkit.checkpoint import atomic_file
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         run_from_args(args)
         return 0
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
     reports = run_suite(args.runs, args.warmup, args.only, args.device)
     if args.json:
         with atomic_file(args.json, "w") as f:

@@ -232,3 +232,18 @@ def test_tuned_allocator_stops_page_faults_step_after_step():
 def test_allocator_tuning_can_be_declined():
     assert _churn_faults("tuned", VITKIT_TUNE_MALLOC="0") == "untunable"
     assert _churn_faults("tuned", MALLOC_TRIM_THRESHOLD_="1000000") == "untunable"
+
+
+def test_set_num_threads_leaves_torch_alone_when_the_count_is_already_right(monkeypatch):
+    """``fast.set_num_threads`` calls torch's setter (which also turns MKL's dynamic threading off:
+    benchmarks/threads.py) only to change the count; 0 means torch's default."""
+    from vitkit import fast
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    current = torch.get_num_threads()
+    fast.set_num_threads(current)
+    fast.set_num_threads(0)
+    assert calls == []
+    fast.set_num_threads(current + 1)
+    assert calls == [current + 1]

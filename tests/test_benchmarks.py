@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitkit import fast
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 NUMBER = r"[0-9][0-9,]*\.?[0-9]*"
 
@@ -24,7 +26,7 @@ def run_script(name: str, argv: list[str], capsys) -> str:
         module.main(argv)
     finally:
         sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
+        fast.set_num_threads(threads)  # no call (and no side effect) when the script left it as it was
     return capsys.readouterr().out
 
 
@@ -41,6 +43,12 @@ def test_loader(capsys):
 def test_adamw(capsys):
     out = run_script("adamw", ["vit_digits_gap", "--runs", "2", "--batch-size", "4"], capsys)
     rows(out, ["vit_digits_gap"])
+
+
+def test_threads(capsys):  # two fresh processes, one per setting
+    out = run_script("threads", ["--rounds", "1", "--steps", "1"], capsys)
+    rows(out, ["flash attention fwd+bwd", "flash attention forward", "timm vit_fmnist fp32 train step",
+               "vitkit vit_fmnist fp32 train step"])
 
 
 def test_ema(capsys):

@@ -506,7 +506,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> Report:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fast.set_num_threads(args.threads)
     report = run_benchmark(
         args.model, args.batch_size, args.mode, args.precision, args.compile,
         [c.strip() for c in args.contestants.split(",") if c.strip()], args.runs, args.warmup, args.device,

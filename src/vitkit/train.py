@@ -50,7 +50,7 @@ from .distributed import (
     no_sync,
     wrap_model,
 )
-from .fast import adamw, default_training_precision, tune_cpu_allocator
+from .fast import adamw, default_training_precision, set_num_threads, tune_cpu_allocator
 from .fast import autocast as fast_autocast
 from .model import ViT, create_model
 
@@ -566,8 +566,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, data: Dataset | None = None):
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        set_num_threads(cfg.threads)  # 0: torch's default
         tune_cpu_allocator()  # no page faults step after step (process-wide)
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
