@@ -148,13 +148,14 @@ def tune_cpu_allocator() -> bool:
 def set_num_threads(threads: int) -> None:
     """``torch.set_num_threads(threads)``, unless torch already runs that many (or ``threads`` is 0).
 
-    Setting them is not free of side effects: ATen's ``set_num_threads`` also turns MKL's dynamic
-    threading off, after which an MKL matmul called inside one of torch's own parallel loops starts
-    threads of its own. torch's CPU flash attention does exactly that: ``python benchmarks/threads.py``
-    (fresh processes, 2-core EPYC, 2 threads either way) timed its fp32 forward and backward 1.57-1.69x
-    slower after an explicit ``torch.set_num_threads(2)`` than with torch's default of 2 (its forward
-    alone 1.8-1.9x), and a vit_fmnist fp32 training step 1.2x slower, vitkit's and timm's alike. vitkit's
-    commands take ``--threads`` through here, so asking for the count torch already has costs nothing.
+    Setting them is not free of side effects: ATen's ``set_num_threads`` (ParallelOpenMP.cpp, see
+    pytorch/pytorch#13757) also turns MKL's dynamic threading off, after which an MKL matmul called
+    inside one of torch's own parallel loops starts threads of its own. torch's CPU flash attention
+    does exactly that: ``python benchmarks/threads.py`` (fresh processes, 2-core EPYC, 2 threads
+    either way) timed its fp32 forward and backward 1.57-1.69x slower after an explicit
+    ``torch.set_num_threads(2)`` than with torch's default of 2 (its forward alone 1.8-1.9x), and a
+    vit_fmnist fp32 training step 1.2x slower, vitkit's and timm's alike. vitkit's commands take
+    ``--threads`` through here, so asking for the count torch already has costs nothing.
     """
     if threads and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
