@@ -822,11 +822,13 @@ class Trainer:
                 self.model.train()
                 batches = global_batches(len(self.data.train), cfg.batch_size, cfg.seed, self.epoch)
                 t0, done_images = time.perf_counter(), 0
-                for idx in batches[self.step_in_epoch:]:
+                todo = batches[self.step_in_epoch:]
+                for i, idx in enumerate(todo):
                     rows = self.train_step(idx, stop["signum"])
                     done_images += len(idx)
-                    if stop["signum"] and not dist.distributed:
-                        rows = self.read_metrics() if self.unread else rows  # all of them, before the checkpoint
+                    # the epoch's last steps are read before its totals; all of them before a checkpoint
+                    if self.unread and (i == len(todo) - 1 or (stop["signum"] and not dist.distributed)):
+                        rows = self.read_metrics()
                     if rows is None:
                         continue
                     stats = rows[-1]
@@ -848,7 +850,6 @@ class Trainer:
                             f"{self.global_step}; saved {self.run.last}. Resume with: vitkit train --resume "
                             f"{self.run.path}"
                         ))
-                self.read_metrics()  # the epoch's last steps
                 train_time = time.perf_counter() - t0
                 progress.close()
                 totals = self.running.clone()
