@@ -5,8 +5,9 @@ Every run here is checked against one single-process reference run with the same
 
 This file is also the worker of the fault test: ``python tests/test_distributed_more.py train ...``
 runs ``vitkit train``, and rank 1 of the first attempt (TORCHELASTIC_RESTART_COUNT=0) dies with
-os._exit(1) after KILL_AFTER_STEPS optimizer steps, as a crashed machine would. The hook lives
-here, not in vitkit.
+os._exit(1) after KILL_AFTER_STEPS optimizer steps, as a crashed machine would; ``... signal ...``
+runs it with rank 1 sending itself SIGTERM after SIGNAL_AFTER_STEPS steps, as a scheduler
+preempting one machine would. The hooks live here, not in vitkit.
 """
 
 import os
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 KILL_AFTER_STEPS = 6  # mid epoch 2 of 2 (4 steps an epoch); last/ holds epoch 1 by then
+SIGNAL_AFTER_STEPS = 4  # rank 1's SIGTERM arrives before step 5; the ranks agree on it at their next read
 
 # No randomness outside the data order (see test_distributed.py); no EMA, which FSDP refuses.
 CFG = dict(dataset="digits", model="vit_digits", train_subset=256, batch_size=64, epochs=2, warmup_epochs=1, lr=5e-4,
@@ -151,6 +153,26 @@ def test_fsdp_checkpoints_load_in_one_process_and_back(tmp_path, reference):
     assert_same_run(back, reference)
 
 
+@pytest.mark.parametrize("log_every, stop_step", [(0, 6), (3, 7)], ids=["read-every-step", "read-every-3-steps"])
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, reference, log_every, stop_step):
+    """Only rank 1 gets SIGTERM. Its flag travels in the step's all_reduce, so both ranks stop at
+    the first read that carries it (step 6 reading every step; step 7 with --log-every 3, whose
+    reads come at steps 3, 4, 7, 8), write one last/ together and exit 143; had they disagreed, one
+    would wait in all_reduce forever. The run then resumes in one process to the reference."""
+    from vitkit.train import STATE_NAME, resume
+
+    run = tmp_path / "run"
+    proc = torchrun("--standalone", "--nproc-per-node", "2", str(Path(__file__)), "signal",
+                    *flags(dict(CFG, out=str(run), log_every=log_every)))
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode != 0 and "interrupted by SIGTERM" in out + err, out + err
+    state = torch.load(run / "last" / STATE_NAME, weights_only=True)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (stop_step, 1, stop_step - 4)
+    assert len(state["step_losses"]) == stop_step
+    resume(run)
+    assert_same_run(run, reference)
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_grad_checkpointing_recomputes_every_block_in_backward(tmp_path, on):
     from vitkit.train import Trainer, resolve_config
@@ -230,8 +252,11 @@ def _fsdp_eval(out: str) -> int:
     os._exit(0)
 
 
-def _worker() -> int:
-    """torchrun's worker for the fault test: ``vitkit train`` whose rank 1 dies once, mid-run."""
+def _worker(fault: str) -> int:
+    """torchrun's worker for the fault tests: ``vitkit train`` whose rank 1 dies once, mid-run
+    (``fault="train"``), or sends itself SIGTERM once (``fault="signal"``)."""
+    import signal
+
     from vitkit import train as vt
     from vitkit.cli import main
 
@@ -239,14 +264,16 @@ def _worker() -> int:
 
     def train_step(self, *args, **kwargs):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if first_attempt and self.dist.rank == 1 and self.global_step == KILL_AFTER_STEPS:
+        if fault == "train" and first_attempt and self.dist.rank == 1 and self.global_step == KILL_AFTER_STEPS:
             print(f"rank 1 dies after {KILL_AFTER_STEPS} steps", file=sys.stderr, flush=True)
             os._exit(1)  # no cleanup, no checkpoint: a crash
+        if fault == "signal" and self.dist.rank == 1 and self.global_step == SIGNAL_AFTER_STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler vitkit installed sets the stop flag
         return step(self, *args, **kwargs)
 
     vt.Trainer.train_step = train_step
-    return main(sys.argv[1:])
+    return main(["train", *sys.argv[2:]])  # argv[1] names the fault
 
 
 if __name__ == "__main__":
-    sys.exit(_fsdp_eval(sys.argv[2]) if sys.argv[1] == "fsdp-eval" else _worker())
+    sys.exit(_fsdp_eval(sys.argv[2]) if sys.argv[1] == "fsdp-eval" else _worker(sys.argv[1]))
