@@ -30,13 +30,6 @@ def final(run) -> tuple[dict, list[float], list[dict]]:
     return load_file(run / "last" / "model.safetensors"), state["step_losses"].tolist(), state["history"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_run(a, b, tol=1e-5):
     (wa, la, ha), (wb, lb, hb) = a, b
     assert len(la) == len(lb) == 8

@@ -80,13 +80,6 @@ def assert_same_run(run: Path, ref: Path):
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """One process, stopped after epoch 1 (its last/ kept as epoch1/) and resumed to the end."""

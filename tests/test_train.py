@@ -33,13 +33,6 @@ from vitkit.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(out: Path, **overrides) -> dict:
     cfg = dict(dataset="digits", model="vit_digits", train_subset=256, batch_size=64, epochs=4, warmup_epochs=1,
                threads=1, progress="off", precision="fp32", out=str(out))

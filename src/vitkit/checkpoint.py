@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import ViTConfig, to_2tuple
-from .layers import resample_positions
+from .layers import adapt_input_channels, resample_positions
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -324,8 +324,9 @@ def load_pretrained(
     """Load a vitkit checkpoint, optionally at another image size or with a new classifier.
 
     ``img_size`` resamples the position table (bicubic, antialiased, class token apart);
-    a different ``num_classes`` re-initialises the classifier with a warning. Other
-    overrides (dropouts, ``dynamic_img_size``...) change the config before the weights load.
+    a different ``num_classes`` re-initialises the classifier with a warning; another
+    ``in_channels`` adapts the first convolution as timm does (``layers.adapt_input_channels``).
+    Other overrides (dropouts, ``dynamic_img_size``...) change the config before the weights load.
     """
     from .model import ViT
 
@@ -340,6 +341,10 @@ def load_pretrained(
         model.class_names = None
     if img_size is not None:
         model.preprocess = dict(model.preprocess, img_size=list(to_2tuple(img_size)))
+    channels = model.cfg.in_channels
+    if channels != cfg.in_channels:  # one mean and std, the channels' average, for each new channel
+        model.preprocess = dict(model.preprocess, **{
+            k: [sum(model.preprocess[k]) / len(model.preprocess[k])] * channels for k in ("mean", "std")})
     assert isinstance(model, ViT)
     return model.to(map_location)
 
@@ -376,6 +381,9 @@ def build_with_state(
         state["patch_embed.positions"] = resample_positions(
             state["patch_embed.positions"], new_cfg.grid_size, cfg.grid_size, cfg.num_prefix_tokens
         )
+    if new_cfg.in_channels != cfg.in_channels:  # the stem's first convolution: the first 4-d weight
+        first_conv = next(k for k, shape in expected.items() if k.startswith("patch_embed.") and len(shape) == 4)
+        state[first_conv] = adapt_input_channels(state[first_conv], new_cfg.in_channels)
     model = ViT(new_cfg)
     model.load_state_dict(state)
     if num_classes is not None and num_classes != cfg.num_classes:

@@ -43,6 +43,28 @@ def resample_positions(
     return torch.cat([prefix, grid], dim=1)
 
 
+def adapt_input_channels(weight: Tensor, in_channels: int) -> Tensor:
+    """A first convolution's (out, C, kh, kw) weight for ``in_channels`` input channels instead of C.
+
+    timm's ``adapt_input_conv`` rules, so a checkpoint adapted by either library agrees: to one
+    channel, the sum over the old ones (a grey image x gives what (x, x, x) gave); from three, the
+    channels repeated and scaled by 3 / in_channels. From one channel the copies are scaled by
+    1 / in_channels, so an image whose channels are equal gives what the grey one gave.
+    """
+    old = weight.shape[1]
+    if in_channels == old:
+        return weight
+    dtype, w = weight.dtype, weight.float()
+    if in_channels == 1:
+        w = w.sum(dim=1, keepdim=True)
+    elif old in (1, 3):
+        w = w.repeat(1, -(-in_channels // old), 1, 1)[:, :in_channels] * (old / in_channels)
+    else:
+        raise ValueError(f"in_channels: cannot adapt a first convolution of {old} input channels to "
+                         f"{in_channels}; expected a 1- or 3-channel checkpoint, or 1 channel asked for")
+    return w.to(dtype)
+
+
 def conv_stem(in_channels: int, patch_size: int, emb_size: int) -> nn.Sequential:
     """(B, C, H, W) -> (B, E, H/p, W/p): a 3x3 conv at full resolution, then log2(p) 3x3
     stride-2 convs, each with GELU, then a 1x1 conv.

@@ -37,8 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, atomic_directory, atomic_file, default_preprocess, save_pretrained
-from .config import get_config
+from .checkpoint import (
+    CheckpointError,
+    _resolve,
+    atomic_directory,
+    atomic_file,
+    default_preprocess,
+    load_pretrained,
+    read_config,
+    save_pretrained,
+)
+from .config import ViTConfig, get_config
 from .data import BatchAugment, Dataset, global_batches, load_dataset, normalize
 from .distributed import (
     STRATEGIES,
@@ -52,7 +61,7 @@ from .distributed import (
 )
 from .fast import adamw, default_training_precision, set_num_threads, tune_cpu_allocator
 from .fast import autocast as fast_autocast
-from .model import ViT, create_model
+from .model import ViT
 
 STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
 CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of a run
@@ -73,6 +82,11 @@ class TrainConfig:
     train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
     # model
     model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
+    # fine-tuning: the checkpoint's architecture and weights replace --model's; its classifier is kept
+    # only for the same classes, and its first convolution is adapted to the data's channels
+    pretrained: str | None = None  # a vitkit checkpoint to fine-tune: a run's best/, or `vitkit convert` output
+    img_size: int = 0  # input size in pixels (0: the model's own); folder images are resized to it, positions resampled
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT, timm --layer-decay): block i of L at lr*decay^(L-i); 1: off
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
     drop_rate: float = 0.0
     # optimisation
@@ -130,6 +144,10 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key.replace('_', '-')}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.img_size < 0:
+            raise ValueError(f"--img-size: expected an int >= 0 (0: the model's own), got {self.img_size}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer-decay: expected a value in (0, 1] (1: off), got {self.layer_decay}")
         if self.log_every < 0:
             raise ValueError(f"--log-every: expected an int >= 0 (0: automatic), got {self.log_every}")
         for key in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -151,7 +169,11 @@ class TrainConfig:
         if self.name:
             return self.name
         data = Path(self.dataset[len("folder:"):]).name if self.dataset.startswith("folder:") else self.dataset
-        return f"{data}-{self.model}"
+        model = self.model
+        if self.pretrained:  # a run's best/ or last/ is named after its run
+            path = Path(self.pretrained).resolve()
+            model = path.parent.name if path.name in ("best", "last") else path.name
+        return f"{data}-{model}"
 
     @property
     def run_dir(self) -> Path:
@@ -471,17 +493,40 @@ class Progress:
 
 
 # --- the optimizer and schedule ---------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no decay on biases, norms, the class token and positions (timm/DeiT)."""
-    decay, no_decay = [], []
+def layer_of(name: str, depth: int) -> int:
+    """A parameter's layer for layer-wise lr decay, as timm numbers them (BEiT's scheme): 0 for the
+    stem (patch embedding, class token, positions), i + 1 for block i and, in timm, for the final
+    token norm after the last block; depth + 1 for the head (its norm after pooling, its classifier)."""
+    if name.startswith("patch_embed."):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith("encoder.norm."):
+        return depth
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Decay matrices only: no decay on biases, norms, the class token and positions (timm/DeiT).
+
+    With ``layer_decay`` < 1 (fine-tuning, BEiT), each layer's groups carry ``lr_scale`` =
+    layer_decay ** (depth + 1 - layer): 1 for the head, the smallest for the stem.
+    """
+    depth = len(model.encoder.blocks) if layer_decay != 1.0 else 0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(("cls_token", "positions")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "positions")))
+        layer = layer_of(name, depth) if layer_decay != 1.0 else 0
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0})
+        if layer_decay != 1.0:
+            group["lr_scale"] = layer_decay ** (depth + 1 - layer)
+        group["params"].append(p)
+    if layer_decay == 1.0:  # the two groups, [decay, no decay], even when one is empty: as before layer decay
+        for key in ((0, True), (0, False)):
+            groups.setdefault(key, {"params": [], "weight_decay": weight_decay if key[1] else 0.0})
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
@@ -596,24 +641,33 @@ class Trainer:
             if dist.is_main:
                 self.run.clear()
 
-        model_cfg = get_config(cfg.model)
+        model_cfg, preprocess = self._architecture()
         # folder images are resized once to the model's input and normalised as its checkpoints say
         self.data = data or load_dataset(
             cfg.dataset, cfg.data_dir, img_size=model_cfg.img_size, channels=model_cfg.in_channels,
-            preprocess=default_preprocess(model_cfg), skip_bad_images=cfg.skip_bad_images,
+            preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
         )
         if cfg.train_subset:
             self.data.train = self.data.train.subset(cfg.train_subset)
-        want = (model_cfg.in_channels, *model_cfg.img_size)
+        fine_tuning = cfg.pretrained is not None and not self.resume
+        # a pretrained first convolution is adapted to the data's channels; a size must match
+        channels = self.data.image_shape[0] if fine_tuning else model_cfg.in_channels
+        want = (channels, *model_cfg.img_size)
         if self.data.image_shape != want:
-            raise ValueError(f"--model {cfg.model} takes {want[0]}x{want[1]}x{want[2]} images but --dataset "
+            source = f"--pretrained {cfg.pretrained}" if cfg.pretrained else f"--model {cfg.model}"
+            size = f" at --img-size {cfg.img_size}" if cfg.img_size else ""
+            raise ValueError(f"{source}{size} takes {want[0]}x{want[1]}x{want[2]} images but --dataset "
                              f"{cfg.dataset} has {'x'.join(map(str, self.data.image_shape))}; pick a model made "
-                             "for this data (`vitkit models`)")
+                             "for this data (`vitkit models`), or a folder dataset, whose images are resized")
         if len(self.data.train) < cfg.batch_size:
             raise ValueError(f"--batch-size {cfg.batch_size}: larger than the {len(self.data.train)} training images")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model: ViT = create_model(cfg.model, num_classes=self.data.num_classes,
-                                       drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate).to(self.device)
+        if fine_tuning:
+            self.model = self._pretrained_model(model_cfg)
+        else:
+            self.model = ViT(model_cfg.replace(num_classes=self.data.num_classes, drop_path_rate=cfg.drop_path_rate,
+                                               drop_rate=cfg.drop_rate))
+        self.model = self.model.to(self.device)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         # DDP wraps the model; FSDP shards it in place (self.model's parameters become DTensor shards)
         self.ddp = wrap_model(self.model, cfg.strategy, dist, self.device)
@@ -625,7 +679,10 @@ class Trainer:
                             and self.device.type == "cuda")
         # fused on CPU too: torch's CPU default loop took 1.5 ms against 0.4 of a 20 ms vit_digits_gap
         # step here (benchmarks/adamw.py); each group carries its own weight decay
-        self.optimizer = adamw(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+        groups = param_groups(self.model, cfg.weight_decay, cfg.layer_decay)
+        for group in groups:  # each group's peak lr; the schedule scales them all alike
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+        self.optimizer = adamw(groups, lr=cfg.lr, betas=(0.9, 0.999))
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         total = cfg.epochs * self.steps_per_epoch
         warmup = max(1, round(cfg.warmup_epochs * self.steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
@@ -655,6 +712,46 @@ class Trainer:
             self._load_last()
         elif dist.is_main:
             self.run.write_config(cfg)
+
+    def _architecture(self) -> tuple[ViTConfig, dict]:
+        """The model's config and how folder images are normalised: --model's, or when fine-tuning the
+        --pretrained checkpoint's (on --resume last/'s: the pretrained files are not read again)."""
+        cfg = self.cfg
+        size = {"img_size": cfg.img_size} if cfg.img_size else {}
+        if cfg.pretrained is None:
+            model_cfg = get_config(cfg.model, **size)
+            return model_cfg, default_preprocess(model_cfg)
+        try:
+            meta = read_config(_resolve(self.run.last if self.resume else cfg.pretrained)[1])
+            model_cfg = meta["config"].replace(**size)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            if self.resume:  # last/'s own error names it
+                raise
+            raise type(e)(f"--pretrained {cfg.pretrained}: {e}") from e
+        return model_cfg, dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
+
+    def _pretrained_model(self, model_cfg: ViTConfig) -> ViT:
+        """The --pretrained checkpoint at the run's size and the data's channels, with its classifier
+        if it was trained on these classes (the same number and, where it names them, the same names)."""
+        cfg, data = self.cfg, self.data
+        weights, directory = _resolve(cfg.pretrained)
+        meta = read_config(directory)
+        names, old = meta.get("class_names"), meta["config"]
+        model = load_pretrained(weights, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
+                                drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate)
+        keep_head = old.num_classes == data.num_classes and names in (None, data.class_names)
+        if not keep_head:
+            model.reset_classifier(data.num_classes)
+        if self.dist.is_main:
+            changes = [f"{old.num_classes} -> {data.num_classes} classes, a new classifier" if not keep_head
+                       else "its classifier kept"]
+            if old.img_size != model_cfg.img_size:
+                changes.append(f"positions resampled from {old.img_size[0]}x{old.img_size[1]} "
+                               f"to {model_cfg.img_size[0]}x{model_cfg.img_size[1]}")
+            if old.in_channels != data.image_shape[0]:
+                changes.append(f"first convolution adapted from {old.in_channels} to {data.image_shape[0]} channels")
+            print(f"fine-tuning {cfg.pretrained}: {'; '.join(changes)}", flush=True)
+        return model
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -814,7 +911,8 @@ class Trainer:
         curves_at = time.monotonic()
         progress = Progress(dist.is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty())))
         if dist.is_main:
-            print(f"training {cfg.model} on {self.data.name} ({len(self.data.train)} train / {len(self.data.val)} val) "
+            model = cfg.model if cfg.pretrained is None else f"{cfg.pretrained} (fine-tuning)"
+            print(f"training {model} on {self.data.name} ({len(self.data.train)} train / {len(self.data.val)} val) "
                   f"for {cfg.epochs} epochs: global batch {cfg.batch_size} on {dist.world_size} process(es), "
                   f"{self.device.type}, {self.precision}; run folder {self.run.path}", flush=True)
         try:
@@ -861,7 +959,7 @@ class Trainer:
                     "epoch": self.epoch, "step": self.global_step,
                     "train_loss": round(float(totals[0] / max(totals[2], 1)), 6),
                     "val_loss": round(val["loss"], 6), "top1": round(val["top1"], 4), "top5": round(val["top5"], 4),
-                    "lr": float(f"{self.scheduler.get_last_lr()[0]:.6g}"),
+                    "lr": float(f"{max(self.scheduler.get_last_lr()):.6g}"),  # the head's, under layer decay
                     "images_per_s": round(done_images / max(train_time, 1e-9), 1),
                 }
                 self.history.append(row)

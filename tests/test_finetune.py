@@ -1,0 +1,170 @@
+"""Fine-tuning: `vitkit train --pretrained CKPT` starts from a checkpoint's weights, with timm's rules for
+new channels and layer-wise lr decay, and resumes without the pretrained files.
+
+Oracles: timm's ``adapt_input_conv``, ``param_groups_layer_decay`` and ``resample_abs_pos_embed``, and
+a timm model built with random weights; the data are real photos (scikit-image) and the real digits.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import adapt_input_conv
+from timm.optim import param_groups_layer_decay
+
+from vitkit import create_model, load_pretrained, save_pretrained
+from vitkit.checkpoint import default_preprocess
+from vitkit.cli import main
+from vitkit.convert.timm import KEYS
+from vitkit.layers import adapt_input_channels
+from vitkit.train import Interrupted, param_groups, resolve_config, resume, train
+
+
+def run_cfg(out: Path, **overrides) -> dict:
+    cfg = dict(dataset="digits", train_subset=128, batch_size=32, epochs=2, warmup_epochs=1, threads=1,
+               progress="off", precision="fp32", ema=False, out=str(out))
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Three real photos as a folder dataset: random square crops of each, 8 to train and 4 to validate."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for name, image in {"astronaut": data.astronaut(), "cat": data.chelsea(), "coffee": data.coffee()}.items():
+            (root / split / name).mkdir(parents=True)
+            h, w = image.shape[:2]
+            for i in range(n):
+                s = int(rng.integers(min(h, w) // 2, min(h, w)))
+                y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+                Image.fromarray(image[y:y + s, x:x + s]).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 3])
+def test_adapt_input_channels_follows_timm(channels):
+    weight = torch.randn(16, 3, 4, 4)
+    assert torch.equal(adapt_input_channels(weight, channels), adapt_input_conv(channels, weight))
+
+
+def test_adapted_models_see_grey_as_the_original_saw_equal_channels(tmp_path):
+    rgb = create_model("vit_digits_gap", in_channels=3).eval()
+    save_pretrained(rgb, tmp_path / "rgb")
+    grey = load_pretrained(tmp_path / "rgb", in_channels=1).eval()
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    assert grey.preprocess["mean"] == [pytest.approx(sum(default_preprocess(rgb.cfg)["mean"]) / 3)]
+    save_pretrained(grey, tmp_path / "grey")  # and back: one channel copied to three, scaled by 1/3
+    back = load_pretrained(tmp_path / "grey", in_channels=3).eval()
+    torch.testing.assert_close(back(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="in_channels: cannot adapt a first convolution of 4 input channels to 2"):
+        adapt_input_channels(torch.randn(8, 4, 2, 2), 2)
+
+
+@pytest.mark.parametrize("variant", ["class-token", "mean-pool"])
+def test_layer_decay_groups_match_timm(variant):
+    """Each parameter's lr scale and weight decay, against timm's BEiT groups on the same architecture."""
+    extra = {} if variant == "class-token" else dict(class_token=False, global_pool="avg", fc_norm=True)
+    peer = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=5, img_size=32, **extra)
+    ours = create_model("vit_tiny_patch16_224", depth=3, num_classes=5, img_size=32,
+                        **({} if variant == "class-token" else dict(class_token=False, pool="mean",
+                                                                   final_norm="pooled")))
+    expected = {}
+    for group in param_groups_layer_decay(peer, 0.05, peer.no_weight_decay(), layer_decay=0.65):
+        names = {id(p): n for n, p in peer.named_parameters()}
+        for p in group["params"]:
+            expected[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
+    names = {id(p): n for n, p in ours.named_parameters()}
+    got = {}
+    for group in param_groups(ours, 0.05, layer_decay=0.65):
+        for p in group["params"]:
+            foreign = KEYS.foreign_names(names[id(p)])[1]
+            got.update({f: (pytest.approx(group["lr_scale"]), group["weight_decay"]) for f in foreign})
+    assert got == expected
+    assert len({scale for scale, _ in expected.values()}) == 5  # stem, 3 blocks, head: the decay is real
+    # without layer decay: the two groups of every run so far, decay first
+    plain = param_groups(ours, 0.05)
+    assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and all("lr_scale" not in g for g in plain)
+
+
+def test_fine_tuning_a_converted_timm_model_starts_from_its_weights(tmp_path, photos, capsys):
+    """lr 0: the run's weights stay the pretrained ones, so its features are timm's at the new size."""
+    peer = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=1000).eval()
+    save_file(peer.state_dict(), tmp_path / "timm.safetensors")
+    assert main(["convert", str(tmp_path / "timm.safetensors"), str(tmp_path / "tiny"), "--from", "timm",
+                 "--model", "vit_tiny_patch16_224"]) == 0
+    cfg = run_cfg(tmp_path / "run", dataset=f"folder:{photos}", pretrained=str(tmp_path / "tiny"), img_size=64,
+                  batch_size=8, epochs=1, lr=0.0, min_lr=0.0, train_subset=0, translate=0)
+    train(resolve_config(None, cfg))
+    assert "fine-tuning" in capsys.readouterr().out
+    tuned = load_pretrained(tmp_path / "run" / "best").eval()
+    assert tuned.cfg.img_size == (64, 64) and tuned.class_names == ["astronaut", "cat", "coffee"]
+    assert tuned.head.fc.weight.shape == (3, 192)  # a new classifier for the three classes
+    assert tuned.preprocess["mean"] == load_pretrained(tmp_path / "tiny").preprocess["mean"]  # the checkpoint's
+    at_64 = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=1000, img_size=64).eval()
+    state = dict(peer.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (4, 4), num_prefix_tokens=1)
+    at_64.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.forward_features(x), at_64.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_classifier_is_kept_only_for_the_same_classes(tmp_path):
+    """A digits checkpoint fine-tuned on digits keeps its head (lr 0: exactly); on other classes it gets a new one."""
+    train(resolve_config(None, run_cfg(tmp_path / "a", model="vit_digits_gap", epochs=1)))
+    before = load_file(tmp_path / "a" / "best" / "model.safetensors")
+    train(resolve_config(None, run_cfg(tmp_path / "b", pretrained=str(tmp_path / "a" / "best"), lr=0.0, min_lr=0.0,
+                                       epochs=1)))
+    after = load_file(tmp_path / "b" / "best" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the same number of classes under other names is another task: a new classifier
+    model = load_pretrained(tmp_path / "a" / "best")
+    save_pretrained(model, tmp_path / "renamed", class_names=[f"c{i}" for i in range(10)])
+    train(resolve_config(None, run_cfg(tmp_path / "c", pretrained=str(tmp_path / "renamed"), lr=0.0, min_lr=0.0,
+                                       epochs=1)))
+    renamed = load_file(tmp_path / "c" / "best" / "model.safetensors")
+    assert not torch.equal(renamed["head.fc.weight"], before["head.fc.weight"])
+    assert all(torch.equal(renamed[k], before[k]) for k in before if not k.startswith("head.fc."))
+
+
+def test_fine_tuning_resumes_without_the_pretrained_files(tmp_path):
+    """An RGB checkpoint fine-tuned on grey digits with layer decay: stopped, its pretrained files
+    deleted, resumed, it ends with the weights of a run that never stopped."""
+    torch.manual_seed(1)
+    save_pretrained(create_model("vit_digits_gap", in_channels=3, num_classes=4), tmp_path / "rgb")
+    base = run_cfg(tmp_path / "full", pretrained=str(tmp_path / "rgb"), layer_decay=0.7, epochs=3, lr=3e-3)
+    train(resolve_config(None, base))
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, dict(base, out=str(tmp_path / "cut"), stop_after_epoch=1)))
+    shutil.rmtree(tmp_path / "rgb")
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    full, cut = (load_file(tmp_path / r / "last" / "model.safetensors") for r in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    assert full["patch_embed.projection.weight"].shape[1] == 1  # the first convolution, adapted to grey
+    lrs = torch.load(tmp_path / "full" / "last" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert len({round(g["lr"], 12) for g in lrs}) == 6  # stem, 4 blocks, head: each its own rate
+
+
+def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
+    base = ["train", "--threads", "1", "--progress", "off", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main([*base, "--pretrained", str(tmp_path / "nowhere")]) == 2
+    assert f"--pretrained {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    save_pretrained(create_model("vit_tiny_patch16_224", depth=1), tmp_path / "imagenet")
+    assert main([*base, "--pretrained", str(tmp_path / "imagenet")]) == 2  # 224x224 on 8x8 digits
+    err = capsys.readouterr().err
+    assert f"--pretrained {tmp_path / 'imagenet'} takes 1x224x224 images" in err and "has 1x8x8" in err
+    for flag, value, expected in (("--layer-decay", "0", "--layer-decay: expected a value in (0, 1]"),
+                                  ("--img-size", "-8", "--img-size: expected an int >= 0")):
+        assert main([*base, flag, value]) == 2
+        assert expected in capsys.readouterr().err
