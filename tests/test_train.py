@@ -73,6 +73,14 @@ def test_resume_after_stop_gives_the_uninterrupted_weights(tmp_path):
     assert not torch.equal(weights(tmp_path / "full")["head.fc.weight"], state["ema"]["module.head.fc.weight"])
 
 
+def test_train_subset_leaves_the_callers_dataset_whole(tmp_path):
+    from vitkit.data import load_digits
+
+    digits = load_digits()
+    train(resolve_config(None, tiny(tmp_path / "run", epochs=1, train_subset=64)), data=digits)
+    assert len(digits.train) == 1437  # the next run on the same Dataset sees all of it
+
+
 def test_run_folder_contents(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *flags(tiny(run, epochs=2))]) == 0

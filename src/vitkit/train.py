@@ -648,7 +648,8 @@ class Trainer:
             preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
         )
         if cfg.train_subset:
-            self.data.train = self.data.train.subset(cfg.train_subset)
+            # a copy: a Dataset the caller passed in stays whole for its next run
+            self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
         fine_tuning = cfg.pretrained is not None and not self.resume
         # a pretrained first convolution is adapted to the data's channels; a size must match
         channels = self.data.image_shape[0] if fine_tuning else model_cfg.in_channels
