@@ -100,3 +100,17 @@ def test_throughput_suite_runs_only_the_chosen_configuration(capsys):
     assert "== digits train fp32 eager" in out and "== B/16" not in out, out
     assert re.search(rf"^digits train, best vs best\s+\[wall\] vitkit {NUMBER} img/s", out, re.M), out
     assert "nan" not in out.lower(), out  # no summary line for the groups the filter left out
+
+
+def test_finetune_on_a_run_of_its_own(tmp_path, capsys):  # its own source run: no Fashion-MNIST needed
+    from vitkit.train import resolve_config, train
+
+    spec = importlib.util.spec_from_file_location("benchmarks_finetune_data", BENCHMARKS / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = dict(dataset="digits", model="vit_fmnist", train_subset=64, batch_size=32, epochs=1, threads=1,
+                  progress="off", out=str(tmp_path / "source"))
+    train(resolve_config(None, source), data=module.digits_at(28))
+    out = run_script("finetune", ["--pretrained", str(tmp_path / "source"), "--subsets", "20", "--steps", "2",
+                                  "--threads", "1", "--out", str(tmp_path / "runs")], capsys)
+    rows(out, ["20"])
