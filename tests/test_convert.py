@@ -322,3 +322,24 @@ def test_cli_refuses_a_malicious_pickle(tmp_path, capsys):
     assert cli(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out"), "--from", "timm"]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_bare_timm_state_dict_takes_its_normalisation_from_the_command(tmp_path, capsys):
+    """A timm state dict does not hold its mean/std: the converter says so and takes --mean/--std,
+    here the values timm's own pretrained_cfg gives for these weights."""
+    peer = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=3)
+    save_file(peer.state_dict(), tmp_path / "w.safetensors")
+    base = ["convert", str(tmp_path / "w.safetensors"), "--from", "timm", "--model", "vit_tiny_patch16_224"]
+    assert cli([*base[:2], str(tmp_path / "guessed"), *base[2:]]) == 0
+    assert "holds no input normalisation; ImageNet's mean/std are assumed" in capsys.readouterr().err
+    assert load_pretrained(tmp_path / "guessed").preprocess["mean"] == [0.485, 0.456, 0.406]
+    mean, std = (list(peer.pretrained_cfg[k]) for k in ("mean", "std"))
+    assert mean != [0.485, 0.456, 0.406]  # these weights are not normalised like ImageNet's
+    given = ["--mean", *map(str, mean), "--std", *map(str, std)]
+    assert cli([*base[:2], str(tmp_path / "given"), *base[2:], *given]) == 0
+    assert "normalisation" not in capsys.readouterr().err
+    pre = load_pretrained(tmp_path / "given").preprocess
+    assert (pre["mean"], pre["std"]) == (mean, std)
+    assert cli([*base[:2], str(tmp_path / "bad"), *base[2:], "--mean", "0.5", "0.5"]) == 2
+    assert "--mean/--std: preprocess.mean: expected 1 or 3 numbers, got [0.5, 0.5]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

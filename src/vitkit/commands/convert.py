@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
                    help="resample the position table for this image size (one value: square)")
     p.add_argument("--num-classes", type=int, help="a new, freshly initialised classifier with N classes")
+    p.add_argument("--mean", type=float, nargs="+", help="the input mean the weights were trained with, per channel "
+                   "(where the file does not hold it: a bare timm state dict)")
+    p.add_argument("--std", type=float, nargs="+", help="the input standard deviation, per channel")
     p.set_defaults(func=run_convert)
 
 
@@ -46,7 +49,8 @@ def run_convert(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         out = convert(
             args.src, args.out, args.src_fmt, args.dst_fmt,
-            model=args.model, img_size=img_size, num_classes=args.num_classes, **overrides,
+            model=args.model, img_size=img_size, num_classes=args.num_classes, mean=args.mean, std=args.std,
+            **overrides,
         )
     for w in caught:
         print(f"vitkit convert: warning: {w.message}", file=sys.stderr)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checkpoint import (
     CheckpointError,
@@ -256,6 +256,8 @@ def load(
     model: str | None = None,
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
     **overrides,
 ):
     """Load a ``fmt`` checkpoint ("vitkit", "timm", "hf", "torchvision", "jax") as a vitkit ViT.
@@ -264,9 +266,27 @@ def load(
     store it). ``num_heads``, ``pool``, ``norm_eps`` overrides also describe the source.
     ``img_size`` resamples the positions, ``num_classes`` re-initialises the classifier,
     other overrides (``dynamic_img_size=True``, dropouts) apply to the loaded model.
+    ``mean``/``std``: the input normalisation the weights were trained with, where the file does
+    not say it or says it wrongly (one value per channel, or one for all).
     """
+    vit, unknown_normalisation = _load(path, fmt, model, img_size, num_classes, **overrides)
+    given = {k: [float(x) for x in v] for k, v in (("mean", mean), ("std", std)) if v is not None}
+    if given:
+        from ..images import check_preprocess
+
+        preprocess = dict(vit.preprocess, **given)
+        check_preprocess(preprocess, vit.cfg.in_channels, "--mean/--std")
+        vit.preprocess = preprocess
+    elif unknown_normalisation:  # the file did not say, and this format's weights differ
+        warnings.warn(f"{path}: holds no input normalisation; ImageNet's mean/std are assumed. "
+                      f"{unknown_normalisation}", stacklevel=2)
+    return vit
+
+
+def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, **overrides) -> tuple[nn.Module, str]:
+    """``load`` but the normalisation: the model, and why its mean/std are a guess (or "")."""
     if fmt == "vitkit":
-        return load_pretrained(path, img_size=img_size, num_classes=num_classes, **overrides)
+        return load_pretrained(path, img_size=img_size, num_classes=num_classes, **overrides), ""
     module = _format_module(fmt, IMPORT_FORMATS, "source")
     source = str(path)
     foreign: Foreign = module.read(Path(path))
@@ -282,7 +302,7 @@ def load(
     vit.preprocess["img_size"] = list(vit.cfg.img_size)
     changed_head = num_classes is not None and num_classes != cfg.num_classes
     vit.class_names = None if changed_head else foreign.class_names
-    return vit
+    return vit, "" if fits else getattr(module, "UNKNOWN_NORMALISATION", "")
 
 
 def export(model, out: str | os.PathLike, fmt: str) -> Path:
@@ -305,10 +325,13 @@ def convert(
     model: str | None = None,
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
     **overrides,
 ) -> Path:
     """``load(src, src_fmt, ...)`` then ``export(..., out, dst_fmt)``: what ``vitkit convert`` runs."""
-    vit = load(src, src_fmt, model=model, img_size=img_size, num_classes=num_classes, **overrides)
+    vit = load(src, src_fmt, model=model, img_size=img_size, num_classes=num_classes, mean=mean, std=std,
+               **overrides)
     return export(vit, out, dst_fmt)
 
 
