@@ -164,6 +164,13 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
     assert main([*base, "--pretrained", str(tmp_path / "imagenet")]) == 2  # 224x224 on 8x8 digits
     err = capsys.readouterr().err
     assert f"--pretrained {tmp_path / 'imagenet'} takes 1x224x224 images" in err and "has 1x8x8" in err
+    # a checkpoint inside the run folder it would write (--overwrite clears it) is refused, and kept
+    train(resolve_config(None, run_cfg(tmp_path / "own", model="vit_digits_gap", epochs=1)))
+    before = (tmp_path / "own" / "best" / "model.safetensors").read_bytes()
+    own = ["--pretrained", str(tmp_path / "own" / "best"), "--out", str(tmp_path / "own"), "--overwrite"]
+    assert main([*base[:-2], *own]) == 2
+    assert "inside the run folder" in capsys.readouterr().err
+    assert (tmp_path / "own" / "best" / "model.safetensors").read_bytes() == before
     for flag, value, expected in (("--layer-decay", "0", "--layer-decay: expected a value in (0, 1]"),
                                   ("--img-size", "-8", "--img-size: expected an int >= 0")):
         assert main([*base, flag, value]) == 2

@@ -633,6 +633,11 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size}: must be divisible by world size {dist.world_size} "
                              f"x --accum-steps {cfg.accum_steps}")
         self.micro_batch = cfg.batch_size // (dist.world_size * cfg.accum_steps)
+        if cfg.pretrained and not self.resume:
+            source, run = Path(cfg.pretrained).resolve(), self.run.path.resolve()
+            if source == run or run in source.parents:  # --overwrite would delete it; best/ is rewritten anyway
+                raise ValueError(f"--pretrained {cfg.pretrained}: inside the run folder {self.run.path}, which this "
+                                 "run writes over; copy the checkpoint elsewhere, or pick another --name/--out")
         if not self.resume and self.run.last.exists():
             if not cfg.overwrite:
                 raise ValueError(f"{self.run.path}: already holds a run; continue it with "
