@@ -51,6 +51,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
 
 
+def test_fine_tuning_under_two_gloo_processes_matches_one_process(tmp_path):
+    """--pretrained with an adapted first convolution, a new classifier and layer decay under torchrun:
+    the two ranks' steps and final weights are the one process's."""
+    from vitkit import create_model, save_pretrained
+
+    torch.manual_seed(1)
+    save_pretrained(create_model(CFG["model"], in_channels=3, num_classes=4), tmp_path / "rgb")
+    ft = dict(CFG, pretrained=str(tmp_path / "rgb"), layer_decay=0.7)
+    train(resolve_config(None, dict(ft, out=str(tmp_path / "one"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", *flags(dict(ft, out=str(tmp_path / "ddp")))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("fine-tuning") == 2  # rank 0's two lines: what changed, and the run
+    assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     train(resolve_config(None, dict(CFG, out=str(tmp_path / "full"))))
     train(resolve_config(None, dict(CFG, accum_steps=4, out=str(tmp_path / "accum"))))
