@@ -160,6 +160,10 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
     base = ["train", "--threads", "1", "--progress", "off", "--epochs", "1", "--out", str(tmp_path / "run")]
     assert main([*base, "--pretrained", str(tmp_path / "nowhere")]) == 2
     assert f"--pretrained {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    peer = timm.create_model("vit_tiny_patch16_224", depth=1)  # a timm file is pointed to `vitkit convert`
+    save_file(peer.state_dict(), tmp_path / "timm.safetensors")
+    assert main([*base, "--pretrained", str(tmp_path / "timm.safetensors")]) == 2
+    assert "`vitkit convert SRC OUT --from timm|hf|torchvision|jax` first" in capsys.readouterr().err
     save_pretrained(create_model("vit_tiny_patch16_224", depth=1), tmp_path / "imagenet")
     assert main([*base, "--pretrained", str(tmp_path / "imagenet")]) == 2  # 224x224 on 8x8 digits
     err = capsys.readouterr().err

@@ -733,7 +733,8 @@ class Trainer:
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if self.resume:  # last/'s own error names it
                 raise
-            raise type(e)(f"--pretrained {cfg.pretrained}: {e}") from e
+            raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
+                          "--from timm|hf|torchvision|jax` first)") from e
         return model_cfg, dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
 
     def _pretrained_model(self, model_cfg: ViTConfig) -> ViT:
