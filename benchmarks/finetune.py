@@ -9,7 +9,8 @@ The digits (scikit-learn's 8x8, the fixed 1437/360 split) are upscaled to 28x28 
 of the Fashion-MNIST model. Each subset takes the first N training digits; every run takes
 ``--steps`` optimizer steps, and both runs of a subset have the same data, batch, augmentation and
 seed, and by default the same learning rate: only the starting weights differ (``--finetune-lr`` and
-``--layer-decay`` try a fine-tuning recipe). Scored on all 360 test digits (best/, the EMA's best epoch). Needs Debian's ``dataset-fashion-mnist`` unless ``--pretrained`` is given.
+``--layer-decay`` try a fine-tuning recipe). Scored on all 360 test digits (best/, the EMA's best
+epoch). Needs Debian's ``dataset-fashion-mnist`` unless ``--pretrained`` is given.
 """
 
 from __future__ import annotations

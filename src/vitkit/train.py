@@ -646,7 +646,7 @@ class Trainer:
             if dist.is_main:
                 self.run.clear()
 
-        model_cfg, preprocess = self._architecture()
+        model_cfg, preprocess, pretrained = self._architecture()
         # folder images are resized once to the model's input and normalised as its checkpoints say
         self.data = data or load_dataset(
             cfg.dataset, cfg.data_dir, img_size=model_cfg.img_size, channels=model_cfg.in_channels,
@@ -655,9 +655,8 @@ class Trainer:
         if cfg.train_subset:
             # a copy: a Dataset the caller passed in stays whole for its next run
             self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
-        fine_tuning = cfg.pretrained is not None and not self.resume
         # a pretrained first convolution is adapted to the data's channels; a size must match
-        channels = self.data.image_shape[0] if fine_tuning else model_cfg.in_channels
+        channels = self.data.image_shape[0] if pretrained else model_cfg.in_channels
         want = (channels, *model_cfg.img_size)
         if self.data.image_shape != want:
             source = f"--pretrained {cfg.pretrained}" if cfg.pretrained else f"--model {cfg.model}"
@@ -668,8 +667,8 @@ class Trainer:
         if len(self.data.train) < cfg.batch_size:
             raise ValueError(f"--batch-size {cfg.batch_size}: larger than the {len(self.data.train)} training images")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        if fine_tuning:
-            self.model = self._pretrained_model(model_cfg)
+        if pretrained:
+            self.model = self._pretrained_model(model_cfg, pretrained)
         else:
             self.model = ViT(model_cfg.replace(num_classes=self.data.num_classes, drop_path_rate=cfg.drop_path_rate,
                                                drop_rate=cfg.drop_rate))
@@ -719,14 +718,15 @@ class Trainer:
         elif dist.is_main:
             self.run.write_config(cfg)
 
-    def _architecture(self) -> tuple[ViTConfig, dict]:
+    def _architecture(self) -> tuple[ViTConfig, dict, dict | None]:
         """The model's config and how folder images are normalised: --model's, or when fine-tuning the
-        --pretrained checkpoint's (on --resume last/'s: the pretrained files are not read again)."""
+        --pretrained checkpoint's (on --resume last/'s: the pretrained files are not read again); and
+        the --pretrained checkpoint's config.json when this run starts from it, else None."""
         cfg = self.cfg
         size = {"img_size": cfg.img_size} if cfg.img_size else {}
         if cfg.pretrained is None:
             model_cfg = get_config(cfg.model, **size)
-            return model_cfg, default_preprocess(model_cfg)
+            return model_cfg, default_preprocess(model_cfg), None
         try:
             meta = read_config(_resolve(self.run.last if self.resume else cfg.pretrained)[1])
             model_cfg = meta["config"].replace(**size)
@@ -735,16 +735,16 @@ class Trainer:
                 raise
             raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
                           "--from timm|hf|torchvision|jax` first)") from e
-        return model_cfg, dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
+        preprocess = dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
+        return model_cfg, preprocess, None if self.resume else meta
 
-    def _pretrained_model(self, model_cfg: ViTConfig) -> ViT:
-        """The --pretrained checkpoint at the run's size and the data's channels, with its classifier
-        if it was trained on these classes (the same number and, where it names them, the same names)."""
+    def _pretrained_model(self, model_cfg: ViTConfig, meta: dict) -> ViT:
+        """The --pretrained checkpoint (``meta``: its config.json) at the run's size and the data's
+        channels, with its classifier if it was trained on these classes (the same number and, where
+        it names them, the same names)."""
         cfg, data = self.cfg, self.data
-        weights, directory = _resolve(cfg.pretrained)
-        meta = read_config(directory)
         names, old = meta.get("class_names"), meta["config"]
-        model = load_pretrained(weights, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
+        model = load_pretrained(cfg.pretrained, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
                                 drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate)
         keep_head = old.num_classes == data.num_classes and names in (None, data.class_names)
         if not keep_head:
