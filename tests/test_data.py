@@ -18,6 +18,8 @@ from vitkit.data import (
     load_dataset,
     load_digits,
     normalize,
+    resize_dataset,
+    save_samples,
 )
 from vitkit.images import ImageError, load_image, preprocess_image
 
@@ -45,6 +47,28 @@ def test_a_saved_digit_png_preprocesses_to_exactly_the_training_tensor(tmp_path)
     Image.fromarray(img, mode="L").save(tmp_path / "d.png")
     from_file = preprocess_image(load_image(tmp_path / "d.png", channels=1), data.preprocess)
     assert torch.equal(from_file, normalize(data.val.images[:1], data.preprocess)[0])
+
+
+def test_a_resized_builtin_set_holds_what_predict_makes_of_its_files(tmp_path):
+    """`vitkit train --img-size` on the 8x8 digits: each image resized once, and a PNG of the original
+    (what a user would predict on) preprocesses to exactly the tensor trained on."""
+    native = load_digits()
+    for interpolation in ("bilinear", "bicubic"):
+        data = load_dataset("digits", img_size=(20, 20), preprocess={"interpolation": interpolation})
+        assert data.image_shape == (1, 20, 20) and data.train.images.dtype == torch.uint8
+        assert data.preprocess == dict(native.preprocess, img_size=[20, 20], interpolation=interpolation)
+        assert torch.equal(data.train.labels, native.train.labels) and len(data.val) == len(native.val)
+        for path in save_samples(native, tmp_path / interpolation, n=4):  # 8x8 files
+            i = int(path.name.split("-")[0])
+            from_file = preprocess_image(load_image(path, channels=1), data.preprocess)
+            assert torch.equal(from_file, normalize(data.val.images[i:i + 1], data.preprocess)[0])
+    # a real resize: bilinear upsampling (PIL's, antialiased) agrees with torch's plain bilinear when enlarging
+    ref = torch.nn.functional.interpolate(native.val.images[:16].float(), size=(20, 20), mode="bilinear",
+                                          align_corners=False)
+    ours = load_dataset("digits", img_size=20).val.images[:16].float()
+    assert (ours - ref).abs().max() <= 1.0 and (ours - ref).abs().mean() < 0.3
+    assert resize_dataset(native, (8, 8), "bicubic") is native  # the same size: nothing to do
+    assert len(load_dataset("digits", img_size=(12, 12), with_train=False).train) == 0  # eval resizes val only
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")

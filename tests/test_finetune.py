@@ -179,3 +179,38 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
                                   ("--img-size", "-8", "--img-size: expected an int >= 0")):
         assert main([*base, flag, value]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_fine_tuning_an_rgb_model_on_a_builtin_set_at_a_new_size(tmp_path, capsys):
+    """An RGB checkpoint on the grey 8x8 digits at --img-size 16: the data resized once with the
+    checkpoint's interpolation and normalised with its (channel-averaged) mean and std, as a folder's
+    images would be; `vitkit eval` then resizes the same way and scores what training scored, and
+    `vitkit predict` on an 8x8 file feeds the model the pixels it trained on."""
+    from vitkit.data import load_digits, normalize, save_samples
+    from vitkit.evaluate import evaluate_checkpoint
+    from vitkit.predict import predict_files
+
+    rgb = create_model("vit_digits_gap", in_channels=3)
+    save_pretrained(rgb, tmp_path / "rgb")  # ImageNet mean/std, bicubic: default_preprocess
+    stats = default_preprocess(rgb.cfg)
+    result = train(resolve_config(None, run_cfg(tmp_path / "run", pretrained=str(tmp_path / "rgb"), img_size=16,
+                                                epochs=2, model="vit_fmnist")))
+    assert "--model vit_fmnist is not used: the architecture comes from --pretrained" in capsys.readouterr().err
+    model = load_pretrained(tmp_path / "run")
+    assert model.cfg.img_size == (16, 16) and model.cfg.in_channels == 1
+    assert model.cfg.emb_size == rgb.cfg.emb_size and model.cfg.depth == rgb.cfg.depth  # not vit_fmnist's
+    assert model.preprocess["img_size"] == [16, 16] and model.preprocess["interpolation"] == "bicubic"
+    for key in ("mean", "std"):
+        assert model.preprocess[key] == [pytest.approx(sum(stats[key]) / 3)]
+    scored = evaluate_checkpoint(tmp_path / "run", confusion_png=tmp_path / "confusion.png")
+    best = next(row for row in result.history if row["top1"] == result.best_top1)  # best/'s epoch
+    assert scored["images"] == 360 and scored["top1"] == pytest.approx(best["top1"], abs=1e-4)
+    assert scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)  # the same pixels, the same normalisation
+    path = save_samples(load_digits(), tmp_path / "files", n=1)[0]  # an 8x8 PNG
+    probabilities = {p["label"]: p["probability"] for p in predict_files(tmp_path / "run", [path], topk=10)[0]["predictions"]}
+    resized = load_digits().val.images[:1].float()
+    x = normalize(torch.nn.functional.interpolate(resized, size=(16, 16), mode="bicubic").round().clamp(0, 255)
+                  .to(torch.uint8), model.preprocess)  # an independent resize: close, not equal, to PIL's
+    with torch.no_grad():
+        ours = model.eval()(x).softmax(-1)[0]
+    assert max(abs(probabilities[str(c)] - float(ours[c])) for c in range(10)) < 0.05

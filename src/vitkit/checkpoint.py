@@ -216,6 +216,15 @@ def default_preprocess(cfg: ViTConfig) -> dict:
     )
 
 
+def preprocess_for_channels(preprocess: dict, channels: int) -> dict:
+    """``preprocess`` for an input of ``channels`` channels: a checkpoint's mean and std as they are
+    when the counts match, else one mean and std, the channels' average, for each channel (the
+    normalisation that goes with ``layers.adapt_input_channels``)."""
+    if all(len(preprocess[k]) == channels for k in ("mean", "std")):
+        return preprocess
+    return dict(preprocess, **{k: [sum(preprocess[k]) / len(preprocess[k])] * channels for k in ("mean", "std")})
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -341,10 +350,7 @@ def load_pretrained(
         model.class_names = None
     if img_size is not None:
         model.preprocess = dict(model.preprocess, img_size=list(to_2tuple(img_size)))
-    channels = model.cfg.in_channels
-    if channels != cfg.in_channels:  # one mean and std, the channels' average, for each new channel
-        model.preprocess = dict(model.preprocess, **{
-            k: [sum(model.preprocess[k]) / len(model.preprocess[k])] * channels for k in ("mean", "std")})
+    model.preprocess = preprocess_for_channels(model.preprocess, model.cfg.in_channels)
     assert isinstance(model, ViT)
     return model.to(map_location)
 

@@ -9,6 +9,9 @@ Three sources, named by ``--dataset``:
 * ``folder:PATH``: an ImageFolder tree ``PATH/{train,val}/CLASS/IMAGE``, every image read
   through ``vitkit.images.load_image`` and resized once to the model's input size.
 
+The first two are resized once too when a size is asked for (``vitkit train --img-size``, or a
+checkpoint trained at another size in ``vitkit eval``): ``resize_dataset``.
+
 Every split is one ``(N, C, H, W)`` uint8 tensor, the same numbers an image file of it
 would hold, so a checkpoint's ``preprocess`` dict (resize, /255, mean/std) turns a saved
 image back into exactly what the model saw in training. Augmentation runs on whole batches
@@ -21,13 +24,14 @@ import gzip
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .images import ImageError, load_image, preprocess_image
+from .config import to_2tuple
+from .images import ImageError, load_image, preprocess_image, resize_image
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -210,19 +214,57 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
     return Dataset(f"folder:{root}", train, val, class_names, preprocess=preprocess, skipped=skipped)
 
 
-def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] = (224, 224),
+def resize_split(split: Split, preprocess: dict) -> Split:
+    """Every image resized as ``preprocess_image`` resizes a file of it (PIL, the same interpolation),
+    still uint8: (N, C, H, W) -> (N, C, *img_size). Channels go one at a time, as PIL does in RGB."""
+    from PIL import Image
+
+    h, w = preprocess["img_size"]
+    n, c = split.images.shape[:2]
+    out = torch.empty((n, c, h, w), dtype=torch.uint8)
+    for i in range(n):
+        for ch in range(c):
+            plane = Image.fromarray(split.images[i, ch].numpy())  # mode L: PIL rounds to uint8 itself
+            out[i, ch] = torch.frombuffer(bytearray(resize_image(plane, preprocess).tobytes()),
+                                          dtype=torch.uint8).view(h, w)
+    return Split(out, split.labels)
+
+
+def resize_dataset(data: Dataset, img_size: tuple[int, int], interpolation: str | None = None) -> Dataset:
+    """``data`` with every image resized once to ``img_size`` (the whole image, as folder images are),
+    with the interpolation of its ``preprocess`` unless given. The returned ``preprocess`` says so, so
+    ``vitkit predict`` on a file of the original size feeds the model the same pixels as training did."""
+    img_size = tuple(img_size)
+    if data.image_shape[1:] == img_size:  # any interpolation to the same size is the identity
+        return data
+    preprocess = dict(data.preprocess, img_size=list(img_size), crop_pct=1.0)
+    if interpolation is not None:
+        preprocess["interpolation"] = interpolation
+    print(f"resizing {data.name} from {data.image_shape[1]}x{data.image_shape[2]} to {img_size[0]}x{img_size[1]} "
+          f"({preprocess.get('interpolation', 'bicubic')})", file=sys.stderr, flush=True)
+    return replace(data, train=resize_split(data.train, preprocess), val=resize_split(data.val, preprocess),
+                   preprocess=preprocess)
+
+
+def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] | None = None,
                  channels: int = 3, preprocess: dict | None = None, skip_bad_images: bool = False,
                  with_train: bool = True) -> Dataset:
-    """``digits``, ``fashion-mnist`` or ``folder:PATH``. ``img_size``/``channels``/``preprocess``
-    (the model's) only matter for folders, whose images are resized to what the model takes."""
-    if spec == "digits":
-        return load_digits()
-    if spec in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        return load_fashion_mnist(data_dir)
+    """``digits``, ``fashion-mnist`` or ``folder:PATH``, at ``img_size``: folder images are always
+    resized to it (224x224 when None), the built-in sets only when it is given, with the interpolation
+    of ``preprocess`` (the model's) where it names one. ``channels`` and ``preprocess``'s crop and
+    normalisation only matter for folders."""
+    if spec in ("digits", "fashion-mnist", "fashion_mnist", "fmnist"):
+        data = load_digits() if spec == "digits" else load_fashion_mnist(data_dir)
+        if not with_train:
+            data = replace(data, train=data.train.subset(0))
+        if img_size is None:
+            return data
+        return resize_dataset(data, to_2tuple(img_size), (preprocess or {}).get("interpolation"))
     if spec.startswith("folder:"):
         from .checkpoint import default_preprocess
         from .config import ViTConfig
 
+        img_size = (224, 224) if img_size is None else to_2tuple(img_size)
         if preprocess is None:
             preprocess = default_preprocess(ViTConfig(img_size=img_size, patch_size=1, in_channels=channels,
                                                       emb_size=8, num_heads=1))
@@ -336,6 +378,6 @@ class BatchAugment:
 
 
 __all__ = [
-    "Split", "Dataset", "load_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
+    "Split", "Dataset", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
     "gray_preprocess", "save_samples", "epoch_permutation", "global_batches", "BatchAugment",
 ]

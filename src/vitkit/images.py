@@ -97,23 +97,29 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
             raise ValueError(f"{source}: preprocess.{key}: expected {expected}, got {preprocess[key]!r}")
 
 
+def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
+    """The geometric half of ``preprocess_image``: resize (shorter side to img_size / crop_pct), centre-crop."""
+    h, w = preprocess.get("img_size", [224, 224])
+    crop_pct = float(preprocess.get("crop_pct", 1.0))
+    interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
+    if img.size == (w, h) and crop_pct == 1.0:
+        return img
+    scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
+    if crop_pct == 1.0:
+        return img.resize((w, h), interp)
+    # shorter side to the scaled size, keeping the aspect ratio, then a centre crop
+    ratio = max(scale_h / img.height, scale_w / img.width)
+    img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), interp)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
 def preprocess_image(img: Image.Image, preprocess: dict) -> Tensor:
     """Resize (shorter side to img_size / crop_pct), centre-crop, scale to [0, 1], normalise: (C, H, W).
 
     ``preprocess`` is the dict a checkpoint's config.json carries (timm's eval transform).
     """
-    h, w = preprocess.get("img_size", [224, 224])
-    crop_pct = float(preprocess.get("crop_pct", 1.0))
-    interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
-    scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
-    if crop_pct == 1.0:
-        img = img.resize((w, h), interp)
-    else:
-        # shorter side to the scaled size, keeping the aspect ratio, then a centre crop
-        ratio = max(scale_h / img.height, scale_w / img.width)
-        img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), interp)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        img = img.crop((left, top, left + w, top + h))
+    img = resize_image(img, preprocess)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
     channels = x.shape[0]
@@ -126,4 +132,4 @@ def load_and_preprocess(path: str | os.PathLike, preprocess: dict, channels: int
     return preprocess_image(load_image(path, channels), preprocess)
 
 
-__all__ = ["load_image", "preprocess_image", "load_and_preprocess", "ImageError"]
+__all__ = ["load_image", "resize_image", "preprocess_image", "load_and_preprocess", "ImageError"]

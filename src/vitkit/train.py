@@ -44,6 +44,7 @@ from .checkpoint import (
     atomic_file,
     default_preprocess,
     load_pretrained,
+    preprocess_for_channels,
     read_config,
     save_pretrained,
 )
@@ -85,7 +86,7 @@ class TrainConfig:
     # fine-tuning: the checkpoint's architecture and weights replace --model's; its classifier is kept
     # only for the same classes, and its first convolution is adapted to the data's channels
     pretrained: str | None = None  # a vitkit checkpoint to fine-tune: a run's best/, or `vitkit convert` output
-    img_size: int = 0  # input size in pixels (0: the model's own); folder images are resized to it, positions resampled
+    img_size: int = 0  # input size in pixels (0: the model's own); images are resized to it, positions resampled
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT, timm --layer-decay): block i of L at lr*decay^(L-i); 1: off
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
     drop_rate: float = 0.0
@@ -647,11 +648,18 @@ class Trainer:
                 self.run.clear()
 
         model_cfg, preprocess, pretrained = self._architecture()
-        # folder images are resized once to the model's input and normalised as its checkpoints say
-        self.data = data or load_dataset(
-            cfg.dataset, cfg.data_dir, img_size=model_cfg.img_size, channels=model_cfg.in_channels,
-            preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
-        )
+        if data is None:
+            builtin = not cfg.dataset.startswith("folder:")
+            # folder images are resized once to the model's input and normalised as its checkpoints say;
+            # the built-in sets are resized only at an --img-size (else a wrong model is an error below)
+            data = load_dataset(
+                cfg.dataset, cfg.data_dir, img_size=None if builtin and not cfg.img_size else model_cfg.img_size,
+                channels=model_cfg.in_channels, preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
+            )
+            if builtin and cfg.pretrained:  # normalised as the checkpoint's own training data was, as folders are
+                stats = preprocess_for_channels(preprocess, data.image_shape[0])
+                data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
+        self.data = data
         if cfg.train_subset:
             # a copy: a Dataset the caller passed in stays whole for its next run
             self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
@@ -663,7 +671,7 @@ class Trainer:
             size = f" at --img-size {cfg.img_size}" if cfg.img_size else ""
             raise ValueError(f"{source}{size} takes {want[0]}x{want[1]}x{want[2]} images but --dataset "
                              f"{cfg.dataset} has {'x'.join(map(str, self.data.image_shape))}; pick a model made "
-                             "for this data (`vitkit models`), or a folder dataset, whose images are resized")
+                             "for this data (`vitkit models`), or pass --img-size N to resize the images")
         if len(self.data.train) < cfg.batch_size:
             raise ValueError(f"--batch-size {cfg.batch_size}: larger than the {len(self.data.train)} training images")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -735,6 +743,9 @@ class Trainer:
                 raise
             raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
                           "--from timm|hf|torchvision|jax` first)") from e
+        if cfg.model != TrainConfig.model and not self.resume and self.dist.is_main:  # set by a flag or a --config
+            print(f"--model {cfg.model} is not used: the architecture comes from --pretrained {cfg.pretrained}",
+                  file=sys.stderr, flush=True)
         preprocess = dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
         return model_cfg, preprocess, None if self.resume else meta
 
