@@ -40,6 +40,12 @@ def test_loader(capsys):
     rows(out, ["configs/digits.yaml"])
 
 
+def test_folder_stream(capsys):
+    out = run_script("folder_stream", ["--images", "9", "--batch-size", "3", "--steps", "1"], capsys)
+    rows(out, ["memory:", "stream:", "train:", "stream + train,"])
+    assert re.search(rf"streaming costs the run -?{NUMBER}%", out)
+
+
 def test_adamw(capsys):
     out = run_script("adamw", ["vit_digits_gap", "--runs", "2", "--batch-size", "4"], capsys)
     rows(out, ["vit_digits_gap"])

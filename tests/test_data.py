@@ -13,6 +13,7 @@ from PIL import Image
 from vitkit.data import (
     FASHION_MNIST_DIR,
     BatchAugment,
+    FileImages,
     epoch_permutation,
     global_batches,
     load_dataset,
@@ -121,6 +122,75 @@ def test_folder_dataset_loads_resizes_and_reports_a_corrupt_image(tmp_path, caps
     assert "skipped 1 unreadable image" in capsys.readouterr().err
     # grey 40 stays grey 40 through resize and the uint8 round trip
     assert data.train.images[data.train.labels == 0].unique().tolist() == [40]
+
+
+def _photo_folder(root: Path) -> Path:
+    """Real photos (scikit-image) as a folder dataset: random crops of three of them, of many sizes."""
+    from skimage import data as photos
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 7), ("val", 3)):
+        for name, image in {"astronaut": photos.astronaut(), "cat": photos.chelsea(), "coffee": photos.coffee()}.items():
+            (root / split / name).mkdir(parents=True)
+            h, w = image.shape[:2]
+            for i in range(n):
+                sh, sw = int(rng.integers(40, 200)), int(rng.integers(40, 200))
+                y, x = int(rng.integers(0, h - sh)), int(rng.integers(0, w - sw))
+                Image.fromarray(image[y:y + sh, x:x + sw]).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_streamed_folder_decodes_the_pixels_held_in_memory(tmp_path):
+    root = _photo_folder(tmp_path / "photos")
+    spec = dict(img_size=(24, 24), channels=3)
+    held = load_dataset(f"folder:{root}", folder_loading="memory", **spec)
+    streamed = load_dataset(f"folder:{root}", folder_loading="stream", **spec)
+    images = streamed.train.images
+    assert isinstance(images, FileImages) and isinstance(held.train.images, torch.Tensor)
+    assert streamed.image_shape == held.image_shape == (3, 24, 24) and streamed.preprocess == held.preprocess
+    assert torch.equal(streamed.train.labels, held.train.labels) and len(streamed.val) == len(held.val) == 9
+    idx = torch.randperm(len(held.train), generator=torch.Generator().manual_seed(0))[:8]
+    assert torch.equal(images[idx], held.train.images[idx])
+    later = idx.flip(0)[:5]
+    images.prefetch(later)  # decoded in the background, then handed over when asked for
+    assert len(images._pending) == 1 and torch.equal(images[later], held.train.images[later])
+    assert not images._pending
+    assert torch.equal(images[3], held.train.images[3])  # one image, (C, H, W)
+    assert torch.equal(streamed.train.subset(4).images[torch.arange(4)], held.train.images[:4])
+    assert images[torch.zeros(0, dtype=torch.long)].shape == (0, 3, 24, 24)
+    assert torch.equal(streamed.val.images[torch.arange(9)], held.val.images)
+
+
+def test_a_streamed_folder_checks_each_file_up_front_and_names_one_that_fails_later(tmp_path, capsys):
+    _folder(tmp_path / "bad", corrupt=True)  # a PNG signature and then junk: caught when listing the files
+    bad = tmp_path / "bad" / "train" / "dog" / "broken.png"
+    with pytest.raises(ImageError, match=f"{bad}.*--skip-bad-images"):
+        load_dataset(f"folder:{tmp_path / 'bad'}", img_size=(8, 8), channels=3, folder_loading="stream")
+    data = load_dataset(f"folder:{tmp_path / 'bad'}", img_size=(8, 8), channels=3, folder_loading="stream",
+                        skip_bad_images=True)
+    assert (len(data.train), len(data.skipped)) == (6, 1) and "skipped 1 unreadable image" in capsys.readouterr().err
+    _folder(tmp_path / "cut", corrupt=False)  # a whole header, half the pixels: found when its batch is decoded
+    cut = tmp_path / "cut" / "train" / "cat" / "1.png"
+    Image.new("RGB", (64, 64)).save(cut, compress_level=0)
+    cut.write_bytes(cut.read_bytes()[:3000])
+    data = load_dataset(f"folder:{tmp_path / 'cut'}", img_size=(8, 8), channels=3, folder_loading="stream")
+    assert data.train.images[torch.tensor([0])].shape == (1, 3, 8, 8)
+    with pytest.raises(ImageError, match=f"{cut}: corrupt or truncated image"):
+        data.train.images[torch.tensor([0, 1, 2])]
+
+
+def test_auto_folder_loading_streams_a_folder_too_large_for_the_ram(tmp_path, monkeypatch, capsys):
+    import vitkit.data
+
+    _folder(tmp_path, corrupt=False)
+    spec = dict(img_size=(8, 8), channels=3)
+    assert isinstance(load_dataset(f"folder:{tmp_path}", **spec).train.images, torch.Tensor)
+    monkeypatch.setattr(vitkit.data, "STREAM_ABOVE_RAM_FRACTION", 0.0)
+    assert isinstance(load_dataset(f"folder:{tmp_path}", **spec).train.images, FileImages)
+    assert "10 images would take" in capsys.readouterr().err
+    assert isinstance(load_dataset(f"folder:{tmp_path}", folder_loading="memory", **spec).train.images, torch.Tensor)
+    with pytest.raises(ValueError, match="--folder-loading: expected one of"):
+        load_dataset(f"folder:{tmp_path}", folder_loading="lazy", **spec)
 
 
 def test_folder_dataset_needs_train_and_val(tmp_path):

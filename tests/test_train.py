@@ -336,3 +336,35 @@ def test_ema_update_reads_nothing_back_from_the_device():
     torch.testing.assert_close(other.module.state_dict(), ema.module.state_dict(), rtol=0, atol=0)
     d = min(0.99, 5 / 14)
     torch.testing.assert_close(ema.module.head.fc.bias, d * before + (1 - d) * model.head.fc.bias)
+
+
+def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path, capsys):
+    """--folder-loading stream decodes each batch from the files (the next one in the background): the
+    same batches, pixels and weights as the folder decoded once, with gradient accumulation, and
+    `vitkit eval` of the streamed run scores what its training did."""
+    from PIL import Image
+
+    from vitkit.data import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for split in ("train", "val"):
+        part = getattr(digits, split)
+        for i in range(min(len(part), 96 if split == "train" else 30)):
+            label = int(part.labels[i])
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(part.images[i, 0].numpy(), mode="L").save(root / split / str(label) / f"{i}.png")
+    runs = {}
+    for loading in ("memory", "stream"):
+        result = train(resolve_config(None, tiny(tmp_path / loading, dataset=f"folder:{root}", model="vit_digits_gap",
+                                                 folder_loading=loading, train_subset=0, batch_size=16,
+                                                 accum_steps=2, epochs=2, ema=False)))
+        runs[loading] = (result, weights(tmp_path / loading))
+    (held, held_w), (streamed, streamed_w) = runs["memory"], runs["stream"]
+    assert held_w.keys() == streamed_w.keys() and all(torch.equal(held_w[k], streamed_w[k]) for k in held_w)
+    assert [r["val_loss"] for r in held.history] == [r["val_loss"] for r in streamed.history]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "stream"), "--json", "--folder-loading", "stream", "--batch-size", "8"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    best = next(r for r in streamed.history if r["top1"] == streamed.best_top1)
+    assert scored["images"] == 30 and scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)

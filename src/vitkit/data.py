@@ -7,7 +7,9 @@ Three sources, named by ``--dataset``:
 * ``fashion-mnist``: the idx files Debian's ``dataset-fashion-mnist`` installs under
   ``/usr/share/datasets/fashion-mnist`` (or ``--data-dir``). 60000 train / 10000 test.
 * ``folder:PATH``: an ImageFolder tree ``PATH/{train,val}/CLASS/IMAGE``, every image read
-  through ``vitkit.images.load_image`` and resized once to the model's input size.
+  through ``vitkit.images.load_image`` and resized once to the model's input size; or, for a
+  folder too large to hold decoded (``--folder-loading``), decoded again at each use
+  (``FileImages``), the next batch while the model trains on this one.
 
 The first two are resized once too when a size is asked for (``vitkit train --img-size``, or a
 checkpoint trained at another size in ``vitkit eval``): ``resize_dataset``.
@@ -44,7 +46,8 @@ DIGITS_MAX = 16  # sklearn's digits count ink in 0..16 per pixel
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64."""
+    """One split: ``images`` (N, C, H, W) uint8 (a tensor in memory, or ``FileImages`` decoding a
+    folder's files as they are indexed) and ``labels`` (N,) int64."""
 
     images: Tensor
     labels: Tensor
@@ -161,34 +164,128 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
                    preprocess=gray_preprocess((28, 28)))
 
 
+def _decode(path: Path, channels: int, to_unit: dict) -> Tensor:
+    """One file as the uint8 (C, H, W) pixels the model's input is normalised from: ``preprocess_image``
+    with mean 0 and std 1 gives the resized pixels / 255, back to the values an image file holds."""
+    return preprocess_image(load_image(path, channels), to_unit).mul(255.0).round().to(torch.uint8)
+
+
+def _check_header(path: Path) -> None:
+    """What a streamed split checks of each file up front, without decoding it: that Pillow can open it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
+    try:
+        with Image.open(path):
+            pass
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image Pillow can read") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from e
+
+
+class FileImages:
+    """A folder split's images, decoded from their files when indexed: it stands in for ``Split.images``
+    (an (N, C, H, W) uint8 tensor) where the decoded split would not fit in memory.
+
+    ``images[idx]`` (a tensor of indices) decodes those files on a thread pool (Pillow releases the GIL
+    while it decodes and resizes) into exactly the pixels the in-memory split holds; ``prefetch(idx)``
+    starts that work early, so the next batch decodes while the model trains on this one.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+    MAX_PREFETCHED = 8  # batches decoded ahead and not yet asked for; the oldest are dropped beyond
+
+    def __init__(self, paths: list[Path], channels: int, to_unit: dict, threads: int | None = None):
+        self.paths, self.channels, self.to_unit = list(paths), channels, to_unit
+        self.threads = threads or min(4, os.cpu_count() or 1)
+        h, w = to_unit["img_size"]
+        self.shape = torch.Size((len(self.paths), channels, h, w))
+        self._pool = None
+        self._pending: dict[tuple[int, ...], list] = {}  # batch -> its images' futures, oldest first
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _submit(self, i: int):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vitkit-decode")
+        return self._pool.submit(_decode, self.paths[i], self.channels, self.to_unit)
+
+    def prefetch(self, idx: Tensor) -> None:
+        key = tuple(torch.as_tensor(idx).reshape(-1).tolist())
+        if key and key not in self._pending:
+            self._pending[key] = [self._submit(i) for i in key]
+            while len(self._pending) > self.MAX_PREFETCHED:
+                self._pending.pop(next(iter(self._pending)))
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return FileImages(self.paths[idx], self.channels, self.to_unit, self.threads)
+        if isinstance(idx, int):
+            return _decode(self.paths[idx], self.channels, self.to_unit)
+        key = tuple(torch.as_tensor(idx).reshape(-1).tolist())
+        futures = self._pending.pop(key, None) or [self._submit(i) for i in key]
+        if not futures:
+            return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+        return torch.stack([f.result() for f in futures])  # re-raises a file's ImageError here
+
+
+def prefetch(images, idx: Tensor) -> None:
+    """Start decoding ``images[idx]`` in the background where the images are files (``FileImages``)."""
+    if isinstance(images, FileImages):
+        images.prefetch(idx)
+
+
 def _folder_split(root: Path, class_names: list[str], preprocess: dict, channels: int,
-                  skip_bad_images: bool, skipped: list[str]) -> Split:
-    # preprocess_image with mean 0 / std 1 gives the resized pixels / 255: back to the file's uint8 values.
+                  skip_bad_images: bool, skipped: list[str], stream: bool) -> Split:
     to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = root / name
         if not class_dir.is_dir():
             continue  # a class may be absent from val/
         for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
             try:
-                x = preprocess_image(load_image(path, channels), to_unit)
+                if stream:  # its header now, its pixels at each use
+                    _check_header(path)
+                    files.append(path)
+                else:  # the whole image, once
+                    files.append(_decode(path, channels, to_unit))
             except ImageError as e:
                 if not skip_bad_images:
                     raise ImageError(f"{e}; pass --skip-bad-images to leave unreadable images out") from e
                 skipped.append(str(e))
                 continue
-            images.append(x.mul(255.0).round().to(torch.uint8))
             labels.append(label)
-    if not images:
+    if not files:
         raise ValueError(f"{root}: no readable images (expected {root}/CLASS/*.png|jpg|...)")
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))  # (N, C, H, W)
+    images = FileImages(files, channels, to_unit) if stream else torch.stack(files)  # (N, C, H, W)
+    return Split(images, torch.tensor(labels, dtype=torch.long))
+
+
+def _count_images(directory: Path) -> int:
+    return sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# `--folder-loading auto` streams a folder whose decoded images would take more than this share of the RAM
+STREAM_ABOVE_RAM_FRACTION = 0.25
+FOLDER_LOADING = ("auto", "memory", "stream")
 
 
 def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: int,
-                preprocess: dict, skip_bad_images: bool = False, with_train: bool = True) -> Dataset:
+                preprocess: dict, skip_bad_images: bool = False, with_train: bool = True,
+                loading: str = "auto") -> Dataset:
     """``root/train/CLASS/*`` and ``root/val/CLASS/*``; classes are train/'s subfolders, sorted.
-    ``with_train=False`` reads only val/ (evaluation), leaving the train split empty."""
+    ``with_train=False`` reads only val/ (evaluation), leaving the train split empty. ``loading``:
+    ``memory`` decodes every image once, ``stream`` decodes each batch from its files (``FileImages``),
+    ``auto`` streams when the decoded images would take over ``STREAM_ABOVE_RAM_FRACTION`` of the RAM."""
+    if loading not in FOLDER_LOADING:
+        raise ValueError(f"--folder-loading: expected one of {FOLDER_LOADING}, got {loading!r}")
     root = Path(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -201,12 +298,22 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
     if extra:
         raise ValueError(f"{root / 'val'}: classes {extra} do not appear in {root / 'train'}")
     preprocess = dict(preprocess, img_size=list(img_size))
+    stream = loading == "stream"
+    if loading == "auto":
+        count = sum(_count_images(root / split) for split in (("train", "val") if with_train else ("val",)))
+        decoded = count * channels * img_size[0] * img_size[1]
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        stream = decoded > STREAM_ABOVE_RAM_FRACTION * ram
+        if stream:
+            print(f"{root}: {count} images would take {decoded / 2**30:.1f} GiB decoded, over "
+                  f"{STREAM_ABOVE_RAM_FRACTION:.0%} of the {ram / 2**30:.0f} GiB of RAM: decoding each batch from "
+                  "its files (--folder-loading memory to decode them once)", file=sys.stderr, flush=True)
     skipped: list[str] = []
     if with_train:
-        train = _folder_split(root / "train", class_names, preprocess, channels, skip_bad_images, skipped)
+        train = _folder_split(root / "train", class_names, preprocess, channels, skip_bad_images, skipped, stream)
     else:
         train = Split(torch.zeros(0, channels, *img_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-    val = _folder_split(root / "val", class_names, preprocess, channels, skip_bad_images, skipped)
+    val = _folder_split(root / "val", class_names, preprocess, channels, skip_bad_images, skipped, stream)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) in {root}:", file=sys.stderr)
         for reason in skipped:
@@ -248,7 +355,7 @@ def resize_dataset(data: Dataset, img_size: tuple[int, int], interpolation: str 
 
 def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] | None = None,
                  channels: int = 3, preprocess: dict | None = None, skip_bad_images: bool = False,
-                 with_train: bool = True) -> Dataset:
+                 with_train: bool = True, folder_loading: str = "auto") -> Dataset:
     """``digits``, ``fashion-mnist`` or ``folder:PATH``, at ``img_size``: folder images are always
     resized to it (224x224 when None), the built-in sets only when it is given, with the interpolation
     of ``preprocess`` (the model's) where it names one. ``channels`` and ``preprocess``'s crop and
@@ -270,7 +377,7 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
                                                       emb_size=8, num_heads=1))
         # Training sees the whole image resized, not a centre crop, so evaluation does the same.
         return load_folder(spec[len("folder:"):], img_size, channels, dict(preprocess, crop_pct=1.0),
-                           skip_bad_images, with_train)
+                           skip_bad_images, with_train, folder_loading)
     raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist' or 'folder:PATH'")
 
 
@@ -378,6 +485,6 @@ class BatchAugment:
 
 
 __all__ = [
-    "Split", "Dataset", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
+    "Split", "Dataset", "FileImages", "prefetch", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
     "gray_preprocess", "save_samples", "epoch_permutation", "global_batches", "BatchAugment",
 ]

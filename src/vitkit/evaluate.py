@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import atomic_file, load_pretrained, read_config, resolve_checkpoint
-from .data import Split, load_dataset, normalize
+from .data import Split, load_dataset, normalize, prefetch
 from .fast import quantize_int8
 
 EVAL_PRECISIONS = ("fp32", "bf16", "int8")
@@ -40,6 +40,8 @@ def evaluate(model: nn.Module, split: Split, preprocess: dict, num_classes: int,
     # the same number of batches on every rank (a last one may be empty): an FSDP forward is collective
     for start in range(0, -(-len(split) // dist.world_size), batch_size):
         idx = mine[start:start + batch_size]
+        for ahead in (idx, mine[start + batch_size:start + 2 * batch_size]):  # a streamed folder: this batch
+            prefetch(split.images, ahead)  # (if not yet) and the next, decoding while the model runs
         x = normalize(split.images[idx].to(device), preprocess)  # uint8 crosses to the device: 1/4 of the bytes
         y = split.labels[idx].to(device)
         with autocast(device, precision):
@@ -98,7 +100,8 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | os.Pat
 
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         batch_size: int = 512, device: str = "cpu", precision: str = "fp32",
-                        confusion_png: str | os.PathLike | None = None, skip_bad_images: bool = False) -> dict:
+                        confusion_png: str | os.PathLike | None = None, skip_bad_images: bool = False,
+                        folder_loading: str = "auto") -> dict:
     """Load a checkpoint (or a run folder's best/), score it on the dataset's test split, plot the confusion.
 
     ``precision``: ``fp32``, ``bf16`` (autocast) or ``int8`` (every Linear dynamically quantised,
@@ -118,7 +121,8 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
         raise ValueError(f"{ckpt}: the checkpoint does not say which dataset it was trained on; pass --dataset")
     data_dir = data_dir or (meta.get("train") or {}).get("data_dir")
     data = load_dataset(dataset, data_dir, img_size=model.cfg.img_size, channels=model.cfg.in_channels,
-                        preprocess=model.preprocess, skip_bad_images=skip_bad_images, with_train=False)
+                        preprocess=model.preprocess, skip_bad_images=skip_bad_images, with_train=False,
+                        folder_loading=folder_loading)
     class_names = model.class_names or data.class_names
     if model.cfg.num_classes != data.num_classes:
         raise ValueError(f"{ckpt}: the model has {model.cfg.num_classes} classes but {dataset} has "

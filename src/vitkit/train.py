@@ -49,7 +49,7 @@ from .checkpoint import (
     save_pretrained,
 )
 from .config import ViTConfig, get_config
-from .data import BatchAugment, Dataset, global_batches, load_dataset, normalize
+from .data import FOLDER_LOADING, BatchAugment, Dataset, global_batches, load_dataset, normalize, prefetch
 from .distributed import (
     STRATEGIES,
     full_model,
@@ -80,6 +80,9 @@ class TrainConfig:
     dataset: str = "digits"  # digits | fashion-mnist | folder:PATH
     data_dir: str | None = None  # where fashion-mnist's idx files are (default /usr/share/datasets/fashion-mnist)
     skip_bad_images: bool = False  # folder datasets: leave unreadable images out (counted) instead of failing
+    # folder datasets: memory (decode every image once) | stream (decode each batch from the files, the
+    # next one in the background) | auto (stream when the decoded images would fill a quarter of the RAM)
+    folder_loading: str = "auto"
     train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
     # model
     model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
@@ -139,6 +142,7 @@ class TrainConfig:
             "precision": ("auto", "fp32", "bf16"),
             "auto_augment": ("none", "randaugment", "trivialaugment"),
             "progress": ("auto", "on", "off"),
+            "folder_loading": FOLDER_LOADING,
             "strategy": STRATEGIES,
             "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         }
@@ -655,6 +659,7 @@ class Trainer:
             data = load_dataset(
                 cfg.dataset, cfg.data_dir, img_size=None if builtin and not cfg.img_size else model_cfg.img_size,
                 channels=model_cfg.in_channels, preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
+                folder_loading=cfg.folder_loading,
             )
             if builtin and cfg.pretrained:  # normalised as the checkpoint's own training data was, as folders are
                 stats = preprocess_for_channels(preprocess, data.image_shape[0])
@@ -837,6 +842,12 @@ class Trainer:
         # targets are class indices, or (B, num_classes) probabilities after MixUp/CutMix
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
 
+    def _micro_batches(self, idx: Tensor) -> list[Tensor]:
+        """This rank's micro-batches of the global batch ``idx``: its share, cut into ``accum_steps``."""
+        per_rank = self.cfg.batch_size // self.dist.world_size
+        mine = idx[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
+        return [mine[k * self.micro_batch:(k + 1) * self.micro_batch] for k in range(self.cfg.accum_steps)]
+
     def train_step(self, idx: Tensor, signum: int = 0) -> Tensor | None:
         """One optimizer step on the global batch ``idx``; this rank takes its contiguous slice.
 
@@ -846,15 +857,12 @@ class Trainer:
         the rows read then, or None.
         """
         cfg, dist = self.cfg, self.dist
-        per_rank = cfg.batch_size // dist.world_size
-        mine = idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         self.optimizer.zero_grad(set_to_none=True)
         # The metrics stay on the device until the step's one all_reduce: no host sync per
         # micro-batch, and a tensor that NCCL (which reduces CUDA tensors only) can reduce.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        for k in range(cfg.accum_steps):
-            micro = mine[k * self.micro_batch:(k + 1) * self.micro_batch]
+        for k, micro in enumerate(self._micro_batches(idx)):
             # uint8 images to the device, then augmented there (see BatchAugment)
             x = self.data.train.images[micro].to(self.device, non_blocking=True)
             x, targets = self.augment(x, self.data.train.labels[micro].to(self.device, non_blocking=True))
@@ -870,7 +878,7 @@ class Trainer:
             hard = targets.argmax(-1) if targets.ndim == 2 else targets
             correct += (logits.detach().argmax(-1) == hard).sum()
         # Every rank must agree to stop on a bad loss, or the others would hang in all_reduce.
-        local = torch.stack([loss_sum, correct, torch.full_like(loss_sum, len(mine)),
+        local = torch.stack([loss_sum, correct, torch.full_like(loss_sum, cfg.batch_size // dist.world_size),
                              (~loss_sum.isfinite()).double(), torch.full_like(loss_sum, float(signum))])
         self.unread.append((self.epoch + 1, self.global_step + 1, dist.all_reduce(local)))
         # every rank reads at the same steps, so all of them see a stop at the same step
@@ -940,6 +948,9 @@ class Trainer:
                 t0, done_images = time.perf_counter(), 0
                 todo = batches[self.step_in_epoch:]
                 for i, idx in enumerate(todo):
+                    for ahead in todo[i:i + 2]:  # a streamed folder decodes this batch (if not yet) and the next
+                        for micro in self._micro_batches(ahead):
+                            prefetch(self.data.train.images, micro)
                     rows = self.train_step(idx, stop["signum"])
                     done_images += len(idx)
                     # the epoch's last steps are read before its totals; all of them before a checkpoint

@@ -15,6 +15,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..data import FOLDER_LOADING
     from ..evaluate import EVAL_PRECISIONS
     from ..train import TrainConfig, field_help, field_types
 
@@ -47,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bf16: autocast; int8: dynamically quantised Linear layers (CPU)")
     p.add_argument("--confusion", metavar="PNG", help="where to write the confusion matrix")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--folder-loading", default="auto", choices=FOLDER_LOADING,
+                   help="a folder dataset: decode it once into memory, or stream each batch from the files "
+                        "(auto: stream when it would fill a quarter of the RAM)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run_eval)
 
@@ -100,7 +104,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     r = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
-                            confusion_png=args.confusion, skip_bad_images=args.skip_bad_images)
+                            confusion_png=args.confusion, skip_bad_images=args.skip_bad_images,
+                            folder_loading=args.folder_loading)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
