@@ -1,6 +1,7 @@
 """The datasets are real and split as documented; batches depend on (seed, epoch) only; augmentation is sane."""
 
 import gzip
+import re
 import struct
 import time
 from pathlib import Path
@@ -230,7 +231,7 @@ def test_shift_moves_pixels_and_fills_with_zero():
 def test_full_augment_gives_soft_targets_and_is_fast():
     data = load_digits()
     aug = BatchAugment(data.preprocess, 10, translate=1, hflip=0.5, auto_augment="trivialaugment",
-                       random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0)
+                       random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, crop_scale=0.5)
     x, t = aug(data.train.images[:128], data.train.labels[:128])
     assert x.shape == (128, 1, 8, 8) and x.dtype == torch.float32
     assert t.shape == (128, 10) and torch.allclose(t.sum(1), torch.ones(128))
@@ -242,3 +243,62 @@ def test_full_augment_gives_soft_targets_and_is_fast():
     rate = n / (time.perf_counter() - start)
     print(f"digits loader (translate only): {rate:.0f} images/s")
     assert rate > 5000  # far above the ~1-2k images/s the model trains at on this CPU
+
+
+def _photo_batch(size: int = 48) -> torch.Tensor:
+    """Three real photos (scikit-image) as a uint8 (3, 3, size, size) batch."""
+    from skimage import data as photos
+
+    return torch.stack([torch.from_numpy(np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR)))
+                        .permute(2, 0, 1) for img in (photos.astronaut(), photos.chelsea(), photos.coffee())])
+
+
+def test_random_resized_crop_is_torchvisions_resized_crop_of_each_box():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = _photo_batch()
+    aug = BatchAugment(dict(mean=[0.5] * 3, std=[0.5] * 3), 3, crop_scale=0.08)
+    torch.manual_seed(0)
+    for boxes in (aug.crop_boxes(3, 48, 48), torch.tensor([[0.0, 0, 48, 48], [5, 7, 11, 30], [40, 0, 8, 8]])):
+        out = aug.resized_crop(x, boxes)
+        assert out.shape == x.shape and out.dtype == torch.uint8
+        for img, got, (top, left, h, w) in zip(x, out, boxes.long().tolist()):
+            ref = TF.resized_crop(img.float(), top, left, h, w, [48, 48], antialias=True)
+            assert (got.float() - ref).abs().max() <= 1.0  # rounding to uint8
+    assert torch.equal(aug.resized_crop(x, torch.tensor([[0.0, 0, 48, 48]] * 3)), x)  # the whole image: as it was
+
+
+def test_random_resized_crop_boxes_follow_torchvisions_draw():
+    """The vectorised draw against torchvision's RandomResizedCrop.get_params, one image at a time:
+    the same fallback exactly, and the same distribution of areas and aspect ratios."""
+    from torchvision.transforms import RandomResizedCrop
+
+    aug = BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=1.0)  # a 16x40 image: no try fits
+    ref = RandomResizedCrop.get_params(torch.zeros(1, 16, 40), scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3))
+    assert aug.crop_boxes(4, 16, 40).long().tolist() == [list(ref)] * 4
+    aug = BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=0.08)
+    torch.manual_seed(0)
+    ours = aug.crop_boxes(4000, 24, 32)
+    theirs = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, 24, 32), scale=(0.08, 1.0),
+                                                        ratio=(3 / 4, 4 / 3)) for _ in range(4000)], dtype=torch.float32)
+    for boxes in (ours, theirs):
+        top, left, h, w = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= 24).all() and (left + w <= 32).all()
+    def stats(b):
+        share, log_aspect = b[:, 2] * b[:, 3] / (24 * 32), torch.log(b[:, 3] / b[:, 2])
+        return torch.stack([share.mean(), share.std(), log_aspect.mean(), log_aspect.std(),
+                            b[:, 0].mean() / 24, b[:, 1].mean() / 32])
+
+    assert (stats(ours) - stats(theirs)).abs().max() < 0.03, (stats(ours), stats(theirs))
+    larger = BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=0.5).crop_boxes(4000, 24, 32)
+    assert stats(larger)[0] > stats(ours)[0] + 0.15  # the scale is obeyed: larger crops on average
+    from vitkit.train import make_augment, resolve_config
+
+    made = make_augment(resolve_config(None, {"crop_scale": 0.08, "crop_ratio": 1.5}), load_digits())
+    assert (made.crop_scale, made.crop_ratio) == (0.08, 1.5)
+    for bad, expected in (({"crop_scale": 1.5}, "--crop-scale: expected a value in [0, 1]"),
+                          ({"crop_ratio": 0.9}, "--crop-ratio: expected R >= 1")):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            resolve_config(None, bad)
+    with pytest.raises(ValueError, match="crop_ratio: expected R >= 1"):
+        BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=0.5, crop_ratio=0.5)

@@ -23,6 +23,7 @@ image back into exactly what the model saw in training. Augmentation runs on who
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import sys
@@ -417,7 +418,7 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tenso
 class BatchAugment:
     """Training augmentation of a uint8 (B, C, H, W) batch -> normalised float batch (+ soft targets).
 
-    Cheap geometric steps (random translation, horizontal flip) are vectorised over the
+    Cheap geometric steps (random resized crop, translation, horizontal flip) are vectorised over the
     batch; RandAugment / TrivialAugment and random erasing are torchvision.transforms.v2
     applied per image (each image its own random op); MixUp / CutMix are v2's batch transforms.
     All randomness comes from torch's global CPU RNG, which a checkpoint saves and restores, also
@@ -429,11 +430,17 @@ class BatchAugment:
     def __init__(self, preprocess: dict, num_classes: int, translate: int = 0, hflip: float = 0.0,
                  auto_augment: str = "none", ra_num_ops: int = 2, ra_magnitude: int = 9,
                  random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 mixup_prob: float = 1.0):
+                 mixup_prob: float = 1.0, crop_scale: float = 0.0, crop_ratio: float = 4 / 3):
         from torchvision.transforms import v2
 
+        if not 0.0 <= crop_scale <= 1.0:
+            raise ValueError(f"crop_scale: expected the smallest crop's share of the image, in [0, 1] (0: off), "
+                             f"got {crop_scale}")
+        if crop_ratio < 1.0:
+            raise ValueError(f"crop_ratio: expected R >= 1 (aspect ratios from 1/R to R), got {crop_ratio}")
         self.preprocess = preprocess
         self.num_classes = num_classes
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.translate = translate
         self.hflip = hflip
         if auto_augment == "randaugment":
@@ -465,8 +472,59 @@ class BatchAugment:
         out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # (B, H, W, C)
         return out.permute(0, 3, 1, 2).contiguous()  # (B, H, W, C) -> (B, C, H, W)
 
+    # torchvision's RandomResizedCrop.get_params: this many tries, then the centre crop
+    CROP_ATTEMPTS = 10
+
+    def crop_boxes(self, b: int, h: int, w: int) -> Tensor:
+        """(B, 4) boxes (top, left, height, width), drawn as torchvision's ``RandomResizedCrop`` (and
+        timm's) draws one: an area share in [crop_scale, 1] and a log-uniform aspect ratio in
+        [1/crop_ratio, crop_ratio], the first of ``CROP_ATTEMPTS`` tries that fits, else the centre crop
+        of the image clamped to that ratio range. All B images' tries at once, from the CPU RNG."""
+        area = h * w
+        shares = torch.empty(b, self.CROP_ATTEMPTS).uniform_(self.crop_scale, 1.0)
+        log_r = math.log(self.crop_ratio)
+        aspect = torch.exp(torch.empty(b, self.CROP_ATTEMPTS).uniform_(-log_r, log_r))
+        cw = torch.sqrt(area * shares * aspect).round()
+        ch = torch.sqrt(area * shares / aspect).round()
+        fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = fits.float().argmax(1)  # the first try that fits (0 when none does: replaced below)
+        rows = torch.arange(b)
+        ch, cw = ch[rows, first], cw[rows, first]
+        top = (torch.rand(b) * (h - ch + 1)).floor()
+        left = (torch.rand(b) * (w - cw + 1)).floor()
+        # no try fits: the centre crop, as wide as the ratio range allows
+        in_ratio = w / h
+        if in_ratio < 1 / self.crop_ratio:
+            fw, fh = w, round(w * self.crop_ratio)
+        elif in_ratio > self.crop_ratio:
+            fw, fh = round(h * self.crop_ratio), h
+        else:
+            fw, fh = w, h
+        none = ~fits.any(1)
+        centre = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float32)
+        boxes = torch.stack([top, left, ch, cw], dim=1)
+        return torch.where(none[:, None], centre, boxes)
+
+    def resized_crop(self, x: Tensor, boxes: Tensor) -> Tensor:
+        """Each image's box, resized (bilinear) back to the image's size: one ``grid_sample`` for the
+        batch. Sample points are clamped to the box, so each image equals torchvision's
+        ``resized_crop`` of its own box when it enlarges it (crops of an image already at the model's
+        size always do). uint8 (B, C, H, W) -> uint8 (B, C, H, W)."""
+        b, _, h, w = x.shape
+        top, left, ch, cw = (boxes[:, k].to(x.device)[:, None] for k in range(4))  # each (B, 1)
+        # pixel centres of the output, in the input's pixel coordinates (align_corners=False)
+        ys = (top + (torch.arange(h, device=x.device) + 0.5) * ch / h - 0.5).clamp(min=top, max=top + ch - 1)
+        xs = (left + (torch.arange(w, device=x.device) + 0.5) * cw / w - 0.5).clamp(min=left, max=left + cw - 1)
+        grid = torch.stack(torch.broadcast_tensors((2 * xs[:, None, :] + 1) / w - 1,   # (B, 1, W) and
+                                                   (2 * ys[:, :, None] + 1) / h - 1),  # (B, H, 1)
+                           dim=-1)  # -> (B, H, W, 2), (x, y) as grid_sample takes them
+        out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         x = images
+        if self.crop_scale > 0:
+            x = self.resized_crop(x, self.crop_boxes(x.shape[0], x.shape[2], x.shape[3]))
         if self.translate > 0:
             x = self.shift(x)
         if self.hflip > 0:

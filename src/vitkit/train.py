@@ -104,6 +104,10 @@ class TrainConfig:
     clip_grad: float = 1.0  # max global gradient norm (0: off)
     label_smoothing: float = 0.1
     # augmentation (applied a batch at a time, see vitkit.data.BatchAugment)
+    # random resized crop (torchvision's RandomResizedCrop, timm's --scale/--ratio): a crop of S to 1
+    # of the image's area, aspect ratio from 1/R to R, resized back; the usual first step on photos
+    crop_scale: float = 0.0  # S, the smallest crop's share of the image (timm: 0.08; 0: off)
+    crop_ratio: float = 4 / 3  # R
     translate: int = 1  # random shift of up to N pixels each way
     hflip: float = 0.0  # probability of a horizontal flip (0 for digits: a flipped 2 is not a 2)
     auto_augment: str = "none"  # none | randaugment | trivialaugment
@@ -161,7 +165,9 @@ class TrainConfig:
         for key in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs", "mixup_alpha", "cutmix_alpha"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a number >= 0, got {getattr(self, key)}")
-        for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay"):
+        if self.crop_ratio < 1.0:
+            raise ValueError(f"--crop-ratio: expected R >= 1 (aspect ratios from 1/R to R), got {self.crop_ratio}")
+        for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay", "crop_scale"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a value in [0, 1], got {getattr(self, key)}")
         if self.compile_mode != "default" and not self.compile:
@@ -599,7 +605,7 @@ def make_augment(cfg: TrainConfig, data: Dataset) -> BatchAugment:
         data.preprocess, data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
         auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
         random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-        mixup_prob=cfg.mixup_prob,
+        mixup_prob=cfg.mixup_prob, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
     )
 
 
