@@ -83,3 +83,28 @@ def test_predict_cli_json_text_and_errors(run, tmp_path, capsys):
     bad.write_bytes(b"not a png")
     assert main(["predict", str(run), str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_predict_on_a_directory_skipping_bad_files(run, tmp_path, capsys):
+    (tmp_path / "pics" / "deeper").mkdir(parents=True)
+    digit_files(tmp_path / "pics", n=3)
+    bad = tmp_path / "pics" / "deeper" / "bad.png"
+    bad.write_bytes(b"not a png")
+    (tmp_path / "pics" / "notes.txt").write_text("not an image, and not one by its name either")
+    assert main(["predict", str(run), str(tmp_path / "pics"), "--json"]) == 2  # the bad file stops it, named
+    assert str(bad) in capsys.readouterr().err
+    assert main(["predict", str(run), str(tmp_path / "pics"), "--json", "--skip-bad-images"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    every = sorted(p for p in (tmp_path / "pics").rglob("*.png"))
+    assert [r["image"] for r in out] == [str(p) for p in every]  # the directory's images, in order
+    assert str(bad) in next(r for r in out if r["image"] == str(bad))["error"]
+    one_by_one = {r["image"]: r for r in predict_files(run, [p for p in every if p != bad], topk=5)}
+    for r in out:
+        if r["image"] != str(bad):
+            assert r == one_by_one[r["image"]]  # a bad neighbour changes nothing
+    assert main(["predict", str(run), str(tmp_path / "pics"), "--skip-bad-images"]) == 1
+    text = capsys.readouterr()
+    assert f"{bad}: unreadable" in text.out and "1 of" in text.err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run), str(tmp_path / "empty")]) == 2
+    assert "a directory with no image files" in capsys.readouterr().err

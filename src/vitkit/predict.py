@@ -9,28 +9,59 @@ tensor the model was trained on.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import load_pretrained
-from .images import load_image, preprocess_image
+from .data import IMAGE_EXTENSIONS
+from .images import ImageError, load_image, preprocess_image
+
+
+def image_paths(paths: list[str | os.PathLike]) -> list[Path]:
+    """``paths`` with each directory replaced by the image files under it (any depth, sorted)."""
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise ImageError(f"{path}: a directory with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
 @torch.no_grad()
-def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, batch_size: int = 64) -> list[dict]:
-    """``[{"image": path, "predictions": [{"label", "index", "probability"}, ...]}, ...]``, best first."""
+def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, batch_size: int = 64,
+            skip_bad_images: bool = False) -> list[dict]:
+    """``[{"image": path, "predictions": [{"label", "index", "probability"}, ...]}, ...]``, best first.
+
+    An unreadable file raises ``ImageError`` naming it; with ``skip_bad_images`` it gets
+    ``{"image": path, "error": why}`` instead, in its place, and the others are still classified."""
     model.eval()
     names = getattr(model, "class_names", None)
     k = max(1, min(topk, model.cfg.num_classes))
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x = torch.stack([preprocess_image(load_image(p, model.cfg.in_channels), model.preprocess) for p in chunk])
-        probs = model(x.to(device)).float().softmax(-1)  # (B, num_classes)
-        top = probs.topk(k, dim=-1)
-        for path, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+        chunk, images, errors = paths[start:start + batch_size], [], {}
+        for path in chunk:
+            try:
+                images.append(preprocess_image(load_image(path, model.cfg.in_channels), model.preprocess))
+            except ImageError as e:
+                if not skip_bad_images:
+                    raise
+                errors[str(path)] = str(e)
+        if images:
+            probs = model(torch.stack(images).to(device)).float().softmax(-1)  # (B, num_classes)
+            top = iter(zip(*(t.tolist() for t in probs.topk(k, dim=-1))))
+        for path in chunk:
+            if str(path) in errors:
+                results.append({"image": str(path), "error": errors[str(path)]})
+                continue
+            p, i = next(top)
             results.append({
                 "image": str(path),
                 "predictions": [{"label": names[c] if names else str(c), "index": c, "probability": q}
@@ -40,9 +71,10 @@ def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, bat
 
 
 def predict_files(checkpoint: str | os.PathLike, paths: list[str | os.PathLike], topk: int = 5,
-                  device: str = "cpu") -> list[dict]:
-    model = load_pretrained(checkpoint, map_location=device)  # a run folder means its best/
-    return predict(model, paths, topk=topk)
+                  device: str = "cpu", skip_bad_images: bool = False) -> list[dict]:
+    """``predict`` with a checkpoint (a run folder means its best/) on files and directories of them."""
+    model = load_pretrained(checkpoint, map_location=device)
+    return predict(model, image_paths(paths), topk=topk, skip_bad_images=skip_bad_images)
 
 
-__all__ = ["predict", "predict_files"]
+__all__ = ["predict", "predict_files", "image_paths"]

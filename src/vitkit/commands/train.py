@@ -56,8 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory, or a run folder (uses best/)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them (searched to any depth)")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="report an unreadable file and go on with the others (exit status 1 if any)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run_predict)
@@ -121,13 +123,20 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from ..predict import predict_files
 
-    results = predict_files(args.checkpoint, args.images, topk=args.topk, device=args.device)
+    results = predict_files(args.checkpoint, args.images, topk=args.topk, device=args.device,
+                            skip_bad_images=args.skip_bad_images)
+    failed = sum("error" in r for r in results)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
+        return 1 if failed else 0
     for r in results:
+        if "error" in r:
+            print(f"{r['image']}: unreadable ({r['error']})")
+            continue
         best = r["predictions"][0]
         print(f"{r['image']}: {best['label']} ({100 * best['probability']:.1f}%)")
         for p in r["predictions"][1:]:
             print(f"    {p['label']:>16s}  {100 * p['probability']:5.1f}%")
-    return 0
+    if failed:
+        print(f"{failed} of {len(results)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
