@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_photo_folder
 from vitkit.data import (
     FASHION_MNIST_DIR,
     BatchAugment,
@@ -125,24 +126,8 @@ def test_folder_dataset_loads_resizes_and_reports_a_corrupt_image(tmp_path, caps
     assert data.train.images[data.train.labels == 0].unique().tolist() == [40]
 
 
-def _photo_folder(root: Path) -> Path:
-    """Real photos (scikit-image) as a folder dataset: random crops of three of them, of many sizes."""
-    from skimage import data as photos
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 7), ("val", 3)):
-        for name, image in {"astronaut": photos.astronaut(), "cat": photos.chelsea(), "coffee": photos.coffee()}.items():
-            (root / split / name).mkdir(parents=True)
-            h, w = image.shape[:2]
-            for i in range(n):
-                sh, sw = int(rng.integers(40, 200)), int(rng.integers(40, 200))
-                y, x = int(rng.integers(0, h - sh)), int(rng.integers(0, w - sw))
-                Image.fromarray(image[y:y + sh, x:x + sw]).save(root / split / name / f"{i}.png")
-    return root
-
-
 def test_a_streamed_folder_decodes_the_pixels_held_in_memory(tmp_path):
-    root = _photo_folder(tmp_path / "photos")
+    root = write_photo_folder(tmp_path / "photos", {"train": 7, "val": 3}, sizes=(40, 200))
     spec = dict(img_size=(24, 24), channels=3)
     held = load_dataset(f"folder:{root}", folder_loading="memory", **spec)
     streamed = load_dataset(f"folder:{root}", folder_loading="stream", **spec)

@@ -8,7 +8,6 @@ a timm model built with random weights; the data are real photos (scikit-image) 
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -17,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from timm.optim import param_groups_layer_decay
 
+from conftest import write_photo_folder
 from vitkit import create_model, load_pretrained, save_pretrained
 from vitkit.checkpoint import default_preprocess
 from vitkit.cli import main
@@ -35,20 +35,7 @@ def run_cfg(out: Path, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Three real photos as a folder dataset: random square crops of each, 8 to train and 4 to validate."""
-    from PIL import Image
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for name, image in {"astronaut": data.astronaut(), "cat": data.chelsea(), "coffee": data.coffee()}.items():
-            (root / split / name).mkdir(parents=True)
-            h, w = image.shape[:2]
-            for i in range(n):
-                s = int(rng.integers(min(h, w) // 2, min(h, w)))
-                y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-                Image.fromarray(image[y:y + s, x:x + s]).save(root / split / name / f"{i}.png")
-    return root
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 8, "val": 4})
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4, 3])
