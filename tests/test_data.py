@@ -18,6 +18,7 @@ from vitkit.data import (
     FileImages,
     epoch_permutation,
     global_batches,
+    hold_out,
     load_dataset,
     load_digits,
     normalize,
@@ -181,8 +182,34 @@ def test_auto_folder_loading_streams_a_folder_too_large_for_the_ram(tmp_path, mo
 
 def test_folder_dataset_needs_train_and_val(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="val"):
+    with pytest.raises(FileNotFoundError, match="val: missing.*or only class folders"):
         load_dataset(f"folder:{tmp_path}", img_size=(8, 8), channels=3)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ValueError, match="no class subfolders"):
+        load_dataset(f"folder:{tmp_path / 'bare'}", img_size=(8, 8), channels=3)
+
+
+def test_a_folder_of_class_folders_holds_out_the_same_share_of_each_class(tmp_path, capsys):
+    root = write_photo_folder(tmp_path, {"photos": 9}) / "photos"  # photos/CLASS/*.png, nothing else
+    spec = dict(img_size=(16, 16), channels=3, val_fraction=0.25)
+    data = load_dataset(f"folder:{root}", **spec)
+    assert "6 of its 27 images (25% of each class) held out" in capsys.readouterr().err  # round(9 / 4) each
+    assert data.class_names == ["astronaut", "cat", "coffee"]
+    assert torch.bincount(data.val.labels).tolist() == [2, 2, 2]
+    assert len(data.train) + len(data.val) == 27
+    every = load_dataset(f"folder:{root}", **spec, folder_loading="stream")  # the same split, every time
+    assert torch.equal(every.val.labels, data.val.labels) and torch.equal(every.val.images[torch.arange(len(data.val))],
+                                                                          data.val.images)
+    held = {img.numpy().tobytes() for img in data.val.images}
+    assert not held & {img.numpy().tobytes() for img in data.train.images}  # disjoint
+    val_only = load_dataset(f"folder:{root}", **spec, with_train=False)  # what `vitkit eval` reads
+    assert len(val_only.train) == 0 and torch.equal(val_only.val.images, data.val.images)
+    with pytest.raises(ValueError, match="--val-fraction: expected a share in"):
+        load_dataset(f"folder:{root}", img_size=(16, 16), channels=3, val_fraction=1.0)
+    files = [(Path(f"{c}/{i}.png"), c) for c, n in enumerate((1, 2, 10, 40)) for i in range(n)]
+    train, val = hold_out(files, 0.1)
+    assert sorted(train + val) == sorted(files) and not set(train) & set(val)
+    assert [sum(label == c for _, label in val) for c in range(4)] == [0, 1, 1, 4]  # never a whole class
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("cifar")
 

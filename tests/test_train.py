@@ -368,3 +368,23 @@ def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path,
     scored = json.loads(capsys.readouterr().out)
     best = next(r for r in streamed.history if r["top1"] == streamed.best_top1)
     assert scored["images"] == 30 and scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)
+
+
+def test_a_folder_of_class_folders_trains_and_evaluates_on_the_share_it_held_out(tmp_path, capsys):
+    from PIL import Image
+
+    from vitkit.data import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"  # digits/CLASS/*.png: no train/ or val/
+    for i in range(120):
+        (root / str(int(digits.train.labels[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.train.images[i, 0].numpy(), mode="L").save(root / str(int(digits.train.labels[i])) / f"{i}.png")
+    result = train(resolve_config(None, tiny(tmp_path / "run", dataset=f"folder:{root}", model="vit_digits_gap",
+                                             train_subset=0, batch_size=16, epochs=2, val_fraction=0.2, ema=False)))
+    held_out = int(capsys.readouterr().err.split(" of its 120 images")[0].rsplit(" ", 1)[1])
+    assert 20 <= held_out <= 28  # 20% of each class, rounded per class
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    best = next(r for r in result.history if r["top1"] == result.best_top1)
+    assert scored["images"] == held_out and scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)

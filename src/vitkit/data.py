@@ -6,7 +6,8 @@ Three sources, named by ``--dataset``:
   the sklearn package, so nothing is downloaded). Fixed stratified split: 1437 train / 360 test.
 * ``fashion-mnist``: the idx files Debian's ``dataset-fashion-mnist`` installs under
   ``/usr/share/datasets/fashion-mnist`` (or ``--data-dir``). 60000 train / 10000 test.
-* ``folder:PATH``: an ImageFolder tree ``PATH/{train,val}/CLASS/IMAGE``, every image read
+* ``folder:PATH``: an ImageFolder tree ``PATH/{train,val}/CLASS/IMAGE`` (or ``PATH/CLASS/IMAGE``,
+  a share of each class held out for validation), every image read
   through ``vitkit.images.load_image`` and resized once to the model's input size; or, for a
   folder too large to hold decoded (``--folder-loading``), decoded again at each use
   (``FileImages``), the next batch while the model trains on this one.
@@ -242,35 +243,55 @@ def prefetch(images, idx: Tensor) -> None:
         images.prefetch(idx)
 
 
-def _folder_split(root: Path, class_names: list[str], preprocess: dict, channels: int,
-                  skip_bad_images: bool, skipped: list[str], stream: bool) -> Split:
-    to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
-    files, labels = [], []
+def _class_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    """(path, label) of every image under ``root/CLASS/`` (any depth), class by class, sorted."""
+    files = []
     for label, name in enumerate(class_names):
         class_dir = root / name
-        if not class_dir.is_dir():
-            continue  # a class may be absent from val/
-        for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            try:
-                if stream:  # its header now, its pixels at each use
-                    _check_header(path)
-                    files.append(path)
-                else:  # the whole image, once
-                    files.append(_decode(path, channels, to_unit))
-            except ImageError as e:
-                if not skip_bad_images:
-                    raise ImageError(f"{e}; pass --skip-bad-images to leave unreadable images out") from e
-                skipped.append(str(e))
-                continue
-            labels.append(label)
-    if not files:
-        raise ValueError(f"{root}: no readable images (expected {root}/CLASS/*.png|jpg|...)")
-    images = FileImages(files, channels, to_unit) if stream else torch.stack(files)  # (N, C, H, W)
+        if class_dir.is_dir():  # a class may be absent from val/
+            files += [(p, label) for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+def hold_out(files: list[tuple[Path, int]], fraction: float) -> tuple[list, list]:
+    """``files`` split into (train, val): ``fraction`` of each class (rounded; at least one of a class
+    of two or more, never all of it) drawn for val by a fixed generator, so the same files give the
+    same split in training, in ``vitkit eval`` and on every rank."""
+    by_class: dict[int, list] = {}
+    for item in files:
+        by_class.setdefault(item[1], []).append(item)
+    generator = torch.Generator().manual_seed(0)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = by_class[label]
+        n_val = min(len(group) - 1, max(1, round(fraction * len(group))))
+        chosen = set(torch.randperm(len(group), generator=generator)[:n_val].tolist())
+        val += [item for i, item in enumerate(group) if i in chosen]
+        train += [item for i, item in enumerate(group) if i not in chosen]
+    return train, val
+
+
+def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, channels: int,
+                  skip_bad_images: bool, skipped: list[str], stream: bool) -> Split:
+    to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
+    images, labels = [], []
+    for path, label in files:
+        try:
+            if stream:  # its header now, its pixels at each use
+                _check_header(path)
+                images.append(path)
+            else:  # the whole image, once
+                images.append(_decode(path, channels, to_unit))
+        except ImageError as e:
+            if not skip_bad_images:
+                raise ImageError(f"{e}; pass --skip-bad-images to leave unreadable images out") from e
+            skipped.append(str(e))
+            continue
+        labels.append(label)
+    if not images:
+        raise ValueError(f"{where}: no readable images (expected {where}/CLASS/*.png|jpg|...)")
+    images = FileImages(images, channels, to_unit) if stream else torch.stack(images)  # (N, C, H, W)
     return Split(images, torch.tensor(labels, dtype=torch.long))
-
-
-def _count_images(directory: Path) -> int:
-    return sum(1 for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 # `--folder-loading auto` streams a folder whose decoded images would take more than this share of the RAM
@@ -278,30 +299,53 @@ STREAM_ABOVE_RAM_FRACTION = 0.25
 FOLDER_LOADING = ("auto", "memory", "stream")
 
 
+def _subfolders(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_dir())
+
+
 def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: int,
                 preprocess: dict, skip_bad_images: bool = False, with_train: bool = True,
-                loading: str = "auto") -> Dataset:
-    """``root/train/CLASS/*`` and ``root/val/CLASS/*``; classes are train/'s subfolders, sorted.
-    ``with_train=False`` reads only val/ (evaluation), leaving the train split empty. ``loading``:
+                loading: str = "auto", val_fraction: float = 0.1) -> Dataset:
+    """``root/train/CLASS/*`` and ``root/val/CLASS/*``, classes being train/'s subfolders, sorted; or,
+    with neither train/ nor val/, ``root/CLASS/*``, each class's ``val_fraction`` held out (``hold_out``).
+    ``with_train=False`` reads only val (evaluation), leaving the train split empty. ``loading``:
     ``memory`` decodes every image once, ``stream`` decodes each batch from its files (``FileImages``),
     ``auto`` streams when the decoded images would take over ``STREAM_ABOVE_RAM_FRACTION`` of the RAM."""
     if loading not in FOLDER_LOADING:
         raise ValueError(f"--folder-loading: expected one of {FOLDER_LOADING}, got {loading!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a share in (0, 1), got {val_fraction}")
     root = Path(root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split}: missing; a folder dataset needs {root}/train/CLASS/... "
-                                    f"and {root}/val/CLASS/...")
-    class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not class_names:
-        raise ValueError(f"{root / 'train'}: no class subfolders")
-    extra = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in class_names)
-    if extra:
-        raise ValueError(f"{root / 'val'}: classes {extra} do not appear in {root / 'train'}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    has = {split: (root / split).is_dir() for split in ("train", "val")}
+    if any(has.values()):
+        for split, there in has.items():
+            if not there:
+                raise FileNotFoundError(f"{root / split}: missing; a folder dataset needs {root}/train/CLASS/... "
+                                        f"and {root}/val/CLASS/... (or only class folders {root}/CLASS/...)")
+        class_names = _subfolders(root / "train")
+        if not class_names:
+            raise ValueError(f"{root / 'train'}: no class subfolders")
+        extra = sorted(set(_subfolders(root / "val")) - set(class_names))
+        if extra:
+            raise ValueError(f"{root / 'val'}: classes {extra} do not appear in {root / 'train'}")
+        where = {"train": root / "train", "val": root / "val"}
+        files = {split: _class_files(where[split], class_names) for split in where}
+    else:
+        class_names = _subfolders(root)
+        if not class_names:
+            raise ValueError(f"{root}: no class subfolders (expected {root}/CLASS/*.png|jpg|..., or "
+                             f"{root}/train/CLASS/... and {root}/val/CLASS/...)")
+        files = dict(zip(("train", "val"), hold_out(_class_files(root, class_names), val_fraction)))
+        where = {"train": root, "val": root}
+        print(f"{root}: no train/ and val/ folders: {len(files['val'])} of its {len(files['train']) + len(files['val'])} "
+              f"images ({val_fraction:.0%} of each class) held out for validation (--val-fraction)",
+              file=sys.stderr, flush=True)
     preprocess = dict(preprocess, img_size=list(img_size))
     stream = loading == "stream"
     if loading == "auto":
-        count = sum(_count_images(root / split) for split in (("train", "val") if with_train else ("val",)))
+        count = len(files["val"]) + (len(files["train"]) if with_train else 0)
         decoded = count * channels * img_size[0] * img_size[1]
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         stream = decoded > STREAM_ABOVE_RAM_FRACTION * ram
@@ -311,10 +355,10 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
                   "its files (--folder-loading memory to decode them once)", file=sys.stderr, flush=True)
     skipped: list[str] = []
     if with_train:
-        train = _folder_split(root / "train", class_names, preprocess, channels, skip_bad_images, skipped, stream)
+        train = _folder_split(files["train"], where["train"], preprocess, channels, skip_bad_images, skipped, stream)
     else:
         train = Split(torch.zeros(0, channels, *img_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-    val = _folder_split(root / "val", class_names, preprocess, channels, skip_bad_images, skipped, stream)
+    val = _folder_split(files["val"], where["val"], preprocess, channels, skip_bad_images, skipped, stream)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) in {root}:", file=sys.stderr)
         for reason in skipped:
@@ -356,7 +400,7 @@ def resize_dataset(data: Dataset, img_size: tuple[int, int], interpolation: str 
 
 def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] | None = None,
                  channels: int = 3, preprocess: dict | None = None, skip_bad_images: bool = False,
-                 with_train: bool = True, folder_loading: str = "auto") -> Dataset:
+                 with_train: bool = True, folder_loading: str = "auto", val_fraction: float = 0.1) -> Dataset:
     """``digits``, ``fashion-mnist`` or ``folder:PATH``, at ``img_size``: folder images are always
     resized to it (224x224 when None), the built-in sets only when it is given, with the interpolation
     of ``preprocess`` (the model's) where it names one. ``channels`` and ``preprocess``'s crop and
@@ -378,7 +422,7 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
                                                       emb_size=8, num_heads=1))
         # Training sees the whole image resized, not a centre crop, so evaluation does the same.
         return load_folder(spec[len("folder:"):], img_size, channels, dict(preprocess, crop_pct=1.0),
-                           skip_bad_images, with_train, folder_loading)
+                           skip_bad_images, with_train, folder_loading, val_fraction)
     raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist' or 'folder:PATH'")
 
 
@@ -543,6 +587,6 @@ class BatchAugment:
 
 
 __all__ = [
-    "Split", "Dataset", "FileImages", "prefetch", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
+    "Split", "Dataset", "FileImages", "prefetch", "hold_out", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
     "gray_preprocess", "save_samples", "epoch_permutation", "global_batches", "BatchAugment",
 ]

@@ -120,9 +120,11 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     if not dataset:
         raise ValueError(f"{ckpt}: the checkpoint does not say which dataset it was trained on; pass --dataset")
     data_dir = data_dir or (meta.get("train") or {}).get("data_dir")
+    # a folder of class folders only: the validation images its training held out
+    val_fraction = (meta.get("train") or {}).get("val_fraction", 0.1)
     data = load_dataset(dataset, data_dir, img_size=model.cfg.img_size, channels=model.cfg.in_channels,
                         preprocess=model.preprocess, skip_bad_images=skip_bad_images, with_train=False,
-                        folder_loading=folder_loading)
+                        folder_loading=folder_loading, val_fraction=val_fraction)
     class_names = model.class_names or data.class_names
     if model.cfg.num_classes != data.num_classes:
         raise ValueError(f"{ckpt}: the model has {model.cfg.num_classes} classes but {dataset} has "

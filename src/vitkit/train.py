@@ -83,6 +83,7 @@ class TrainConfig:
     # folder datasets: memory (decode every image once) | stream (decode each batch from the files, the
     # next one in the background) | auto (stream when the decoded images would fill a quarter of the RAM)
     folder_loading: str = "auto"
+    val_fraction: float = 0.1  # a folder of class folders only (no train/, val/): each class's share held out
     train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
     # model
     model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
@@ -165,6 +166,8 @@ class TrainConfig:
         for key in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs", "mixup_alpha", "cutmix_alpha"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a number >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction: expected a share in (0, 1), got {self.val_fraction}")
         if self.crop_ratio < 1.0:
             raise ValueError(f"--crop-ratio: expected R >= 1 (aspect ratios from 1/R to R), got {self.crop_ratio}")
         for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay", "crop_scale"):
@@ -665,7 +668,7 @@ class Trainer:
             data = load_dataset(
                 cfg.dataset, cfg.data_dir, img_size=None if builtin and not cfg.img_size else model_cfg.img_size,
                 channels=model_cfg.in_channels, preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
-                folder_loading=cfg.folder_loading,
+                folder_loading=cfg.folder_loading, val_fraction=cfg.val_fraction,
             )
             if builtin and cfg.pretrained:  # normalised as the checkpoint's own training data was, as folders are
                 stats = preprocess_for_channels(preprocess, data.image_shape[0])
