@@ -284,6 +284,8 @@ def test_ema_follows_the_warm_up_formula_step_by_step():
     for n in range(40):  # d rises from 2/11 to the 0.95 cap
         with torch.no_grad():
             for p in model.parameters():
+                if n == 20:  # as model.to() does: the Parameter stays, its data is swapped for a copy
+                    p.data = p.data.clone()
                 p.add_(torch.randn_like(p))
         ema.update_parameters(model)
         d = min(0.95, (1 + n) / (10 + n))

@@ -569,30 +569,43 @@ class ModelEma(torch.optim.swa_utils.AveragedModel):
         super().__init__(model, use_buffers=True)
         self.decay = decay
         self._updates: int | None = None  # the host's copy of n_averaged; read from the buffer once
+        self._pairs: tuple | None = None  # (model, floating (ours, theirs), integral (ours, theirs), same device)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._updates = None  # a loaded count is read again at the next update
 
-    @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
+    def _pair_up(self, model: nn.Module) -> tuple:
+        """The EMA's tensors beside the model's, split into floating (averaged) and integral (copied).
+        Built once per model and kept: walking both modules' tensors every step cost vit_digits_gap
+        ~0.3 ms a step, 9x its lerp. Parameter objects are kept, not their data, so a ``model.to()``
+        (which swaps a Parameter's data in place) is still seen."""
         ours = [*self.module.parameters(), *self.module.buffers()]
         theirs = [*model.parameters(), *model.buffers()]
         if len(ours) != len(theirs):
             raise ValueError(f"EMA update: the model has {len(theirs)} parameters and buffers, the EMA {len(ours)}")
+        floating = [(o, t) for o, t in zip(ours, theirs) if o.is_floating_point()]
+        integral = [(o, t) for o, t in zip(ours, theirs) if not o.is_floating_point()]
+        return model, tuple(map(list, zip(*floating))) or ([], []), tuple(map(list, zip(*integral))) or ([], [])
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._pairs is None or self._pairs[0] is not model:
+            self._pairs = self._pair_up(model)
+        _, (ours, theirs), (ours_int, theirs_int) = self._pairs
+        if ours and ours[0].device != theirs[0].device:  # an EMA kept on another device than the model
+            theirs = [t.to(o.device) for o, t in zip(ours, theirs)]
+            theirs_int = [t.to(o.device) for o, t in zip(ours_int, theirs_int)]
         if self._updates is None:
             self._updates = int(self.n_averaged)
         n = self._updates
-        theirs = [t.detach().to(o.device) for o, t in zip(ours, theirs)]
         if n == 0:  # the first update copies
-            torch._foreach_copy_(ours, theirs)
+            torch._foreach_copy_(ours + ours_int, theirs + theirs_int)
         else:
             d = min(self.decay, (1.0 + n) / (10.0 + n))
-            floating = [(o, t) for o, t in zip(ours, theirs) if o.is_floating_point()]
-            integral = [(o, t) for o, t in zip(ours, theirs) if not o.is_floating_point()]
-            torch._foreach_lerp_([o for o, _ in floating], [t for _, t in floating], 1.0 - d)
-            if integral:  # integer buffers (none in vitkit's models) are copied, not averaged
-                torch._foreach_copy_([o for o, _ in integral], [t for _, t in integral])
+            torch._foreach_lerp_(ours, theirs, 1.0 - d)
+            if ours_int:  # integer buffers (none in vitkit's models) are copied, not averaged
+                torch._foreach_copy_(ours_int, theirs_int)
         self._updates = n + 1
         self.n_averaged.fill_(n + 1)  # a write, not a read: no sync even where the buffer is on a GPU
 
