@@ -390,3 +390,17 @@ def test_a_folder_of_class_folders_trains_and_evaluates_on_the_share_it_held_out
     scored = json.loads(capsys.readouterr().out)
     best = next(r for r in result.history if r["top1"] == result.best_top1)
     assert scored["images"] == held_out and scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)
+
+
+def test_gradients_reach_the_optimizer_clipped_to_clip_grad(tmp_path):
+    """--clip-grad C: the global gradient norm every optimizer step sees is at most C (and, unclipped,
+    it is not: the bound is the clipping's doing)."""
+    norms = {}
+    for clip in (0.05, 0.0):
+        trainer = Trainer(resolve_config(None, tiny(tmp_path / f"clip{clip}", epochs=1, clip_grad=clip, ema=False)))
+        seen, model = norms.setdefault(clip, []), trainer.model
+        trainer.optimizer.register_step_pre_hook(lambda *_, seen=seen, model=model: seen.append(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
+        trainer.fit()
+    assert len(norms[0.05]) == 4 and max(norms[0.05]) <= 0.05 * (1 + 1e-4)
+    assert min(norms[0.0]) > 0.05
