@@ -370,6 +370,14 @@ def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path,
     scored = json.loads(capsys.readouterr().out)
     best = next(r for r in streamed.history if r["top1"] == streamed.best_top1)
     assert scored["images"] == 30 and scored["loss"] == pytest.approx(best["val_loss"], abs=2e-6)
+    # a run held in memory, stopped after epoch 1, resumes streamed (an option a resume may change)
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, tiny(tmp_path / "cut", dataset=f"folder:{root}", model="vit_digits_gap",
+                                        folder_loading="memory", train_subset=0, batch_size=16, accum_steps=2,
+                                        epochs=2, ema=False, stop_after_epoch=1)))
+    resume(tmp_path / "cut", {"stop_after_epoch": 0, "folder_loading": "stream"})
+    cut_w = weights(tmp_path / "cut")
+    assert all(torch.equal(held_w[k], cut_w[k]) for k in held_w)
 
 
 def test_a_folder_of_class_folders_trains_and_evaluates_on_the_share_it_held_out(tmp_path, capsys):

@@ -279,7 +279,7 @@ def resolve_config(file: str | None = None, overrides: dict | None = None) -> Tr
 
 # Options a resumed run may change: how long it runs and how it reports, never the math of a step.
 RESUME_OVERRIDABLE = ("epochs", "stop_after_epoch", "progress", "eval_batch_size", "device", "data_dir", "threads",
-                      "strategy", "grad_checkpointing", "compile", "compile_mode", "log_every")
+                      "strategy", "grad_checkpointing", "compile", "compile_mode", "log_every", "folder_loading")
 # --log-every 0 on a GPU: a read every 32 steps keeps the queue full; a stop signal under torchrun waits for it
 DEVICE_LOG_EVERY = 32
 
