@@ -46,6 +46,12 @@ def test_folder_stream(capsys):
     assert re.search(rf"streaming costs the run -?{NUMBER}%", out)
 
 
+def test_freeze(capsys):
+    out = run_script("freeze", ["--model", "vit_digits_gap", "--batch-size", "4", "--frozen", "0", "2", "4",
+                                "--runs", "2"], capsys)
+    rows(out, ["0", "2", "4"])
+
+
 def test_adamw(capsys):
     out = run_script("adamw", ["vit_digits_gap", "--runs", "2", "--batch-size", "4"], capsys)
     rows(out, ["vit_digits_gap"])

@@ -201,3 +201,34 @@ def test_fine_tuning_an_rgb_model_on_a_builtin_set_at_a_new_size(tmp_path, capsy
     with torch.no_grad():
         ours = model.eval()(x).softmax(-1)[0]
     assert max(abs(probabilities[str(c)] - float(ours[c])) for c in range(10)) < 0.05
+
+
+@pytest.mark.parametrize("frozen", [2, 4])
+def test_frozen_blocks_stay_as_pretrained_and_the_rest_trains(tmp_path, capsys, frozen):
+    """--freeze-blocks N keeps the stem and blocks 0..N-1 bit-identical to the checkpoint (with weight
+    decay on, so a frozen tensor left in the optimizer would move); at N = depth (a linear probe) only
+    the head trains. A stopped run resumes to the weights of a straight one."""
+    save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "pre")
+    before = load_file(tmp_path / "pre" / "model.safetensors")
+    base = run_cfg(tmp_path / "full", pretrained=str(tmp_path / "pre"), freeze_blocks=frozen, weight_decay=0.05)
+    train(resolve_config(None, base))
+    assert f"--freeze-blocks {frozen}: " in capsys.readouterr().out
+    after = load_file(tmp_path / "full" / "last" / "model.safetensors")
+    for name, tensor in after.items():
+        block = int(name.split(".")[2]) if name.startswith("encoder.blocks.") else None
+        kept = name.startswith("patch_embed.") or (block is not None and block < frozen)
+        assert torch.equal(tensor, before[name]) == kept, name
+    assert not torch.equal(after["head.fc.weight"], before["head.fc.weight"])
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, dict(base, out=str(tmp_path / "cut"), stop_after_epoch=1)))
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    cut = load_file(tmp_path / "cut" / "last" / "model.safetensors")
+    assert all(torch.equal(after[k], cut[k]) for k in after)
+
+
+def test_freeze_blocks_errors_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="--freeze-blocks 2: keeps pretrained layers as they are; pass --pretrained"):
+        resolve_config(None, run_cfg(tmp_path / "run", freeze_blocks=2))
+    save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "pre")
+    with pytest.raises(ValueError, match="--freeze-blocks 5: the model has 4 blocks"):
+        train(resolve_config(None, run_cfg(tmp_path / "run", pretrained=str(tmp_path / "pre"), freeze_blocks=5)))

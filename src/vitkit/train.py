@@ -92,6 +92,9 @@ class TrainConfig:
     pretrained: str | None = None  # a vitkit checkpoint to fine-tune: a run's best/, or `vitkit convert` output
     img_size: int = 0  # input size in pixels (0: the model's own); images are resized to it, positions resampled
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT, timm --layer-decay): block i of L at lr*decay^(L-i); 1: off
+    # fine-tuning: keep the stem and the first N blocks as pretrained (all L blocks: the final norm too,
+    # a linear probe of the head); their backward pass is skipped, so a step costs less
+    freeze_blocks: int = 0
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
     drop_rate: float = 0.0
     # optimisation
@@ -158,6 +161,11 @@ class TrainConfig:
             raise ValueError(f"--img-size: expected an int >= 0 (0: the model's own), got {self.img_size}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"--layer-decay: expected a value in (0, 1] (1: off), got {self.layer_decay}")
+        if self.freeze_blocks < 0:
+            raise ValueError(f"--freeze-blocks: expected an int >= 0 (0: off), got {self.freeze_blocks}")
+        if self.freeze_blocks and not self.pretrained:
+            raise ValueError(f"--freeze-blocks {self.freeze_blocks}: keeps pretrained layers as they are; "
+                             "pass --pretrained CKPT")
         if self.log_every < 0:
             raise ValueError(f"--log-every: expected an int >= 0 (0: automatic), got {self.log_every}")
         for key in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -520,6 +528,19 @@ def layer_of(name: str, depth: int) -> int:
     return depth + 1
 
 
+def freeze_blocks(model: nn.Module, blocks: int) -> int:
+    """Stop training the stem and the first ``blocks`` blocks (``layer_of`` <= blocks: with every block,
+    the final token norm too, leaving the head, a linear probe). Autograd then records nothing before
+    the first trained layer. Returns the number of parameters that still train."""
+    depth = len(model.encoder.blocks)
+    if not 0 <= blocks <= depth:
+        raise ValueError(f"--freeze-blocks {blocks}: the model has {depth} blocks")
+    for name, p in model.named_parameters():
+        if layer_of(name, depth) <= blocks:
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Decay matrices only: no decay on biases, norms, the class token and positions (timm/DeiT).
 
@@ -708,6 +729,11 @@ class Trainer:
             self.model = ViT(model_cfg.replace(num_classes=self.data.num_classes, drop_path_rate=cfg.drop_path_rate,
                                                drop_rate=cfg.drop_rate))
         self.model = self.model.to(self.device)
+        if cfg.freeze_blocks:
+            trained = freeze_blocks(self.model, cfg.freeze_blocks)
+            if dist.is_main:
+                total = sum(p.numel() for p in self.model.parameters())
+                print(f"--freeze-blocks {cfg.freeze_blocks}: {trained:,} of {total:,} parameters train", flush=True)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         # DDP wraps the model; FSDP shards it in place (self.model's parameters become DTensor shards)
         self.ddp = wrap_model(self.model, cfg.strategy, dist, self.device)
