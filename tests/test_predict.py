@@ -108,3 +108,22 @@ def test_predict_on_a_directory_skipping_bad_files(run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(run), str(tmp_path / "empty")]) == 2
     assert "a directory with no image files" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_not_an_error(run, tmp_path):
+    """`vitkit predict DIR | head -1`: the pipe closes before the output is written. The command exits
+    quietly with 141 (128 + SIGPIPE, as a shell tool stopped by the pipe), without a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "pics").mkdir()
+    digit_files(tmp_path / "pics", n=4)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "vitkit", "predict", str(run), str(tmp_path / "pics")],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()  # freed tensors stay in the process: no page faults batch after batch
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # in here: a reader that went away shows up now, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # `vitkit predict DIR | head`: the reader had what it wanted; not an error, and nothing to print.
+        # The rest of the output goes nowhere (Python's own recipe), so the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a tool stopped by the closed pipe returns
     except (ValueError, FileNotFoundError) as e:
         # Errors vitkit raises for bad input already name the input: print, don't trace.
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
