@@ -314,3 +314,44 @@ def test_random_resized_crop_boxes_follow_torchvisions_draw():
             resolve_config(None, bad)
     with pytest.raises(ValueError, match="crop_ratio: expected R >= 1"):
         BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=0.5, crop_ratio=0.5)
+
+
+def test_a_streamed_folder_crops_the_full_resolution_file(tmp_path):
+    """FileImages.load(idx, boxes): each box is cut from the original file (timm's RandomResizedCrop
+    order), then resized to the model's size, not cut from the image already shrunk to it."""
+    root = write_photo_folder(tmp_path / "photos", {"train": 3, "val": 1}, sizes=(120, 300))
+    data = load_dataset(f"folder:{root}", img_size=(24, 24), channels=3, folder_loading="stream")
+    images = data.train.images
+    idx = torch.arange(len(images))
+    paths = [images.paths[i] for i in idx]
+    assert images.sizes[idx].tolist() == [[Image.open(p).height, Image.open(p).width] for p in paths]
+    aug = BatchAugment(data.preprocess, 3, crop_scale=0.1)
+    boxes = aug.crop_boxes(len(idx), images.sizes[idx, 0], images.sizes[idx, 1], torch.Generator().manual_seed(0))
+    images.prefetch(idx, boxes)
+    got = images.load(idx, boxes)
+    assert not images._pending  # the prefetched crops were the ones asked for
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[data.preprocess["interpolation"]]
+    for img, path, (top, left, h, w) in zip(got, paths, boxes.long().tolist()):
+        assert 0 <= top and 0 <= left and top + h <= Image.open(path).height and left + w <= Image.open(path).width
+        ref = Image.open(path).convert("RGB").crop((left, top, left + w, top + h)).resize((24, 24), resample)
+        assert torch.equal(img, torch.from_numpy(np.array(ref)).permute(2, 0, 1))
+    # the same boxes, scaled onto the 24x24 images in memory: a blurrier, different picture
+    small = aug.resized_crop(images[idx], boxes * 24 / images.sizes[idx].repeat(1, 2))
+    assert (small.float() - got.float()).abs().mean() > 2
+
+
+def test_crop_boxes_for_images_of_many_sizes_at_once():
+    aug = BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=0.08)
+    one = aug.crop_boxes(6, 30, 50, torch.Generator().manual_seed(1))
+    same = aug.crop_boxes(6, torch.full((6,), 30.0), torch.full((6,), 50.0), torch.Generator().manual_seed(1))
+    assert torch.equal(one, same)  # per-image sizes draw exactly as one shared size
+    from torchvision.transforms import RandomResizedCrop
+
+    strict = BatchAugment(dict(mean=[0.5], std=[0.5]), 10, crop_scale=1.0)  # no try fits these: the fallback
+    heights, widths = torch.tensor([16.0, 40.0, 33.0]), torch.tensor([40.0, 16.0, 33.0])
+    boxes = strict.crop_boxes(3, heights, widths)
+    for box, h, w in zip(boxes.long().tolist(), heights.long().tolist(), widths.long().tolist()):
+        if h != w:  # a square image fits at share 1 within the ratio range: the whole image
+            assert box == list(RandomResizedCrop.get_params(torch.zeros(1, h, w), (1.0, 1.0), (3 / 4, 4 / 3)))
+        else:
+            assert box == [0, 0, h, w]

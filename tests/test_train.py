@@ -340,22 +340,27 @@ def test_ema_update_reads_nothing_back_from_the_device():
     torch.testing.assert_close(ema.module.head.fc.bias, d * before + (1 - d) * model.head.fc.bias)
 
 
-def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path, capsys):
-    """--folder-loading stream decodes each batch from the files (the next one in the background): the
-    same batches, pixels and weights as the folder decoded once, with gradient accumulation, and
-    `vitkit eval` of the streamed run scores what its training did."""
+def digit_folder(root: Path, n_train: int, n_val: int) -> Path:
+    """The first real digits as PNG files in root/{train,val}/CLASS/."""
     from PIL import Image
 
     from vitkit.data import load_digits
 
     digits = load_digits()
-    root = tmp_path / "digits"
-    for split in ("train", "val"):
+    for split, n in (("train", n_train), ("val", n_val)):
         part = getattr(digits, split)
-        for i in range(min(len(part), 96 if split == "train" else 30)):
+        for i in range(n):
             label = int(part.labels[i])
             (root / split / str(label)).mkdir(parents=True, exist_ok=True)
             Image.fromarray(part.images[i, 0].numpy(), mode="L").save(root / split / str(label) / f"{i}.png")
+    return root
+
+
+def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path, capsys):
+    """--folder-loading stream decodes each batch from the files (the next one in the background): the
+    same batches, pixels and weights as the folder decoded once, with gradient accumulation, and
+    `vitkit eval` of the streamed run scores what its training did."""
+    root = digit_folder(tmp_path / "digits", 96, 30)
     runs = {}
     for loading in ("memory", "stream"):
         result = train(resolve_config(None, tiny(tmp_path / loading, dataset=f"folder:{root}", model="vit_digits_gap",
@@ -412,3 +417,29 @@ def test_gradients_reach_the_optimizer_clipped_to_clip_grad(tmp_path):
         trainer.fit()
     assert len(norms[0.05]) == 4 and max(norms[0.05]) <= 0.05 * (1 + 1e-4)
     assert min(norms[0.0]) > 0.05
+
+
+def test_streamed_random_resized_crops_resume_to_the_straight_run(tmp_path, monkeypatch):
+    """A streamed folder with --crop-scale cuts its crops from the files, boxes drawn per micro-batch
+    from (seed, epoch, batch), also for the prefetch: a stopped run resumes to the straight run's
+    weights, and a run held in memory (crops of the shrunk images, from the global RNG) differs."""
+    root = digit_folder(tmp_path / "digits", 96, 20)
+    base = tiny(tmp_path / "full", dataset=f"folder:{root}", model="vit_digits_gap", folder_loading="stream",
+                train_subset=0, batch_size=16, epochs=2, ema=False, crop_scale=0.3)
+    from vitkit.data import FileImages
+
+    loads, load = [], FileImages.load
+    monkeypatch.setattr(FileImages, "load", lambda self, idx, boxes=None: loads.append(boxes) or load(self, idx, boxes))
+    train(resolve_config(None, base))
+    monkeypatch.undo()
+    crops = [b for b in loads if b is not None]
+    assert len(crops) == 2 * (96 // 16) and all(b.shape == (16, 4) for b in crops)  # every training batch
+    assert all((b[:, 2:] <= 8).all() and (b[:, 2:] >= 1).all() for b in crops)  # boxes in the 8x8 files
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, dict(base, out=str(tmp_path / "cut"), stop_after_epoch=1)))
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    train(resolve_config(None, dict(base, out=str(tmp_path / "held"), folder_loading="memory")))
+    held = weights(tmp_path / "held")
+    assert not torch.equal(full["head.fc.weight"], held["head.fc.weight"])

@@ -166,21 +166,27 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
                    preprocess=gray_preprocess((28, 28)))
 
 
-def _decode(path: Path, channels: int, to_unit: dict) -> Tensor:
+def _decode(path: Path, channels: int, to_unit: dict, box: tuple[int, int, int, int] | None = None) -> Tensor:
     """One file as the uint8 (C, H, W) pixels the model's input is normalised from: ``preprocess_image``
-    with mean 0 and std 1 gives the resized pixels / 255, back to the values an image file holds."""
-    return preprocess_image(load_image(path, channels), to_unit).mul(255.0).round().to(torch.uint8)
+    with mean 0 and std 1 gives the resized pixels / 255, back to the values an image file holds.
+    ``box`` (top, left, height, width, in the file's pixels): that crop of the original, resized."""
+    img = load_image(path, channels)
+    if box is not None:
+        top, left, h, w = box
+        img = img.crop((left, top, left + w, top + h))
+    return preprocess_image(img, to_unit).mul(255.0).round().to(torch.uint8)
 
 
-def _check_header(path: Path) -> None:
-    """What a streamed split checks of each file up front, without decoding it: that Pillow can open it."""
+def _check_header(path: Path) -> tuple[int, int]:
+    """What a streamed split checks of each file up front, without decoding it: that Pillow can open it.
+    Returns its (height, width)."""
     from PIL import Image, UnidentifiedImageError
 
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
-        with Image.open(path):
-            pass
+        with Image.open(path) as img:
+            return img.height, img.width
     except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not an image Pillow can read") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -194,53 +200,71 @@ class FileImages:
     ``images[idx]`` (a tensor of indices) decodes those files on a thread pool (Pillow releases the GIL
     while it decodes and resizes) into exactly the pixels the in-memory split holds; ``prefetch(idx)``
     starts that work early, so the next batch decodes while the model trains on this one.
+    ``load(idx, boxes)`` decodes a random resized crop of each original instead (``sizes``: the files'
+    (height, width), the space the boxes are drawn in), as timm crops the full-resolution photo.
     """
 
     dtype = torch.uint8
     ndim = 4
     MAX_PREFETCHED = 8  # batches decoded ahead and not yet asked for; the oldest are dropped beyond
 
-    def __init__(self, paths: list[Path], channels: int, to_unit: dict, threads: int | None = None):
+    def __init__(self, paths: list[Path], channels: int, to_unit: dict, threads: int | None = None,
+                 sizes: list[tuple[int, int]] | None = None):
         self.paths, self.channels, self.to_unit = list(paths), channels, to_unit
+        self.sizes = torch.tensor(sizes, dtype=torch.float32).reshape(-1, 2) if sizes is not None else None
         self.threads = threads or min(4, os.cpu_count() or 1)
         h, w = to_unit["img_size"]
         self.shape = torch.Size((len(self.paths), channels, h, w))
         self._pool = None
-        self._pending: dict[tuple[int, ...], list] = {}  # batch -> its images' futures, oldest first
+        self._pending: dict[tuple, list] = {}  # (indices, boxes) -> the images' futures, oldest first
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _submit(self, i: int):
+    def _submit(self, i: int, box: tuple | None):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vitkit-decode")
-        return self._pool.submit(_decode, self.paths[i], self.channels, self.to_unit)
+        return self._pool.submit(_decode, self.paths[i], self.channels, self.to_unit, box)
 
-    def prefetch(self, idx: Tensor) -> None:
-        key = tuple(torch.as_tensor(idx).reshape(-1).tolist())
-        if key and key not in self._pending:
-            self._pending[key] = [self._submit(i) for i in key]
+    @staticmethod
+    def _key(idx, boxes: Tensor | None) -> tuple:
+        indices = tuple(torch.as_tensor(idx).reshape(-1).tolist())
+        return indices, None if boxes is None else tuple(map(tuple, boxes.long().tolist()))
+
+    def _futures(self, key: tuple) -> list:
+        indices, boxes = key
+        return [self._submit(i, None if boxes is None else boxes[j]) for j, i in enumerate(indices)]
+
+    def prefetch(self, idx: Tensor, boxes: Tensor | None = None) -> None:
+        key = self._key(idx, boxes)
+        if key[0] and key not in self._pending:
+            self._pending[key] = self._futures(key)
             while len(self._pending) > self.MAX_PREFETCHED:
                 self._pending.pop(next(iter(self._pending)))
 
-    def __getitem__(self, idx):
-        if isinstance(idx, slice):
-            return FileImages(self.paths[idx], self.channels, self.to_unit, self.threads)
-        if isinstance(idx, int):
-            return _decode(self.paths[idx], self.channels, self.to_unit)
-        key = tuple(torch.as_tensor(idx).reshape(-1).tolist())
-        futures = self._pending.pop(key, None) or [self._submit(i) for i in key]
+    def load(self, idx: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) uint8 of the files ``idx``, whole or (``boxes``, (B, 4)) cropped, resized."""
+        key = self._key(idx, boxes)
+        futures = self._pending.pop(key, None) or self._futures(key)
         if not futures:
             return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
         return torch.stack([f.result() for f in futures])  # re-raises a file's ImageError here
 
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            sizes = None if self.sizes is None else self.sizes[idx].tolist()
+            return FileImages(self.paths[idx], self.channels, self.to_unit, self.threads, sizes)
+        if isinstance(idx, int):
+            return _decode(self.paths[idx], self.channels, self.to_unit)
+        return self.load(idx)
 
-def prefetch(images, idx: Tensor) -> None:
-    """Start decoding ``images[idx]`` in the background where the images are files (``FileImages``)."""
+
+def prefetch(images, idx: Tensor, boxes: Tensor | None = None) -> None:
+    """Start decoding ``images[idx]`` (or its ``boxes``) in the background where the images are files."""
     if isinstance(images, FileImages):
-        images.prefetch(idx)
+        images.prefetch(idx, boxes)
 
 
 def _class_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
@@ -274,11 +298,11 @@ def hold_out(files: list[tuple[Path, int]], fraction: float) -> tuple[list, list
 def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, channels: int,
                   skip_bad_images: bool, skipped: list[str], stream: bool) -> Split:
     to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
-    images, labels = [], []
+    images, labels, sizes = [], [], []
     for path, label in files:
         try:
             if stream:  # its header now, its pixels at each use
-                _check_header(path)
+                sizes.append(_check_header(path))
                 images.append(path)
             else:  # the whole image, once
                 images.append(_decode(path, channels, to_unit))
@@ -290,7 +314,7 @@ def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, 
         labels.append(label)
     if not images:
         raise ValueError(f"{where}: no readable images (expected {where}/CLASS/*.png|jpg|...)")
-    images = FileImages(images, channels, to_unit) if stream else torch.stack(images)  # (N, C, H, W)
+    images = FileImages(images, channels, to_unit, sizes=sizes) if stream else torch.stack(images)  # (N, C, H, W)
     return Split(images, torch.tensor(labels, dtype=torch.long))
 
 
@@ -519,35 +543,32 @@ class BatchAugment:
     # torchvision's RandomResizedCrop.get_params: this many tries, then the centre crop
     CROP_ATTEMPTS = 10
 
-    def crop_boxes(self, b: int, h: int, w: int) -> Tensor:
+    def crop_boxes(self, b: int, h, w, generator: torch.Generator | None = None) -> Tensor:
         """(B, 4) boxes (top, left, height, width), drawn as torchvision's ``RandomResizedCrop`` (and
         timm's) draws one: an area share in [crop_scale, 1] and a log-uniform aspect ratio in
         [1/crop_ratio, crop_ratio], the first of ``CROP_ATTEMPTS`` tries that fits, else the centre crop
-        of the image clamped to that ratio range. All B images' tries at once, from the CPU RNG."""
-        area = h * w
-        shares = torch.empty(b, self.CROP_ATTEMPTS).uniform_(self.crop_scale, 1.0)
+        of the image clamped to that ratio range. ``h``, ``w``: the images' size, one for all or (B,)
+        each; all B images' tries at once, from ``generator`` (default: the CPU RNG)."""
+        h = torch.as_tensor(h, dtype=torch.float64).expand(b)[:, None]  # (B, 1)
+        w = torch.as_tensor(w, dtype=torch.float64).expand(b)[:, None]
+        shares = torch.empty(b, self.CROP_ATTEMPTS, dtype=torch.float64)
+        shares.copy_(torch.empty(b, self.CROP_ATTEMPTS).uniform_(self.crop_scale, 1.0, generator=generator))
         log_r = math.log(self.crop_ratio)
-        aspect = torch.exp(torch.empty(b, self.CROP_ATTEMPTS).uniform_(-log_r, log_r))
-        cw = torch.sqrt(area * shares * aspect).round()
-        ch = torch.sqrt(area * shares / aspect).round()
+        aspect = torch.exp(torch.empty(b, self.CROP_ATTEMPTS).uniform_(-log_r, log_r, generator=generator)).double()
+        cw = torch.sqrt(h * w * shares * aspect).round()
+        ch = torch.sqrt(h * w * shares / aspect).round()
         fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-        first = fits.float().argmax(1)  # the first try that fits (0 when none does: replaced below)
-        rows = torch.arange(b)
-        ch, cw = ch[rows, first], cw[rows, first]
-        top = (torch.rand(b) * (h - ch + 1)).floor()
-        left = (torch.rand(b) * (w - cw + 1)).floor()
+        first = fits.float().argmax(1, keepdim=True)  # the first try that fits (0 when none does: replaced below)
+        ch, cw = ch.gather(1, first), cw.gather(1, first)  # (B, 1)
+        top = (torch.rand(b, 1, generator=generator).double() * (h - ch + 1)).floor()
+        left = (torch.rand(b, 1, generator=generator).double() * (w - cw + 1)).floor()
         # no try fits: the centre crop, as wide as the ratio range allows
         in_ratio = w / h
-        if in_ratio < 1 / self.crop_ratio:
-            fw, fh = w, round(w * self.crop_ratio)
-        elif in_ratio > self.crop_ratio:
-            fw, fh = round(h * self.crop_ratio), h
-        else:
-            fw, fh = w, h
-        none = ~fits.any(1)
-        centre = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float32)
-        boxes = torch.stack([top, left, ch, cw], dim=1)
-        return torch.where(none[:, None], centre, boxes)
+        fw = torch.where(in_ratio > self.crop_ratio, (h * self.crop_ratio).round(), w)
+        fh = torch.where(in_ratio < 1 / self.crop_ratio, (w * self.crop_ratio).round(), h)
+        centre = torch.cat([((h - fh) / 2).floor(), ((w - fw) / 2).floor(), fh, fw], dim=1)
+        boxes = torch.cat([top, left, ch, cw], dim=1)
+        return torch.where(fits.any(1, keepdim=True), boxes, centre).float()
 
     def resized_crop(self, x: Tensor, boxes: Tensor) -> Tensor:
         """Each image's box, resized (bilinear) back to the image's size: one ``grid_sample`` for the
@@ -565,9 +586,10 @@ class BatchAugment:
         out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor, labels: Tensor, cropped: bool = False) -> tuple[Tensor, Tensor]:
+        """``cropped``: the batch is random resized crops already (of a streamed folder's originals)."""
         x = images
-        if self.crop_scale > 0:
+        if self.crop_scale > 0 and not cropped:
             x = self.resized_crop(x, self.crop_boxes(x.shape[0], x.shape[2], x.shape[3]))
         if self.translate > 0:
             x = self.shift(x)

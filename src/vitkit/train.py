@@ -49,7 +49,16 @@ from .checkpoint import (
     save_pretrained,
 )
 from .config import ViTConfig, get_config
-from .data import FOLDER_LOADING, BatchAugment, Dataset, global_batches, load_dataset, normalize, prefetch
+from .data import (
+    FOLDER_LOADING,
+    BatchAugment,
+    Dataset,
+    FileImages,
+    global_batches,
+    load_dataset,
+    normalize,
+    prefetch,
+)
 from .distributed import (
     STRATEGIES,
     full_model,
@@ -891,6 +900,18 @@ class Trainer:
         # targets are class indices, or (B, num_classes) probabilities after MixUp/CutMix
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
 
+    def _decode_crops(self, micro: Tensor) -> Tensor | None:
+        """A streamed folder's random resized crops, (B, 4) boxes in each file's own pixels, or None:
+        drawn from a generator of (seed, epoch, the micro-batch's first index), not the global RNG, so
+        the next batch's boxes can be drawn early for its prefetch, and a resumed run draws the same."""
+        images = self.data.train.images
+        if self.cfg.crop_scale <= 0 or not isinstance(images, FileImages):
+            return None
+        seed = ((self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + int(micro[0])) * 1_000_003 + len(micro)
+        sizes = images.sizes[micro]  # (B, 2): height, width
+        return self.augment.crop_boxes(len(micro), sizes[:, 0], sizes[:, 1],
+                                       generator=torch.Generator().manual_seed(seed % 2**63))
+
     def _micro_batches(self, idx: Tensor) -> list[Tensor]:
         """This rank's micro-batches of the global batch ``idx``: its share, cut into ``accum_steps``."""
         per_rank = self.cfg.batch_size // self.dist.world_size
@@ -913,8 +934,11 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for k, micro in enumerate(self._micro_batches(idx)):
             # uint8 images to the device, then augmented there (see BatchAugment)
-            x = self.data.train.images[micro].to(self.device, non_blocking=True)
-            x, targets = self.augment(x, self.data.train.labels[micro].to(self.device, non_blocking=True))
+            boxes = self._decode_crops(micro)
+            images = self.data.train.images[micro] if boxes is None else self.data.train.images.load(micro, boxes)
+            x, targets = self.augment(images.to(self.device, non_blocking=True),
+                                      self.data.train.labels[micro].to(self.device, non_blocking=True),
+                                      cropped=boxes is not None)
             sync = k == cfg.accum_steps - 1 or not dist.distributed
             with no_sync(self.ddp, sync):
                 if self.cuda_graphs:
@@ -999,7 +1023,7 @@ class Trainer:
                 for i, idx in enumerate(todo):
                     for ahead in todo[i:i + 2]:  # a streamed folder decodes this batch (if not yet) and the next
                         for micro in self._micro_batches(ahead):
-                            prefetch(self.data.train.images, micro)
+                            prefetch(self.data.train.images, micro, self._decode_crops(micro))
                     rows = self.train_step(idx, stop["signum"])
                     done_images += len(idx)
                     # the epoch's last steps are read before its totals; all of them before a checkpoint
