@@ -492,7 +492,9 @@ class BatchAugment:
     All randomness comes from torch's global CPU RNG, which a checkpoint saves and restores, also
     for a batch on a GPU: the trainer moves the uint8 batch first and augments it there (a quarter
     of the bytes of a float batch cross the bus, and the host's one core is not the GPU's feeder),
-    with the same draws, so a run's augmentations do not depend on the device.
+    with the same draws, so a run's augmentations do not depend on the device. (One exception: a
+    streamed folder's crops, cut while its files decode, take their boxes from ``crop_boxes`` with a
+    generator of their own; the trainer passes ``cropped=True`` for those batches.)
     """
 
     def __init__(self, preprocess: dict, num_classes: int, translate: int = 0, hflip: float = 0.0,
