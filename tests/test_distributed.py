@@ -73,3 +73,26 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     train(resolve_config(None, dict(CFG, out=str(tmp_path / "full"))))
     train(resolve_config(None, dict(CFG, accum_steps=4, out=str(tmp_path / "accum"))))
     assert_same_run(final(tmp_path / "full"), final(tmp_path / "accum"))
+
+
+def test_a_streamed_folder_under_two_gloo_processes_matches_one_process_in_memory(tmp_path):
+    """Each rank streams its own share of a folder of class folders (its held-out share the same on
+    every rank) and prefetches its next micro-batch: the run of one process holding it in memory."""
+    from PIL import Image
+
+    from vitkit.data import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "digits"
+    for i in range(300):
+        label = str(int(digits.train.labels[i]))
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.train.images[i, 0].numpy(), mode="L").save(root / label / f"{i}.png")
+    folder = dict(CFG, dataset=f"folder:{root}", model="vit_digits_gap")
+    train(resolve_config(None, dict(folder, folder_loading="memory", out=str(tmp_path / "one"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", *flags(dict(folder, folder_loading="stream", out=str(tmp_path / "ddp")))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
