@@ -130,6 +130,12 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # 0: off
     cutmix_alpha: float = 0.0  # 0: off
     mixup_prob: float = 1.0  # probability a batch is mixed (when mixup or cutmix is on)
+    # knowledge distillation (DeiT, without its distillation token): a teacher checkpoint scores each
+    # augmented batch, and the loss becomes (1 - alpha) * loss + alpha * the distillation loss
+    teacher: str | None = None  # a vitkit checkpoint: a run's best/, or `vitkit convert` output
+    distill_type: str = "hard"  # hard: cross-entropy to the teacher's top class (DeiT's best) | soft: KL at tau
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
     # model EMA (evaluated and saved as best/ when on)
     ema: bool = True
     ema_decay: float = 0.998
@@ -161,6 +167,7 @@ class TrainConfig:
             "progress": ("auto", "on", "off"),
             "folder_loading": FOLDER_LOADING,
             "strategy": STRATEGIES,
+            "distill_type": DISTILL_TYPES,
             "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         }
         for key, allowed in choices.items():
@@ -187,7 +194,10 @@ class TrainConfig:
             raise ValueError(f"--val-fraction: expected a share in (0, 1), got {self.val_fraction}")
         if self.crop_ratio < 1.0:
             raise ValueError(f"--crop-ratio: expected R >= 1 (aspect ratios from 1/R to R), got {self.crop_ratio}")
-        for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay", "crop_scale"):
+        if self.distill_tau <= 0:
+            raise ValueError(f"--distill-tau: expected a temperature > 0, got {self.distill_tau}")
+        for key in ("label_smoothing", "hflip", "random_erasing", "mixup_prob", "ema_decay", "crop_scale",
+                    "distill_alpha"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"--{key.replace('_', '-')}: expected a value in [0, 1], got {getattr(self, key)}")
         if self.compile_mode != "default" and not self.compile:
@@ -573,6 +583,48 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
+DISTILL_TYPES = ("hard", "soft")
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, kind: str, tau: float = 1.0) -> Tensor:
+    """DeiT's distillation term (Touvron et al. 2021, ``deit/losses.py``): ``hard``, cross-entropy to
+    the teacher's top class; ``soft``, KL(teacher || student) of the softmaxes at temperature ``tau``,
+    times tau², summed and divided by the number of logits, as DeiT's code does. (B, K) logits each."""
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(-1))
+    if kind != "soft":
+        raise ValueError(f"distill_type: expected one of {DISTILL_TYPES}, got {kind!r}")
+    return F.kl_div(F.log_softmax(student / tau, dim=-1), F.log_softmax(teacher / tau, dim=-1),
+                    reduction="sum", log_target=True) * (tau * tau) / student.numel()
+
+
+class Teacher:
+    """A checkpoint that scores each training batch as its own training would have shown it: the
+    student's normalised batch taken back to pixels, then normalised with the teacher's mean and
+    std, resized to its input size and (first convolution adapted, as for fine-tuning) its channels."""
+
+    def __init__(self, path: str, student_preprocess: dict, channels: int, device: torch.device, precision: str):
+        self.model = load_pretrained(path, in_channels=channels, map_location=device).eval()
+        self.model.requires_grad_(False)
+        self.precision, self.size = precision, tuple(self.model.cfg.img_size)
+        def stats(pre: dict, key: str) -> Tensor:
+            return torch.tensor(pre[key], dtype=torch.float32, device=device)[:, None, None]  # (C, 1, 1)
+        teacher = self.model.preprocess
+        # x_teacher = (x * std_s + mean_s - mean_t) / std_t: one multiply-add per channel
+        self.scale = stats(student_preprocess, "std") / stats(teacher, "std")
+        self.shift = (stats(student_preprocess, "mean") - stats(teacher, "mean")) / stats(teacher, "std")
+        self.interpolation = "bilinear" if teacher.get("interpolation") == "bilinear" else "bicubic"
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) as the student sees it -> the teacher's (B, K) float logits."""
+        x = x * self.scale + self.shift
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
+        with autocast(x.device, self.precision):
+            return self.model(x).float()
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
     """lr factor per optimizer step: linear from 1/warmup to 1, then cosine down to min_factor."""
 
@@ -767,6 +819,7 @@ class Trainer:
         )
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self.augment = make_augment(cfg, self.data)
+        self.teacher = self._teacher() if cfg.teacher else None
         # Each rank augments with its own stream; seeded apart from the model's initialisation.
         torch.manual_seed(cfg.seed * 7919 + 1 + dist.rank)
         random.seed(cfg.seed + dist.rank)
@@ -811,6 +864,25 @@ class Trainer:
                   file=sys.stderr, flush=True)
         preprocess = dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
         return model_cfg, preprocess, None if self.resume else meta
+
+    def _teacher(self) -> Teacher:
+        cfg, data = self.cfg, self.data
+        try:
+            meta = read_config(_resolve(cfg.teacher)[1])
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--teacher {cfg.teacher}: {e} (weights in another format: `vitkit convert` them "
+                          "first)") from e
+        names = meta.get("class_names")
+        if meta["config"].num_classes != data.num_classes or names not in (None, data.class_names):
+            raise ValueError(f"--teacher {cfg.teacher}: scores {meta['config'].num_classes} classes"
+                             f"{f' {names}' if names else ''}, but --dataset {cfg.dataset} has {data.num_classes}"
+                             f" {data.class_names}; a teacher must be trained on the same classes, in the same order")
+        teacher = Teacher(cfg.teacher, data.preprocess, data.image_shape[0], self.device, self.precision)
+        if self.dist.is_main:
+            print(f"distilling from {cfg.teacher} ({cfg.distill_type}, alpha {cfg.distill_alpha}"
+                  f"{f', tau {cfg.distill_tau}' if cfg.distill_type == 'soft' else ''}; the teacher sees "
+                  f"{teacher.size[0]}x{teacher.size[1]})", flush=True)
+        return teacher
 
     def _pretrained_model(self, model_cfg: ViTConfig, meta: dict) -> ViT:
         """The --pretrained checkpoint (``meta``: its config.json) at the run's size and the data's
@@ -946,6 +1018,9 @@ class Trainer:
                 with autocast(self.device, self.precision):
                     logits = self.step_model(x)
                 loss = self.loss_fn(logits, targets)
+                if self.teacher is not None:
+                    distill = distillation_loss(logits.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
                 (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().double() * len(micro)
             hard = targets.argmax(-1) if targets.ndim == 2 else targets
@@ -1125,5 +1200,6 @@ def resume(run: str | os.PathLike, overrides: dict | None = None, data: Dataset 
 
 __all__ = [
     "TrainConfig", "Trainer", "TrainResult", "DistInfo", "RunDir", "train", "resume", "resolve_config",
+    "Teacher", "distillation_loss",
     "read_config_file", "coerce", "NonFiniteLossError", "RunLockedError", "Interrupted", "normalize",
 ]
