@@ -52,6 +52,12 @@ def test_freeze(capsys):
     rows(out, ["0", "2", "4"])
 
 
+def test_distill(tmp_path, capsys):  # its own one-epoch teacher
+    out = run_script("distill", ["--teacher-epochs", "1", "--epochs", "1", "--images", "64",
+                                 "--out", str(tmp_path)], capsys)
+    rows(out, ["alone", "hard", "soft"])
+
+
 def test_adamw(capsys):
     out = run_script("adamw", ["vit_digits_gap", "--runs", "2", "--batch-size", "4"], capsys)
     rows(out, ["vit_digits_gap"])
