@@ -363,10 +363,12 @@ def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path,
     root = digit_folder(tmp_path / "digits", 96, 30)
     runs = {}
     for loading in ("memory", "stream"):
-        result = train(resolve_config(None, tiny(tmp_path / loading, dataset=f"folder:{root}", model="vit_digits_gap",
-                                                 folder_loading=loading, train_subset=0, batch_size=16,
-                                                 accum_steps=2, epochs=2, ema=False)))
-        runs[loading] = (result, weights(tmp_path / loading))
+        trainer = Trainer(resolve_config(None, tiny(tmp_path / loading, dataset=f"folder:{root}", model="vit_digits_gap",
+                                                    folder_loading=loading, train_subset=0, batch_size=16,
+                                                    accum_steps=2, epochs=2, ema=False, loader_threads=3)))
+        if loading == "stream":  # --loader-threads sets both splits' decoder pools
+            assert trainer.data.train.images.threads == trainer.data.val.images.threads == 3
+        runs[loading] = (trainer.fit(), weights(tmp_path / loading))
     (held, held_w), (streamed, streamed_w) = runs["memory"], runs["stream"]
     assert held_w.keys() == streamed_w.keys() and all(torch.equal(held_w[k], streamed_w[k]) for k in held_w)
     assert [r["val_loss"] for r in held.history] == [r["val_loss"] for r in streamed.history]

@@ -92,6 +92,7 @@ class TrainConfig:
     # folder datasets: memory (decode every image once) | stream (decode each batch from the files, the
     # next one in the background) | auto (stream when the decoded images would fill a quarter of the RAM)
     folder_loading: str = "auto"
+    loader_threads: int = 0  # a streamed folder's decoder threads (timm: --workers; 0: as many as cores, up to 4)
     val_fraction: float = 0.1  # a folder of class folders only (no train/, val/): each class's share held out
     train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
     # model
@@ -177,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"--img-size: expected an int >= 0 (0: the model's own), got {self.img_size}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"--layer-decay: expected a value in (0, 1] (1: off), got {self.layer_decay}")
+        if self.loader_threads < 0:
+            raise ValueError(f"--loader-threads: expected an int >= 0 (0: automatic), got {self.loader_threads}")
         if self.freeze_blocks < 0:
             raise ValueError(f"--freeze-blocks: expected an int >= 0 (0: off), got {self.freeze_blocks}")
         if self.freeze_blocks and not self.pretrained:
@@ -306,7 +309,8 @@ def resolve_config(file: str | None = None, overrides: dict | None = None) -> Tr
 
 # Options a resumed run may change: how long it runs and how it reports, never the math of a step.
 RESUME_OVERRIDABLE = ("epochs", "stop_after_epoch", "progress", "eval_batch_size", "device", "data_dir", "threads",
-                      "strategy", "grad_checkpointing", "compile", "compile_mode", "log_every", "folder_loading")
+                      "strategy", "grad_checkpointing", "compile", "compile_mode", "log_every", "folder_loading",
+                      "loader_threads")
 # --log-every 0 on a GPU: a read every 32 steps keeps the queue full; a stop signal under torchrun waits for it
 DEVICE_LOG_EVERY = 32
 
@@ -769,6 +773,9 @@ class Trainer:
                 stats = preprocess_for_channels(preprocess, data.image_shape[0])
                 data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
         self.data = data
+        for split in (data.train, data.val):
+            if isinstance(split.images, FileImages) and cfg.loader_threads:
+                split.images.threads = cfg.loader_threads  # read when its pool starts, at the first batch
         if cfg.train_subset:
             # a copy: a Dataset the caller passed in stays whole for its next run
             self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
