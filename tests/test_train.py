@@ -445,3 +445,17 @@ def test_streamed_random_resized_crops_resume_to_the_straight_run(tmp_path, monk
     train(resolve_config(None, dict(base, out=str(tmp_path / "held"), folder_loading="memory")))
     held = weights(tmp_path / "held")
     assert not torch.equal(full["head.fc.weight"], held["head.fc.weight"])
+
+
+def test_a_streamed_folder_decodes_each_image_once_per_epoch_under_accumulation(tmp_path, monkeypatch):
+    """Eight micro-batches a step, this step's and the next prefetched: none is dropped before use and
+    decoded again (96 training and 30 validation files, one epoch: 126 decodes)."""
+    import vitkit.data
+
+    root = digit_folder(tmp_path / "digits", 96, 30)
+    calls, decode = [], vitkit.data._decode
+    monkeypatch.setattr(vitkit.data, "_decode", lambda *a, **k: calls.append(a[0]) or decode(*a, **k))
+    train(resolve_config(None, tiny(tmp_path / "run", dataset=f"folder:{root}", model="vit_digits_gap",
+                                    folder_loading="stream", train_subset=0, batch_size=16, accum_steps=8,
+                                    epochs=1, ema=False)))
+    assert len(calls) == 126 and len(set(calls)) == 126

@@ -206,7 +206,8 @@ class FileImages:
 
     dtype = torch.uint8
     ndim = 4
-    MAX_PREFETCHED = 8  # batches decoded ahead and not yet asked for; the oldest are dropped beyond
+    MAX_PREFETCHED = 8  # batches decoded ahead and not yet asked for; the oldest are dropped beyond (per instance:
+    # the trainer raises it to hold two steps of micro-batches under gradient accumulation)
 
     def __init__(self, paths: list[Path], channels: int, to_unit: dict, threads: int | None = None,
                  sizes: list[tuple[int, int]] | None = None):
@@ -217,6 +218,7 @@ class FileImages:
         self.shape = torch.Size((len(self.paths), channels, h, w))
         self._pool = None
         self._pending: dict[tuple, list] = {}  # (indices, boxes) -> the images' futures, oldest first
+        self.max_prefetched = self.MAX_PREFETCHED
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -241,7 +243,7 @@ class FileImages:
         key = self._key(idx, boxes)
         if key[0] and key not in self._pending:
             self._pending[key] = self._futures(key)
-            while len(self._pending) > self.MAX_PREFETCHED:
+            while len(self._pending) > self.max_prefetched:
                 self._pending.pop(next(iter(self._pending)))
 
     def load(self, idx: Tensor, boxes: Tensor | None = None) -> Tensor:

@@ -774,8 +774,11 @@ class Trainer:
                 data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
         self.data = data
         for split in (data.train, data.val):
-            if isinstance(split.images, FileImages) and cfg.loader_threads:
-                split.images.threads = cfg.loader_threads  # read when its pool starts, at the first batch
+            if isinstance(split.images, FileImages):
+                if cfg.loader_threads:
+                    split.images.threads = cfg.loader_threads  # read when its pool starts, at the first batch
+                # this step's micro-batches and the next step's are prefetched: room for both
+                split.images.max_prefetched = max(FileImages.MAX_PREFETCHED, 2 * cfg.accum_steps)
         if cfg.train_subset:
             # a copy: a Dataset the caller passed in stays whole for its next run
             self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
