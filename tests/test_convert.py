@@ -96,6 +96,14 @@ def test_timm_heads_are_not_in_the_file(tmp_path):
         vc.load(path, "timm", model="vit_small_patch16_224")
 
 
+def test_a_distilled_deit_is_refused_by_name(tmp_path):
+    """timm's distilled DeiT has a second prefix token and head: refused as such, not as a bad grid."""
+    theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1, img_size=32)
+    path = save_timm(theirs, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="a distilled DeiT .*no distillation token"):
+        vc.load(path, "timm", model="vit_tiny_patch16_224")
+
+
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
     theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
     path = save_timm(theirs, tmp_path / "w.safetensors")

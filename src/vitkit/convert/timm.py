@@ -78,6 +78,10 @@ def read(path: Path) -> Foreign:
 
 def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     s, src = foreign.state, foreign.path
+    if "dist_token" in s or "head_dist.weight" in s:
+        raise CheckpointError(f"{src}: a distilled DeiT (dist_token, head_dist): vitkit's ViT has no distillation "
+                              "token, so these weights do not convert. (`vitkit train --teacher` trains with "
+                              "DeiT's distillation loss, without the token.)")
     proj = require(s, "patch_embed.proj.weight", src, "timm")  # (E, C, p, p)
     width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     class_token = "cls_token" in s
