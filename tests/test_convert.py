@@ -96,12 +96,32 @@ def test_timm_heads_are_not_in_the_file(tmp_path):
         vc.load(path, "timm", model="vit_small_patch16_224")
 
 
-def test_a_distilled_deit_is_refused_by_name(tmp_path):
-    """timm's distilled DeiT has a second prefix token and head: refused as such, not as a bad grid."""
-    theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1, img_size=32)
-    path = save_timm(theirs, tmp_path / "w.safetensors")
-    with pytest.raises(CheckpointError, match="a distilled DeiT .*no distillation token"):
-        vc.load(path, "timm", model="vit_tiny_patch16_224")
+def test_timm_distilled_deit_both_ways(tmp_path):
+    """timm's distilled DeiT (a distillation token after the class token, and a second classifier):
+    its averaged logits, its pooled features, and in distilled training its two heads' logits apart."""
+    theirs = timm_vit("deit_tiny_distilled_patch16_224")
+    x = torch.randn(2, 3, 224, 224)
+    expected = run(theirs, x)
+    ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", num_heads=3)
+    assert ours.cfg.dist_token and ours.cfg.num_prefix_tokens == 2
+    assert_same_logits(run(ours, x), expected)
+    with torch.no_grad():
+        assert_same_logits(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                           theirs.forward_head(theirs.forward_features(x), pre_logits=True))
+        theirs.set_distilled_training(True)
+        ours.head.distilled_training = True
+        for a, b in zip(ours.train()(x), theirs.train()(x), strict=True):  # (class head, distillation head)
+            assert_same_logits(a, b)
+    assert (ours.eval()(x) - ours.head.fc(ours.forward_features(x)[:, 0])).abs().max() > 1e-3  # both heads count
+    file = vc.export(ours, tmp_path / "back.safetensors", "timm")
+    fresh = timm_vit("deit_tiny_distilled_patch16_224")
+    fresh.load_state_dict(load_state_dict_file(file), strict=True)
+    assert_same_logits(run(fresh, x), expected)
+    vc.export(ours, tmp_path / "hubdir", "timm")
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+    for fmt in ("hf", "torchvision", "jax"):
+        with pytest.raises(ValueError, match=f"target format {fmt}: this model has DeiT's distillation token"):
+            vc.export(ours, tmp_path / f"out-{fmt}.npz", fmt)
 
 
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):

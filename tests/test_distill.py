@@ -98,3 +98,26 @@ def test_teacher_errors_name_the_option(tmp_path):
                                  ("distill_tau", 0.0, "--distill-tau: expected a temperature > 0")):
         with pytest.raises(ValueError, match=expected.replace("[", r"\[").replace("]", r"\]")):
             resolve_config(None, run_cfg(tmp_path / "run", **{key: value}))
+
+
+def test_a_distillation_token_learns_the_teacher_and_the_class_token_the_labels(tmp_path):
+    """DeiT proper: a model with a distillation token, fine-tuned with a teacher that always answers 3,
+    trains its two heads apart: the distillation head answers 3, the class head the digit."""
+    biased = create_model("vit_digits_gap", num_classes=10)
+    with torch.no_grad():
+        biased.head.fc.bias[3] = 100.0
+    save_pretrained(biased, tmp_path / "teacher")
+    save_pretrained(create_model("vit_digits", num_classes=10, dist_token=True), tmp_path / "student")
+    train(resolve_config(None, run_cfg(tmp_path / "run", model="vit_digits", pretrained=str(tmp_path / "student"),
+                                       teacher=str(tmp_path / "teacher"), distill_alpha=0.5, lr=3e-3, epochs=15,
+                                       train_subset=0, batch_size=64)))
+    model = load_pretrained(tmp_path / "run" / "last").eval()
+    assert model.cfg.dist_token
+    digits = load_digits()
+    x = normalize(digits.val.images, digits.preprocess)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        cls, dist = model.head.fc(tokens[:, 0]).argmax(-1), model.head.fc_dist(tokens[:, 1]).argmax(-1)
+    assert (dist == 3).float().mean() > 0.95
+    # 15 epochs of a class-token model: well above chance (10%), and not the teacher's answer
+    assert (cls == digits.val.labels).float().mean() > 0.3 and (cls == 3).float().mean() < 0.3

@@ -14,6 +14,10 @@ PUBLISHED_PARAMS = {
     "vit_base_patch16_224": 86_567_656,
     "vit_large_patch16_224": 304_326_632,
     "vit_seed_patch16_224": 86_567_656,
+    # DeiT's distilled models (timm's counts): a second token and a second classifier
+    "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_distilled_patch16_224": 87_338_192,
 }
 
 
@@ -28,7 +32,7 @@ def expected_params(cfg: ViTConfig) -> int:
     embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
     final_norm = 2 * e if cfg.final_norm != "none" else 0
-    head = cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0
+    head = (cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
     return embed + cfg.depth * block + final_norm + head
 
 

@@ -49,6 +49,7 @@ def valid_configs(draw) -> ViTConfig:
     heads = draw(st.integers(1, 8))
     width = heads * draw(st.integers(1, 64 // heads))
     class_token = draw(st.booleans())
+    pool = draw(st.sampled_from(["cls", "mean"] if class_token else ["mean"]))
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -59,7 +60,8 @@ def valid_configs(draw) -> ViTConfig:
         mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0, 1.5])),
         qkv_bias=draw(st.booleans()),
         class_token=class_token,
-        pool=draw(st.sampled_from(["cls", "mean"] if class_token else ["mean"])),
+        dist_token=pool == "cls" and draw(st.booleans()),  # DeiT's second token goes with class pooling
+        pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
         num_classes=draw(st.integers(0, 5)),
@@ -159,7 +161,8 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     """(field that is wrong, the overrides, a second word the message must contain or "")."""
     kind = draw(st.sampled_from([
         "int_type", "int_nonpositive", "heads", "patch_too_big", "not_divisible", "dropout", "pool",
-        "final_norm", "cls_without_token", "bool_type", "img_size_type", "mlp_ratio", "norm_eps", "num_classes",
+        "final_norm", "cls_without_token", "dist_without_cls", "bool_type", "img_size_type", "mlp_ratio", "norm_eps",
+        "num_classes",
     ]))
     int_fields = ["patch_size", "in_channels", "emb_size", "depth", "num_heads"]
     if kind == "int_type":
@@ -191,8 +194,12 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "final_norm", {"final_norm": draw(st.one_of(bad, st.none(), st.booleans()))}, ""
     if kind == "cls_without_token":
         return "pool", {"pool": "cls", "class_token": False}, "class_token"
+    if kind == "dist_without_cls":  # a distillation token with mean pooling, or without a class token
+        if draw(st.booleans()):
+            return "dist_token", {"dist_token": True, "pool": "mean"}, "pool"
+        return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
-        field = draw(st.sampled_from(["qkv_bias", "class_token", "dynamic_img_size"]))
+        field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

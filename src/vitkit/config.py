@@ -58,6 +58,7 @@ class ViTConfig:
     head_drop_rate: float = 0.0  # dropout on the pooled features before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over the blocks
     class_token: bool = True  # prepend a learned [class] token
+    dist_token: bool = False  # and a distillation token after it, with its own classifier (DeiT; logits averaged)
     pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
@@ -82,7 +83,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
+        return int(self.class_token) + int(self.dist_token)
 
     @property
     def head_dim(self) -> int:
@@ -142,9 +143,12 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.final_norm: expected one of {FINAL_NORMS}, got {self.final_norm!r}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("ViTConfig.pool: 'cls' pooling needs class_token=True; use pool='mean'")
-        for name in ("qkv_bias", "class_token", "dynamic_img_size"):
+        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.dist_token and not (self.class_token and self.pool == "cls"):
+            raise ValueError("ViTConfig.dist_token: a distillation token goes with class_token=True and pool='cls' "
+                             f"(DeiT); got class_token={self.class_token}, pool={self.pool!r}")
 
     # --- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -203,6 +207,13 @@ def _table() -> dict[str, dict]:
                 table[f"vit_{size}_patch{patch}_{img}"] = dict(
                     **dims, **TIMM_STYLE, patch_size=patch, img_size=img
                 )
+    # DeiT's distilled models (Touvron et al. 2021; timm's deit_*_distilled_*): a distillation token
+    # after the class token, with a classifier of its own, the two heads' logits averaged.
+    for size in ("tiny", "small", "base"):
+        for img in IMG_SIZES if size == "base" else (224,):
+            table[f"deit_{size}_distilled_patch16_{img}"] = dict(
+                **SIZES[size], **TIMM_STYLE, patch_size=16, img_size=img, dist_token=True
+            )
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

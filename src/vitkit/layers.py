@@ -101,13 +101,14 @@ class PatchEmbedding(nn.Module):
         pos_drop_rate: float = 0.0,
         dynamic_img_size: bool = False,
         stem: str = "patch",
+        dist_token: bool = False,
     ):
         super().__init__()
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.img_size = to_2tuple(img_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = int(class_token) + int(dist_token)
         self.dynamic_img_size = dynamic_img_size
         if stem == "conv":
             self.projection = conv_stem(in_channels, patch_size, emb_size)
@@ -115,6 +116,8 @@ class PatchEmbedding(nn.Module):
             self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size)
         # Fix: the seed used torch.randn (std 1) for both; timm/JAX use a truncated normal, std 0.02.
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if class_token else None
+        # DeiT's distillation token, after the class token; its output feeds a classifier of its own
+        self.dist_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if dist_token else None
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size)))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -174,8 +177,9 @@ class PatchEmbedding(nn.Module):
         # = rearrange(x, "b e gh gw -> b (gh gw) e"), as two views: no einops parsing per call
         x = x.flatten(2).transpose(1, 2)  # (B, N_patches, E)
         if self.cls_token is not None:
-            cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, E), a view: no copy
-            x = torch.cat([cls_tokens, x], dim=1)  # (B, 1 + N_patches, E)
+            prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+            # (B, 1, E) views each, no copies -> (B, prefix + N_patches, E)
+            x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         positions = self.positions
         # Under torch.export the grid is symbolic: resample unconditionally (exact identity at the
         # native grid) so that one exported program serves every image size.

@@ -46,13 +46,18 @@ class ClassificationHead(nn.Module):
     """Pool the tokens (class token or mean of patch tokens), optional LayerNorm, then Linear."""
 
     def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean",
-                 num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0):
+                 num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0,
+                 dist: bool = False):
         super().__init__()
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
         self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else nn.Identity()
         self.drop = nn.Dropout(drop)
         self.fc = nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()
+        # DeiT: the distillation token (token 1) has a classifier of its own; the two are averaged,
+        # except in distilled training (``distilled_training``), which trains each on its own target
+        self.fc_dist = (nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()) if dist else None
+        self.distilled_training = False
 
     def pool_tokens(self, x: Tensor) -> Tensor:
         if self.pool == "cls":
@@ -61,8 +66,16 @@ class ClassificationHead(nn.Module):
         return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = _dropout(self.drop, self.norm(self.pool_tokens(x)))
-        return x if pre_logits else self.fc(x)
+        if self.fc_dist is None:
+            x = _dropout(self.drop, self.norm(self.pool_tokens(x)))
+            return x if pre_logits else self.fc(x)
+        cls, dist = (_dropout(self.drop, self.norm(x[:, i])) for i in (0, 1))  # (B, N, E) -> 2 x (B, E)
+        if pre_logits:
+            return (cls + dist) / 2
+        logits, logits_dist = self.fc(cls), self.fc_dist(dist)
+        if self.distilled_training and self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
 
 
 class ViT(nn.Module):
@@ -81,12 +94,12 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbedding(
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
             class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
-            stem=cfg.stem,
+            stem=cfg.stem, dist_token=cfg.dist_token,
         )
         self.encoder = TransformerEncoder(cfg)
         self.head = ClassificationHead(
             cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
-            norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate,
+            norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate, dist=cfg.dist_token,
         )
         self.apply(init_weights)
 
@@ -104,11 +117,12 @@ class ViT(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, C, H, W) -> (B, num_classes). A class-token head reads one token, so the last block
-        computes only that token (its keys and values still come from every token): about 7% of
+        """(B, C, H, W) -> (B, num_classes). A class-token head reads one token (DeiT's, two), so the
+        last block computes only those (their keys and values still come from every token): about 7% of
         ViT-B/16's work saved, logits unchanged. ``forward_features`` gives every token."""
         if self.head.pool == "cls" and mask is None:
-            return self.forward_head(self.encoder(self.patch_embed(x), last_queries=1))  # (B, 1, E) -> (B, classes)
+            tokens = self.encoder(self.patch_embed(x), last_queries=self.cfg.num_prefix_tokens)  # (B, 1 or 2, E)
+            return self.forward_head(tokens)  # -> (B, classes)
         return self.forward_head(self.forward_features(x, mask=mask))
 
     # --- a look inside ------------------------------------------------------------------
@@ -169,9 +183,14 @@ class ViT(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for ``num_classes`` classes."""
         self.cfg = self.cfg.replace(num_classes=num_classes)
-        fc = nn.Linear(self.cfg.emb_size, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(fc)
-        self.head.fc = fc.to(self.patch_embed.positions.device)
+        def fresh() -> nn.Module:
+            fc = nn.Linear(self.cfg.emb_size, num_classes) if num_classes > 0 else nn.Identity()
+            init_weights(fc)
+            return fc.to(self.patch_embed.positions.device)
+
+        self.head.fc = fresh()
+        if self.head.fc_dist is not None:
+            self.head.fc_dist = fresh()
 
 
 def _bad_layer(i: int, depth: int) -> int:

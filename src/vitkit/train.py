@@ -575,7 +575,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "positions")))
+        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "positions")))
         layer = layer_of(name, depth) if layer_decay != 1.0 else 0
         group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0})
         if layer_decay != 1.0:
@@ -830,6 +830,8 @@ class Trainer:
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self.augment = make_augment(cfg, self.data)
         self.teacher = self._teacher() if cfg.teacher else None
+        # a model with DeiT's distillation token trains its two heads apart when there is a teacher
+        self.model.head.distilled_training = self.teacher is not None and self.model.head.fc_dist is not None
         # Each rank augments with its own stream; seeded apart from the model's initialisation.
         torch.manual_seed(cfg.seed * 7919 + 1 + dist.rank)
         random.seed(cfg.seed + dist.rank)
@@ -1027,10 +1029,16 @@ class Trainer:
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(self.device, self.precision):
                     logits = self.step_model(x)
-                loss = self.loss_fn(logits, targets)
-                if self.teacher is not None:
-                    distill = distillation_loss(logits.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
+                if isinstance(logits, tuple):  # DeiT: the class head learns the labels, the distillation head
+                    logits, logits_dist = logits  # the teacher (distilled_training, set with a teacher)
+                    distill = distillation_loss(logits_dist.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
+                    loss = (1 - cfg.distill_alpha) * self.loss_fn(logits, targets) + cfg.distill_alpha * distill
+                    logits = (logits + logits_dist) / 2  # what the model answers, for the accuracy
+                else:
+                    loss = self.loss_fn(logits, targets)
+                    if self.teacher is not None:
+                        distill = distillation_loss(logits.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
+                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
                 (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().double() * len(micro)
             hard = targets.argmax(-1) if targets.ndim == 2 else targets

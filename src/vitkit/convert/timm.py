@@ -3,7 +3,8 @@
 vitkit's modules were named after timm's, so the table is mostly renames: the fused qkv
 projection has the same (qkv, h, d) layout, the patch embedding is the same Conv2d.
 timm's ``global_pool="avg"`` + ``fc_norm`` is vitkit's ``pool="mean", final_norm="pooled"``;
-``class_token=False`` models have no ``cls_token`` and no class position.
+``class_token=False`` models have no ``cls_token`` and no class position. DeiT's distilled models
+(``dist_token``, ``head_dist``) are vitkit's ``dist_token=True``.
 
 timm's state dicts do not store the number of heads: it comes from ``model=NAME``,
 ``num_heads=N``, a timm hub ``config.json`` beside the weights (``model_args.num_heads``,
@@ -38,6 +39,8 @@ KEYS = KeyMap(
         rule("encoder.norm.{p}", "norm.{p}"),  # final_norm="tokens"
         rule("head.norm.{p}", "fc_norm.{p}"),  # final_norm="pooled"
         rule("head.fc.{p}", "head.{p}"),
+        rule("patch_embed.dist_token", "dist_token"),  # distilled DeiT (VisionTransformerDistilled)
+        rule("head.fc_dist.{p}", "head_dist.{p}"),
     ],
 )
 
@@ -48,6 +51,8 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg"}
+# dist_token -> a timm architecture of the right class, whose every size model_args then override
+TIMM_ARCHITECTURE = {False: "vit_base_patch16_224", True: "deit_base_distilled_patch16_224"}
 
 
 def read(path: Path) -> Foreign:
@@ -78,14 +83,11 @@ def read(path: Path) -> Foreign:
 
 def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     s, src = foreign.state, foreign.path
-    if "dist_token" in s or "head_dist.weight" in s:
-        raise CheckpointError(f"{src}: a distilled DeiT (dist_token, head_dist): vitkit's ViT has no distillation "
-                              "token, so these weights do not convert. (`vitkit train --teacher` trains with "
-                              "DeiT's distillation loss, without the token.)")
     proj = require(s, "patch_embed.proj.weight", src, "timm")  # (E, C, p, p)
     width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     class_token = "cls_token" in s
-    num_patches = require(s, "pos_embed", src, "timm").shape[1] - int(class_token)
+    dist_token = "dist_token" in s  # timm's VisionTransformerDistilled (DeiT): a second prefix token and head
+    num_patches = require(s, "pos_embed", src, "timm").shape[1] - int(class_token) - int(dist_token)
     fc_norm = "fc_norm.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -110,6 +112,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         mlp_ratio=mlp_ratio_of(require(s, "blocks.0.mlp.fc1.weight", src, "timm").shape[0], width, src),
         qkv_bias="blocks.0.attn.qkv.bias" in s,
         class_token=class_token,
+        dist_token=dist_token,
         # fc_norm exists only with average pooling (timm's default for global_pool="avg");
         # without a class token there is nothing else to pool.
         pool="mean" if fc_norm or not class_token else "cls",
@@ -163,8 +166,9 @@ def export(model: nn.Module, out: Path) -> Path:
         return out
     preprocess = getattr(model, "preprocess", None) or {}
     hub_config = {
-        # timm resolves the architecture name, then model_args override all of its fields.
-        "architecture": "vit_base_patch16_224",
+        # timm resolves the architecture name (its class: VisionTransformer, or DeiT's distilled one),
+        # then model_args override all of its fields.
+        "architecture": TIMM_ARCHITECTURE[cfg.dist_token],
         "num_classes": cfg.num_classes,
         "num_features": cfg.emb_size,
         "global_pool": args["global_pool"],
@@ -178,7 +182,7 @@ def export(model: nn.Module, out: Path) -> Path:
             "std": list(preprocess.get("std", (0.229, 0.224, 0.225))),
             "num_classes": cfg.num_classes,
             "first_conv": "patch_embed.proj",
-            "classifier": "head",
+            "classifier": ["head", "head_dist"] if cfg.dist_token else "head",
         },
     }
     class_names = getattr(model, "class_names", None)
