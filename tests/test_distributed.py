@@ -96,3 +96,21 @@ def test_a_streamed_folder_under_two_gloo_processes_matches_one_process_in_memor
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
+
+
+def test_distillation_under_two_gloo_processes_matches_one_process(tmp_path):
+    """--teacher (soft, so the loss is smooth in the logits) under torchrun: each rank scores its own
+    share with its own copy of the teacher; the steps and weights are the one process's."""
+    from vitkit import create_model, save_pretrained
+
+    torch.manual_seed(2)
+    save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "teacher")
+    distil = dict(CFG, teacher=str(tmp_path / "teacher"), distill_type="soft", distill_tau=2.0, distill_alpha=0.5)
+    train(resolve_config(None, dict(distil, out=str(tmp_path / "one"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", *flags(dict(distil, out=str(tmp_path / "ddp")))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("distilling from") == 1  # rank 0 says it
+    assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
