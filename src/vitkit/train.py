@@ -655,7 +655,7 @@ class ModelEma(torch.optim.swa_utils.AveragedModel):
         super().__init__(model, use_buffers=True)
         self.decay = decay
         self._updates: int | None = None  # the host's copy of n_averaged; read from the buffer once
-        self._pairs: tuple | None = None  # (model, floating (ours, theirs), integral (ours, theirs), same device)
+        self._pairs: tuple | None = None  # (model, floating (ours, theirs), integral (ours, theirs))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -773,15 +773,15 @@ class Trainer:
                 stats = preprocess_for_channels(preprocess, data.image_shape[0])
                 data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
         self.data = data
-        for split in (data.train, data.val):
+        if cfg.train_subset:
+            # a copy: a Dataset the caller passed in stays whole for its next run
+            self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
+        for split in (self.data.train, self.data.val):  # the splits the run reads, subset included
             if isinstance(split.images, FileImages):
                 if cfg.loader_threads:
                     split.images.threads = cfg.loader_threads  # read when its pool starts, at the first batch
                 # this step's micro-batches and the next step's are prefetched: room for both
                 split.images.max_prefetched = max(FileImages.MAX_PREFETCHED, 2 * cfg.accum_steps)
-        if cfg.train_subset:
-            # a copy: a Dataset the caller passed in stays whole for its next run
-            self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
         # a pretrained first convolution is adapted to the data's channels; a size must match
         channels = self.data.image_shape[0] if pretrained else model_cfg.in_channels
         want = (channels, *model_cfg.img_size)
@@ -1029,16 +1029,16 @@ class Trainer:
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(self.device, self.precision):
                     logits = self.step_model(x)
-                if isinstance(logits, tuple):  # DeiT: the class head learns the labels, the distillation head
-                    logits, logits_dist = logits  # the teacher (distilled_training, set with a teacher)
-                    distill = distillation_loss(logits_dist.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
-                    loss = (1 - cfg.distill_alpha) * self.loss_fn(logits, targets) + cfg.distill_alpha * distill
-                    logits = (logits + logits_dist) / 2  # what the model answers, for the accuracy
-                else:
-                    loss = self.loss_fn(logits, targets)
-                    if self.teacher is not None:
-                        distill = distillation_loss(logits.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
-                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
+                # DeiT (distilled_training, set with a teacher): the class head learns the labels, the
+                # distillation head the teacher; any other model learns both with its one output
+                two_heads = isinstance(logits, tuple)
+                logits, student = logits if two_heads else (logits, logits)
+                loss = self.loss_fn(logits, targets)
+                if self.teacher is not None:
+                    distill = distillation_loss(student.float(), self.teacher(x), cfg.distill_type, cfg.distill_tau)
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
+                if two_heads:
+                    logits = (logits + student) / 2  # what the model answers, for the accuracy
                 (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().double() * len(micro)
             hard = targets.argmax(-1) if targets.ndim == 2 else targets
@@ -1102,6 +1102,7 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, on_signal)
         curves_at = time.monotonic()
         progress = Progress(dist.is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty())))
+        streamed = isinstance(self.data.train.images, FileImages)
         if dist.is_main:
             model = cfg.model if cfg.pretrained is None else f"{cfg.pretrained} (fine-tuning)"
             print(f"training {model} on {self.data.name} ({len(self.data.train)} train / {len(self.data.val)} val) "
@@ -1114,9 +1115,10 @@ class Trainer:
                 t0, done_images = time.perf_counter(), 0
                 todo = batches[self.step_in_epoch:]
                 for i, idx in enumerate(todo):
-                    for ahead in todo[i:i + 2]:  # a streamed folder decodes this batch (if not yet) and the next
-                        for micro in self._micro_batches(ahead):
-                            prefetch(self.data.train.images, micro, self._decode_crops(micro))
+                    if streamed:  # decode the next batch while this one trains (the first: this one too)
+                        for ahead in todo[i:i + 2] if i == 0 else todo[i + 1:i + 2]:
+                            for micro in self._micro_batches(ahead):
+                                prefetch(self.data.train.images, micro, self._decode_crops(micro))
                     rows = self.train_step(idx, stop["signum"])
                     done_images += len(idx)
                     # the epoch's last steps are read before its totals; all of them before a checkpoint
