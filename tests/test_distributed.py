@@ -30,6 +30,15 @@ def final(run) -> tuple[dict, list[float], list[dict]]:
     return load_file(run / "last" / "model.safetensors"), state["step_losses"].tolist(), state["history"]
 
 
+def torchrun_train(cfg: dict) -> subprocess.CompletedProcess:
+    """`vitkit train` under torchrun, two gloo processes of one thread each; it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", *flags(cfg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def assert_same_run(a, b, tol=1e-5):
     (wa, la, ha), (wb, lb, hb) = a, b
     assert len(la) == len(lb) == 8
@@ -42,11 +51,7 @@ def assert_same_run(a, b, tol=1e-5):
 def test_two_gloo_processes_match_one_process(tmp_path):
     """The ranks read their metrics every 3 steps (--log-every 3, a GPU's way), the one process every step."""
     train(resolve_config(None, dict(CFG, out=str(tmp_path / "one"))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", *flags(dict(CFG, log_every=3, out=str(tmp_path / "ddp")))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = torchrun_train(dict(CFG, log_every=3, out=str(tmp_path / "ddp")))
     assert "on 2 process(es)" in out.stdout and out.stdout.count("epoch   2/2") == 1  # only rank 0 prints
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
 
@@ -60,11 +65,7 @@ def test_fine_tuning_under_two_gloo_processes_matches_one_process(tmp_path):
     save_pretrained(create_model(CFG["model"], in_channels=3, num_classes=4), tmp_path / "rgb")
     ft = dict(CFG, pretrained=str(tmp_path / "rgb"), layer_decay=0.7)
     train(resolve_config(None, dict(ft, out=str(tmp_path / "one"))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", *flags(dict(ft, out=str(tmp_path / "ddp")))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = torchrun_train(dict(ft, out=str(tmp_path / "ddp")))
     assert out.stdout.count("fine-tuning") == 2  # rank 0's two lines: what changed, and the run
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
 
@@ -90,11 +91,7 @@ def test_a_streamed_folder_under_two_gloo_processes_matches_one_process_in_memor
         Image.fromarray(digits.train.images[i, 0].numpy(), mode="L").save(root / label / f"{i}.png")
     folder = dict(CFG, dataset=f"folder:{root}", model="vit_digits_gap")
     train(resolve_config(None, dict(folder, folder_loading="memory", out=str(tmp_path / "one"))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", *flags(dict(folder, folder_loading="stream", out=str(tmp_path / "ddp")))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
+    torchrun_train(dict(folder, folder_loading="stream", out=str(tmp_path / "ddp")))
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
 
 
@@ -107,10 +104,6 @@ def test_distillation_under_two_gloo_processes_matches_one_process(tmp_path):
     save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "teacher")
     distil = dict(CFG, teacher=str(tmp_path / "teacher"), distill_type="soft", distill_tau=2.0, distill_alpha=0.5)
     train(resolve_config(None, dict(distil, out=str(tmp_path / "one"))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitkit", "train", *flags(dict(distil, out=str(tmp_path / "ddp")))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = torchrun_train(dict(distil, out=str(tmp_path / "ddp")))
     assert out.stdout.count("distilling from") == 1  # rank 0 says it
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
