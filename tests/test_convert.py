@@ -119,7 +119,10 @@ def test_timm_distilled_deit_both_ways(tmp_path):
     assert_same_logits(run(fresh, x), expected)
     vc.export(ours, tmp_path / "hubdir", "timm")
     assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
-    for fmt in ("hf", "torchvision", "jax"):
+    vc.export(ours, tmp_path / "hf", "hf")  # timm's weights, through vitkit, in transformers' DeiT
+    assert_same_logits(run(transformers.DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "hf"), x),
+                       expected)
+    for fmt in ("torchvision", "jax"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has DeiT's distillation token"):
             vc.export(ours, tmp_path / f"out-{fmt}.npz", fmt)
 
@@ -186,6 +189,54 @@ def test_hf_both_ways(tmp_path, num_channels):
     again = transformers.ViTForImageClassification.from_pretrained(tmp_path / "back")
     assert again.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
     assert_same_logits(run(again, x), expected)
+
+
+def hf_deit(cls=None):
+    cfg = transformers.DeiTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
+    )
+    return (cls or transformers.DeiTForImageClassificationWithTeacher)(cfg).eval()
+
+
+def test_hf_distilled_deit_both_ways(tmp_path):
+    """transformers' DeiT with its teacher's head (the Hub's distilled DeiT weights, model_type "deit"):
+    the averaged logits, each head's apart, and back into transformers."""
+    theirs = hf_deit()
+    theirs.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = theirs(x)
+    ours = vc.load(tmp_path / "hf", "hf")
+    assert ours.cfg.dist_token and ours.class_names == ["cat", "dog", "fox"]
+    assert_same_logits(run(ours, x), out.logits)
+    ours.head.distilled_training = True
+    with torch.no_grad():
+        cls_logits, dist_logits = ours.train()(x)
+    assert_same_logits(cls_logits, out.cls_logits)
+    assert_same_logits(dist_logits, out.distillation_logits)
+    assert (out.cls_logits - out.distillation_logits).abs().max() > 1e-3  # the two heads differ
+    ours.head.distilled_training = False
+    vc.export(ours, tmp_path / "back", "hf")
+    again = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "back")
+    assert again.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    assert_same_logits(run(again, x), out.logits)
+
+
+def test_hf_deit_base_model_and_the_one_head_classifier(tmp_path):
+    """A DeiTModel (no head, a pooler) loads as features; a DeiTForImageClassification, whose one
+    classifier ignores the distillation token, is refused by name rather than loaded wrongly."""
+    base = hf_deit(transformers.DeiTModel)
+    base.save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="pooler"):
+        ours = vc.load(tmp_path / "base", "hf").eval()
+    assert ours.cfg.num_classes == 0 and ours.cfg.dist_token
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_same_logits(ours.forward_features(x), base(x).last_hidden_state)
+    hf_deit(transformers.DeiTForImageClassification).save_pretrained(tmp_path / "one-head")
+    with pytest.raises(CheckpointError, match="a DeiTForImageClassification, whose one classifier"):
+        vc.load(tmp_path / "one-head", "hf")
 
 
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):

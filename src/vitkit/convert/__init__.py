@@ -314,9 +314,9 @@ def export(model, out: str | os.PathLike, fmt: str) -> Path:
     if model.cfg.stem != "patch":
         raise ValueError(f"target format {fmt}: this model has a convolutional stem (stem={model.cfg.stem!r}), "
                          f"which a {fmt} ViT cannot hold; save it in vitkit's format instead")
-    if model.cfg.dist_token and fmt != "timm":
+    if model.cfg.dist_token and fmt not in ("timm", "hf"):
         raise ValueError(f"target format {fmt}: this model has DeiT's distillation token (dist_token=True), which "
-                         f"a {fmt} ViT cannot hold; save it in vitkit's or timm's format instead")
+                         f"a {fmt} ViT cannot hold; save it in vitkit's, timm's or Hugging Face's format instead")
     return module.export(model, Path(out))
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions.
+"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions, and
+DeiT's distilled models (``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``, model_type "deit").
 
 The table is written in the layout Hugging Face stores on disk (and on the Hub):
 ``vit.encoder.layer.N.attention.attention.query`` ... with separate q, k, v projections,
@@ -6,6 +7,9 @@ The table is written in the layout Hugging Face stores on disk (and on the Hub):
 (transformers 5 renames modules in memory, e.g. ``q_proj``, but still saves this layout.)
 A ``ViTModel`` file has no ``vit.`` prefix, no classifier, and a pooler (dense + tanh on
 the class token) that image classification does not use: it is dropped with a warning.
+DeiT's files have the same blocks under a ``deit.`` prefix, a ``distillation_token`` and two
+classifiers (``cls_classifier``, ``distillation_classifier``) whose logits are averaged: vitkit's
+``dist_token=True``. (The Hub's non-distilled DeiT weights are stored as model_type "vit".)
 
 Everything about the architecture comes from the directory's ``config.json``
 (hidden_size, num_attention_heads, image_size, patch_size, num_channels, layer_norm_eps,
@@ -27,28 +31,43 @@ from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file
 from ..config import ViTConfig
 from . import CONCAT_QKV, Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, rule
 
-LAYER = "vit.encoder.layer.{i}"
-KEYS = KeyMap(
-    "hf",
-    [
-        rule("patch_embed.projection.{p}", "vit.embeddings.patch_embeddings.projection.{p}"),
-        rule("patch_embed.cls_token", "vit.embeddings.cls_token"),
-        rule("patch_embed.positions", "vit.embeddings.position_embeddings"),
-        rule("encoder.blocks.{i}.norm1.{p}", f"{LAYER}.layernorm_before.{{p}}"),
-        rule(
-            "encoder.blocks.{i}.attn.qkv.{p}",
-            tuple(f"{LAYER}.attention.attention.{n}.{{p}}" for n in ("query", "key", "value")),
-            CONCAT_QKV,
-        ),
-        rule("encoder.blocks.{i}.attn.projection.{p}", f"{LAYER}.attention.output.dense.{{p}}"),
-        rule("encoder.blocks.{i}.norm2.{p}", f"{LAYER}.layernorm_after.{{p}}"),
-        rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{LAYER}.intermediate.dense.{{p}}"),
-        rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{LAYER}.output.dense.{{p}}"),
-        rule("encoder.norm.{p}", "vit.layernorm.{p}"),
-        rule("head.fc.{p}", "classifier.{p}"),
-    ],
-    ignore=(r"vit\.pooler\..*",),
-)
+
+def _key_map(family: str) -> KeyMap:
+    """The table for ``family`` "vit" or "deit": the same blocks under the family's prefix; DeiT
+    adds the distillation token and names its two classifiers after the tokens they read."""
+    layer = f"{family}.encoder.layer.{{i}}"
+    heads = ([rule("head.fc.{p}", "cls_classifier.{p}"),
+              rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
+              rule("head.fc_dist.{p}", "distillation_classifier.{p}")] if family == "deit"
+             else [rule("head.fc.{p}", "classifier.{p}")])
+    return KeyMap(
+        "hf",
+        [
+            rule("patch_embed.projection.{p}", f"{family}.embeddings.patch_embeddings.projection.{{p}}"),
+            rule("patch_embed.cls_token", f"{family}.embeddings.cls_token"),
+            rule("patch_embed.positions", f"{family}.embeddings.position_embeddings"),
+            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.layernorm_before.{{p}}"),
+            rule(
+                "encoder.blocks.{i}.attn.qkv.{p}",
+                tuple(f"{layer}.attention.attention.{n}.{{p}}" for n in ("query", "key", "value")),
+                CONCAT_QKV,
+            ),
+            rule("encoder.blocks.{i}.attn.projection.{p}", f"{layer}.attention.output.dense.{{p}}"),
+            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.layernorm_after.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.intermediate.dense.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
+            rule("encoder.norm.{p}", f"{family}.layernorm.{{p}}"),
+            *heads,
+        ],
+        # the pooler (dense + tanh on the class token) and DeiT's mask token (masked image modelling)
+        ignore=(rf"{family}\.pooler\..*", rf"{family}\.embeddings\.mask_token"),
+    )
+
+
+# model_type -> its key map; the family is also each key's prefix
+KEYS = {family: _key_map(family) for family in ("vit", "deit")}
+# model_type -> what a classifier of that family is called in config.json's "architectures"
+ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher"}
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")
@@ -74,14 +93,20 @@ def read(path: Path) -> Foreign:
     if not cfg_file.is_file():
         raise CheckpointError(f"{directory}: no config.json; a Hugging Face ViT directory has one")
     config = read_json(cfg_file)
-    if config.get("model_type") != "vit":
-        raise CheckpointError(f"{cfg_file}: model_type is {config.get('model_type')!r}; only 'vit' is supported")
+    family = config.get("model_type")
+    if family not in KEYS:
+        raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of {', '.join(map(repr, KEYS))}")
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP uses exact 'gelu'")
     state = load_state_dict_file(path) if path.is_file() else _read_weights(directory)
-    if not any(k.startswith("vit.") for k in state):
-        state = {f"vit.{k}": v for k, v in state.items()}  # a ViTModel: the base model without prefix
-    foreign = Foreign(str(path), state, config=config)
+    if not any(k.startswith(f"{family}.") for k in state):
+        state = {f"{family}.{k}": v for k, v in state.items()}  # a ViTModel/DeiTModel: no prefix
+    if family == "deit" and "classifier.weight" in state:
+        raise CheckpointError(
+            f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
+            "distillation token still runs through every block; vitkit's distilled models average two "
+            "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
+    foreign = Foreign(str(path), state, config=config, layout=family)
     id2label = config.get("id2label") or {}
     names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     if names and not all(DEFAULT_LABEL.fullmatch(n) for n in names):
@@ -114,7 +139,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
-    held = count_blocks(s, r"vit\.encoder\.layer\.(\d+)\.")
+    family = foreign.layout
+    held = count_blocks(s, rf"{family}\.encoder\.layer\.(\d+)\.")
     if held != fields["depth"]:  # checked before a model of the claimed depth is built
         raise CheckpointError(f"{foreign.path}: config.json says {fields['depth']} layers, the weights hold {held}")
     return config_with(
@@ -122,18 +148,24 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         foreign.path,
         **fields,
         class_token=True,
+        dist_token=family == "deit",
         pool="cls",  # ViTForImageClassification classifies the class token's output
         final_norm="tokens",
-        num_classes=s["classifier.weight"].shape[0] if "classifier.weight" in s else 0,
+        num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight") if k in s), 0),
     )
 
 
 def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
-    return KEYS.to_vitkit(foreign.state, cfg, foreign.path)
+    return KEYS[foreign.layout].to_vitkit(foreign.state, cfg, foreign.path)
+
+
+def _family(cfg: ViTConfig) -> str:
+    return "deit" if cfg.dist_token else "vit"
 
 
 def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
-    """The config.json ``transformers.ViTForImageClassification.from_pretrained`` reads."""
+    """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
+    ``DeiTForImageClassificationWithTeacher``'s)."""
     problems = []
     if not cfg.class_token or cfg.pool != "cls":
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
@@ -143,9 +175,10 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
+    family = _family(cfg)
     return {
-        "architectures": ["ViTForImageClassification"],
-        "model_type": "vit",
+        "architectures": [ARCHITECTURE[family]],
+        "model_type": family,
         "hidden_size": cfg.emb_size,
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
@@ -171,7 +204,7 @@ def export(model: nn.Module, out: Path) -> Path:
 
     cfg: ViTConfig = model.cfg
     config = hf_config(cfg, getattr(model, "class_names", None))
-    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    state = KEYS[_family(cfg)].from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
     preprocess = getattr(model, "preprocess", None) or {}
     gray = cfg.in_channels == 1
     processor = {
