@@ -155,6 +155,12 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
     assert main([*base, "--pretrained", str(tmp_path / "imagenet")]) == 2  # 224x224 on 8x8 digits
     err = capsys.readouterr().err
     assert f"--pretrained {tmp_path / 'imagenet'} takes 1x224x224 images" in err and "has 1x8x8" in err
+    assert "pass --img-size N to resize" in err
+    # an RGB model from scratch on grey digits: the channels are named before any image is resized
+    assert main([*base, "--model", "vit_tiny_patch16_224", "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--model vit_tiny_patch16_224 at --img-size 32 takes 3x32x32 images but --dataset digits has 1x32x32" in err
+    assert "pick a 1-channel model" in err and "resizing" not in err
     # a checkpoint inside the run folder it would write (--overwrite clears it) is refused, and kept
     train(resolve_config(None, run_cfg(tmp_path / "own", model="vit_digits_gap", epochs=1)))
     before = (tmp_path / "own" / "best" / "model.safetensors").read_bytes()

@@ -58,6 +58,7 @@ from .data import (
     load_dataset,
     normalize,
     prefetch,
+    resize_dataset,
 )
 from .distributed import (
     STRATEGIES,
@@ -740,6 +741,19 @@ class Trainer:
             raise
 
     # --- setup ------------------------------------------------------------------------------
+    def _shape_mismatch(self, want: tuple[int, ...], found: tuple[int, ...]) -> str:
+        """Why the data's (C, H, W) images are not the model's, and what to pass instead."""
+        cfg = self.cfg
+        source = f"--pretrained {cfg.pretrained}" if cfg.pretrained else f"--model {cfg.model}"
+        size = f" at --img-size {cfg.img_size}" if cfg.img_size else ""
+        if want[0] != found[0]:
+            fix = (f"pick a {found[0]}-channel model (`vitkit models`), or fine-tune --pretrained weights, whose "
+                   "first convolution is adapted to the data's channels")
+        else:
+            fix = "pick a model made for this data (`vitkit models`), or pass --img-size N to resize the images"
+        return (f"{source}{size} takes {'x'.join(map(str, want))} images but --dataset {cfg.dataset} has "
+                f"{'x'.join(map(str, found))}; {fix}")
+
     def _setup(self, data: Dataset | None) -> None:
         cfg, dist = self.cfg, self.dist
         if cfg.batch_size % (dist.world_size * cfg.accum_steps):
@@ -760,15 +774,24 @@ class Trainer:
                 self.run.clear()
 
         model_cfg, preprocess, pretrained = self._architecture()
+        # a pretrained first convolution is adapted to the data's channels; a size must match
+        def check_shape(image_shape: tuple[int, ...]) -> None:
+            want = (image_shape[0] if pretrained else model_cfg.in_channels, *model_cfg.img_size)
+            if image_shape != want:
+                raise ValueError(self._shape_mismatch(want, image_shape))
+
         if data is None:
             builtin = not cfg.dataset.startswith("folder:")
             # folder images are resized once to the model's input and normalised as its checkpoints say;
             # the built-in sets are resized only at an --img-size (else a wrong model is an error below)
             data = load_dataset(
-                cfg.dataset, cfg.data_dir, img_size=None if builtin and not cfg.img_size else model_cfg.img_size,
+                cfg.dataset, cfg.data_dir, img_size=None if builtin else model_cfg.img_size,
                 channels=model_cfg.in_channels, preprocess=preprocess, skip_bad_images=cfg.skip_bad_images,
                 folder_loading=cfg.folder_loading, val_fraction=cfg.val_fraction,
             )
+            if builtin and cfg.img_size:  # the channels first: no resize of a whole set for a model that can't take it
+                check_shape((data.image_shape[0], *model_cfg.img_size))
+                data = resize_dataset(data, model_cfg.img_size, (preprocess or {}).get("interpolation"))
             if builtin and cfg.pretrained:  # normalised as the checkpoint's own training data was, as folders are
                 stats = preprocess_for_channels(preprocess, data.image_shape[0])
                 data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
@@ -782,15 +805,7 @@ class Trainer:
                     split.images.threads = cfg.loader_threads  # read when its pool starts, at the first batch
                 # this step's micro-batches and the next step's are prefetched: room for both
                 split.images.max_prefetched = max(FileImages.MAX_PREFETCHED, 2 * cfg.accum_steps)
-        # a pretrained first convolution is adapted to the data's channels; a size must match
-        channels = self.data.image_shape[0] if pretrained else model_cfg.in_channels
-        want = (channels, *model_cfg.img_size)
-        if self.data.image_shape != want:
-            source = f"--pretrained {cfg.pretrained}" if cfg.pretrained else f"--model {cfg.model}"
-            size = f" at --img-size {cfg.img_size}" if cfg.img_size else ""
-            raise ValueError(f"{source}{size} takes {want[0]}x{want[1]}x{want[2]} images but --dataset "
-                             f"{cfg.dataset} has {'x'.join(map(str, self.data.image_shape))}; pick a model made "
-                             "for this data (`vitkit models`), or pass --img-size N to resize the images")
+        check_shape(self.data.image_shape)
         if len(self.data.train) < cfg.batch_size:
             raise ValueError(f"--batch-size {cfg.batch_size}: larger than the {len(self.data.train)} training images")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
