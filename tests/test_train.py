@@ -26,11 +26,23 @@ from vitkit.train import (
     RunDir,
     RunLockedError,
     Trainer,
+    field_help,
+    field_types,
     make_ema,
     resolve_config,
     resume,
     train,
 )
+
+
+def test_every_train_flag_says_what_it_does(capsys):
+    """Each TrainConfig field's comment (beside it, or the lines above it) is its flag's --help."""
+    helps = field_help()
+    assert [name for name in field_types() if not helps.get(name)] == []
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--freeze-blocks INT, --freeze_blocks INT fine-tuning: keep the stem and the first N blocks" in out
 
 
 def tiny(out: Path, **overrides) -> dict:

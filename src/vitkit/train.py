@@ -107,27 +107,27 @@ class TrainConfig:
     # a linear probe of the head); their backward pass is skipped, so a step costs less
     freeze_blocks: int = 0
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
-    drop_rate: float = 0.0
+    drop_rate: float = 0.0  # dropout after the attention and MLP output projections
     # optimisation
-    epochs: int = 200
+    epochs: int = 200  # passes over the training set
     batch_size: int = 64  # the GLOBAL batch: summed over ranks and accumulation steps
     accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / (world_size * accum_steps)
     lr: float = 3e-3  # peak learning rate, reached at the end of warm-up
     min_lr: float = 1e-5  # where the cosine ends
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0  # linear warm-up to --lr over these epochs (fractions allowed), then the cosine
+    weight_decay: float = 0.05  # AdamW's; on weight matrices only (not biases, norms, tokens, positions)
     clip_grad: float = 1.0  # max global gradient norm (0: off)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # of the cross-entropy's targets (0: off)
     # augmentation (applied a batch at a time, see vitkit.data.BatchAugment)
     # random resized crop (torchvision's RandomResizedCrop, timm's --scale/--ratio): a crop of S to 1
     # of the image's area, aspect ratio from 1/R to R, resized back; the usual first step on photos
     crop_scale: float = 0.0  # S, the smallest crop's share of the image (timm: 0.08; 0: off)
-    crop_ratio: float = 4 / 3  # R
+    crop_ratio: float = 4 / 3  # R: crops' aspect ratios from 1/R to R
     translate: int = 1  # random shift of up to N pixels each way
     hflip: float = 0.0  # probability of a horizontal flip (0 for digits: a flipped 2 is not a 2)
     auto_augment: str = "none"  # none | randaugment | trivialaugment
-    ra_num_ops: int = 2
-    ra_magnitude: int = 9
+    ra_num_ops: int = 2  # randaugment: operations per image
+    ra_magnitude: int = 9  # randaugment: their strength, 0 to 30 (torchvision's scale)
     random_erasing: float = 0.0  # probability
     mixup_alpha: float = 0.0  # 0: off
     cutmix_alpha: float = 0.0  # 0: off
@@ -136,20 +136,20 @@ class TrainConfig:
     # augmented batch, and the loss becomes (1 - alpha) * loss + alpha * the distillation loss
     teacher: str | None = None  # a vitkit checkpoint: a run's best/, or `vitkit convert` output
     distill_type: str = "hard"  # hard: cross-entropy to the teacher's top class (DeiT's best) | soft: KL at tau
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
+    distill_alpha: float = 0.5  # the distillation loss's share of the loss
+    distill_tau: float = 1.0  # the soft loss's temperature
     # model EMA (evaluated and saved as best/ when on)
-    ema: bool = True
-    ema_decay: float = 0.998
+    ema: bool = True  # keep an exponential moving average of the weights
+    ema_decay: float = 0.998  # per step
     # the run
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    seed: int = 0  # the initial weights, the data order and the augmentation
     name: str | None = None  # run name (default: DATASET-MODEL)
     out: str | None = None  # run folder (default: runs/NAME)
     overwrite: bool = False  # start afresh in a run folder that already holds a run
     stop_after_epoch: int = 0  # checkpoint and exit after this epoch, as an interruption would (0: off)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per evaluation batch (memory only: no effect on the scores)
     strategy: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (shard it, FSDP2; needs --ema false)
     compile: bool = False  # torch.compile the training forward/backward (compiles once at the start)
     # torch.compile's mode; reduce-overhead replays each step's forward and backward as CUDA graphs,
@@ -242,15 +242,19 @@ def field_types() -> dict[str, tuple[type, bool]]:
 
 
 def field_help() -> dict[str, str]:
-    """name -> the comment beside it in TrainConfig's source: the help text of each flag."""
+    """name -> the help text of its flag: the comment beside the field in TrainConfig's source, or
+    else the comment lines right above it."""
     import inspect
     import re
 
-    helps = {}
+    helps, above = {}, []
     for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
+        if m := re.match(r"\s+#\s*(.*)", line):
+            above.append(m.group(1))
+            continue
+        if m := re.match(r"\s+(\w+): [^=]+=[^#]*?(?:#\s*(.*))?$", line):
+            helps[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
     return helps
 
 
