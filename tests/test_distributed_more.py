@@ -182,6 +182,30 @@ def test_grad_checkpointing_recomputes_every_block_in_backward(tmp_path, on):
     assert len(calls) == (2 * depth if on else depth)  # once in forward, once more in backward when on
 
 
+def test_fsdp_with_frozen_blocks_matches_one_process(tmp_path):
+    """--freeze-blocks under FSDP2: the frozen stem and blocks are sharded with the rest but take no
+    step; the two ranks' losses and final weights are one process's, and the frozen ones are the
+    pretrained weights bit for bit."""
+    from vitkit import create_model, save_pretrained
+    from vitkit.train import resolve_config, train
+
+    torch.manual_seed(1)
+    save_pretrained(create_model(CFG["model"], num_classes=10), tmp_path / "pre")
+    ft = dict(CFG, pretrained=str(tmp_path / "pre"), freeze_blocks=2)
+    n = torch.get_num_threads()
+    try:
+        train(resolve_config(None, dict(ft, out=str(tmp_path / "one"))))
+    finally:
+        torch.set_num_threads(n)
+    finish(torchrun("--standalone", "--nproc-per-node", "2", "-m", "vitkit", "train",
+                    *flags(dict(ft, out=str(tmp_path / "fsdp"), strategy="fsdp"))))
+    assert_same_run(tmp_path / "fsdp", tmp_path / "one")
+    pre, ours = weights(tmp_path / "pre"), weights(tmp_path / "fsdp" / "last")
+    frozen = [k for k in pre if k.startswith(("patch_embed.", "encoder.blocks.0.", "encoder.blocks.1."))]
+    assert frozen and all(torch.equal(ours[k], pre[k]) for k in frozen)
+    assert not torch.equal(ours["head.fc.weight"], pre["head.fc.weight"])
+
+
 def test_fsdp_requires_ema_off():
     from vitkit.train import TrainConfig
 
