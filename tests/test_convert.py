@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 import vitkit.convert as vc
-from vitkit import ViT, ViTConfig, load_pretrained
+from vitkit import ViT, ViTConfig, create_model, load_pretrained
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
 from vitkit.cli import main as cli
 
@@ -127,6 +127,46 @@ def test_timm_distilled_deit_both_ways(tmp_path):
             vc.export(ours, tmp_path / f"out-{fmt}.npz", fmt)
 
 
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
+    """DeiT-III (LayerScale; positions for the patches only), DINOv2 (LayerScale) and DINOv2 with
+    registers (all three): timm's logits and features from its file, and back into timm."""
+    img = {} if name.startswith("deit3") else {"img_size": 56}  # 4x4 patches of 14
+    theirs = timm_vit(name, num_classes=7, **img)
+    with torch.no_grad():  # away from their init, so that a missing or swapped gamma or register shows
+        for block in theirs.blocks:
+            block.ls1.gamma.normal_()
+            block.ls2.gamma.normal_()
+        if theirs.reg_token is not None:
+            theirs.reg_token.normal_()
+    x = torch.randn(2, 3, *theirs.patch_embed.img_size)
+    expected = run(theirs, x)
+    ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", model=name)
+    assert ours.cfg.layer_scale > 0 and ours.cfg.reg_tokens == (4 if "reg4" in name else 0)
+    assert_same_logits(run(ours, x), expected)
+    with torch.no_grad():
+        assert_same_logits(ours.forward_features(x), theirs.forward_features(x))
+    # the new parts learn as timm's do: their gradients agree (fp32)
+    ours.train()(x).square().sum().backward()
+    theirs.train()(x).square().sum().backward()
+    grads = {"encoder.blocks.1.ls2.gamma": "blocks.1.ls2.gamma", "encoder.blocks.0.ls1.gamma": "blocks.0.ls1.gamma",
+             **({"patch_embed.reg_token": "reg_token"} if theirs.reg_token is not None else {})}
+    for mine, peer in grads.items():
+        a, b = ours.get_parameter(mine).grad, theirs.get_parameter(peer).grad
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), mine
+    # the variant table's architecture is timm's: the same parameters, plus zero positions for the
+    # prefix tokens where timm has none (no_embed_class)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+        table = sum(p.numel() for p in create_model(name).parameters())
+    assert table == count + (ours.cfg.num_prefix_tokens * ours.cfg.emb_size if theirs.no_embed_class else 0)
+    vc.export(ours, tmp_path / "hubdir", "timm")
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+    for fmt in ("hf", "torchvision", "jax"):
+        with pytest.raises(ValueError, match=f"target format {fmt}: this model has (LayerScale|register tokens)"):
+            vc.export(ours, tmp_path / f"out-{fmt}", fmt)
+
+
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
     theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
     path = save_timm(theirs, tmp_path / "w.safetensors")
@@ -151,12 +191,12 @@ def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
 def test_timm_bad_state_dict_names_the_keys_in_timms_terms(tmp_path):
     state = timm_vit("vit_tiny_patch16_224").state_dict()
     state.pop("blocks.1.mlp.fc2.bias")
-    state["blocks.0.ls1.gamma"] = torch.ones(192)  # layer scale: not a vitkit part
+    state["blocks.0.attn.q_norm.weight"] = torch.ones(64)  # qk-norm: not a vitkit part
     save_file(state, tmp_path / "w.safetensors")
     with pytest.raises(CheckpointError) as err:
         vc.load(tmp_path / "w.safetensors", "timm", num_heads=3)
     msg = str(err.value)
-    assert "timm layout" in msg and "['blocks.1.mlp.fc2.bias']" in msg and "['blocks.0.ls1.gamma']" in msg
+    assert "timm layout" in msg and "['blocks.1.mlp.fc2.bias']" in msg and "['blocks.0.attn.q_norm.weight']" in msg
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------

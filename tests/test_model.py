@@ -31,6 +31,7 @@ def expected_params(cfg: ViTConfig) -> int:
         stem = c * p * p * e + e
     embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
+    block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
     final_norm = 2 * e if cfg.final_norm != "none" else 0
     head = (cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
     return embed + cfg.depth * block + final_norm + head
@@ -46,7 +47,7 @@ def test_every_variant_builds_with_the_right_shapes(name):
         logits = model.forward_head(tokens)
         pooled = model.forward_head(tokens, pre_logits=True)
     assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, cfg.emb_size)
-    assert logits.shape == (2, cfg.num_classes)
+    assert logits.shape == (2, cfg.num_classes or cfg.emb_size)  # no classifier: the pooled features
     assert pooled.shape == (2, cfg.emb_size)
     assert sum(p.numel() for p in model.parameters()) == expected_params(cfg)
 

@@ -59,6 +59,12 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over the blocks
     class_token: bool = True  # prepend a learned [class] token
     dist_token: bool = False  # and a distillation token after it, with its own classifier (DeiT; logits averaged)
+    # register tokens after the class token (Darcet et al. 2023, "Vision transformers need registers";
+    # DINOv2's reg4 models): more prefix tokens that attend and are attended to, read by no head
+    reg_tokens: int = 0
+    # LayerScale (Touvron et al. 2021, CaiT; DeiT-III, DINOv2): each block's attention and MLP outputs
+    # are scaled per channel by learned weights (ls1, ls2) initialised to this value; 0: off
+    layer_scale: float = 0.0
     pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
@@ -83,7 +89,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.dist_token)
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
 
     @property
     def head_dim(self) -> int:
@@ -146,6 +152,14 @@ class ViTConfig:
         for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"ViTConfig.reg_tokens: expected an int >= 0, got {self.reg_tokens!r}")
+        if self.reg_tokens and self.dist_token:
+            raise ValueError("ViTConfig.reg_tokens: register tokens with a distillation token are not supported "
+                             "(no published model has both, so their order is undefined)")
+        if (isinstance(self.layer_scale, bool) or not isinstance(self.layer_scale, (int, float))
+                or not 0 <= self.layer_scale < math.inf):
+            raise ValueError(f"ViTConfig.layer_scale: expected a number >= 0 (0: off), got {self.layer_scale!r}")
         if self.dist_token and not (self.class_token and self.pool == "cls"):
             raise ValueError("ViTConfig.dist_token: a distillation token goes with class_token=True and pool='cls' "
                              f"(DeiT); got class_token={self.class_token}, pool={self.pool!r}")
@@ -214,6 +228,16 @@ def _table() -> dict[str, dict]:
             table[f"deit_{size}_distilled_patch16_{img}"] = dict(
                 **SIZES[size], **TIMM_STYLE, patch_size=16, img_size=img, dist_token=True
             )
+    # LayerScale models: DeiT-III (Touvron et al. 2022; timm's deit3_*, init 1e-6) and DINOv2 (Oquab et
+    # al. 2023; init 1e-5, patch 14 at 518, no classifier), with 4 registers in the reg4 ones. Where timm gives the
+    # prefix tokens no positions (no_embed_class: DeiT-III, reg4), vitkit's table holds zeros for them.
+    for size in ("small", "base"):
+        table[f"deit3_{size}_patch16_224"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=16, img_size=224,
+                                                  layer_scale=1e-6)
+    for size in ("small", "base", "large"):
+        table[f"vit_{size}_patch14_dinov2"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=14, img_size=518,
+                                                   layer_scale=1e-5, num_classes=0)  # self-supervised: features
+        table[f"vit_{size}_patch14_reg4_dinov2"] = dict(table[f"vit_{size}_patch14_dinov2"], reg_tokens=4)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -102,13 +102,14 @@ class PatchEmbedding(nn.Module):
         dynamic_img_size: bool = False,
         stem: str = "patch",
         dist_token: bool = False,
+        reg_tokens: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.img_size = to_2tuple(img_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.num_prefix_tokens = int(class_token) + int(dist_token)
+        self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
         self.dynamic_img_size = dynamic_img_size
         if stem == "conv":
             self.projection = conv_stem(in_channels, patch_size, emb_size)
@@ -118,6 +119,8 @@ class PatchEmbedding(nn.Module):
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if class_token else None
         # DeiT's distillation token, after the class token; its output feeds a classifier of its own
         self.dist_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if dist_token else None
+        # registers after it (timm's reg_token, initialised as timm does: N(0, 1e-6))
+        self.reg_token = nn.Parameter(torch.randn(1, reg_tokens, emb_size) * 1e-6) if reg_tokens else None
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size)))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -176,9 +179,8 @@ class PatchEmbedding(nn.Module):
         grid = tuple(x.shape[-2:])
         # = rearrange(x, "b e gh gw -> b (gh gw) e"), as two views: no einops parsing per call
         x = x.flatten(2).transpose(1, 2)  # (B, N_patches, E)
-        if self.cls_token is not None:
-            prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
-            # (B, 1, E) views each, no copies -> (B, prefix + N_patches, E)
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if prefix:  # (B, 1 or R, E) views each, no copies -> (B, prefix + N_patches, E)
             x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         positions = self.positions
         # Under torch.export the grid is symbolic: resample unconditionally (exact identity at the
@@ -684,6 +686,21 @@ class ResidualAdd(nn.Module):
         return x + _dropout(self.drop_path, self.fn(x, **kwargs))
 
 
+class LayerScale(nn.Module):
+    """``x * gamma``, a learned per-channel scale of a residual branch (CaiT, DeiT-III, DINOv2);
+    ``gamma`` starts small, so that each block starts close to the identity."""
+
+    def __init__(self, emb_size: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((emb_size,), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.shape[0]}"
+
+
 class FeedForwardBlock(nn.Module):
     """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention."""
 
@@ -737,12 +754,15 @@ class TransformerEncoderBlock(nn.Module):
         attn_drop_p: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        layer_scale: float = 0.0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p)
+        self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p)
+        self.ls2 = LayerScale(emb_size, layer_scale) if layer_scale else None
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
@@ -756,9 +776,10 @@ class TransformerEncoderBlock(nn.Module):
             x = x[:, :num_queries]  # (B, N, E) -> (B, q, E)
         else:
             y, att = self.attn(self.norm1(x), mask=mask), None
-        x = x + _dropout(self.drop_path, y)
+        x = x + _dropout(self.drop_path, y if self.ls1 is None else self.ls1(y))
         del y  # in inference, the attention output would otherwise stay alive through the MLP's peak
-        x = x + _dropout(self.drop_path, self.mlp(self.norm2(x)))
+        y = self.mlp(self.norm2(x))
+        x = x + _dropout(self.drop_path, y if self.ls2 is None else self.ls2(y))
         return (x, att) if return_attention else x
 
 
@@ -783,6 +804,7 @@ __all__ = [
     "PatchEmbedding",
     "MultiHeadAttention",
     "ResidualAdd",
+    "LayerScale",
     "FeedForwardBlock",
     "TransformerEncoderBlock",
     "DropPath",

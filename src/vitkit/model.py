@@ -23,6 +23,7 @@ class TransformerEncoder(nn.Module):
             TransformerEncoderBlock(
                 cfg.emb_size, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
+                layer_scale=cfg.layer_scale,
             )
             for rate in rates
         )
@@ -94,7 +95,7 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbedding(
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
             class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
-            stem=cfg.stem, dist_token=cfg.dist_token,
+            stem=cfg.stem, dist_token=cfg.dist_token, reg_tokens=cfg.reg_tokens,
         )
         self.encoder = TransformerEncoder(cfg)
         self.head = ClassificationHead(
@@ -121,7 +122,8 @@ class ViT(nn.Module):
         last block computes only those (their keys and values still come from every token): about 7% of
         ViT-B/16's work saved, logits unchanged. ``forward_features`` gives every token."""
         if self.head.pool == "cls" and mask is None:
-            tokens = self.encoder(self.patch_embed(x), last_queries=self.cfg.num_prefix_tokens)  # (B, 1 or 2, E)
+            read = 1 + int(self.cfg.dist_token)  # registers, after these, are read by no head
+            tokens = self.encoder(self.patch_embed(x), last_queries=read)  # (B, 1 or 2, E)
             return self.forward_head(tokens)  # -> (B, classes)
         return self.forward_head(self.forward_features(x, mask=mask))
 

@@ -580,7 +580,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "positions")))
+        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "reg_token", "positions")))
         layer = layer_of(name, depth) if layer_decay != 1.0 else 0
         group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0})
         if layer_decay != 1.0:

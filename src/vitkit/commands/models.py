@@ -21,9 +21,10 @@ def run_models(args: argparse.Namespace) -> int:
     from ..config import VARIANTS, list_models
 
     names = list_models(args.pattern)
+    column = max(map(len, names), default=0)
     for name in names:
         v = VARIANTS[name]
-        print(f"{name:28s} width {v.get('emb_size', 768):5d}  depth {v.get('depth', 12):3d}  "
+        print(f"{name:{column}s} width {v.get('emb_size', 768):5d}  depth {v.get('depth', 12):3d}  "
               f"heads {v.get('num_heads', 8):3d}  patch {v.get('patch_size', 16):3d}  img {v.get('img_size', 224)}")
     return 0
 

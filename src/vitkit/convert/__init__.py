@@ -41,6 +41,12 @@ from ..config import ViTConfig, get_config
 
 IMPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
 EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
+# ViTConfig fields beyond the plain ViT -> (what they are, the foreign formats that hold them)
+BEYOND_PLAIN_VIT = {
+    "dist_token": ("DeiT's distillation token (dist_token=True)", ("timm", "hf")),
+    "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm",)),
+    "layer_scale": ("LayerScale (layer_scale > 0)", ("timm",)),
+}
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.
 SOURCE_FIELDS = ("num_heads", "pool", "norm_eps")
@@ -314,9 +320,10 @@ def export(model, out: str | os.PathLike, fmt: str) -> Path:
     if model.cfg.stem != "patch":
         raise ValueError(f"target format {fmt}: this model has a convolutional stem (stem={model.cfg.stem!r}), "
                          f"which a {fmt} ViT cannot hold; save it in vitkit's format instead")
-    if model.cfg.dist_token and fmt not in ("timm", "hf"):
-        raise ValueError(f"target format {fmt}: this model has DeiT's distillation token (dist_token=True), which "
-                         f"a {fmt} ViT cannot hold; save it in vitkit's, timm's or Hugging Face's format instead")
+    for part, (describe, formats) in BEYOND_PLAIN_VIT.items():
+        if getattr(model.cfg, part) and fmt not in formats:
+            raise ValueError(f"target format {fmt}: this model has {describe}, which a {fmt} ViT cannot hold; "
+                             f"save it in {' or '.join(('vitkit', *formats))} format instead")
     return module.export(model, Path(out))
 
 

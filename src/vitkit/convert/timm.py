@@ -41,8 +41,14 @@ KEYS = KeyMap(
         rule("head.fc.{p}", "head.{p}"),
         rule("patch_embed.dist_token", "dist_token"),  # distilled DeiT (VisionTransformerDistilled)
         rule("head.fc_dist.{p}", "head_dist.{p}"),
+        rule("patch_embed.reg_token", "reg_token"),  # registers (DINOv2 reg4)
+        rule("encoder.blocks.{i}.ls1.gamma", "blocks.{i}.ls1.gamma"),  # LayerScale (DeiT-III, DINOv2)
+        rule("encoder.blocks.{i}.ls2.gamma", "blocks.{i}.ls2.gamma"),
     ],
 )
+# The LayerScale init a file's gammas are taken to have started from, when its config does not say
+# (DINOv2's; only a re-initialised block would use it)
+LAYER_SCALE_INIT = 1e-5
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 # A bare timm state dict does not say how its inputs were normalised, and timm's ViTs differ: the
@@ -87,7 +93,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     width, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     class_token = "cls_token" in s
     dist_token = "dist_token" in s  # timm's VisionTransformerDistilled (DeiT): a second prefix token and head
-    num_patches = require(s, "pos_embed", src, "timm").shape[1] - int(class_token) - int(dist_token)
+    reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
+    num_patches = patch_positions(foreign)
     fc_norm = "fc_norm.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -113,6 +120,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         qkv_bias="blocks.0.attn.qkv.bias" in s,
         class_token=class_token,
         dist_token=dist_token,
+        reg_tokens=reg_tokens,
+        layer_scale=float(args.get("init_values") or LAYER_SCALE_INIT) if "blocks.0.ls1.gamma" in s else 0.0,
         # fc_norm exists only with average pooling (timm's default for global_pool="avg");
         # without a class token there is nothing else to pool.
         pool="mean" if fc_norm or not class_token else "cls",
@@ -122,8 +131,31 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     )
 
 
+def _prefix_tokens(state: dict) -> int:
+    return sum(state[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in state)
+
+
+def patch_positions(foreign: Foreign) -> int:
+    """The number of patch positions in the file's ``pos_embed``. timm's ``no_embed_class=True``
+    (DeiT-III, DINOv2 with registers) gives positions to the patches only: the table then holds no
+    entries for the prefix tokens (told by the file's config, or by a table that is a square grid
+    only without them)."""
+    s, src = foreign.state, foreign.path
+    held, prefix = require(s, "pos_embed", src, "timm").shape[1], _prefix_tokens(s)
+    no_embed_class = foreign.config.get("model_args", {}).get("no_embed_class")
+    if no_embed_class is None:
+        no_embed_class = prefix > 0 and round((held - prefix) ** 0.5) ** 2 != held - prefix and round(held**0.5) ** 2 == held
+    return held if no_embed_class else held - prefix
+
+
 def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
-    return KEYS.to_vitkit(foreign.state, cfg, foreign.path)
+    state = foreign.state
+    pos = state["pos_embed"]
+    if pos.shape[1] == cfg.num_patches and cfg.num_prefix_tokens:
+        # no_embed_class: the prefix tokens join after the positions are added, which is the same
+        # as their having zero positions (big_vision's class token gets the same treatment, jax.py)
+        state = dict(state, pos_embed=torch.cat([pos.new_zeros(1, cfg.num_prefix_tokens, pos.shape[-1]), pos], 1))
+    return KEYS.to_vitkit(state, cfg, foreign.path)
 
 
 def model_args(cfg: ViTConfig) -> dict:
@@ -141,6 +173,8 @@ def model_args(cfg: ViTConfig) -> dict:
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
+        reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None,
+        no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
 
 
