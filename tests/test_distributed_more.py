@@ -206,13 +206,17 @@ def test_fsdp_with_frozen_blocks_matches_one_process(tmp_path):
     assert not torch.equal(ours["head.fc.weight"], pre["head.fc.weight"])
 
 
-def test_fsdp_requires_ema_off():
-    from vitkit.train import TrainConfig
+def test_fsdp_requires_ema_off_and_no_fp16(tmp_path):
+    from vitkit.train import TrainConfig, Trainer
 
     with pytest.raises(ValueError, match="--ema false"):
         TrainConfig(strategy="fsdp")
     with pytest.raises(ValueError, match="strategy"):
         TrainConfig(strategy="zero3")
+    # fp16's loss scaling is per shard under FSDP; refused before any run folder is made
+    with pytest.raises(ValueError, match="--strategy fsdp: fp16's loss scaling"):
+        Trainer(TrainConfig(strategy="fsdp", ema=False, precision="fp16", out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fsdp_evaluation_with_uneven_shards_matches_one_process(tmp_path):

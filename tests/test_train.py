@@ -5,6 +5,7 @@ Every run here is vit_digits on a slice of the real digits data, a few steps lon
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -83,6 +84,38 @@ def test_resume_after_stop_gives_the_uninterrupted_weights(tmp_path):
     assert [r["train_loss"] for r in full.history] == [r["train_loss"] for r in resumed.history]
     # and the run really changed the weights between epochs 2 and 4
     assert not torch.equal(weights(tmp_path / "full")["head.fc.weight"], state["ema"]["module.head.fc.weight"])
+
+
+def test_fp16_follows_fp32_and_skips_the_steps_whose_gradients_overflow(tmp_path, monkeypatch):
+    """--precision fp16 (autocast with dynamic loss scaling: GPUs without bf16), here on the CPU.
+    At GradScaler's own start (2^16) nothing overflows on the digits and the losses follow an fp32
+    run's. Started at a scale of 2^20, the first steps' fp16 gradients overflow: each of those
+    steps is skipped (the optimizer's step count lags by as many) and halves the scale. An
+    interrupted run then resumes, loss scale included, to the straight run's weights."""
+    from functools import partial
+
+    def state(run: str) -> dict:
+        return torch.load(tmp_path / run / "last" / STATE_NAME, weights_only=True)
+
+    cfg = dict(precision="fp16", train_subset=128, batch_size=32, epochs=3)  # 4 steps an epoch
+    train(resolve_config(None, tiny(tmp_path / "fp16", **cfg)))
+    train(resolve_config(None, tiny(tmp_path / "fp32", **dict(cfg, precision="fp32"))))
+    fp16, fp32 = state("fp16"), state("fp32")
+    assert (fp16["step_losses"] - fp32["step_losses"]).abs().max() < 2e-2
+    assert fp16["grad_scaler"]["scale"] == 2.0**16 and fp32["grad_scaler"] == {}
+
+    monkeypatch.setattr(torch.amp, "GradScaler", partial(torch.amp.GradScaler, init_scale=2.0**20))
+    train(resolve_config(None, tiny(tmp_path / "straight", **cfg)))
+    straight = state("straight")
+    skipped = round(math.log2(2.0**20 / straight["grad_scaler"]["scale"]))
+    steps = {int(p["step"]) for p in straight["optimizer"]["state"].values()}
+    assert 1 <= skipped < straight["global_step"] == 12 and steps == {12 - skipped}
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, tiny(tmp_path / "cut", stop_after_epoch=1, **cfg)))
+    assert state("cut")["grad_scaler"]["scale"] < 2.0**20  # the backed-off scale is what resumes
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    assert state("cut")["grad_scaler"] == straight["grad_scaler"]
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "cut"))
 
 
 def test_train_subset_leaves_the_callers_dataset_whole(tmp_path):

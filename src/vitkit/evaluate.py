@@ -18,7 +18,7 @@ from .checkpoint import atomic_file, load_pretrained, read_config, resolve_check
 from .data import Split, load_dataset, normalize, prefetch
 from .fast import quantize_int8
 
-EVAL_PRECISIONS = ("fp32", "bf16", "int8")
+EVAL_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
                         folder_loading: str = "auto") -> dict:
     """Load a checkpoint (or a run folder's best/), score it on the dataset's test split, plot the confusion.
 
-    ``precision``: ``fp32``, ``bf16`` (autocast) or ``int8`` (every Linear dynamically quantised,
+    ``precision``: ``fp32``, ``bf16`` or ``fp16`` (autocast), or ``int8`` (every Linear dynamically quantised,
     ``vitkit.fast.quantize_int8``; CPU only): how much accuracy a faster inference path costs.
     """
     if precision not in EVAL_PRECISIONS:

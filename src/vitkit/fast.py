@@ -47,8 +47,11 @@ import torch
 from torch import Tensor, nn
 
 # fp32: weights and math in float32. bf16-autocast: fp32 weights, matmuls in bf16 (mixed
-# precision, the recipe for training). bf16: weights and activations in bfloat16.
-PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+# precision, the recipe for training). bf16: weights and activations in bfloat16. fp16-autocast:
+# matmuls in float16, for GPUs without bf16 (T4, V100); training it needs loss scaling (vitkit.train).
+PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
+# the autocast precisions -> the dtype their matmuls run in
+AUTOCAST_DTYPES = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 # int8: Linear weights in int8, for inference on CPU only (``quantize_int8``).
 INFERENCE_PRECISIONS = PRECISIONS + ("int8",)
 
@@ -171,7 +174,7 @@ def default_precision(device: str | torch.device = "cpu") -> str:
 
 def default_training_precision(device: str | torch.device = "cpu") -> str:
     """Training (``--precision auto``): ``"bf16"`` autocast on bf16 GPUs and on CPUs with bf16
-    arithmetic (AVX512-BF16 or AMX), else ``"fp32"``.
+    arithmetic (AVX512-BF16 or AMX), ``"fp16"`` autocast on older GPUs, else ``"fp32"``.
 
     Measured on a 2-core EPYC with avx512_bf16 and no AMX (``benchmarks/throughput.py``), with
     the math attention path that CPU training takes (``layers.lean_training``): vit_fmnist
@@ -181,16 +184,21 @@ def default_training_precision(device: str | torch.device = "cpu") -> str:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        if not torch.cuda.is_available():
+            return "fp32"
+        # emulated bf16 (a T4 reports it as supported) is slow: there, fp16 with loss scaling, as timm's --amp
+        return "bf16" if has_native_bf16(device) else "fp16"
     flags = cpu_info()[1]
     return "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "fp32"
 
 
 def autocast(precision: str, device: str | torch.device = "cpu") -> AbstractContextManager:
-    """The autocast context ``precision`` asks for: bf16 matmuls for ``"bf16-autocast"``, else nothing."""
-    if check_precision(precision, inference=True) != "bf16-autocast":
+    """The autocast context ``precision`` asks for: bf16 (fp16) matmuls for ``"bf16-autocast"``
+    (``"fp16-autocast"``), else nothing."""
+    dtype = AUTOCAST_DTYPES.get(check_precision(precision, inference=True))
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _patch_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -202,7 +210,7 @@ def _patch_conv(model: nn.Module) -> nn.Conv2d | None:
 class InferenceModel(nn.Module):
     """A model prepared for inference: takes any float input and casts it to what the model runs in.
 
-    ``forward`` runs under ``torch.inference_mode`` and, for ``"bf16-autocast"``, autocast; the
+    ``forward`` runs under ``torch.inference_mode`` and, for the autocast precisions, autocast; the
     wrapped model (``.model``) may be compiled.
     """
 
@@ -223,7 +231,7 @@ class InferenceModel(nn.Module):
             x = x.to(self.device, self.dtype, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision != "bf16-autocast" and not self.freezing and torch.is_inference_mode_enabled():
+        if self.precision not in AUTOCAST_DTYPES and not self.freezing and torch.is_inference_mode_enabled():
             return self.model(x)  # nothing to enter: a small model's call costs no more than the bare model's
         with torch.inference_mode(), autocast(self.precision, self.device), _inductor_freezing(self.freezing):
             return self.model(x)
@@ -338,6 +346,7 @@ def adamw(params, lr: float = 1e-3, weight_decay: float = 0.05, **kwargs) -> tor
 
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "INFERENCE_PRECISIONS",
     "PRECISIONS",
     "InferenceModel",

@@ -29,6 +29,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,12 @@ from .distributed import (
     no_sync,
     wrap_model,
 )
-from .fast import adamw, default_training_precision, set_num_threads, tune_cpu_allocator
+from .fast import adamw, cpu_info, default_training_precision, set_num_threads, tune_cpu_allocator
 from .fast import autocast as fast_autocast
 from .model import ViT
 
+# a training (and evaluation) precision -> the vitkit.fast precision it runs as
+TRAINING_AUTOCAST = {"fp32": "fp32", "bf16": "bf16-autocast", "fp16": "fp16-autocast"}
 STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
 CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of a run
 CURVES_EVERY_S = 30.0
@@ -142,7 +145,9 @@ class TrainConfig:
     ema: bool = True  # keep an exponential moving average of the weights
     ema_decay: float = 0.998  # per step
     # the run
-    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast)
+    # auto | fp32 | bf16 | fp16: bf16 or fp16 autocast over fp32 weights; fp16 with dynamic loss scaling
+    # (timm's --amp; GPUs without bf16). auto: bf16 where the hardware runs it fast, fp16 on older GPUs
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # the initial weights, the data order and the augmentation
     name: str | None = None  # run name (default: DATASET-MODEL)
@@ -164,7 +169,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "precision": ("auto", "fp32", "bf16"),
+            "precision": ("auto", *TRAINING_AUTOCAST),
             "auto_augment": ("none", "randaugment", "trivialaugment"),
             "progress": ("auto", "on", "off"),
             "folder_loading": FOLDER_LOADING,
@@ -380,13 +385,13 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``--precision auto|fp32|bf16`` -> ``fp32|bf16``; in training, bf16 always means bf16 autocast."""
+    """``--precision auto|fp32|bf16|fp16`` -> ``fp32|bf16|fp16``; in training, bf16 and fp16 always mean autocast."""
     return default_training_precision(device) if precision == "auto" else precision
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of a training precision (``fp32`` or ``bf16``), via vitkit.fast."""
-    return fast_autocast("bf16-autocast" if precision == "bf16" else "fp32", device)
+    """The autocast context of a training precision (``fp32``, ``bf16`` or ``fp16``), via vitkit.fast."""
+    return fast_autocast(TRAINING_AUTOCAST[precision], device)
 
 
 # --- RNG state, storable with weights_only ----------------------------------------------------
@@ -734,6 +739,14 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.strategy == "fsdp" and self.precision == "fp16":  # after "auto" is resolved
+            raise ValueError("--strategy fsdp: fp16's loss scaling would find overflows on some shards and not "
+                             "others, and skip the step there only; use --precision bf16 (or --strategy ddp)")
+        if self.precision == "fp16" and self.device.type == "cpu" and self.dist.is_main and not (
+                {"avx512_fp16", "amx_fp16"} & set(cpu_info()[1])):
+            print("note: --precision fp16 on a CPU without fp16 arithmetic runs several times slower than fp32; "
+                  "it is meant for GPUs without bf16 (bf16, or fp32, is the faster choice here)",
+                  file=sys.stderr, flush=True)
         self.run = RunDir(cfg.run_dir)
         self.resume = resume
         if self.dist.is_main:
@@ -840,6 +853,9 @@ class Trainer:
         for group in groups:  # each group's peak lr; the schedule scales them all alike
             group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
         self.optimizer = adamw(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        # fp16: the loss scaled up before backward so that small gradients do not flush to zero; a step
+        # whose gradients overflow is skipped and the scale halved. Off (a pass-through) otherwise.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         total = cfg.epochs * self.steps_per_epoch
         warmup = max(1, round(cfg.warmup_epochs * self.steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
@@ -944,6 +960,7 @@ class Trainer:
             "optimizer": full_optimizer_state(self.model, self.optimizer, self.dist.rank),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "grad_scaler": self.scaler.state_dict(),  # {} unless fp16
             "rng": get_rng_state(), "best_top1": self.best_top1, "history": self.history,
             "step_losses": torch.tensor(self.step_losses, dtype=torch.float64),
             "running": self.running.clone(),
@@ -980,6 +997,8 @@ class Trainer:
         load_model_state(self.model, load_state_dict_file(last / "model.safetensors"), self.dist.rank)
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist.rank)
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):  # an fp16 run's loss scale (checkpoints before fp16 have none)
+            self.scaler.load_state_dict(state["grad_scaler"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise CheckpointError(f"{path}: the run had no EMA; cannot resume with ema on")
@@ -1058,7 +1077,7 @@ class Trainer:
                     loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * distill
                 if two_heads:
                     logits = (logits + student) / 2  # what the model answers, for the accuracy
-                (loss / cfg.accum_steps).backward()
+                self.scaler.scale(loss / cfg.accum_steps).backward()
             loss_sum += loss.detach().double() * len(micro)
             hard = targets.argmax(-1) if targets.ndim == 2 else targets
             correct += (logits.detach().argmax(-1) == hard).sum()
@@ -1069,9 +1088,16 @@ class Trainer:
         # every rank reads at the same steps, so all of them see a stop at the same step
         rows = self.read_metrics() if len(self.unread) >= self.log_every else None
         if cfg.clip_grad > 0:  # over a list made once: walking the modules per step was half its cost
+            self.scaler.unscale_(self.optimizer)  # the norm of the true gradients (fp16; else nothing)
             nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+        self.scaler.update()
+        if self.scaler.is_enabled():  # a skipped fp16 step still advances the schedule, as in timm
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before", UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.global_step += 1
