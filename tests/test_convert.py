@@ -162,7 +162,14 @@ def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
     assert table == count + (ours.cfg.num_prefix_tokens * ours.cfg.emb_size if theirs.no_embed_class else 0)
     vc.export(ours, tmp_path / "hubdir", "timm")
     assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
-    for fmt in ("hf", "torchvision", "jax"):
+    if "dinov2" in name:  # timm's DINOv2, through vitkit, in transformers' DINOv2 (features: no classifier)
+        ours.reset_classifier(0)
+        vc.export(ours, tmp_path / "hf", "hf")
+        hf = (transformers.Dinov2WithRegistersModel if "reg4" in name else transformers.Dinov2Model)
+        with torch.no_grad():
+            assert_same_logits(hf.from_pretrained(tmp_path / "hf").eval()(x).last_hidden_state,
+                               theirs.eval().forward_features(x))
+    for fmt in ("torchvision", "jax"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has (LayerScale|register tokens)"):
             vc.export(ours, tmp_path / f"out-{fmt}", fmt)
 
@@ -277,6 +284,52 @@ def test_hf_deit_base_model_and_the_one_head_classifier(tmp_path):
     hf_deit(transformers.DeiTForImageClassification).save_pretrained(tmp_path / "one-head")
     with pytest.raises(CheckpointError, match="a DeiTForImageClassification, whose one classifier"):
         vc.load(tmp_path / "one-head", "hf")
+
+
+@pytest.mark.parametrize("registers", [0, 4], ids=["dinov2", "dinov2-with-registers"])
+def test_hf_dinov2_both_ways(tmp_path, registers):
+    """transformers' DINOv2 backbone (LayerScale; with registers, which HF gives no positions): its
+    features and pooled output; back into transformers after the registers' zero position rows have
+    learned something (folded into the register tokens on export); its classifier and timm-only
+    parts refused by name."""
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14,
+              layerscale_value=0.5)
+    if registers:
+        cls, cfg = transformers.Dinov2WithRegistersModel, transformers.Dinov2WithRegistersConfig(
+            num_register_tokens=registers, **kw)
+    else:
+        cls, cfg = transformers.Dinov2Model, transformers.Dinov2Config(**kw)
+    theirs = cls(cfg).eval()
+    with torch.no_grad():  # away from their init, so that a missing or swapped gamma or register shows
+        for layer in theirs.encoder.layer:
+            layer.layer_scale1.lambda1.normal_()
+            layer.layer_scale2.lambda1.normal_()
+        if registers:
+            theirs.embeddings.register_tokens.normal_()
+    theirs.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = theirs(x)
+    with pytest.warns(UserWarning, match="mask_token"):
+        ours = vc.load(tmp_path / "hf", "hf").eval()
+    assert (ours.cfg.reg_tokens, ours.cfg.layer_scale, ours.cfg.num_classes) == (registers, 0.5, 0)
+    with torch.no_grad():
+        assert_same_logits(ours.forward_features(x), out.last_hidden_state)
+        assert_same_logits(ours(x), out.pooler_output)  # the class token after the final norm
+        ours.patch_embed.positions[:, 1:1 + registers].normal_()  # as training would move them
+        expected = ours.forward_features(x)
+    vc.export(ours, tmp_path / "back", "hf")
+    again = cls.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert_same_logits(again(x).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="HF's DINOv2 classifier reads the class token and the patch mean"):
+        vc.export(create_model(ours.cfg.replace(num_classes=3)), tmp_path / "head", "hf")
+    # transformers' own DINOv2 classifier (class token and patch mean, concatenated) is refused
+    head = (transformers.Dinov2WithRegistersForImageClassification if registers
+            else transformers.Dinov2ForImageClassification)(cfg)
+    head.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(CheckpointError, match="a DINOv2 image classifier"):
+        vc.load(tmp_path / "classifier", "hf")
 
 
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):

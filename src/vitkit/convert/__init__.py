@@ -44,8 +44,8 @@ EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
 # ViTConfig fields beyond the plain ViT -> (what they are, the foreign formats that hold them)
 BEYOND_PLAIN_VIT = {
     "dist_token": ("DeiT's distillation token (dist_token=True)", ("timm", "hf")),
-    "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm",)),
-    "layer_scale": ("LayerScale (layer_scale > 0)", ("timm",)),
+    "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm", "hf")),
+    "layer_scale": ("LayerScale (layer_scale > 0)", ("timm", "hf")),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

@@ -10,6 +10,10 @@ the class token) that image classification does not use: it is dropped with a wa
 DeiT's files have the same blocks under a ``deit.`` prefix, a ``distillation_token`` and two
 classifiers (``cls_classifier``, ``distillation_classifier``) whose logits are averaged: vitkit's
 ``dist_token=True``. (The Hub's non-distilled DeiT weights are stored as model_type "vit".)
+DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type "dinov2" and
+"dinov2_with_registers") names its block parts ``norm1``, ``mlp.fc1``, ``layer_scale1.lambda1``...
+(vitkit's ``layer_scale``) and gives its registers no positions: vitkit's zero rows for them; on
+export, position rows the registers learned are added to the register tokens, which is the same.
 
 Everything about the architecture comes from the directory's ``config.json``
 (hidden_size, num_attention_heads, image_size, patch_size, num_channels, layer_norm_eps,
@@ -29,45 +33,78 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import ViTConfig
-from . import CONCAT_QKV, Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, rule
+from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, rule
+
+# model_type -> the class a directory of the family holds, for config.json's "architectures" on export
+ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
+                "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
+DINOV2 = ("dinov2", "dinov2_with_registers")
+
+
+def _register_positions(registers: bool) -> Transform:
+    """HF DINOv2 with registers: positions for the class token and the patches only; vitkit's table
+    has zero rows for the registers between them (export folds any that are not zero: ``export``)."""
+    if not registers:
+        return IDENTITY
+    return Transform(
+        "register_positions",
+        lambda ts, cfg: torch.cat([ts[0][:, :1], ts[0].new_zeros(1, cfg.reg_tokens, ts[0].shape[-1]), ts[0][:, 1:]], 1),
+        lambda t, cfg: [torch.cat([t[:, :1], t[:, 1 + cfg.reg_tokens:]], 1)],
+    )
 
 
 def _key_map(family: str) -> KeyMap:
-    """The table for ``family`` "vit" or "deit": the same blocks under the family's prefix; DeiT
-    adds the distillation token and names its two classifiers after the tokens they read."""
+    """The table for a model_type: the same attention in every family, under the family's prefix;
+    ViT and DeiT name the rest of a block as BERT does, DINOv2 as timm does, with LayerScale; DeiT
+    adds the distillation token and two classifiers named after the tokens they read."""
     layer = f"{family}.encoder.layer.{{i}}"
-    heads = ([rule("head.fc.{p}", "cls_classifier.{p}"),
-              rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
-              rule("head.fc_dist.{p}", "distillation_classifier.{p}")] if family == "deit"
-             else [rule("head.fc.{p}", "classifier.{p}")])
+    if family in DINOV2:
+        block = [
+            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.norm1.{{p}}"),
+            rule("encoder.blocks.{i}.ls1.gamma", f"{layer}.layer_scale1.lambda1"),
+            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.norm2.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.mlp.fc1.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.fc2.{{p}}"),
+            rule("encoder.blocks.{i}.ls2.gamma", f"{layer}.layer_scale2.lambda1"),
+        ]
+    else:
+        block = [
+            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.layernorm_before.{{p}}"),
+            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.layernorm_after.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.intermediate.dense.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
+        ]
+    heads = {
+        "deit": [rule("head.fc.{p}", "cls_classifier.{p}"),
+                 rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
+                 rule("head.fc_dist.{p}", "distillation_classifier.{p}")],
+        "vit": [rule("head.fc.{p}", "classifier.{p}")],
+        "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens")],
+    }.get(family, [])
     return KeyMap(
         "hf",
         [
             rule("patch_embed.projection.{p}", f"{family}.embeddings.patch_embeddings.projection.{{p}}"),
             rule("patch_embed.cls_token", f"{family}.embeddings.cls_token"),
-            rule("patch_embed.positions", f"{family}.embeddings.position_embeddings"),
-            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.layernorm_before.{{p}}"),
+            rule("patch_embed.positions", f"{family}.embeddings.position_embeddings",
+                 _register_positions(family == "dinov2_with_registers")),
             rule(
                 "encoder.blocks.{i}.attn.qkv.{p}",
                 tuple(f"{layer}.attention.attention.{n}.{{p}}" for n in ("query", "key", "value")),
                 CONCAT_QKV,
             ),
             rule("encoder.blocks.{i}.attn.projection.{p}", f"{layer}.attention.output.dense.{{p}}"),
-            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.layernorm_after.{{p}}"),
-            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.intermediate.dense.{{p}}"),
-            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
+            *block,
             rule("encoder.norm.{p}", f"{family}.layernorm.{{p}}"),
             *heads,
         ],
-        # the pooler (dense + tanh on the class token) and DeiT's mask token (masked image modelling)
+        # the pooler (dense + tanh on the class token) and the mask token (masked image modelling)
         ignore=(rf"{family}\.pooler\..*", rf"{family}\.embeddings\.mask_token"),
     )
 
 
 # model_type -> its key map; the family is also each key's prefix
-KEYS = {family: _key_map(family) for family in ("vit", "deit")}
-# model_type -> what a classifier of that family is called in config.json's "architectures"
-ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher"}
+KEYS = {family: _key_map(family) for family in ARCHITECTURE}
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")
@@ -106,6 +143,13 @@ def read(path: Path) -> Foreign:
             f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
             "distillation token still runs through every block; vitkit's distilled models average two "
             "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
+    if family in DINOV2 and "classifier.weight" in state:
+        raise CheckpointError(
+            f"{path}: a DINOv2 image classifier, whose classifier reads the class token and the patch tokens' "
+            "mean side by side; vitkit's heads read one of them. Convert its backbone instead (the "
+            f"{ARCHITECTURE[family]}: save_pretrained of model.{family}), then fine-tune a head on it")
+    if config.get("use_swiglu_ffn"):
+        raise CheckpointError(f"{cfg_file}: use_swiglu_ffn is true (DINOv2 giant); vitkit's MLP is Linear, GELU, Linear")
     foreign = Foreign(str(path), state, config=config, layout=family)
     id2label = config.get("id2label") or {}
     names = [str(id2label[k]) for k in sorted(id2label, key=int)]
@@ -133,7 +177,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             emb_size=width,
             depth=int(c["num_hidden_layers"]),
             num_heads=int(c["num_attention_heads"]),
-            mlp_ratio=mlp_ratio_of(int(c.get("intermediate_size", 4 * width)), width, foreign.path),
+            mlp_ratio=(float(c.get("mlp_ratio", 4)) if foreign.layout in DINOV2
+                       else mlp_ratio_of(int(c.get("intermediate_size", 4 * width)), width, foreign.path)),
             qkv_bias=bool(c.get("qkv_bias", True)),
             norm_eps=float(c.get("layer_norm_eps", 1e-12)),
         )
@@ -149,6 +194,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         **fields,
         class_token=True,
         dist_token=family == "deit",
+        reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
+        layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
         pool="cls",  # ViTForImageClassification classifies the class token's output
         final_norm="tokens",
         num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight") if k in s), 0),
@@ -160,22 +207,38 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def _family(cfg: ViTConfig) -> str:
+    if cfg.layer_scale or cfg.reg_tokens:
+        return "dinov2_with_registers" if cfg.reg_tokens else "dinov2"
     return "deit" if cfg.dist_token else "vit"
 
 
 def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
-    ``DeiTForImageClassificationWithTeacher``'s)."""
+    ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's)."""
     problems = []
     if not cfg.class_token or cfg.pool != "cls":
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
     if cfg.final_norm != "tokens":
         problems.append(f"HF ViT normalises all tokens (needs final_norm='tokens', got {cfg.final_norm!r})")
+    family = _family(cfg)
+    if family in DINOV2:
+        if cfg.num_classes:
+            problems.append(f"HF's DINOv2 classifier reads the class token and the patch mean side by side, this "
+                            f"model's head the class token: export its features (num_classes=0; got "
+                            f"{cfg.num_classes}), or export to timm")
+        if not cfg.layer_scale:
+            problems.append("HF's DINOv2 with registers has LayerScale in every block; this model has none "
+                            "(layer_scale=0): export to timm")
+        if cfg.dist_token:
+            problems.append("HF's DINOv2 has no distillation token: export to timm")
+        if cfg.mlp_ratio != int(cfg.mlp_ratio):
+            problems.append(f"HF's DINOv2 takes a whole mlp_ratio, this model's is {cfg.mlp_ratio}: export to timm")
     if problems:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
-    family = _family(cfg)
+    dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
+                  drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
         "architectures": [ARCHITECTURE[family]],
         "model_type": family,
@@ -195,6 +258,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         "encoder_stride": cfg.patch_size,
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},
+        **(dinov2 if family in DINOV2 else {}),
     }
 
 
@@ -204,7 +268,14 @@ def export(model: nn.Module, out: Path) -> Path:
 
     cfg: ViTConfig = model.cfg
     config = hf_config(cfg, getattr(model, "class_names", None))
-    state = KEYS[_family(cfg)].from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if cfg.reg_tokens:  # a register's position is a constant added to a constant token: fold it in
+        positions = state["patch_embed.positions"]
+        state["patch_embed.reg_token"] = state["patch_embed.reg_token"] + positions[:, 1:1 + cfg.reg_tokens]
+    family = _family(cfg)
+    state = KEYS[family].from_vitkit(state, cfg)
+    if family in DINOV2:  # masked image modelling's token, unused in a forward pass: zeros, as HF initialises it
+        state[f"{family}.embeddings.mask_token"] = torch.zeros(1, cfg.emb_size)
     preprocess = getattr(model, "preprocess", None) or {}
     gray = cfg.in_channels == 1
     processor = {
