@@ -42,9 +42,9 @@ def reference_attentions(model, x):
     return atts
 
 
-def reference_map(att, prefix, grid):
+def reference_map(att, prefix, grid, class_token):
     """(B, N, N) -> (B, gh, gw): the class token's row, or the mean over queries, over patches, summing to 1."""
-    row = att[:, 0, prefix:] if prefix else att.mean(dim=1)
+    row = (att[:, 0] if class_token else att.mean(dim=1))[:, prefix:]
     row = row / row.sum(dim=-1, keepdim=True)
     return row.reshape(-1, *grid)
 
@@ -64,18 +64,20 @@ def check_distribution(maps):
     torch.testing.assert_close(maps.sum(dim=(-1, -2)), torch.ones(maps.shape[:-2]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("registers", [0, 2])
 @pytest.mark.parametrize("class_token", [True, False])
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)])
-def test_maps_equal_reference(class_token, size):
-    model = tiny(class_token=class_token, dynamic=size != (16, 16))
+def test_maps_equal_reference(class_token, size, registers):
+    """Registers are prefix tokens too: never a patch, and without a class token never its row."""
+    model = tiny(class_token=class_token, dynamic=size != (16, 16), reg_tokens=registers)
     x = torch.randn(2, 3, *size)
-    prefix, grid = int(class_token), (size[0] // 4, size[1] // 4)
+    prefix, grid = int(class_token) + registers, (size[0] // 4, size[1] // 4)
     with torch.no_grad():
         atts = reference_attentions(model, x)
     last = A.last_layer_map(model, x)
     roll = A.attention_rollout(model, x)
-    for got, want in ((last, reference_map(atts[-1].mean(1), prefix, grid)),
-                      (roll, reference_map(reference_rollout(atts), prefix, grid))):
+    for got, want in ((last, reference_map(atts[-1].mean(1), prefix, grid, class_token)),
+                      (roll, reference_map(reference_rollout(atts), prefix, grid, class_token))):
         assert got.shape == (2, *grid)
         check_distribution(got)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -84,7 +86,8 @@ def test_maps_equal_reference(class_token, size):
     assert per_head.shape == (2, 4, *grid)
     check_distribution(per_head)
     for h in range(4):
-        torch.testing.assert_close(per_head[:, h], reference_map(atts[-1][:, h], prefix, grid), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(per_head[:, h], reference_map(atts[-1][:, h], prefix, grid, class_token),
+                                   atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(A.last_layer_map(model, x, head=h), per_head[:, h])
     for fusion in ("max", "min"):
         check_distribution(A.last_layer_map(model, x, head=fusion))

@@ -56,13 +56,15 @@ def patch_grid(model, x: Tensor) -> tuple[int, int]:
     return (x.shape[-2] // model.cfg.patch_size, x.shape[-1] // model.cfg.patch_size)
 
 
-def token_map(att: Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
+def token_map(att: Tensor, num_prefix_tokens: int, grid: tuple[int, int], class_token: bool | None = None) -> Tensor:
     """(..., N, N) attention (or joint attention) -> (..., gh, gw) map over the patches, summing to 1.
 
-    With a class token: its row (what the class token reads from each patch). Without one:
-    the mean over all query tokens of how much each patch is attended to.
+    With a class token (token 0; by default, whenever there are prefix tokens): its row (what the
+    class token reads from each patch). Without one: the mean over all query tokens of how much each
+    patch is attended to. Prefix tokens (class, distillation, registers) are not image regions.
     """
-    row = att[..., 0, :] if num_prefix_tokens else att.mean(dim=-2)  # (..., N)
+    class_token = bool(num_prefix_tokens) if class_token is None else class_token
+    row = att[..., 0, :] if class_token else att.mean(dim=-2)  # (..., N)
     row = row[..., num_prefix_tokens:].float()  # (..., N_patches): prefix tokens are not image regions
     row = row / row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
     return row.reshape(*row.shape[:-1], grid[0], grid[1])  # (..., gh, gw)
@@ -81,7 +83,7 @@ def last_layer_map(model, x: Tensor, head: str | int = "mean", per_head: bool = 
     att = model.forward_intermediates(x, layers=[index], return_attention=True)[f"attn{index}"]  # (B, h, N, N)
     if not per_head:
         att = fuse_heads(att, head)  # (B, N, N)
-    return token_map(att, model.cfg.num_prefix_tokens, patch_grid(model, x))
+    return token_map(att, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 
 
 def rollout_step(joint: Tensor | None, att: Tensor, head: str | int = "mean", residual: float = 0.5) -> Tensor:
@@ -109,7 +111,7 @@ def attention_rollout(model, x: Tensor, head: str | int = "mean", residual: floa
     for block in model.encoder.blocks:
         tokens, att = block(tokens, return_attention=True)  # att: (B, h, N, N)
         joint = rollout_step(joint, att, head, residual)
-    return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x))
+    return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 
 
 def attention_map(model, x: Tensor, method: str = "rollout", head: str | int = "mean",
