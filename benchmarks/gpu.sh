@@ -71,6 +71,9 @@ step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/resumed" --stop-after-epoch 3
 step 60 "$PY" -m vitkit train --resume "$RUNS/resumed" --progress off
 for r in straight resumed; do echo "-- $r/metrics.csv"; cat "$RUNS/$r/metrics.csv"; done
 step 45 "$PY" -m vitkit eval "$RUNS/resumed" --device cuda --precision bf16
+# fp16 with loss scaling (the precision of GPUs without bf16), the same run: its losses beside bf16's
+step 60 "$PY" "${TRAIN[@]}" --precision fp16 --out "$RUNS/fp16"
+cat "$RUNS/fp16/metrics.csv"
 for strategy in ddp fsdp; do
     step 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "${TRAIN[@]}" --epochs 2 \
         --strategy "$strategy" --ema false --out "$RUNS/torchrun-$strategy"

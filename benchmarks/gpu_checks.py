@@ -4,7 +4,7 @@
 
 Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
 1. vitkit against timm with the same (random) weights on the device: the largest logit difference in
-   fp32 and in bf16 autocast, relative to the logits' scale.
+   fp32 and in bf16 and fp16 autocast, relative to the logits' scale.
 2. Which SDPA kernel vitkit's attention gets: the forward and backward of a bf16 ViT-B/16 step run
    with only the flash kernel allowed (an error here means vitkit's attention falls off flash).
 3. Whether an EMA update makes the host wait for the device: vitkit's ``ModelEma`` (none) and torch's
@@ -30,7 +30,7 @@ def parity(device: torch.device, name: str, batch: int) -> None:
     ours = ViT(get_config(name)).to(device).eval()
     theirs = timm_twin(ours).to(device).eval()
     x = torch.randn(batch, ours.cfg.in_channels, *ours.cfg.img_size, device=device)
-    for precision in ("fp32", "bf16-autocast"):
+    for precision in ("fp32", "bf16-autocast", "fp16-autocast"):
         with torch.inference_mode(), fast.autocast(precision, device):
             a, b = ours(x).float(), theirs(x).float()
         rel = ((a - b).norm() / b.norm()).item()

@@ -89,6 +89,7 @@ def test_conv_stem(capsys):
 def test_gpu_checks_on_cpu(capsys):
     out = run_script("gpu_checks", ["--model", "vit_digits", "--batch-size", "4"], capsys)
     assert re.search(r"parity vit_digits fp32: max \|vitkit - timm\| = \S+, .* same top-1 for 100%", out), out
+    assert "parity vit_digits fp16-autocast: max |vitkit - timm|" in out, out
     assert "forward and backward ran with only MATH allowed" in out, out
     assert "-- vitkit:" in out and "-- timm:" in out
 
