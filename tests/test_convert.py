@@ -6,6 +6,7 @@ the oracle and compares logits on the same batch: fp32, max |diff| <= 1e-4.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -171,6 +172,34 @@ def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
                                theirs.eval().forward_features(x))
     for fmt in ("torchvision", "jax"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has (LayerScale|register tokens)"):
+            vc.export(ours, tmp_path / f"out-{fmt}", fmt)
+
+
+def test_timm_clip_image_tower_both_ways(tmp_path):
+    """CLIP's tower (timm's pre_norm: a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5):
+    timm's logits from a bare file and back through a hub dir; a QuickGELU tower (OpenAI's weights as
+    timm's *_quickgelu_* run them) refused where its config says so; no other format holds it."""
+    theirs = timm_vit("vit_base_patch16_clip_224", num_classes=5)
+    x = torch.randn(2, 3, 224, 224)
+    expected = run(theirs, x)
+    with pytest.warns(UserWarning, match="a CLIP image tower"):
+        ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", model="vit_base_patch16_clip_224")
+    assert ours.cfg.pre_norm and ours.cfg.norm_eps == 1e-5 and ours.patch_embed.projection.bias is None
+    assert_same_logits(run(ours, x), expected)
+    with torch.device("meta"):  # the variant table's CLIP towers are timm's
+        for name in ("vit_base_patch32_clip_224", "vit_large_patch14_clip_224"):
+            assert (sum(p.numel() for p in create_model(name).parameters())
+                    == sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters()))
+    vc.export(ours, tmp_path / "hubdir", "timm")
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+    quick = tmp_path / "quickgelu"
+    vc.export(ours, quick, "timm")
+    config = json.loads((quick / "config.json").read_text())
+    (quick / "config.json").write_text(json.dumps(dict(config, architecture="vit_base_patch16_clip_quickgelu_224")))
+    with pytest.raises(CheckpointError, match="QuickGELU"):
+        vc.load(quick, "timm")
+    for fmt in ("hf", "torchvision", "jax"):
+        with pytest.raises(ValueError, match=f"target format {fmt}: this model has CLIP's pre-norm"):
             vc.export(ours, tmp_path / f"out-{fmt}", fmt)
 
 

@@ -28,7 +28,8 @@ def expected_params(cfg: ViTConfig) -> int:
         widths = [e * 2**i // p for i in range(p.bit_length())]  # e/p, ..., e/2, e (>= 8 for these models)
         stem = sum(9 * a * b + b for a, b in zip([c] + widths[:-1], widths)) + widths[-1] * e + e
     else:
-        stem = c * p * p * e + e
+        stem = c * p * p * e + (0 if cfg.pre_norm else e)  # CLIP's projection has no bias...
+    stem += 2 * e if cfg.pre_norm else 0  # ...and a LayerNorm after it
     embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas

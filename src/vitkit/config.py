@@ -65,6 +65,9 @@ class ViTConfig:
     # LayerScale (Touvron et al. 2021, CaiT; DeiT-III, DINOv2): each block's attention and MLP outputs
     # are scaled per channel by learned weights (ls1, ls2) initialised to this value; 0: off
     layer_scale: float = 0.0
+    # CLIP's image tower (timm's pre_norm): a LayerNorm on the tokens before the first block
+    # (patch_embed.norm_pre), and a patch projection without bias
+    pre_norm: bool = False
     pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
@@ -149,11 +152,13 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.final_norm: expected one of {FINAL_NORMS}, got {self.final_norm!r}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("ViTConfig.pool: 'cls' pooling needs class_token=True; use pool='mean'")
-        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size"):
+        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise ValueError(f"ViTConfig.reg_tokens: expected an int >= 0, got {self.reg_tokens!r}")
+        if self.pre_norm and self.stem != "patch":
+            raise ValueError("ViTConfig.pre_norm: CLIP's pre-norm goes with the patch projection (stem='patch')")
         if self.reg_tokens and self.dist_token:
             raise ValueError("ViTConfig.reg_tokens: register tokens with a distillation token are not supported "
                              "(no published model has both, so their order is undefined)")
@@ -238,6 +243,11 @@ def _table() -> dict[str, dict]:
         table[f"vit_{size}_patch14_dinov2"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=14, img_size=518,
                                                    layer_scale=1e-5, num_classes=0)  # self-supervised: features
         table[f"vit_{size}_patch14_reg4_dinov2"] = dict(table[f"vit_{size}_patch14_dinov2"], reg_tokens=4)
+    # CLIP's image towers (Radford et al. 2021; timm's *_clip_*, the LAION/DFN/DataComp weights and their
+    # ImageNet fine-tunes): a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5.
+    for size, patch in (("base", 32), ("base", 16), ("large", 14)):
+        table[f"vit_{size}_patch{patch}_clip_224"] = dict(**SIZES[size], **dict(TIMM_STYLE, norm_eps=1e-5),
+                                                          patch_size=patch, img_size=224, pre_norm=True)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -103,6 +103,8 @@ class PatchEmbedding(nn.Module):
         stem: str = "patch",
         dist_token: bool = False,
         reg_tokens: int = 0,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -114,7 +116,9 @@ class PatchEmbedding(nn.Module):
         if stem == "conv":
             self.projection = conv_stem(in_channels, patch_size, emb_size)
         else:
-            self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size)
+            # CLIP's projection (pre_norm) has no bias: the LayerNorm after it would cancel most of one
+            self.projection = nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size,
+                                        bias=not pre_norm)
         # Fix: the seed used torch.randn (std 1) for both; timm/JAX use a truncated normal, std 0.02.
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size))) if class_token else None
         # DeiT's distillation token, after the class token; its output feeds a classifier of its own
@@ -124,6 +128,8 @@ class PatchEmbedding(nn.Module):
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size)))
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        # CLIP: the tokens normalised before the first block (timm's norm_pre, CLIP's ln_pre)
+        self.norm_pre = nn.LayerNorm(emb_size, eps=norm_eps) if pre_norm else None
         self.channels_last = False  # set_channels_last(True) opts in
 
     def set_channels_last(self, on: bool = True) -> PatchEmbedding:
@@ -193,7 +199,8 @@ class PatchEmbedding(nn.Module):
         # token) is a transposed view of the conv's (B, E, N) output. The tokens must leave here row-major
         # (B, N, E): every residual add keeps its input's layout, and every LayerNorm would copy a
         # transposed stream to contiguous, forward and backward (vit_fmnist fp32 training: 24 copies a step).
-        return _dropout(self.pos_drop, positions + x)
+        x = _dropout(self.pos_drop, positions + x)
+        return x if self.norm_pre is None else self.norm_pre(x)
 
 
 def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:

@@ -95,7 +95,8 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbedding(
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
             class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
-            stem=cfg.stem, dist_token=cfg.dist_token, reg_tokens=cfg.reg_tokens,
+            stem=cfg.stem, dist_token=cfg.dist_token, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
+            norm_eps=cfg.norm_eps,
         )
         self.encoder = TransformerEncoder(cfg)
         self.head = ClassificationHead(

@@ -44,6 +44,7 @@ KEYS = KeyMap(
         rule("patch_embed.reg_token", "reg_token"),  # registers (DINOv2 reg4)
         rule("encoder.blocks.{i}.ls1.gamma", "blocks.{i}.ls1.gamma"),  # LayerScale (DeiT-III, DINOv2)
         rule("encoder.blocks.{i}.ls2.gamma", "blocks.{i}.ls2.gamma"),
+        rule("patch_embed.norm_pre.{p}", "norm_pre.{p}"),  # CLIP's image tower (pre_norm)
     ],
 )
 # The LayerScale init a file's gammas are taken to have started from, when its config does not say
@@ -58,7 +59,11 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg"}
 # dist_token -> a timm architecture of the right class, whose every size model_args then override
-TIMM_ARCHITECTURE = {False: "vit_base_patch16_224", True: "deit_base_distilled_patch16_224"}
+# (dist_token, pre_norm) -> a timm architecture of the right class and LayerNorm eps, whose every size
+# model_args then override, and that eps (a functools.partial in the architecture, not a model_arg)
+TIMM_ARCHITECTURE = {(False, False): ("vit_base_patch16_224", 1e-6),
+                     (True, False): ("deit_base_distilled_patch16_224", 1e-6),
+                     (False, True): ("vit_base_patch16_clip_224", 1e-5)}
 
 
 def read(path: Path) -> Foreign:
@@ -95,6 +100,15 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     dist_token = "dist_token" in s  # timm's VisionTransformerDistilled (DeiT): a second prefix token and head
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
     num_patches = patch_positions(foreign)
+    pre_norm = "norm_pre.weight" in s
+    if pre_norm and ("quickgelu" in str(foreign.config.get("architecture", ""))
+                     or "quick" in str(foreign.config.get("model_args", {}).get("act_layer", ""))):
+        raise CheckpointError(f"{src}: a CLIP tower with QuickGELU (OpenAI's weights, timm's *_quickgelu_*); "
+                              "vitkit's MLP uses exact GELU")
+    if pre_norm and not foreign.config:
+        warnings.warn(f"{src}: a CLIP image tower (norm_pre), read with LayerNorm eps 1e-5 and exact GELU, as "
+                      "timm's *_clip_* architectures run it; OpenAI's own weights were trained with QuickGELU "
+                      "(timm's *_quickgelu_*), which vitkit does not have", stacklevel=4)
     fc_norm = "fc_norm.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -126,7 +140,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         # without a class token there is nothing else to pool.
         pool="mean" if fc_norm or not class_token else "cls",
         final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
-        norm_eps=1e-6,  # timm's LayerNorm default for ViTs
+        pre_norm=pre_norm,
+        norm_eps=TIMM_ARCHITECTURE[dist_token, pre_norm][1],  # CLIP's towers: 1e-5, other timm ViTs: 1e-6
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
 
@@ -162,9 +177,12 @@ def model_args(cfg: ViTConfig) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network."""
     if cfg.final_norm == "none":
         raise ValueError("timm export: final_norm='none' has no timm equivalent used by its checkpoints")
-    if cfg.norm_eps != 1e-6:
+    if cfg.dist_token and cfg.pre_norm:
+        raise ValueError("timm export: no timm ViT has both a distillation token and CLIP's pre-norm")
+    eps = TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][1]
+    if cfg.norm_eps != eps:
         warnings.warn(
-            f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's ViT uses 1e-6; outputs will differ "
+            f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's uses {eps}; outputs will differ "
             f"slightly unless timm is given norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})",
             stacklevel=3,
         )
@@ -173,7 +191,7 @@ def model_args(cfg: ViTConfig) -> dict:
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
-        reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None,
+        reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
 
@@ -202,7 +220,7 @@ def export(model: nn.Module, out: Path) -> Path:
     hub_config = {
         # timm resolves the architecture name (its class: VisionTransformer, or DeiT's distilled one),
         # then model_args override all of its fields.
-        "architecture": TIMM_ARCHITECTURE[cfg.dist_token],
+        "architecture": TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][0],
         "num_classes": cfg.num_classes,
         "num_features": cfg.emb_size,
         "global_pool": args["global_pool"],
