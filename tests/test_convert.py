@@ -198,7 +198,13 @@ def test_timm_clip_image_tower_both_ways(tmp_path):
     (quick / "config.json").write_text(json.dumps(dict(config, architecture="vit_base_patch16_clip_quickgelu_224")))
     with pytest.raises(CheckpointError, match="QuickGELU"):
         vc.load(quick, "timm")
-    for fmt in ("hf", "torchvision", "jax"):
+    # timm's CLIP through vitkit into transformers' (its head, whose bias timm starts at zero, as the projection)
+    assert not ours.head.fc.bias.any()
+    vc.export(ours, tmp_path / "hf", "hf")
+    hf = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_same_logits(hf(x).image_embeds, expected)
+    for fmt in ("torchvision", "jax"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has CLIP's pre-norm"):
             vc.export(ours, tmp_path / f"out-{fmt}", fmt)
 
@@ -359,6 +365,62 @@ def test_hf_dinov2_both_ways(tmp_path, registers):
     head.save_pretrained(tmp_path / "classifier")
     with pytest.raises(CheckpointError, match="a DINOv2 image classifier"):
         vc.load(tmp_path / "classifier", "hf")
+
+
+def hf_clip_vision(cls):
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8, hidden_act="gelu",
+                                        projection_dim=16)
+    return cls(cfg).eval()
+
+
+def test_hf_clip_vision_tower_both_ways(tmp_path):
+    """transformers' CLIP vision tower (pre-norm, no patch bias, post_layernorm on the pooled token):
+    its hidden states and pooled output; with its projection, the image embeddings as vitkit's logits;
+    a whole CLIPModel's vision half; back into transformers; OpenAI's QuickGELU refused."""
+    x = torch.randn(2, 3, 32, 32)
+    tower = hf_clip_vision(transformers.CLIPVisionModel)
+    tower.save_pretrained(tmp_path / "tower")
+    ours = vc.load(tmp_path / "tower", "hf").eval()
+    assert ours.cfg.pre_norm and ours.cfg.final_norm == "pooled" and ours.cfg.num_classes == 0
+    with torch.no_grad():
+        out = tower(x)
+        assert_same_logits(ours.forward_features(x), out.last_hidden_state)
+        assert_same_logits(ours(x), out.pooler_output)
+    vc.export(ours, tmp_path / "tower-back", "hf")
+    with torch.no_grad():
+        assert_same_logits(transformers.CLIPVisionModel.from_pretrained(tmp_path / "tower-back").eval()(x)
+                           .pooler_output, out.pooler_output)
+
+    projected = hf_clip_vision(transformers.CLIPVisionModelWithProjection)
+    projected.save_pretrained(tmp_path / "projected")
+    ours = vc.load(tmp_path / "projected", "hf").eval()
+    with torch.no_grad():
+        embeds = projected(x).image_embeds
+    assert ours.cfg.num_classes == 16
+    assert_same_logits(run(ours, x), embeds)
+    vc.export(ours, tmp_path / "projected-back", "hf")
+    with torch.no_grad():
+        again = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "projected-back").eval()
+        assert_same_logits(again(x).image_embeds, embeds)
+        ours.head.fc.bias.add_(1.0)  # as fine-tuning would: HF's projection has no bias to hold it
+    with pytest.raises(ValueError, match="HF's CLIP projection has no bias"):
+        vc.export(ours, tmp_path / "biased", "hf")
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    whole = transformers.CLIPModel(transformers.CLIPConfig(vision_config=projected.config.to_dict(),
+                                                           text_config=text, projection_dim=16)).eval()
+    whole.save_pretrained(tmp_path / "whole")
+    with pytest.warns(UserWarning, match="its text tower and logit scale"):
+        ours = vc.load(tmp_path / "whole", "hf").eval()
+    with torch.no_grad():  # transformers 5: the projected image embeddings as the pooler output
+        assert_same_logits(run(ours, x), whole.get_image_features(pixel_values=x).pooler_output)
+
+    openai = hf_clip_vision(transformers.CLIPVisionModel)
+    openai.config.hidden_act = "quick_gelu"
+    openai.save_pretrained(tmp_path / "openai")
+    with pytest.raises(CheckpointError, match="QuickGELU"):
+        vc.load(tmp_path / "openai", "hf")
 
 
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):

@@ -46,7 +46,7 @@ BEYOND_PLAIN_VIT = {
     "dist_token": ("DeiT's distillation token (dist_token=True)", ("timm", "hf")),
     "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm", "hf")),
     "layer_scale": ("LayerScale (layer_scale > 0)", ("timm", "hf")),
-    "pre_norm": ("CLIP's pre-norm (pre_norm=True)", ("timm",)),
+    "pre_norm": ("CLIP's pre-norm (pre_norm=True)", ("timm", "hf")),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

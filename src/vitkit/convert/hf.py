@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,8 +38,15 @@ from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, cou
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
 ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
-                "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
+                "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+                "clip_vision_model": "CLIPVisionModel"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
+CLIP = "clip_vision_model"
+# model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
+PREFIX = {**{family: family for family in ARCHITECTURE}, CLIP: "vision_model"}
+# CLIP: (E,) class embedding and (N, E) position table, an nn.Embedding's weight <-> vitkit's (1, 1, E), (1, N, E)
+UNSQUEEZED = Transform("unsqueezed", lambda ts, cfg: ts[0].reshape(1, -1, ts[0].shape[-1]),
+                       lambda t, cfg: [t.reshape(-1, t.shape[-1]) if t.shape[1] > 1 else t.reshape(-1)])
 
 
 def _register_positions(registers: bool) -> Transform:
@@ -103,8 +111,36 @@ def _key_map(family: str) -> KeyMap:
     )
 
 
-# model_type -> its key map; the family is also each key's prefix
-KEYS = {family: _key_map(family) for family in ARCHITECTURE}
+def _clip_key_map() -> KeyMap:
+    """CLIP's vision tower (``CLIPVisionModel``, and ``CLIPVisionModelWithProjection``'s projection as
+    vitkit's classifier, with a zero bias, as timm reads CLIP's): pre-norm, no patch bias, the final
+    LayerNorm on the pooled class token only (vitkit's final_norm="pooled")."""
+    layer = "vision_model.encoder.layers.{i}"
+    return KeyMap(
+        "hf",
+        [
+            rule("patch_embed.projection.weight", "vision_model.embeddings.patch_embedding.weight"),
+            rule("patch_embed.cls_token", "vision_model.embeddings.class_embedding", UNSQUEEZED),
+            rule("patch_embed.positions", "vision_model.embeddings.position_embedding.weight", UNSQUEEZED),
+            rule("patch_embed.norm_pre.{p}", "vision_model.pre_layrnorm.{p}"),  # sic: HF's spelling
+            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.layer_norm1.{{p}}"),
+            rule("encoder.blocks.{i}.attn.qkv.{p}",
+                 tuple(f"{layer}.self_attn.{n}_proj.{{p}}" for n in ("q", "k", "v")), CONCAT_QKV),
+            rule("encoder.blocks.{i}.attn.projection.{p}", f"{layer}.self_attn.out_proj.{{p}}"),
+            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.layer_norm2.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.mlp.fc1.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.fc2.{{p}}"),
+            rule("head.norm.{p}", "vision_model.post_layernorm.{p}"),
+            # timm's CLIP normalises every token (final_norm="tokens"); the pooled class token, all that
+            # HF's post_layernorm sees, comes out the same
+            rule("encoder.norm.{p}", "vision_model.post_layernorm.{p}"),
+            rule("head.fc.{p}", "visual_projection.{p}"),  # its bias: zero, added on reading, checked on export
+        ],
+    )
+
+
+# model_type -> its key map
+KEYS = {family: _clip_key_map() if family == CLIP else _key_map(family) for family in ARCHITECTURE}
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")
@@ -131,13 +167,25 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{directory}: no config.json; a Hugging Face ViT directory has one")
     config = read_json(cfg_file)
     family = config.get("model_type")
-    if family not in KEYS:
-        raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of {', '.join(map(repr, KEYS))}")
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP uses exact 'gelu'")
     state = load_state_dict_file(path) if path.is_file() else _read_weights(directory)
-    if not any(k.startswith(f"{family}.") for k in state):
-        state = {f"{family}.{k}": v for k, v in state.items()}  # a ViTModel/DeiTModel: no prefix
+    if family == "clip":  # a whole CLIPModel: its vision tower and projection
+        config = dict(config.get("vision_config") or {}, model_type=CLIP)
+        family, text = CLIP, [k for k in state if not k.startswith(("vision_model.", "visual_projection."))]
+        state = {k: v for k, v in state.items() if k not in text}
+        warnings.warn(f"{path}: a CLIPModel; its vision tower and projection are read, its text tower and "
+                      f"logit scale ({len(text)} tensors) are not", stacklevel=3)
+    if family not in KEYS:
+        raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
+                              f"{', '.join(map(repr, [*KEYS, 'clip']))}")
+    if config.get("hidden_act", "gelu") != "gelu":
+        why = " (OpenAI's CLIP weights: QuickGELU)" if config["hidden_act"] == "quick_gelu" else ""
+        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}{why}; vitkit's MLP uses exact 'gelu'")
+    prefix = PREFIX[family]
+    if not any(k.startswith(f"{prefix}.") for k in state):
+        state = {f"{prefix}.{k}": v for k, v in state.items()}  # a base model (ViTModel...): no prefix
+    if "visual_projection.weight" in state:  # CLIP's projection has no bias; vitkit's classifier a zero one
+        state["visual_projection.bias"] = state["visual_projection.weight"].new_zeros(
+            state["visual_projection.weight"].shape[0])
     if family == "deit" and "classifier.weight" in state:
         raise CheckpointError(
             f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
@@ -185,7 +233,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     except KeyError as e:
         raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
     family = foreign.layout
-    held = count_blocks(s, rf"{family}\.encoder\.layer\.(\d+)\.")
+    held = count_blocks(s, rf"{PREFIX[family]}\.encoder\.layers?\.(\d+)\.")  # CLIP: layers
     if held != fields["depth"]:  # checked before a model of the claimed depth is built
         raise CheckpointError(f"{foreign.path}: config.json says {fields['depth']} layers, the weights hold {held}")
     return config_with(
@@ -196,9 +244,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         dist_token=family == "deit",
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
+        pre_norm=family == CLIP,
         pool="cls",  # ViTForImageClassification classifies the class token's output
-        final_norm="tokens",
-        num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight") if k in s), 0),
+        final_norm="pooled" if family == CLIP else "tokens",  # CLIP: post_layernorm on the pooled token only
+        num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight",
+                                                   "visual_projection.weight") if k in s), 0),
     )
 
 
@@ -207,6 +257,8 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def _family(cfg: ViTConfig) -> str:
+    if cfg.pre_norm:
+        return CLIP
     if cfg.layer_scale or cfg.reg_tokens:
         return "dinov2_with_registers" if cfg.reg_tokens else "dinov2"
     return "deit" if cfg.dist_token else "vit"
@@ -216,11 +268,16 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
     ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's)."""
     problems = []
+    family = _family(cfg)
     if not cfg.class_token or cfg.pool != "cls":
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
-    if cfg.final_norm != "tokens":
-        problems.append(f"HF ViT normalises all tokens (needs final_norm='tokens', got {cfg.final_norm!r})")
-    family = _family(cfg)
+    # CLIP: post_layernorm on the pooled class token only, which either norm gives it
+    norms = ("pooled", "tokens") if family == CLIP else ("tokens",)
+    if cfg.final_norm not in norms:
+        problems.append(f"HF's {ARCHITECTURE[family]} needs final_norm in {norms}, got {cfg.final_norm!r}")
+    if family == CLIP and (cfg.layer_scale or cfg.reg_tokens or cfg.dist_token or not cfg.qkv_bias):
+        problems.append("HF's CLIP tower has no LayerScale, registers or distillation token, and a qkv bias: "
+                        "export to timm")
     if family in DINOV2:
         if cfg.num_classes:
             problems.append(f"HF's DINOv2 classifier reads the class token and the patch mean side by side, this "
@@ -237,6 +294,16 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
+    if family == CLIP:  # CLIPVisionConfig's own fields; the projection (if any) is the classifier
+        if h != w:
+            raise ValueError(f"hf export: HF's CLIP tower takes square images, this model {h}x{w}")
+        return {
+            "architectures": ["CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"],
+            "model_type": CLIP, "hidden_size": cfg.emb_size, "intermediate_size": cfg.mlp_hidden,
+            "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "num_channels": cfg.in_channels,
+            "image_size": h, "patch_size": cfg.patch_size, "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps,
+            "attention_dropout": 0.0, "projection_dim": cfg.num_classes or 512,
+        }
     dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
@@ -274,6 +341,10 @@ def export(model: nn.Module, out: Path) -> Path:
         state["patch_embed.reg_token"] = state["patch_embed.reg_token"] + positions[:, 1:1 + cfg.reg_tokens]
     family = _family(cfg)
     state = KEYS[family].from_vitkit(state, cfg)
+    bias = state.pop("visual_projection.bias", None)
+    if bias is not None and bias.any():  # CLIP's projection has none: only a zero one is exact
+        raise ValueError("hf export: HF's CLIP projection has no bias, this model's classifier has a nonzero one "
+                         "(trained): export to timm, or keep num_classes=0 (features)")
     if family in DINOV2:  # masked image modelling's token, unused in a forward pass: zeros, as HF initialises it
         state[f"{family}.embeddings.mask_token"] = torch.zeros(1, cfg.emb_size)
     preprocess = getattr(model, "preprocess", None) or {}
