@@ -14,6 +14,8 @@ DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type "dinov2" and
 "dinov2_with_registers") names its block parts ``norm1``, ``mlp.fc1``, ``layer_scale1.lambda1``...
 (vitkit's ``layer_scale``) and gives its registers no positions: vitkit's zero rows for them; on
 export, position rows the registers learned are added to the register tokens, which is the same.
+CLIP's vision tower (model_type "clip_vision_model", or a whole "clip" model's ``vision_model``) is
+pre-norm (vitkit's ``pre_norm``), with its bias-free ``visual_projection`` as the classifier.
 
 Everything about the architecture comes from the directory's ``config.json``
 (hidden_size, num_attention_heads, image_size, patch_size, num_channels, layer_norm_eps,
