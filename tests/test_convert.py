@@ -177,8 +177,9 @@ def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
 
 def test_timm_clip_image_tower_both_ways(tmp_path):
     """CLIP's tower (timm's pre_norm: a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5):
-    timm's logits from a bare file and back through a hub dir; a QuickGELU tower (OpenAI's weights as
-    timm's *_quickgelu_* run them) refused where its config says so; no other format holds it."""
+    timm's logits from a bare file and back through a hub dir and into transformers; a QuickGELU tower
+    (OpenAI's weights, timm's *_quickgelu_*) from a hub dir that says so, or a bare file and
+    mlp_act="quick_gelu"; torchvision and JAX refuse both."""
     theirs = timm_vit("vit_base_patch16_clip_224", num_classes=5)
     x = torch.randn(2, 3, 224, 224)
     expected = run(theirs, x)
@@ -192,12 +193,20 @@ def test_timm_clip_image_tower_both_ways(tmp_path):
                     == sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters()))
     vc.export(ours, tmp_path / "hubdir", "timm")
     assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
-    quick = tmp_path / "quickgelu"
-    vc.export(ours, quick, "timm")
-    config = json.loads((quick / "config.json").read_text())
-    (quick / "config.json").write_text(json.dumps(dict(config, architecture="vit_base_patch16_clip_quickgelu_224")))
-    with pytest.raises(CheckpointError, match="QuickGELU"):
-        vc.load(quick, "timm")
+    openai = timm_vit("vit_base_patch16_clip_quickgelu_224", num_classes=5)
+    with torch.no_grad():
+        openai.load_state_dict(theirs.state_dict())  # the same weights: only the activation differs
+    quick_expected = run(openai, x)
+    assert (quick_expected - expected).abs().max() > 1e-3
+    quick = vc.load(tmp_path / "w.safetensors", "timm", model="vit_base_patch16_clip_224", mlp_act="quick_gelu")
+    assert_same_logits(run(quick, x), quick_expected)
+    vc.export(quick, tmp_path / "quick", "timm")
+    config = json.loads((tmp_path / "quick" / "config.json").read_text())
+    assert config["model_args"]["act_layer"] == "quick_gelu"
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'quick'}", pretrained=True), x), quick_expected)
+    (tmp_path / "quick" / "config.json").write_text(json.dumps(dict(  # as timm's own hub config names it
+        config, architecture="vit_base_patch16_clip_quickgelu_224", model_args={"num_classes": 5})))
+    assert vc.load(tmp_path / "quick", "timm").cfg.mlp_act == "quick_gelu"
     # timm's CLIP through vitkit into transformers' (its head, whose bias timm starts at zero, as the projection)
     assert not ours.head.fc.bias.any()
     vc.export(ours, tmp_path / "hf", "hf")
@@ -207,6 +216,8 @@ def test_timm_clip_image_tower_both_ways(tmp_path):
     for fmt in ("torchvision", "jax"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has CLIP's pre-norm"):
             vc.export(ours, tmp_path / f"out-{fmt}", fmt)
+        with pytest.raises(ValueError, match=f"target format {fmt}: this model has QuickGELU"):
+            vc.export(create_model("vit_tiny_patch16_224", mlp_act="quick_gelu"), tmp_path / f"out-{fmt}", fmt)
 
 
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
@@ -416,11 +427,19 @@ def test_hf_clip_vision_tower_both_ways(tmp_path):
     with torch.no_grad():  # transformers 5: the projected image embeddings as the pooler output
         assert_same_logits(run(ours, x), whole.get_image_features(pixel_values=x).pooler_output)
 
-    openai = hf_clip_vision(transformers.CLIPVisionModel)
-    openai.config.hidden_act = "quick_gelu"
+    # OpenAI's CLIP (QuickGELU): the same weights give other outputs, which vitkit reproduces
+    openai = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**dict(tower.config.to_dict(),
+                                                                             hidden_act="quick_gelu"))).eval()
+    openai.load_state_dict(tower.state_dict())
     openai.save_pretrained(tmp_path / "openai")
-    with pytest.raises(CheckpointError, match="QuickGELU"):
-        vc.load(tmp_path / "openai", "hf")
+    ours = vc.load(tmp_path / "openai", "hf").eval()
+    with torch.no_grad():
+        quick = openai(x).pooler_output
+        assert (quick - out.pooler_output).abs().max() > 1e-3  # the activation alone moves the output
+        assert ours.cfg.mlp_act == "quick_gelu"
+        assert_same_logits(ours(x), quick)
+    vc.export(ours, tmp_path / "openai-back", "hf")
+    assert json.loads((tmp_path / "openai-back" / "config.json").read_text())["hidden_act"] == "quick_gelu"
 
 
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):

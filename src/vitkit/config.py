@@ -16,6 +16,7 @@ from dataclasses import dataclass
 POOLS = ("cls", "mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
+MLP_ACTS = ("gelu", "quick_gelu")
 
 
 def _is_int(value) -> bool:
@@ -68,6 +69,9 @@ class ViTConfig:
     # CLIP's image tower (timm's pre_norm): a LayerNorm on the tokens before the first block
     # (patch_embed.norm_pre), and a patch projection without bias
     pre_norm: bool = False
+    # the MLP's activation: "gelu" (exact, erf) or "quick_gelu", x * sigmoid(1.702 x), which OpenAI's
+    # CLIP weights were trained with
+    mlp_act: str = "gelu"
     pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
@@ -146,6 +150,8 @@ class ViTConfig:
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"ViTConfig.stem: 'conv' halves the image per conv, so patch_size must be a "
                              f"power of 2 (>= 2), got {self.patch_size}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"ViTConfig.mlp_act: expected one of {MLP_ACTS}, got {self.mlp_act!r}")
         if self.pool not in POOLS:
             raise ValueError(f"ViTConfig.pool: expected one of {POOLS}, got {self.pool!r}")
         if self.final_norm not in FINAL_NORMS:
@@ -248,6 +254,9 @@ def _table() -> dict[str, dict]:
     for size, patch in (("base", 32), ("base", 16), ("large", 14)):
         table[f"vit_{size}_patch{patch}_clip_224"] = dict(**SIZES[size], **dict(TIMM_STYLE, norm_eps=1e-5),
                                                           patch_size=patch, img_size=224, pre_norm=True)
+        # OpenAI's own weights: QuickGELU
+        table[f"vit_{size}_patch{patch}_clip_quickgelu_224"] = dict(table[f"vit_{size}_patch{patch}_clip_224"],
+                                                                    mlp_act="quick_gelu")
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -708,14 +708,22 @@ class LayerScale(nn.Module):
         return f"{self.gamma.shape[0]}"
 
 
-class FeedForwardBlock(nn.Module):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
 
-    def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class FeedForwardBlock(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention (``act="quick_gelu"``:
+    CLIP's QuickGELU in GELU's place)."""
+
+    def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0, act: str = "gelu"):
         super().__init__()
         hidden = int(emb_size * expansion)
         self.fc1 = nn.Linear(emb_size, hidden)
-        self.act = nn.GELU()
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.drop1 = nn.Dropout(drop_p)
         self.fc2 = nn.Linear(hidden, emb_size)
         self.drop2 = nn.Dropout(drop_p)
@@ -762,13 +770,14 @@ class TransformerEncoderBlock(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
         layer_scale: float = 0.0,
+        mlp_act: str = "gelu",
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p)
         self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
-        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p)
+        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act)
         self.ls2 = LayerScale(emb_size, layer_scale) if layer_scale else None
         self.drop_path = DropPath(drop_path)
 
@@ -812,6 +821,7 @@ __all__ = [
     "MultiHeadAttention",
     "ResidualAdd",
     "LayerScale",
+    "QuickGELU",
     "FeedForwardBlock",
     "TransformerEncoderBlock",
     "DropPath",

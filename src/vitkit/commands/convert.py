@@ -8,6 +8,7 @@ import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..config import MLP_ACTS
     from ..convert import EXPORT_FORMATS, IMPORT_FORMATS
 
     p = sub.add_parser(
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", dest="dst_fmt", default="vitkit", choices=EXPORT_FORMATS, help="the target format")
     p.add_argument("--model", help="a vitkit variant name (see `vitkit models`) giving the number of heads")
     p.add_argument("--num-heads", type=int, help="the number of attention heads of the source model")
+    p.add_argument("--mlp-act", choices=MLP_ACTS, help="the source model's MLP activation, where its file does not "
+                   "say: quick_gelu for OpenAI's CLIP weights in a bare timm file")
     p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
                    help="resample the position table for this image size (one value: square)")
     p.add_argument("--num-classes", type=int, help="a new, freshly initialised classifier with N classes")
@@ -43,7 +46,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if len(args.img_size) > 2:
             raise ValueError(f"--img-size: expected H or H W, got {len(args.img_size)} values {args.img_size}")
         img_size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
-    overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("mlp_act", args.mlp_act)) if v is not None}
     # Warnings (assumed heads, a re-initialised head, dropped tensors) are part of the answer: print them plainly.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -47,10 +47,11 @@ BEYOND_PLAIN_VIT = {
     "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm", "hf")),
     "layer_scale": ("LayerScale (layer_scale > 0)", ("timm", "hf")),
     "pre_norm": ("CLIP's pre-norm (pre_norm=True)", ("timm", "hf")),
+    "mlp_act": ("QuickGELU (mlp_act='quick_gelu')", ("timm", "hf")),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.
-SOURCE_FIELDS = ("num_heads", "pool", "norm_eps")
+SOURCE_FIELDS = ("num_heads", "pool", "norm_eps", "mlp_act")
 
 
 # --- transforms -----------------------------------------------------------------------------
@@ -321,8 +322,9 @@ def export(model, out: str | os.PathLike, fmt: str) -> Path:
     if model.cfg.stem != "patch":
         raise ValueError(f"target format {fmt}: this model has a convolutional stem (stem={model.cfg.stem!r}), "
                          f"which a {fmt} ViT cannot hold; save it in vitkit's format instead")
+    plain = ViTConfig()
     for part, (describe, formats) in BEYOND_PLAIN_VIT.items():
-        if getattr(model.cfg, part) and fmt not in formats:
+        if getattr(model.cfg, part) != getattr(plain, part) and fmt not in formats:
             raise ValueError(f"target format {fmt}: this model has {describe}, which a {fmt} ViT cannot hold; "
                              f"save it in {' or '.join(('vitkit', *formats))} format instead")
     return module.export(model, Path(out))

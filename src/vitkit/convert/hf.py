@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
-from ..config import ViTConfig
+from ..config import MLP_ACTS, ViTConfig
 from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, rule
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
@@ -179,9 +179,8 @@ def read(path: Path) -> Foreign:
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
                               f"{', '.join(map(repr, [*KEYS, 'clip']))}")
-    if config.get("hidden_act", "gelu") != "gelu":
-        why = " (OpenAI's CLIP weights: QuickGELU)" if config["hidden_act"] == "quick_gelu" else ""
-        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}{why}; vitkit's MLP uses exact 'gelu'")
+    if config.get("hidden_act", "gelu") not in MLP_ACTS:
+        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP uses one of {MLP_ACTS}")
     prefix = PREFIX[family]
     if not any(k.startswith(f"{prefix}.") for k in state):
         state = {f"{prefix}.{k}": v for k, v in state.items()}  # a base model (ViTModel...): no prefix
@@ -247,6 +246,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
         pre_norm=family == CLIP,
+        mlp_act=c.get("hidden_act", "gelu"),  # HF's names and vitkit's are the same: gelu, quick_gelu
         pool="cls",  # ViTForImageClassification classifies the class token's output
         final_norm="pooled" if family == CLIP else "tokens",  # CLIP: post_layernorm on the pooled token only
         num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight",
@@ -303,7 +303,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
             "architectures": ["CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"],
             "model_type": CLIP, "hidden_size": cfg.emb_size, "intermediate_size": cfg.mlp_hidden,
             "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "num_channels": cfg.in_channels,
-            "image_size": h, "patch_size": cfg.patch_size, "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps,
+            "image_size": h, "patch_size": cfg.patch_size, "hidden_act": cfg.mlp_act, "layer_norm_eps": cfg.norm_eps,
             "attention_dropout": 0.0, "projection_dim": cfg.num_classes or 512,
         }
     dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
@@ -315,7 +315,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.mlp_hidden,
-        "hidden_act": "gelu",
+        "hidden_act": cfg.mlp_act,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,

@@ -101,14 +101,13 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
     num_patches = patch_positions(foreign)
     pre_norm = "norm_pre.weight" in s
-    if pre_norm and ("quickgelu" in str(foreign.config.get("architecture", ""))
-                     or "quick" in str(foreign.config.get("model_args", {}).get("act_layer", ""))):
-        raise CheckpointError(f"{src}: a CLIP tower with QuickGELU (OpenAI's weights, timm's *_quickgelu_*); "
-                              "vitkit's MLP uses exact GELU")
-    if pre_norm and not foreign.config:
+    quick_gelu = ("quickgelu" in str(foreign.config.get("architecture", ""))
+                  or "quick" in str(foreign.config.get("model_args", {}).get("act_layer", "")))
+    if pre_norm and not foreign.config and "mlp_act" not in base:
         warnings.warn(f"{src}: a CLIP image tower (norm_pre), read with LayerNorm eps 1e-5 and exact GELU, as "
                       "timm's *_clip_* architectures run it; OpenAI's own weights were trained with QuickGELU "
-                      "(timm's *_quickgelu_*), which vitkit does not have", stacklevel=4)
+                      "(timm's *_quickgelu_*): pass mlp_act='quick_gelu' (--mlp-act quick_gelu) for those",
+                      stacklevel=4)
     fc_norm = "fc_norm.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -141,6 +140,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         pool="mean" if fc_norm or not class_token else "cls",
         final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
         pre_norm=pre_norm,
+        mlp_act="quick_gelu" if quick_gelu else "gelu",
         norm_eps=TIMM_ARCHITECTURE[dist_token, pre_norm][1],  # CLIP's towers: 1e-5, other timm ViTs: 1e-6
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
@@ -192,6 +192,7 @@ def model_args(cfg: ViTConfig) -> dict:
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
         reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
+        act_layer=cfg.mlp_act,  # timm's names for both: "gelu", "quick_gelu"
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
 
