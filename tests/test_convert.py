@@ -442,6 +442,51 @@ def test_hf_clip_vision_tower_both_ways(tmp_path):
     assert json.loads((tmp_path / "openai-back" / "config.json").read_text())["hidden_act"] == "quick_gelu"
 
 
+def test_siglip_towers_between_timm_and_hf(tmp_path):
+    """SigLIP's tower: no class token, attention pooling (a learned query over every token, then an
+    MLP; vitkit's pool="map"), GELU's tanh form in transformers. transformers' SiglipVisionModel:
+    hidden states and pooled output, back into transformers (its pooling head's fused in_proj split
+    and fused again); timm's SigLIP with a classifier after the pooling, both ways; timm's through
+    vitkit into transformers."""
+    cfg = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=32, patch_size=8)
+    theirs = transformers.SiglipVisionModel(cfg).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = theirs(x)
+    ours = vc.load(tmp_path / "hf", "hf").eval()
+    assert (ours.cfg.class_token, ours.cfg.pool, ours.cfg.mlp_act) == (False, "map", "gelu_tanh")
+    with torch.no_grad():
+        assert_same_logits(ours.forward_features(x), out.last_hidden_state)
+        assert_same_logits(ours(x), out.pooler_output)
+    vc.export(ours, tmp_path / "back", "hf")
+    with torch.no_grad():
+        again = transformers.SiglipVisionModel.from_pretrained(tmp_path / "back").eval()
+        assert_same_logits(again(x).pooler_output, out.pooler_output)
+
+    peer = timm_vit("vit_base_patch16_siglip_224", num_classes=5)
+    x = torch.randn(2, 3, 224, 224)
+    expected = run(peer, x)
+    mine = vc.load(save_timm(peer, tmp_path / "w.safetensors"), "timm", model="vit_base_patch16_siglip_224")
+    assert mine.cfg.pool == "map" and mine.cfg.mlp_act == "gelu"  # timm runs SigLIP with exact GELU
+    with torch.device("meta"):  # the variant table's SigLIP towers are timm's
+        for name in ("vit_base_patch16_siglip_224", "vit_so400m_patch14_siglip_224"):
+            assert (sum(p.numel() for p in create_model(name).parameters())
+                    == sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters()))
+    assert_same_logits(run(mine, x), expected)
+    vc.export(mine, tmp_path / "hubdir", "timm")
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+    with pytest.raises(ValueError, match="HF's SigLIP tower pools by attention .* and has no classifier"):
+        vc.export(mine, tmp_path / "classifier", "hf")
+    mine.reset_classifier(0)
+    vc.export(mine, tmp_path / "features", "hf")
+    with torch.no_grad():
+        hf = transformers.SiglipVisionModel.from_pretrained(tmp_path / "features").eval()
+        assert hf.config.hidden_act == "gelu"
+        assert_same_logits(hf(x).pooler_output, peer.forward_head(peer.forward_features(x), pre_logits=True))
+
+
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
     base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
     base.save_pretrained(tmp_path / "base")

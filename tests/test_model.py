@@ -35,6 +35,8 @@ def expected_params(cfg: ViTConfig) -> int:
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
     final_norm = 2 * e if cfg.final_norm != "none" else 0
     head = (cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
+    if cfg.pool == "map":  # latent, q, kv, proj, LayerNorm, MLP
+        head += e + (e * e + e) + (2 * e * e + 2 * e) + (e * e + e) + 2 * e + (e * h + h) + (h * e + e)
     return embed + cfg.depth * block + final_norm + head
 
 

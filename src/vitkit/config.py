@@ -13,10 +13,10 @@ import math
 import numbers
 from dataclasses import dataclass
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "map")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
-MLP_ACTS = ("gelu", "quick_gelu")
+MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh")
 
 
 def _is_int(value) -> bool:
@@ -69,10 +69,12 @@ class ViTConfig:
     # CLIP's image tower (timm's pre_norm): a LayerNorm on the tokens before the first block
     # (patch_embed.norm_pre), and a patch projection without bias
     pre_norm: bool = False
-    # the MLP's activation: "gelu" (exact, erf) or "quick_gelu", x * sigmoid(1.702 x), which OpenAI's
-    # CLIP weights were trained with
+    # the MLP's activation: "gelu" (exact, erf), "quick_gelu", x * sigmoid(1.702 x), which OpenAI's
+    # CLIP weights were trained with, or "gelu_tanh", GELU's tanh approximation (SigLIP's)
     mlp_act: str = "gelu"
-    pool: str = "mean"  # "cls": the class token's output; "mean": mean of the patch tokens
+    # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
+    # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map")
+    pool: str = "mean"
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
     num_classes: int = 1000  # 0 gives a model without a classifier (features only)
@@ -257,6 +259,12 @@ def _table() -> dict[str, dict]:
         # OpenAI's own weights: QuickGELU
         table[f"vit_{size}_patch{patch}_clip_quickgelu_224"] = dict(table[f"vit_{size}_patch{patch}_clip_224"],
                                                                     mlp_act="quick_gelu")
+    # SigLIP's towers (Zhai et al. 2023; timm's *_siglip_*): no class token, attention pooling; timm runs
+    # them with exact GELU (transformers with its tanh form, which their HF files then say)
+    siglip = dict(class_token=False, pool="map", final_norm="tokens", norm_eps=1e-6, num_classes=0)
+    table["vit_base_patch16_siglip_224"] = dict(**SIZES["base"], **siglip, patch_size=16, img_size=224)
+    table["vit_so400m_patch14_siglip_224"] = dict(emb_size=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152,
+                                                  **siglip, patch_size=14, img_size=224)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -723,7 +723,7 @@ class FeedForwardBlock(nn.Module):
         super().__init__()
         hidden = int(emb_size * expansion)
         self.fc1 = nn.Linear(emb_size, hidden)
-        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.drop1 = nn.Dropout(drop_p)
         self.fc2 = nn.Linear(hidden, emb_size)
         self.drop2 = nn.Dropout(drop_p)
@@ -750,6 +750,32 @@ class FeedForwardBlock(nn.Module):
         if not _stock(self.act, nn.GELU) or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
             return None
         return next(name for name, approximate in LEAN_GELUS.items() if approximate == self.act.approximate)
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (Lee et al. 2019; SigLIP's head, timm's ``AttentionPoolLatent``):
+    a learned query attends over every token, and an MLP refines the result, (B, N, E) -> (B, E).
+    Its parameter names are timm's."""
+
+    def __init__(self, emb_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
+                 act: str = "gelu"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.latent = nn.Parameter(trunc_normal_(torch.empty(1, 1, emb_size), std=emb_size**-0.5))
+        self.q = nn.Linear(emb_size, emb_size)
+        self.kv = nn.Linear(emb_size, 2 * emb_size)
+        self.proj = nn.Linear(emb_size, emb_size)
+        self.norm = nn.LayerNorm(emb_size, eps=norm_eps)
+        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, e = x.shape
+        h, d = self.num_heads, e // self.num_heads
+        q = self.q(self.latent).reshape(1, 1, h, d).transpose(1, 2).expand(b, -1, -1, -1)  # (B, h, 1, d)
+        k, v = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d)
+        pooled = F.scaled_dot_product_attention(q, k, v).reshape(b, e)  # (B, h, 1, d) -> (B, E)
+        pooled = self.proj(pooled)
+        return pooled + self.mlp(self.norm(pooled))
 
 
 class TransformerEncoderBlock(nn.Module):
@@ -822,6 +848,7 @@ __all__ = [
     "ResidualAdd",
     "LayerScale",
     "QuickGELU",
+    "AttentionPool",
     "FeedForwardBlock",
     "TransformerEncoderBlock",
     "DropPath",

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ViTConfig, get_config
-from .layers import PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights
+from .layers import AttentionPool, PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights
 
 
 class TransformerEncoder(nn.Module):
@@ -48,10 +48,12 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean",
                  num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0,
-                 dist: bool = False):
+                 dist: bool = False, num_heads: int = 8, mlp_ratio: float = 4.0, mlp_act: str = "gelu"):
         super().__init__()
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
+        # pool="map": attention pooling over every token (SigLIP), with the blocks' heads, MLP and norm eps
+        self.attn_pool = AttentionPool(emb_size, num_heads, mlp_ratio, norm_eps, mlp_act) if pool == "map" else None
         self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else nn.Identity()
         self.drop = nn.Dropout(drop)
         self.fc = nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()
@@ -63,6 +65,8 @@ class ClassificationHead(nn.Module):
     def pool_tokens(self, x: Tensor) -> Tensor:
         if self.pool == "cls":
             return x[:, 0]  # (B, N, E) -> (B, E)
+        if self.attn_pool is not None:
+            return self.attn_pool(x)  # (B, N, E) -> (B, E)
         # Mean over patch tokens only, as timm's global_pool="avg" (the seed also averaged the class token).
         return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
 
@@ -102,6 +106,7 @@ class ViT(nn.Module):
         self.head = ClassificationHead(
             cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
             norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate, dist=cfg.dist_token,
+            num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_act=cfg.mlp_act,
         )
         self.apply(init_weights)
 

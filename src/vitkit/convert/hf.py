@@ -35,17 +35,21 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
-from ..config import MLP_ACTS, ViTConfig
+from ..config import ViTConfig
 from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, rule
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
 ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
                 "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
-                "clip_vision_model": "CLIPVisionModel"}
+                "clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
-CLIP = "clip_vision_model"
+CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
+# a whole image-text model's model_type -> its vision tower's
+TOWERS = {"clip": CLIP, "siglip": SIGLIP}
 # model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
-PREFIX = {**{family: family for family in ARCHITECTURE}, CLIP: "vision_model"}
+PREFIX = {**{family: family for family in ARCHITECTURE}, CLIP: "vision_model", SIGLIP: "vision_model"}
+# HF's activation names -> vitkit's mlp_act
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 # CLIP: (E,) class embedding and (N, E) position table, an nn.Embedding's weight <-> vitkit's (1, 1, E), (1, N, E)
 UNSQUEEZED = Transform("unsqueezed", lambda ts, cfg: ts[0].reshape(1, -1, ts[0].shape[-1]),
                        lambda t, cfg: [t.reshape(-1, t.shape[-1]) if t.shape[1] > 1 else t.reshape(-1)])
@@ -113,18 +117,40 @@ def _key_map(family: str) -> KeyMap:
     )
 
 
-def _clip_key_map() -> KeyMap:
-    """CLIP's vision tower (``CLIPVisionModel``, and ``CLIPVisionModelWithProjection``'s projection as
-    vitkit's classifier, with a zero bias, as timm reads CLIP's): pre-norm, no patch bias, the final
-    LayerNorm on the pooled class token only (vitkit's final_norm="pooled")."""
+def _tower_key_map(family: str) -> KeyMap:
+    """CLIP's and SigLIP's vision towers, one block layout. CLIP (``CLIPVisionModel``, and
+    ``CLIPVisionModelWithProjection``'s projection as vitkit's classifier, with a zero bias, as timm
+    reads CLIP's): pre-norm, no patch bias, the final LayerNorm on the pooled class token only
+    (vitkit's final_norm="pooled"). SigLIP (``SiglipVisionModel``): no class token, the final
+    LayerNorm on every token, attention pooling (vitkit's pool="map") whose fused in_proj is read as
+    separate q and kv projections (``read``; ``export`` fuses them again)."""
     layer = "vision_model.encoder.layers.{i}"
+    embeddings = "vision_model.embeddings"
+    if family == CLIP:
+        stem = [rule("patch_embed.projection.weight", f"{embeddings}.patch_embedding.weight"),
+                rule("patch_embed.cls_token", f"{embeddings}.class_embedding", UNSQUEEZED),
+                rule("patch_embed.norm_pre.{p}", "vision_model.pre_layrnorm.{p}")]  # sic: HF's spelling
+        head = [rule("head.norm.{p}", "vision_model.post_layernorm.{p}"),
+                # timm's CLIP normalises every token (final_norm="tokens"); the pooled class token, all
+                # that HF's post_layernorm sees, comes out the same
+                rule("encoder.norm.{p}", "vision_model.post_layernorm.{p}"),
+                rule("head.fc.{p}", "visual_projection.{p}")]  # its bias: zero, added on reading, checked on export
+    else:
+        pool = "vision_model.head"
+        stem = [rule("patch_embed.projection.{p}", f"{embeddings}.patch_embedding.{{p}}")]
+        head = [rule("encoder.norm.{p}", "vision_model.post_layernorm.{p}"),
+                rule("head.attn_pool.latent", f"{pool}.probe"),
+                rule("head.attn_pool.q.{p}", f"{pool}.attention.q_proj.{{p}}"),  # in_proj's rows, split on reading
+                rule("head.attn_pool.kv.{p}", f"{pool}.attention.kv_proj.{{p}}"),
+                rule("head.attn_pool.proj.{p}", f"{pool}.attention.out_proj.{{p}}"),
+                rule("head.attn_pool.norm.{p}", f"{pool}.layernorm.{{p}}"),
+                rule("head.attn_pool.mlp.fc1.{p}", f"{pool}.mlp.fc1.{{p}}"),
+                rule("head.attn_pool.mlp.fc2.{p}", f"{pool}.mlp.fc2.{{p}}")]
     return KeyMap(
         "hf",
         [
-            rule("patch_embed.projection.weight", "vision_model.embeddings.patch_embedding.weight"),
-            rule("patch_embed.cls_token", "vision_model.embeddings.class_embedding", UNSQUEEZED),
-            rule("patch_embed.positions", "vision_model.embeddings.position_embedding.weight", UNSQUEEZED),
-            rule("patch_embed.norm_pre.{p}", "vision_model.pre_layrnorm.{p}"),  # sic: HF's spelling
+            *stem,
+            rule("patch_embed.positions", f"{embeddings}.position_embedding.weight", UNSQUEEZED),
             rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.layer_norm1.{{p}}"),
             rule("encoder.blocks.{i}.attn.qkv.{p}",
                  tuple(f"{layer}.self_attn.{n}_proj.{{p}}" for n in ("q", "k", "v")), CONCAT_QKV),
@@ -132,17 +158,15 @@ def _clip_key_map() -> KeyMap:
             rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.layer_norm2.{{p}}"),
             rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.mlp.fc1.{{p}}"),
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.fc2.{{p}}"),
-            rule("head.norm.{p}", "vision_model.post_layernorm.{p}"),
-            # timm's CLIP normalises every token (final_norm="tokens"); the pooled class token, all that
-            # HF's post_layernorm sees, comes out the same
-            rule("encoder.norm.{p}", "vision_model.post_layernorm.{p}"),
-            rule("head.fc.{p}", "visual_projection.{p}"),  # its bias: zero, added on reading, checked on export
+            *head,
         ],
     )
 
 
 # model_type -> its key map
-KEYS = {family: _clip_key_map() if family == CLIP else _key_map(family) for family in ARCHITECTURE}
+KEYS = {family: _tower_key_map(family) if family in (CLIP, SIGLIP) else _key_map(family) for family in ARCHITECTURE}
+# SigLIP's pooling head: nn.MultiheadAttention's fused in_proj (q, k, v rows) <-> vitkit's q and kv
+SIGLIP_IN_PROJ = "vision_model.head.attention.in_proj_{}"
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")
@@ -170,20 +194,28 @@ def read(path: Path) -> Foreign:
     config = read_json(cfg_file)
     family = config.get("model_type")
     state = load_state_dict_file(path) if path.is_file() else _read_weights(directory)
-    if family == "clip":  # a whole CLIPModel: its vision tower and projection
-        config = dict(config.get("vision_config") or {}, model_type=CLIP)
-        family, text = CLIP, [k for k in state if not k.startswith(("vision_model.", "visual_projection."))]
+    if family in TOWERS:  # a whole CLIPModel / SiglipModel: its vision tower (and CLIP's projection)
+        whole, family = family, TOWERS[family]
+        config = dict(config.get("vision_config") or {}, model_type=family)
+        text = [k for k in state if not k.startswith(("vision_model.", "visual_projection."))]
         state = {k: v for k, v in state.items() if k not in text}
-        warnings.warn(f"{path}: a CLIPModel; its vision tower and projection are read, its text tower and "
-                      f"logit scale ({len(text)} tensors) are not", stacklevel=3)
+        warnings.warn(f"{path}: a whole {whole} model; its vision tower is read, its text tower and logit "
+                      f"scale ({len(text)} tensors) are not", stacklevel=3)
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
-                              f"{', '.join(map(repr, [*KEYS, 'clip']))}")
-    if config.get("hidden_act", "gelu") not in MLP_ACTS:
-        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP uses one of {MLP_ACTS}")
+                              f"{', '.join(map(repr, [*KEYS, *TOWERS]))}")
+    if config.get("hidden_act", "gelu") not in HF_ACTS:
+        raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
+                              f"{tuple(HF_ACTS)}")
     prefix = PREFIX[family]
     if not any(k.startswith(f"{prefix}.") for k in state):
         state = {f"{prefix}.{k}": v for k, v in state.items()}  # a base model (ViTModel...): no prefix
+    for part in ("weight", "bias"):  # SigLIP's pooling head: split its fused q, k, v projection
+        fused = state.pop(SIGLIP_IN_PROJ.format(part), None)
+        if fused is not None:
+            q, kv = fused.split([fused.shape[0] // 3, 2 * fused.shape[0] // 3])
+            state[f"vision_model.head.attention.q_proj.{part}"] = q
+            state[f"vision_model.head.attention.kv_proj.{part}"] = kv
     if "visual_projection.weight" in state:  # CLIP's projection has no bias; vitkit's classifier a zero one
         state["visual_projection.bias"] = state["visual_projection.weight"].new_zeros(
             state["visual_projection.weight"].shape[0])
@@ -241,13 +273,15 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         base,
         foreign.path,
         **fields,
-        class_token=True,
         dist_token=family == "deit",
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
         pre_norm=family == CLIP,
-        mlp_act=c.get("hidden_act", "gelu"),  # HF's names and vitkit's are the same: gelu, quick_gelu
-        pool="cls",  # ViTForImageClassification classifies the class token's output
+        mlp_act=HF_ACTS[c.get("hidden_act", "gelu")],
+        class_token=family != SIGLIP,
+        # ViTForImageClassification classifies the class token's output; SigLIP pools by attention
+        # (without its head, vision_use_head=False: the mean of the tokens, as features)
+        pool=("map" if "vision_model.head.probe" in s else "mean") if family == SIGLIP else "cls",
         final_norm="pooled" if family == CLIP else "tokens",  # CLIP: post_layernorm on the pooled token only
         num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight",
                                                    "visual_projection.weight") if k in s), 0),
@@ -261,6 +295,8 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 def _family(cfg: ViTConfig) -> str:
     if cfg.pre_norm:
         return CLIP
+    if not cfg.class_token:  # attention pooling, or features alone: SigLIP's tower
+        return SIGLIP
     if cfg.layer_scale or cfg.reg_tokens:
         return "dinov2_with_registers" if cfg.reg_tokens else "dinov2"
     return "deit" if cfg.dist_token else "vit"
@@ -271,7 +307,14 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's)."""
     problems = []
     family = _family(cfg)
-    if not cfg.class_token or cfg.pool != "cls":
+    if family == SIGLIP:
+        if cfg.pool not in ("map", "mean") or cfg.num_classes:
+            problems.append(f"HF's SigLIP tower pools by attention (or not at all) and has no classifier, this model "
+                            f"has pool={cfg.pool!r} and {cfg.num_classes} classes: export its features "
+                            "(num_classes=0), or export to timm")
+        if cfg.layer_scale or cfg.reg_tokens or not cfg.qkv_bias:
+            problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
+    elif not cfg.class_token or cfg.pool != "cls":
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
     # CLIP: post_layernorm on the pooled class token only, which either norm gives it
     norms = ("pooled", "tokens") if family == CLIP else ("tokens",)
@@ -296,6 +339,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
+    act = next(hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act)
     if family == CLIP:  # CLIPVisionConfig's own fields; the projection (if any) is the classifier
         if h != w:
             raise ValueError(f"hf export: HF's CLIP tower takes square images, this model {h}x{w}")
@@ -303,8 +347,17 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
             "architectures": ["CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"],
             "model_type": CLIP, "hidden_size": cfg.emb_size, "intermediate_size": cfg.mlp_hidden,
             "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "num_channels": cfg.in_channels,
-            "image_size": h, "patch_size": cfg.patch_size, "hidden_act": cfg.mlp_act, "layer_norm_eps": cfg.norm_eps,
+            "image_size": h, "patch_size": cfg.patch_size, "hidden_act": act, "layer_norm_eps": cfg.norm_eps,
             "attention_dropout": 0.0, "projection_dim": cfg.num_classes or 512,
+        }
+    if family == SIGLIP:  # SiglipVisionConfig's own fields; vision_use_head: the attention pooling
+        if h != w:
+            raise ValueError(f"hf export: HF's SigLIP tower takes square images, this model {h}x{w}")
+        return {
+            "architectures": ["SiglipVisionModel"], "model_type": SIGLIP, "hidden_size": cfg.emb_size,
+            "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+            "num_channels": cfg.in_channels, "image_size": h, "patch_size": cfg.patch_size, "hidden_act": act,
+            "layer_norm_eps": cfg.norm_eps, "attention_dropout": 0.0, "vision_use_head": cfg.pool == "map",
         }
     dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
@@ -315,7 +368,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.mlp_hidden,
-        "hidden_act": cfg.mlp_act,
+        "hidden_act": act,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
@@ -343,6 +396,10 @@ def export(model: nn.Module, out: Path) -> Path:
         state["patch_embed.reg_token"] = state["patch_embed.reg_token"] + positions[:, 1:1 + cfg.reg_tokens]
     family = _family(cfg)
     state = KEYS[family].from_vitkit(state, cfg)
+    for part in ("weight", "bias"):  # SigLIP's pooling head: q and kv fused again into in_proj
+        if f"vision_model.head.attention.q_proj.{part}" in state:
+            state[SIGLIP_IN_PROJ.format(part)] = torch.cat([state.pop(f"vision_model.head.attention.{n}_proj.{part}")
+                                                            for n in ("q", "kv")])
     bias = state.pop("visual_projection.bias", None)
     if bias is not None and bias.any():  # CLIP's projection has none: only a zero one is exact
         raise ValueError("hf export: HF's CLIP projection has no bias, this model's classifier has a nonzero one "

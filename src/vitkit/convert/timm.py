@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
-from ..config import VARIANTS, ViTConfig
+from ..config import MLP_ACTS, VARIANTS, ViTConfig
 from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
 
 KEYS = KeyMap(
@@ -45,6 +45,9 @@ KEYS = KeyMap(
         rule("encoder.blocks.{i}.ls1.gamma", "blocks.{i}.ls1.gamma"),  # LayerScale (DeiT-III, DINOv2)
         rule("encoder.blocks.{i}.ls2.gamma", "blocks.{i}.ls2.gamma"),
         rule("patch_embed.norm_pre.{p}", "norm_pre.{p}"),  # CLIP's image tower (pre_norm)
+        rule("head.attn_pool.latent", "attn_pool.latent"),  # attention pooling (global_pool="map": SigLIP)
+        *(rule(f"head.attn_pool.{part}.{{p}}", f"attn_pool.{part}.{{p}}")
+          for part in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")),
     ],
 )
 # The LayerScale init a file's gammas are taken to have started from, when its config does not say
@@ -57,7 +60,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mod
 UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-trained) or ImageNet's "
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
-GLOBAL_POOL = {"cls": "token", "mean": "avg"}
+GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
 # dist_token -> a timm architecture of the right class, whose every size model_args then override
 # (dist_token, pre_norm) -> a timm architecture of the right class and LayerNorm eps, whose every size
 # model_args then override, and that eps (a functools.partial in the architecture, not a model_arg)
@@ -101,8 +104,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
     num_patches = patch_positions(foreign)
     pre_norm = "norm_pre.weight" in s
-    quick_gelu = ("quickgelu" in str(foreign.config.get("architecture", ""))
-                  or "quick" in str(foreign.config.get("model_args", {}).get("act_layer", "")))
+    act = foreign.config.get("model_args", {}).get("act_layer", "gelu")  # timm's names are vitkit's
+    if "quickgelu" in str(foreign.config.get("architecture", "")):
+        act = "quick_gelu"
+    if act not in MLP_ACTS:
+        raise CheckpointError(f"{src}: act_layer {act!r} in its config; vitkit's MLP uses one of {MLP_ACTS}")
     if pre_norm and not foreign.config and "mlp_act" not in base:
         warnings.warn(f"{src}: a CLIP image tower (norm_pre), read with LayerNorm eps 1e-5 and exact GELU, as "
                       "timm's *_clip_* architectures run it; OpenAI's own weights were trained with QuickGELU "
@@ -137,10 +143,10 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         layer_scale=float(args.get("init_values") or LAYER_SCALE_INIT) if "blocks.0.ls1.gamma" in s else 0.0,
         # fc_norm exists only with average pooling (timm's default for global_pool="avg");
         # without a class token there is nothing else to pool.
-        pool="mean" if fc_norm or not class_token else "cls",
+        pool="map" if "attn_pool.latent" in s else "mean" if fc_norm or not class_token else "cls",
         final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
         pre_norm=pre_norm,
-        mlp_act="quick_gelu" if quick_gelu else "gelu",
+        mlp_act=act,
         norm_eps=TIMM_ARCHITECTURE[dist_token, pre_norm][1],  # CLIP's towers: 1e-5, other timm ViTs: 1e-6
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
