@@ -557,6 +557,26 @@ def test_jax_npz_written_by_vitkit_loads_in_timm_and_back(tmp_path, kw):
     assert_same_logits(run(back, x), run(ours, x))
 
 
+
+def test_jax_weights_run_as_jax_did_with_gelu_tanh(tmp_path):
+    """mlp_act="gelu_tanh" (--mlp-act): GELU's tanh form, which Google's JAX ViTs were trained with;
+    the oracle is timm with act_layer="gelu_tanh", through its own npz loader."""
+    ours = tiny_vitkit()
+    with torch.no_grad():  # an MLP of weight, on pre-activations of order 1, where the two forms part
+        for block in ours.encoder.blocks:
+            block.mlp.fc1.weight.mul_(50)
+            block.mlp.fc2.weight.mul_(50)
+    npz = vc.export(ours, tmp_path / "vit.npz", "jax")
+    x = torch.randn(2, 3, 32, 32)
+    tanh = timm_like(ours, act_layer="gelu_tanh")
+    tanh.load_pretrained(str(npz))
+    mine = vc.load(npz, "jax", mlp_act="gelu_tanh").eval()
+    with torch.no_grad():  # the two forms differ by at most ~1e-3 per activation: compared tightly
+        gap = (tanh.forward_features(x) - ours.forward_features(x)).abs().max().item()
+        same = (tanh.forward_features(x) - mine.forward_features(x)).abs().max().item()
+    assert same < 1e-6 < 2e-5 < gap, (same, gap)
+
+
 def to_big_vision(npz_in, npz_out, scanned=False, keep_class_position=False):
     """Rename a vision_transformer-layout npz into big_vision's layout (big_vision/models/vit.py):
     ``params/`` prefix; block parts LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
