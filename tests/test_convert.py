@@ -487,6 +487,24 @@ def test_siglip_towers_between_timm_and_hf(tmp_path):
         assert_same_logits(hf(x).pooler_output, peer.forward_head(peer.forward_features(x), pre_logits=True))
 
 
+def test_hf_mae_encoder_is_read_without_its_decoder(tmp_path):
+    """A ViTMAEForPreTraining directory (model_type vit_mae): its encoder, a plain ViT, as features;
+    the pixel decoder left out with one warning. The oracle is transformers' ViTMAEModel with
+    nothing masked and the tokens in order."""
+    cfg = transformers.ViTMAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                    image_size=32, patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                    decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    transformers.ViTMAEForPreTraining(cfg).save_pretrained(tmp_path / "mae")
+    with pytest.warns(UserWarning, match="MAE's pixel decoder"):
+        ours = vc.load(tmp_path / "mae", "hf").eval()
+    assert ours.cfg.num_classes == 0
+    encoder = transformers.ViTMAEModel.from_pretrained(tmp_path / "mae", mask_ratio=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = encoder(x, noise=torch.arange(16.0).expand(2, 16)).last_hidden_state  # no shuffle
+        assert_same_logits(ours.forward_features(x), theirs)
+
+
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
     base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
     base.save_pretrained(tmp_path / "base")

@@ -201,9 +201,15 @@ def read(path: Path) -> Foreign:
         state = {k: v for k, v in state.items() if k not in text}
         warnings.warn(f"{path}: a whole {whole} model; its vision tower is read, its text tower and logit "
                       f"scale ({len(text)} tensors) are not", stacklevel=3)
+    if family == "vit_mae":  # MAE's pretraining: a plain ViT encoder, and a decoder only pretraining uses
+        family, decoder = "vit", [k for k in state if k.startswith("decoder.")]
+        state = {k: v for k, v in state.items() if k not in decoder}
+        if decoder:
+            warnings.warn(f"{path}: MAE's pixel decoder ({len(decoder)} tensors) is not read, only its encoder",
+                          stacklevel=3)
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
-                              f"{', '.join(map(repr, [*KEYS, *TOWERS]))}")
+                              f"{', '.join(map(repr, [*KEYS, *TOWERS, 'vit_mae']))}")
     if config.get("hidden_act", "gelu") not in HF_ACTS:
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
