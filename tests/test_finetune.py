@@ -22,7 +22,7 @@ from vitkit.checkpoint import default_preprocess
 from vitkit.cli import main
 from vitkit.convert.timm import KEYS
 from vitkit.layers import adapt_input_channels
-from vitkit.train import Interrupted, param_groups, resolve_config, resume, train
+from vitkit.train import Interrupted, Trainer, param_groups, resolve_config, resume, train
 
 
 def run_cfg(out: Path, **overrides) -> dict:
@@ -125,19 +125,26 @@ def test_the_classifier_is_kept_only_for_the_same_classes(tmp_path):
     assert all(torch.equal(renamed[k], before[k]) for k in before if not k.startswith("head.fc."))
 
 
+def resumed_without_the_pretrained_files_is_straight(base: dict, tmp_path: Path) -> dict:
+    """Train ``base`` straight to tmp_path/full; again to tmp_path/cut, stopped after epoch 1, its
+    pretrained files deleted, resumed: both end with the same weights, which are returned."""
+    train(resolve_config(None, base))
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, dict(base, out=str(tmp_path / "cut"), stop_after_epoch=1)))
+    shutil.rmtree(base["pretrained"])
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    full, cut = (load_file(tmp_path / r / "last" / "model.safetensors") for r in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    return full
+
+
 def test_fine_tuning_resumes_without_the_pretrained_files(tmp_path):
     """An RGB checkpoint fine-tuned on grey digits with layer decay: stopped, its pretrained files
     deleted, resumed, it ends with the weights of a run that never stopped."""
     torch.manual_seed(1)
     save_pretrained(create_model("vit_digits_gap", in_channels=3, num_classes=4), tmp_path / "rgb")
     base = run_cfg(tmp_path / "full", pretrained=str(tmp_path / "rgb"), layer_decay=0.7, epochs=3, lr=3e-3)
-    train(resolve_config(None, base))
-    with pytest.raises(Interrupted):
-        train(resolve_config(None, dict(base, out=str(tmp_path / "cut"), stop_after_epoch=1)))
-    shutil.rmtree(tmp_path / "rgb")
-    resume(tmp_path / "cut", {"stop_after_epoch": 0})
-    full, cut = (load_file(tmp_path / r / "last" / "model.safetensors") for r in ("full", "cut"))
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    full = resumed_without_the_pretrained_files_is_straight(base, tmp_path)
     assert full["patch_embed.projection.weight"].shape[1] == 1  # the first convolution, adapted to grey
     lrs = torch.load(tmp_path / "full" / "last" / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert len({round(g["lr"], 12) for g in lrs}) == 6  # stem, 4 blocks, head: each its own rate
@@ -238,3 +245,41 @@ def test_freeze_blocks_errors_name_the_option(tmp_path):
     save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "pre")
     with pytest.raises(ValueError, match="--freeze-blocks 5: the model has 4 blocks"):
         train(resolve_config(None, run_cfg(tmp_path / "run", pretrained=str(tmp_path / "pre"), freeze_blocks=5)))
+
+
+def test_head_pool_mean_is_timms_avg_pool_with_fc_norm_and_resumes(tmp_path):
+    """--head-pool mean on a class-token checkpoint: the patch tokens' average with the final
+    LayerNorm moved after the pooling (its weights kept), which is timm's global_pool="avg" + fc_norm
+    given the same weights; the run then stops, resumes from last/ without the pretrained files,
+    and ends with the weights of a run that never stopped."""
+    from vitkit.data import load_digits
+    from vitkit.data import normalize as normalize_images
+
+    torch.manual_seed(2)
+    pretrained = create_model("vit_digits", num_classes=10)
+    with torch.no_grad():  # away from LayerNorm's init, so that a norm left behind would show
+        pretrained.encoder.norm.weight.normal_()
+        pretrained.encoder.norm.bias.normal_()
+    save_pretrained(pretrained, tmp_path / "cls")
+    base = run_cfg(tmp_path / "full", pretrained=str(tmp_path / "cls"), head_pool="mean", epochs=3)
+    trainer = Trainer(resolve_config(None, dict(base, out=str(tmp_path / "probe"))))
+    model = trainer.model.eval()
+    assert (model.cfg.pool, model.cfg.final_norm) == ("mean", "pooled")
+    assert torch.equal(model.head.norm.weight, pretrained.encoder.norm.weight)
+    trainer.run.unlock()
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10, global_pool="avg",
+                             fc_norm=True).eval()
+    state = KEYS.from_vitkit(pretrained.state_dict(), pretrained.cfg)
+    peer.load_state_dict({("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()})
+    digits = load_digits()
+    x = normalize_images(digits.val.images[:16], trainer.data.preprocess)
+    with torch.no_grad():
+        assert (model(x) - peer(x)).abs().max() < 1e-5
+    full = resumed_without_the_pretrained_files_is_straight(base, tmp_path)
+    assert "head.norm.weight" in full and "encoder.norm.weight" not in full
+    with pytest.raises(ValueError, match="--head-pool mean: changes a pretrained checkpoint's head"):
+        resolve_config(None, run_cfg(tmp_path / "run", head_pool="mean"))
+    save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "gap")
+    with pytest.raises(ValueError, match="--head-pool cls: ViTConfig.pool: 'cls' pooling needs class_token=True"):
+        train(resolve_config(None, run_cfg(tmp_path / "run2", pretrained=str(tmp_path / "gap"), head_pool="cls")))

@@ -75,6 +75,8 @@ from .fast import adamw, cpu_info, default_training_precision, set_num_threads, 
 from .fast import autocast as fast_autocast
 from .model import ViT
 
+# --head-pool -> the (pool, final_norm) of the fine-tuned model
+HEAD_POOLS = {"mean": ("mean", "pooled"), "cls": ("cls", "tokens"), "map": ("map", "tokens")}
 # a training (and evaluation) precision -> the vitkit.fast precision it runs as
 TRAINING_AUTOCAST = {"fp32": "fp32", "bf16": "bf16-autocast", "fp16": "fp16-autocast"}
 STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
@@ -109,6 +111,10 @@ class TrainConfig:
     # fine-tuning: keep the stem and the first N blocks as pretrained (all L blocks: the final norm too,
     # a linear probe of the head); their backward pass is skipped, so a step costs less
     freeze_blocks: int = 0
+    # fine-tuning: the head's pooling, where it should differ from the checkpoint's. mean: the average of
+    # the patch tokens with the final LayerNorm after it (timm's global_pool="avg" + fc_norm, MAE's and
+    # BEiT's fine-tuning recipe); cls: the class token; map: attention pooling. The final norm keeps its weights.
+    head_pool: str = ""
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
     drop_rate: float = 0.0  # dropout after the attention and MLP output projections
     # optimisation
@@ -175,6 +181,7 @@ class TrainConfig:
             "folder_loading": FOLDER_LOADING,
             "strategy": STRATEGIES,
             "distill_type": DISTILL_TYPES,
+            "head_pool": ("", *HEAD_POOLS),
             "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         }
         for key, allowed in choices.items():
@@ -188,6 +195,9 @@ class TrainConfig:
             raise ValueError(f"--loader-threads: expected an int >= 0 (0: automatic), got {self.loader_threads}")
         if self.freeze_blocks < 0:
             raise ValueError(f"--freeze-blocks: expected an int >= 0 (0: off), got {self.freeze_blocks}")
+        if self.head_pool and not self.pretrained:
+            raise ValueError(f"--head-pool {self.head_pool}: changes a pretrained checkpoint's head; a new model "
+                             "takes its pooling from --model; pass --pretrained CKPT")
         if self.freeze_blocks and not self.pretrained:
             raise ValueError(f"--freeze-blocks {self.freeze_blocks}: keeps pretrained layers as they are; "
                              "pass --pretrained CKPT")
@@ -906,6 +916,12 @@ class Trainer:
                 raise
             raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
                           "--from timm|hf|torchvision|jax` first)") from e
+        if cfg.head_pool and not self.resume:  # (last/ holds the new head already)
+            pool, final_norm = HEAD_POOLS[cfg.head_pool]
+            try:
+                model_cfg = model_cfg.replace(pool=pool, final_norm=final_norm)
+            except ValueError as e:  # pool="cls" without a class token
+                raise ValueError(f"--head-pool {cfg.head_pool}: {e}") from e
         if cfg.model != TrainConfig.model and not self.resume and self.dist.is_main:  # set by a flag or a --config
             print(f"--model {cfg.model} is not used: the architecture comes from --pretrained {cfg.pretrained}",
                   file=sys.stderr, flush=True)
@@ -938,7 +954,8 @@ class Trainer:
         cfg, data = self.cfg, self.data
         names, old = meta.get("class_names"), meta["config"]
         model = load_pretrained(cfg.pretrained, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
-                                drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate)
+                                drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
+                                pool=model_cfg.pool, final_norm=model_cfg.final_norm)
         keep_head = old.num_classes == data.num_classes and names in (None, data.class_names)
         if not keep_head:
             model.reset_classifier(data.num_classes)
@@ -950,6 +967,9 @@ class Trainer:
                                f"to {model_cfg.img_size[0]}x{model_cfg.img_size[1]}")
             if old.in_channels != data.image_shape[0]:
                 changes.append(f"first convolution adapted from {old.in_channels} to {data.image_shape[0]} channels")
+            if (old.pool, old.final_norm) != (model_cfg.pool, model_cfg.final_norm):
+                changes.append(f"pooling {old.pool} -> {model_cfg.pool}, final norm {old.final_norm} -> "
+                               f"{model_cfg.final_norm}")
             print(f"fine-tuning {cfg.pretrained}: {'; '.join(changes)}", flush=True)
         return model
 
