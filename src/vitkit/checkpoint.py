@@ -359,19 +359,17 @@ def load_pretrained(
 FINAL_NORM_KEYS = {"tokens": "encoder.norm", "pooled": "head.norm"}
 
 
-def _repooled(state: dict[str, Tensor], new_cfg: ViTConfig, source: str) -> dict[str, Tensor]:
+def _repooled(state: dict[str, Tensor], new_cfg: ViTConfig, fresh: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """``state`` for another pooling or final norm (fine-tuning with timm's global_pool="avg" + fc_norm,
-    say): the final LayerNorm moves to its new place with its weights; a part the old model lacks
-    (attention pooling) starts fresh, with a warning; one the new model lacks is dropped."""
-    from .model import ViT
-
+    say), ``fresh`` the new model's own state: the final LayerNorm moves to its new place with its
+    weights; a part the old model lacks (attention pooling) keeps its fresh initialisation, with a
+    warning; one the new model lacks is dropped."""
     state = dict(state)
     old_norm = next((place for place in FINAL_NORM_KEYS.values() if f"{place}.weight" in state), None)
     new_norm = FINAL_NORM_KEYS.get(new_cfg.final_norm)
     if old_norm and new_norm and old_norm != new_norm:
         for part in ("weight", "bias"):
             state[f"{new_norm}.{part}"] = state.pop(f"{old_norm}.{part}")
-    fresh = ViT(new_cfg).state_dict()
     missing = sorted(k for k in fresh if k not in state)
     if missing:
         warnings.warn(f"{source}: pool={new_cfg.pool!r}, final_norm={new_cfg.final_norm!r} adds parts the checkpoint "
@@ -411,12 +409,12 @@ def build_with_state(
         state["patch_embed.positions"] = resample_positions(
             state["patch_embed.positions"], new_cfg.grid_size, cfg.grid_size, cfg.num_prefix_tokens
         )
-    if (new_cfg.pool, new_cfg.final_norm) != (cfg.pool, cfg.final_norm):
-        state = _repooled(state, new_cfg, source)
     if new_cfg.in_channels != cfg.in_channels:  # the stem's first convolution: the first 4-d weight
         first_conv = next(k for k, shape in expected.items() if k.startswith("patch_embed.") and len(shape) == 4)
         state[first_conv] = adapt_input_channels(state[first_conv], new_cfg.in_channels)
     model = ViT(new_cfg)
+    if (new_cfg.pool, new_cfg.final_norm) != (cfg.pool, cfg.final_norm):
+        state = _repooled(state, new_cfg, model.state_dict(), source)
     model.load_state_dict(state)
     if num_classes is not None and num_classes != cfg.num_classes:
         warnings.warn(

@@ -928,6 +928,12 @@ class Trainer:
         preprocess = dict(meta.get("preprocess") or default_preprocess(model_cfg), img_size=list(model_cfg.img_size))
         return model_cfg, preprocess, None if self.resume else meta
 
+    def _same_classes(self, meta: dict) -> bool:
+        """Whether a checkpoint (``meta``: its config.json) was trained on the data's classes: as many,
+        and, where it names them, the same names in the same order."""
+        names = meta.get("class_names")
+        return meta["config"].num_classes == self.data.num_classes and names in (None, self.data.class_names)
+
     def _teacher(self) -> Teacher:
         cfg, data = self.cfg, self.data
         try:
@@ -936,7 +942,7 @@ class Trainer:
             raise type(e)(f"--teacher {cfg.teacher}: {e} (weights in another format: `vitkit convert` them "
                           "first)") from e
         names = meta.get("class_names")
-        if meta["config"].num_classes != data.num_classes or names not in (None, data.class_names):
+        if not self._same_classes(meta):
             raise ValueError(f"--teacher {cfg.teacher}: scores {meta['config'].num_classes} classes"
                              f"{f' {names}' if names else ''}, but --dataset {cfg.dataset} has {data.num_classes}"
                              f" {data.class_names}; a teacher must be trained on the same classes, in the same order")
@@ -952,11 +958,11 @@ class Trainer:
         channels, with its classifier if it was trained on these classes (the same number and, where
         it names them, the same names)."""
         cfg, data = self.cfg, self.data
-        names, old = meta.get("class_names"), meta["config"]
+        old = meta["config"]
         model = load_pretrained(cfg.pretrained, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
                                 drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
                                 pool=model_cfg.pool, final_norm=model_cfg.final_norm)
-        keep_head = old.num_classes == data.num_classes and names in (None, data.class_names)
+        keep_head = self._same_classes(meta)
         if not keep_head:
             model.reset_classifier(data.num_classes)
         if self.dist.is_main:

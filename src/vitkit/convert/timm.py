@@ -61,7 +61,6 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
-# dist_token -> a timm architecture of the right class, whose every size model_args then override
 # (dist_token, pre_norm) -> a timm architecture of the right class and LayerNorm eps, whose every size
 # model_args then override, and that eps (a functools.partial in the architecture, not a model_arg)
 TIMM_ARCHITECTURE = {(False, False): ("vit_base_patch16_224", 1e-6),
@@ -104,7 +103,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
     num_patches = patch_positions(foreign)
     pre_norm = "norm_pre.weight" in s
-    act = foreign.config.get("model_args", {}).get("act_layer", "gelu")  # timm's names are vitkit's
+    # The file's own timm config, where there is one, fills what shapes cannot tell.
+    args = foreign.config.get("model_args", {})
+    act = args.get("act_layer", "gelu")  # timm's names are vitkit's
     if "quickgelu" in str(foreign.config.get("architecture", "")):
         act = "quick_gelu"
     if act not in MLP_ACTS:
@@ -115,8 +116,6 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
                       "(timm's *_quickgelu_*): pass mlp_act='quick_gelu' (--mlp-act quick_gelu) for those",
                       stacklevel=4)
     fc_norm = "fc_norm.weight" in s
-    # The file's own timm config, where there is one, fills what shapes cannot tell.
-    args = foreign.config.get("model_args", {})
     base = dict(base)
     if "num_heads" not in base:
         if "num_heads" in args:
@@ -198,7 +197,7 @@ def model_args(cfg: ViTConfig) -> dict:
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
         reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
-        act_layer=cfg.mlp_act,  # timm's names for both: "gelu", "quick_gelu"
+        act_layer=cfg.mlp_act,  # timm's names are vitkit's: "gelu", "quick_gelu", "gelu_tanh"
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
 
