@@ -374,7 +374,8 @@ def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabili
 
 
 # What a lean Linear applies to its input first: nothing, or GELU (exact or tanh), recomputed in
-# backward. Each GELU activation with its F.gelu ``approximate`` argument.
+# backward. Each GELU activation (by its ViTConfig.mlp_act name, which FeedForwardBlock also reads here)
+# with its F.gelu ``approximate`` argument.
 LEAN_GELUS = {"gelu": "none", "gelu_tanh": "tanh"}
 LEAN_ACTIVATIONS = ("identity", *LEAN_GELUS)
 
@@ -716,14 +717,14 @@ class QuickGELU(nn.Module):
 
 
 class FeedForwardBlock(nn.Module):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention (``act="quick_gelu"``:
-    CLIP's QuickGELU in GELU's place)."""
+    """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention (``act``: ViTConfig.mlp_act,
+    exact GELU, its tanh form, or CLIP's QuickGELU)."""
 
     def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0, act: str = "gelu"):
         super().__init__()
         hidden = int(emb_size * expansion)
         self.fc1 = nn.Linear(emb_size, hidden)
-        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate=LEAN_GELUS[act])
         self.drop1 = nn.Dropout(drop_p)
         self.fc2 = nn.Linear(hidden, emb_size)
         self.drop2 = nn.Dropout(drop_p)
