@@ -487,6 +487,47 @@ def test_siglip_towers_between_timm_and_hf(tmp_path):
         assert_same_logits(hf(x).pooler_output, peer.forward_head(peer.forward_features(x), pre_logits=True))
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hf_clip_and_siglip_image_classifiers_both_ways(tmp_path, family):
+    """transformers' CLIPForImageClassification and SiglipForImageClassification: the tower, and a
+    classifier on the mean of the patch tokens, which CLIP takes before its post_layernorm and SigLIP
+    after it (SigLIP's attention-pooling head goes unread). Logits and class names into vitkit, back
+    into transformers, and on into timm. The LayerNorms are randomised first, so that a norm applied where the
+    classifier skips it (or skipped where it applies) would show."""
+    cls, config_cls = {"clip": (transformers.CLIPForImageClassification, transformers.CLIPConfig),
+                       "siglip": (transformers.SiglipForImageClassification, transformers.SiglipConfig)}[family]
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, hidden_act="quick_gelu" if family == "clip" else "gelu_pytorch_tanh")
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    names = ["cat", "dog", "fox"]
+    theirs = cls(config_cls(vision_config=vision, text_config=text, id2label=dict(enumerate(names)),
+                            label2id={n: i for i, n in enumerate(names)})).eval()
+    with torch.no_grad():
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_()
+                module.bias.normal_()
+    theirs.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    expected = run(theirs, x)
+    with pytest.warns(UserWarning, match="does not use"):  # CLIP's post_layernorm, SigLIP's pooling head
+        ours = vc.load(tmp_path / "hf", "hf").eval()
+    assert (ours.cfg.pool, ours.cfg.num_classes, ours.class_names) == ("mean", 3, names)
+    assert ours.cfg.final_norm == ("none" if family == "clip" else "tokens")
+    assert_same_logits(run(ours, x), expected)
+    vc.export(ours, tmp_path / "back", "hf")
+    again = cls.from_pretrained(tmp_path / "back").eval()
+    assert again.config.id2label == dict(enumerate(names))
+    assert_same_logits(run(again, x), expected)
+    vc.export(ours, tmp_path / "timm", "timm")  # CLIP's: timm's final_norm=False, no norm at all
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True), x), expected)
+    # what neither class holds: SigLIP's attention pooling under a classifier, CLIP's mean without a class token
+    refused = ours.cfg.replace(**({"pool": "map"} if family == "siglip" else {"class_token": False}))
+    with pytest.raises(ValueError, match="HF's SigLIP tower pools by attention" if family == "siglip"
+                       else "HF's CLIPForImageClassification averages"):
+        vc.export(create_model(refused), tmp_path / "refused", "hf")
+
+
 def test_hf_mae_encoder_is_read_without_its_decoder(tmp_path):
     """A ViTMAEForPreTraining directory (model_type vit_mae): its encoder, a plain ViT, as features;
     the pixel decoder left out with one warning. The oracle is transformers' ViTMAEModel with

@@ -75,7 +75,7 @@ class ViTConfig:
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
     # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map")
     pool: str = "mean"
-    final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm)
+    final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm); "none"
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
     num_classes: int = 1000  # 0 gives a model without a classifier (features only)
     dynamic_img_size: bool = False  # accept any input size divisible by patch_size; positions are resampled on the fly

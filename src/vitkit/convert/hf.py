@@ -1,5 +1,6 @@
-"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions, and
-DeiT's distilled models (``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``, model_type "deit").
+"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions, and the
+other ViTs transformers holds: DeiT's distilled models (``DeiTModel`` /
+``DeiTForImageClassificationWithTeacher``, model_type "deit"), DINOv2, CLIP and SigLIP.
 
 The table is written in the layout Hugging Face stores on disk (and on the Hub):
 ``vit.encoder.layer.N.attention.attention.query`` ... with separate q, k, v projections,
@@ -16,6 +17,10 @@ DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type "dinov2" and
 export, position rows the registers learned are added to the register tokens, which is the same.
 CLIP's vision tower (model_type "clip_vision_model", or a whole "clip" model's ``vision_model``) is
 pre-norm (vitkit's ``pre_norm``), with its bias-free ``visual_projection`` as the classifier.
+SigLIP's (model_type "siglip_vision_model", or a whole "siglip" model's) has no class token and
+pools by attention (vitkit's pool="map"). ``CLIPForImageClassification`` and
+``SiglipForImageClassification`` put a ``classifier`` on the mean of the tower's patch tokens
+(vitkit's pool="mean"; CLIP's without its final LayerNorm).
 
 Everything about the architecture comes from the directory's ``config.json``
 (hidden_size, num_attention_heads, image_size, patch_size, num_channels, layer_norm_eps,
@@ -41,13 +46,18 @@ from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, cou
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
 ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
                 "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
-                "clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+                "clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
+                # The image classifiers on those two towers: config.json has the whole image-text model's
+                # model_type, a vision_config and id2label; the weights, the tower and a `classifier` on the
+                # mean of the patch tokens (CLIP's before its post_layernorm, SigLIP's after it).
+                "clip": "CLIPForImageClassification", "siglip": "SiglipForImageClassification"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
 CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
 # a whole image-text model's model_type -> its vision tower's
 TOWERS = {"clip": CLIP, "siglip": SIGLIP}
+TOWER_FAMILIES = (*TOWERS, *TOWERS.values())  # the layouts _tower_key_map writes
 # model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
-PREFIX = {**{family: family for family in ARCHITECTURE}, CLIP: "vision_model", SIGLIP: "vision_model"}
+PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family for family in ARCHITECTURE}
 # HF's activation names -> vitkit's mlp_act
 HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 # CLIP: (E,) class embedding and (N, E) position table, an nn.Embedding's weight <-> vitkit's (1, 1, E), (1, N, E)
@@ -123,10 +133,14 @@ def _tower_key_map(family: str) -> KeyMap:
     reads CLIP's): pre-norm, no patch bias, the final LayerNorm on the pooled class token only
     (vitkit's final_norm="pooled"). SigLIP (``SiglipVisionModel``): no class token, the final
     LayerNorm on every token, attention pooling (vitkit's pool="map") whose fused in_proj is read as
-    separate q and kv projections (``read``; ``export`` fuses them again)."""
+    separate q and kv projections (``read``; ``export`` fuses them again). Their image classifiers
+    (``family`` "clip", "siglip"): the tower, and a ``classifier`` on the patch tokens' mean, which
+    reads neither CLIP's post_layernorm nor SigLIP's pooling head (dropped on reading, with a warning)."""
+    tower = TOWERS.get(family, family)
+    classifier = family in TOWERS
     layer = "vision_model.encoder.layers.{i}"
     embeddings = "vision_model.embeddings"
-    if family == CLIP:
+    if tower == CLIP:
         stem = [rule("patch_embed.projection.weight", f"{embeddings}.patch_embedding.weight"),
                 rule("patch_embed.cls_token", f"{embeddings}.class_embedding", UNSQUEEZED),
                 rule("patch_embed.norm_pre.{p}", "vision_model.pre_layrnorm.{p}")]  # sic: HF's spelling
@@ -146,6 +160,10 @@ def _tower_key_map(family: str) -> KeyMap:
                 rule("head.attn_pool.norm.{p}", f"{pool}.layernorm.{{p}}"),
                 rule("head.attn_pool.mlp.fc1.{p}", f"{pool}.mlp.fc1.{{p}}"),
                 rule("head.attn_pool.mlp.fc2.{p}", f"{pool}.mlp.fc2.{{p}}")]
+    unread = ()
+    if classifier:  # the first rule that matches a vitkit key wins: the classifier before the projection
+        head = [rule("head.fc.{p}", "classifier.{p}"), *head]
+        unread = (r"vision_model\.post_layernorm\..*",) if tower == CLIP else (r"vision_model\.head\..*",)
     return KeyMap(
         "hf",
         [
@@ -160,11 +178,12 @@ def _tower_key_map(family: str) -> KeyMap:
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.fc2.{{p}}"),
             *head,
         ],
+        ignore=unread,
     )
 
 
 # model_type -> its key map
-KEYS = {family: _tower_key_map(family) if family in (CLIP, SIGLIP) else _key_map(family) for family in ARCHITECTURE}
+KEYS = {family: _tower_key_map(family) if family in TOWER_FAMILIES else _key_map(family) for family in ARCHITECTURE}
 # SigLIP's pooling head: nn.MultiheadAttention's fused in_proj (q, k, v rows) <-> vitkit's q and kv
 SIGLIP_IN_PROJ = "vision_model.head.attention.in_proj_{}"
 
@@ -194,13 +213,16 @@ def read(path: Path) -> Foreign:
     config = read_json(cfg_file)
     family = config.get("model_type")
     state = load_state_dict_file(path) if path.is_file() else _read_weights(directory)
-    if family in TOWERS:  # a whole CLIPModel / SiglipModel: its vision tower (and CLIP's projection)
-        whole, family = family, TOWERS[family]
-        config = dict(config.get("vision_config") or {}, model_type=family)
-        text = [k for k in state if not k.startswith(("vision_model.", "visual_projection."))]
+    if family in TOWERS:  # a whole CLIPModel / SiglipModel, or an image classifier on its vision tower
+        whole = family
+        if "classifier.weight" not in state:  # the image-text model: its vision tower (and CLIP's projection)
+            family = TOWERS[family]
+        config = dict(config.get("vision_config") or {}, model_type=family, id2label=config.get("id2label"))
+        text = [k for k in state if not k.startswith(("vision_model.", "visual_projection.", "classifier."))]
         state = {k: v for k, v in state.items() if k not in text}
-        warnings.warn(f"{path}: a whole {whole} model; its vision tower is read, its text tower and logit "
-                      f"scale ({len(text)} tensors) are not", stacklevel=3)
+        if text:
+            warnings.warn(f"{path}: a whole {whole} model; its vision tower is read, its text tower and logit "
+                          f"scale ({len(text)} tensors) are not", stacklevel=3)
     if family == "vit_mae":  # MAE's pretraining: a plain ViT encoder, and a decoder only pretraining uses
         family, decoder = "vit", [k for k in state if k.startswith("decoder.")]
         state = {k: v for k, v in state.items() if k not in decoder}
@@ -209,7 +231,7 @@ def read(path: Path) -> Foreign:
                           stacklevel=3)
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
-                              f"{', '.join(map(repr, [*KEYS, *TOWERS, 'vit_mae']))}")
+                              f"{', '.join(map(repr, [*KEYS, 'vit_mae']))}")
     if config.get("hidden_act", "gelu") not in HF_ACTS:
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
@@ -272,6 +294,14 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     except KeyError as e:
         raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
     family = foreign.layout
+    tower = TOWERS.get(family, family)
+    # ViTForImageClassification classifies the class token's output; SigLIP pools by attention
+    # (without its head, vision_use_head=False: the mean of the tokens, as features); the towers'
+    # image classifiers average the patch tokens
+    if family in TOWERS or (tower == SIGLIP and "vision_model.head.probe" not in s):
+        pool = "mean"
+    else:
+        pool = "map" if tower == SIGLIP else "cls"
     held = count_blocks(s, rf"{PREFIX[family]}\.encoder\.layers?\.(\d+)\.")  # CLIP: layers
     if held != fields["depth"]:  # checked before a model of the claimed depth is built
         raise CheckpointError(f"{foreign.path}: config.json says {fields['depth']} layers, the weights hold {held}")
@@ -282,13 +312,12 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         dist_token=family == "deit",
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
-        pre_norm=family == CLIP,
+        pre_norm=tower == CLIP,
         mlp_act=HF_ACTS[c.get("hidden_act", "gelu")],
-        class_token=family != SIGLIP,
-        # ViTForImageClassification classifies the class token's output; SigLIP pools by attention
-        # (without its head, vision_use_head=False: the mean of the tokens, as features)
-        pool=("map" if "vision_model.head.probe" in s else "mean") if family == SIGLIP else "cls",
-        final_norm="pooled" if family == CLIP else "tokens",  # CLIP: post_layernorm on the pooled token only
+        class_token=tower != SIGLIP,
+        pool=pool,
+        # CLIP: post_layernorm on the pooled token only, and not at all in its image classifier
+        final_norm={"clip": "none", CLIP: "pooled"}.get(family, "tokens"),
         num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight",
                                                    "visual_projection.weight") if k in s), 0),
     )
@@ -299,10 +328,10 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def _family(cfg: ViTConfig) -> str:
-    if cfg.pre_norm:
-        return CLIP
-    if not cfg.class_token:  # attention pooling, or features alone: SigLIP's tower
-        return SIGLIP
+    if cfg.pre_norm:  # CLIP's tower, or its image classifier on the patch tokens' mean
+        return "clip" if cfg.pool == "mean" else CLIP
+    if not cfg.class_token:  # attention pooling, or features alone: SigLIP's tower; a classifier on the mean
+        return "siglip" if cfg.pool == "mean" and cfg.num_classes else SIGLIP
     if cfg.layer_scale or cfg.reg_tokens:
         return "dinov2_with_registers" if cfg.reg_tokens else "dinov2"
     return "deit" if cfg.dist_token else "vit"
@@ -310,23 +339,28 @@ def _family(cfg: ViTConfig) -> str:
 
 def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
-    ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's)."""
+    ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's; with
+    ``pre_norm`` or without a class token, CLIP's or SigLIP's tower or its image classifier)."""
     problems = []
     family = _family(cfg)
-    if family == SIGLIP:
-        if cfg.pool not in ("map", "mean") or cfg.num_classes:
-            problems.append(f"HF's SigLIP tower pools by attention (or not at all) and has no classifier, this model "
-                            f"has pool={cfg.pool!r} and {cfg.num_classes} classes: export its features "
-                            "(num_classes=0), or export to timm")
-        if cfg.layer_scale or cfg.reg_tokens or not cfg.qkv_bias:
-            problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
-    elif not cfg.class_token or cfg.pool != "cls":
+    tower = TOWERS.get(family, family)
+    if family == SIGLIP and (cfg.pool not in ("map", "mean") or cfg.num_classes):
+        problems.append(f"HF's SigLIP tower pools by attention (or not at all) and has no classifier, and its "
+                        f"image classifier reads the tokens' mean; this model has pool={cfg.pool!r} and "
+                        f"{cfg.num_classes} classes: export its features (num_classes=0), or export to timm")
+    elif family == "clip" and not (cfg.class_token and cfg.num_classes):
+        problems.append(f"HF's CLIPForImageClassification averages the tokens after the class token into a "
+                        f"classifier; this model has class_token={cfg.class_token} and {cfg.num_classes} classes")
+    elif tower not in (CLIP, SIGLIP) and (not cfg.class_token or cfg.pool != "cls"):
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
-    # CLIP: post_layernorm on the pooled class token only, which either norm gives it
-    norms = ("pooled", "tokens") if family == CLIP else ("tokens",)
+    if tower == SIGLIP and (cfg.layer_scale or cfg.reg_tokens or not cfg.qkv_bias):
+        problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
+    # CLIP: post_layernorm on the pooled class token only, which either norm gives it; none on what
+    # its image classifier averages
+    norms = {CLIP: ("pooled", "tokens"), "clip": ("none",)}.get(family, ("tokens",))
     if cfg.final_norm not in norms:
         problems.append(f"HF's {ARCHITECTURE[family]} needs final_norm in {norms}, got {cfg.final_norm!r}")
-    if family == CLIP and (cfg.layer_scale or cfg.reg_tokens or cfg.dist_token or not cfg.qkv_bias):
+    if tower == CLIP and (cfg.layer_scale or cfg.reg_tokens or cfg.dist_token or not cfg.qkv_bias):
         problems.append("HF's CLIP tower has no LayerScale, registers or distillation token, and a qkv bias: "
                         "export to timm")
     if family in DINOV2:
@@ -346,25 +380,24 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
     act = next(hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act)
-    if family == CLIP:  # CLIPVisionConfig's own fields; the projection (if any) is the classifier
+    labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+    if tower in (CLIP, SIGLIP):  # CLIPVisionConfig's and SiglipVisionConfig's own fields
         if h != w:
-            raise ValueError(f"hf export: HF's CLIP tower takes square images, this model {h}x{w}")
-        return {
-            "architectures": ["CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"],
-            "model_type": CLIP, "hidden_size": cfg.emb_size, "intermediate_size": cfg.mlp_hidden,
+            raise ValueError(f"hf export: HF's {tower} takes square images, this model {h}x{w}")
+        vision = {
+            "model_type": tower, "hidden_size": cfg.emb_size, "intermediate_size": cfg.mlp_hidden,
             "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "num_channels": cfg.in_channels,
             "image_size": h, "patch_size": cfg.patch_size, "hidden_act": act, "layer_norm_eps": cfg.norm_eps,
-            "attention_dropout": 0.0, "projection_dim": cfg.num_classes or 512,
+            "attention_dropout": 0.0,
         }
-    if family == SIGLIP:  # SiglipVisionConfig's own fields; vision_use_head: the attention pooling
-        if h != w:
-            raise ValueError(f"hf export: HF's SigLIP tower takes square images, this model {h}x{w}")
-        return {
-            "architectures": ["SiglipVisionModel"], "model_type": SIGLIP, "hidden_size": cfg.emb_size,
-            "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-            "num_channels": cfg.in_channels, "image_size": h, "patch_size": cfg.patch_size, "hidden_act": act,
-            "layer_norm_eps": cfg.norm_eps, "attention_dropout": 0.0, "vision_use_head": cfg.pool == "map",
-        }
+        if tower == SIGLIP:  # its attention pooling, which the image classifier goes without
+            vision["vision_use_head"] = cfg.pool == "map"
+        if family in TOWERS:  # an image classifier: the whole model's config, with the tower's inside
+            return {"architectures": [ARCHITECTURE[family]], "model_type": family, "vision_config": vision, **labels}
+        if family == CLIP:  # the projection (if any) is the classifier
+            architecture = "CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"
+            return {"architectures": [architecture], **vision, "projection_dim": cfg.num_classes or 512}
+        return {"architectures": [ARCHITECTURE[family]], **vision}
     dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
@@ -384,8 +417,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         "num_channels": cfg.in_channels,
         "qkv_bias": cfg.qkv_bias,
         "encoder_stride": cfg.patch_size,
-        "id2label": {str(i): n for i, n in enumerate(names)},
-        "label2id": {n: i for i, n in enumerate(names)},
+        **labels,
         **(dinov2 if family in DINOV2 else {}),
     }
 
@@ -412,6 +444,9 @@ def export(model: nn.Module, out: Path) -> Path:
                          "(trained): export to timm, or keep num_classes=0 (features)")
     if family in DINOV2:  # masked image modelling's token, unused in a forward pass: zeros, as HF initialises it
         state[f"{family}.embeddings.mask_token"] = torch.zeros(1, cfg.emb_size)
+    if family == "clip":  # the tower's post_layernorm, which its image classifier never reads: the identity
+        state.update({"vision_model.post_layernorm.weight": torch.ones(cfg.emb_size),
+                      "vision_model.post_layernorm.bias": torch.zeros(cfg.emb_size)})
     preprocess = getattr(model, "preprocess", None) or {}
     gray = cfg.in_channels == 1
     processor = {

@@ -180,8 +180,6 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 def model_args(cfg: ViTConfig) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network."""
-    if cfg.final_norm == "none":
-        raise ValueError("timm export: final_norm='none' has no timm equivalent used by its checkpoints")
     if cfg.dist_token and cfg.pre_norm:
         raise ValueError("timm export: no timm ViT has both a distillation token and CLIP's pre-norm")
     eps = TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][1]
@@ -195,7 +193,7 @@ def model_args(cfg: ViTConfig) -> dict:
         img_size=list(cfg.img_size), patch_size=cfg.patch_size, in_chans=cfg.in_channels,
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
-        fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size,
+        fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
         reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
         act_layer=cfg.mlp_act,  # timm's names are vitkit's: "gelu", "quick_gelu", "gelu_tanh"
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
