@@ -336,8 +336,8 @@ def test_hf_deit_base_model_and_the_one_head_classifier(tmp_path):
 def test_hf_dinov2_both_ways(tmp_path, registers):
     """transformers' DINOv2 backbone (LayerScale; with registers, which HF gives no positions): its
     features and pooled output; back into transformers after the registers' zero position rows have
-    learned something (folded into the register tokens on export); its classifier and timm-only
-    parts refused by name."""
+    learned something (folded into the register tokens on export); its image classifier (vitkit's
+    pool="cls_mean") both ways; what either side lacks refused by name."""
     kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14,
               layerscale_value=0.5)
     if registers:
@@ -368,14 +368,23 @@ def test_hf_dinov2_both_ways(tmp_path, registers):
     again = cls.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert_same_logits(again(x).last_hidden_state, expected)
-    with pytest.raises(ValueError, match="HF's DINOv2 classifier reads the class token and the patch mean"):
+    with pytest.raises(ValueError, match="HF's DINOv2 classifier reads the class token and the patch tokens' mean"):
         vc.export(create_model(ours.cfg.replace(num_classes=3)), tmp_path / "head", "hf")
-    # transformers' own DINOv2 classifier (class token and patch mean, concatenated) is refused
+
+    # transformers' own DINOv2 classifier: the class token and the patch tokens' mean, concatenated
     head = (transformers.Dinov2WithRegistersForImageClassification if registers
-            else transformers.Dinov2ForImageClassification)(cfg)
+            else transformers.Dinov2ForImageClassification)(cfg.__class__.from_dict(cfg.to_dict(), num_labels=3)).eval()
+    getattr(head, head.base_model_prefix).load_state_dict(theirs.state_dict())  # the randomised backbone
     head.save_pretrained(tmp_path / "classifier")
-    with pytest.raises(CheckpointError, match="a DINOv2 image classifier"):
-        vc.load(tmp_path / "classifier", "hf")
+    expected = run(head, x)
+    with pytest.warns(UserWarning, match="mask_token"):
+        ours = vc.load(tmp_path / "classifier", "hf")
+    assert (ours.cfg.pool, ours.cfg.num_features, ours.cfg.num_classes) == ("cls_mean", 128, 3)
+    assert_same_logits(run(ours, x), expected)
+    vc.export(ours, tmp_path / "classifier-back", "hf")
+    assert_same_logits(run(type(head).from_pretrained(tmp_path / "classifier-back"), x), expected)
+    with pytest.raises(ValueError, match="no timm ViT pools"):
+        vc.export(ours, tmp_path / "timm", "timm")
 
 
 def hf_clip_vision(cls):

@@ -16,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from timm.optim import param_groups_layer_decay
 
+import vitkit.convert as vc
 from conftest import write_photo_folder
 from vitkit import create_model, load_pretrained, save_pretrained
 from vitkit.checkpoint import default_preprocess
@@ -283,3 +284,31 @@ def test_head_pool_mean_is_timms_avg_pool_with_fc_norm_and_resumes(tmp_path):
     save_pretrained(create_model("vit_digits_gap", num_classes=10), tmp_path / "gap")
     with pytest.raises(ValueError, match="--head-pool cls: ViTConfig.pool: 'cls' pooling needs class_token=True"):
         train(resolve_config(None, run_cfg(tmp_path / "run2", pretrained=str(tmp_path / "gap"), head_pool="cls")))
+
+
+def test_head_pool_cls_mean_is_dinov2s_linear_head(tmp_path):
+    """--head-pool cls_mean on a class-token checkpoint: a classifier on the class token and the patch
+    tokens' mean side by side, checked against transformers' Dinov2ForImageClassification given the
+    same weights (a DINOv2-shaped model: LayerScale on). The wider classifier starts afresh, with a
+    warning naming it; training it runs and saves a checkpoint that loads back."""
+    import transformers
+
+    from vitkit.data import load_digits
+    from vitkit.data import normalize as normalize_images
+
+    torch.manual_seed(3)
+    pretrained = create_model("vit_digits", num_classes=10, layer_scale=0.5, final_norm="tokens", norm_eps=1e-6)
+    save_pretrained(pretrained, tmp_path / "cls")
+    base = run_cfg(tmp_path / "run", pretrained=str(tmp_path / "cls"), head_pool="cls_mean", epochs=1)
+    with pytest.warns(UserWarning, match=r"initialised afresh: \['head.fc.bias', 'head.fc.weight'\]"):
+        trainer = Trainer(resolve_config(None, dict(base, out=str(tmp_path / "probe"))))
+    model = trainer.model.eval()
+    assert (model.cfg.pool, model.head.fc.weight.shape) == ("cls_mean", (10, 128))
+    vc.export(model, tmp_path / "hf", "hf")
+    theirs = transformers.Dinov2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = normalize_images(load_digits().val.images[:16], trainer.data.preprocess)
+    with torch.no_grad():
+        assert (model(x) - theirs(x).logits).abs().max() < 1e-5
+    trainer.run.unlock()
+    train(resolve_config(None, base))
+    assert load_pretrained(tmp_path / "run" / "best").head.fc.weight.shape == (10, 128)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from vitkit import ViT, ViTConfig, load_pretrained, save_pretrained
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
+from vitkit.config import POOLS
 from vitkit.images import ImageError, load_image, preprocess_image
 
 settings.register_profile(
@@ -49,7 +50,7 @@ def valid_configs(draw) -> ViTConfig:
     heads = draw(st.integers(1, 8))
     width = heads * draw(st.integers(1, 64 // heads))
     class_token = draw(st.booleans())
-    pool = draw(st.sampled_from(["cls", "mean"] if class_token else ["mean"]))
+    pool = draw(st.sampled_from(["cls", "mean", "cls_mean"] if class_token else ["mean"]))
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -62,7 +63,7 @@ def valid_configs(draw) -> ViTConfig:
         class_token=class_token,
         dist_token=pool == "cls" and draw(st.booleans()),  # DeiT's second token goes with class pooling
         pool=pool,
-        final_norm=draw(st.sampled_from(["tokens", "pooled", "none"])),
+        final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
         num_classes=draw(st.integers(0, 5)),
         dynamic_img_size=draw(st.booleans()),
@@ -86,7 +87,7 @@ def test_any_valid_config_runs_forward_and_backward(cfg, batch, data):
     tokens = model.forward_features(x)
     out = model.forward_head(tokens)
     assert tokens.shape == (batch, expected_tokens(cfg, h, w), cfg.emb_size)
-    assert out.shape == (batch, cfg.num_classes or cfg.emb_size)
+    assert out.shape == (batch, cfg.num_classes or cfg.num_features)
     assert torch.isfinite(tokens).all() and torch.isfinite(out).all()
 
     out.square().mean().backward()
@@ -162,7 +163,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     kind = draw(st.sampled_from([
         "int_type", "int_nonpositive", "heads", "patch_too_big", "not_divisible", "dropout", "pool",
         "final_norm", "cls_without_token", "dist_without_cls", "bool_type", "img_size_type", "mlp_ratio", "norm_eps",
-        "num_classes",
+        "num_classes", "cls_mean_pooled",
     ]))
     int_fields = ["patch_size", "in_channels", "emb_size", "depth", "num_heads"]
     if kind == "int_type":
@@ -187,13 +188,15 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         field = draw(st.sampled_from(DROPOUTS))
         return field, {field: draw(not_a_probability)}, ""
     if kind == "pool":
-        value = draw(st.one_of(st.text(max_size=5).filter(lambda s: s not in ("cls", "mean")), st.none(), st.integers()))
+        value = draw(st.one_of(st.text(max_size=5).filter(lambda s: s not in POOLS), st.none(), st.integers()))
         return "pool", {"pool": value}, ""
     if kind == "final_norm":
         bad = st.text(max_size=6).filter(lambda s: s not in ("tokens", "pooled", "none"))
         return "final_norm", {"final_norm": draw(st.one_of(bad, st.none(), st.booleans()))}, ""
     if kind == "cls_without_token":
-        return "pool", {"pool": "cls", "class_token": False}, "class_token"
+        return "pool", {"pool": draw(st.sampled_from(["cls", "cls_mean"])), "class_token": False}, "class_token"
+    if kind == "cls_mean_pooled":  # two features side by side: no one place for a norm after pooling
+        return "final_norm", {"pool": "cls_mean", "final_norm": "pooled", "class_token": True}, "cls_mean"
     if kind == "dist_without_cls":  # a distillation token with mean pooling, or without a class token
         if draw(st.booleans()):
             return "dist_token", {"dist_token": True, "pool": "mean"}, "pool"

@@ -362,9 +362,11 @@ FINAL_NORM_KEYS = {"tokens": "encoder.norm", "pooled": "head.norm"}
 def _repooled(state: dict[str, Tensor], new_cfg: ViTConfig, fresh: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """``state`` for another pooling or final norm (fine-tuning with timm's global_pool="avg" + fc_norm,
     say), ``fresh`` the new model's own state: the final LayerNorm moves to its new place with its
-    weights; a part the old model lacks (attention pooling) keeps its fresh initialisation, with a
-    warning; one the new model lacks is dropped."""
-    state = dict(state)
+    weights; a part the old model lacks (attention pooling), or holds in another shape (the classifier
+    of cls_mean's wider features), keeps its fresh initialisation, with a warning; one the new model
+    lacks is dropped."""
+    reshaped = {k.rpartition(".")[0] for k, v in state.items() if k in fresh and v.shape != fresh[k].shape}
+    state = {k: v for k, v in state.items() if k.rpartition(".")[0] not in reshaped}  # whole layers afresh
     old_norm = next((place for place in FINAL_NORM_KEYS.values() if f"{place}.weight" in state), None)
     new_norm = FINAL_NORM_KEYS.get(new_cfg.final_norm)
     if old_norm and new_norm and old_norm != new_norm:
@@ -373,7 +375,7 @@ def _repooled(state: dict[str, Tensor], new_cfg: ViTConfig, fresh: dict[str, Ten
     missing = sorted(k for k in fresh if k not in state)
     if missing:
         warnings.warn(f"{source}: pool={new_cfg.pool!r}, final_norm={new_cfg.final_norm!r} adds parts the checkpoint "
-                      f"lacks, initialised afresh: {missing}", stacklevel=4)
+                      f"lacks or holds in another shape, initialised afresh: {missing}", stacklevel=4)
     return {k: state[k] if k in state else fresh[k] for k in fresh}
 
 

@@ -13,10 +13,15 @@ import math
 import numbers
 from dataclasses import dataclass
 
-POOLS = ("cls", "mean", "map")
+POOLS = ("cls", "mean", "map", "cls_mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
 MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh")
+
+
+def pooled_width(pool: str, emb_size: int) -> int:
+    """The width of the features a ``pool`` gives the classifier: two tokens' worth for "cls_mean"."""
+    return 2 * emb_size if pool == "cls_mean" else emb_size
 
 
 def _is_int(value) -> bool:
@@ -73,7 +78,9 @@ class ViTConfig:
     # CLIP weights were trained with, or "gelu_tanh", GELU's tanh approximation (SigLIP's)
     mlp_act: str = "gelu"
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
-    # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map")
+    # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map");
+    # "cls_mean": the class token's output and the patch tokens' mean side by side, 2 x emb_size
+    # features (DINOv2's linear classifiers)
     pool: str = "mean"
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm); "none"
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
@@ -99,6 +106,11 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def num_features(self) -> int:
+        """The width of the pooled features the classifier reads."""
+        return pooled_width(self.pool, self.emb_size)
 
     @property
     def head_dim(self) -> int:
@@ -158,8 +170,11 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.pool: expected one of {POOLS}, got {self.pool!r}")
         if self.final_norm not in FINAL_NORMS:
             raise ValueError(f"ViTConfig.final_norm: expected one of {FINAL_NORMS}, got {self.final_norm!r}")
-        if self.pool == "cls" and not self.class_token:
-            raise ValueError("ViTConfig.pool: 'cls' pooling needs class_token=True; use pool='mean'")
+        if self.pool in ("cls", "cls_mean") and not self.class_token:
+            raise ValueError(f"ViTConfig.pool: {self.pool!r} pooling needs class_token=True; use pool='mean'")
+        if self.pool == "cls_mean" and self.final_norm == "pooled":
+            raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
+                             "side by side); use final_norm='tokens', as DINOv2 does")
         for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ViTConfig, get_config
+from .config import ViTConfig, get_config, pooled_width
 from .layers import AttentionPool, PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights
 
 
@@ -44,7 +44,8 @@ class TransformerEncoder(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """Pool the tokens (class token or mean of patch tokens), optional LayerNorm, then Linear."""
+    """Pool the tokens (class token, mean of patch tokens, both side by side, or attention pooling),
+    optional LayerNorm, then Linear."""
 
     def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean",
                  num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0,
@@ -56,7 +57,7 @@ class ClassificationHead(nn.Module):
         self.attn_pool = AttentionPool(emb_size, num_heads, mlp_ratio, norm_eps, mlp_act) if pool == "map" else None
         self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else nn.Identity()
         self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(pooled_width(pool, emb_size), n_classes) if n_classes > 0 else nn.Identity()
         # DeiT: the distillation token (token 1) has a classifier of its own; the two are averaged,
         # except in distilled training (``distilled_training``), which trains each on its own target
         self.fc_dist = (nn.Linear(emb_size, n_classes) if n_classes > 0 else nn.Identity()) if dist else None
@@ -68,7 +69,10 @@ class ClassificationHead(nn.Module):
         if self.attn_pool is not None:
             return self.attn_pool(x)  # (B, N, E) -> (B, E)
         # Mean over patch tokens only, as timm's global_pool="avg" (the seed also averaged the class token).
-        return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
+        mean = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
+        if self.pool == "cls_mean":
+            return torch.cat([x[:, 0], mean], dim=-1)  # -> (B, 2E)
+        return mean
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.fc_dist is None:
@@ -192,7 +196,7 @@ class ViT(nn.Module):
         """A new, freshly initialised classifier for ``num_classes`` classes."""
         self.cfg = self.cfg.replace(num_classes=num_classes)
         def fresh() -> nn.Module:
-            fc = nn.Linear(self.cfg.emb_size, num_classes) if num_classes > 0 else nn.Identity()
+            fc = nn.Linear(self.cfg.num_features, num_classes) if num_classes > 0 else nn.Identity()
             init_weights(fc)
             return fc.to(self.patch_embed.positions.device)
 

@@ -76,7 +76,8 @@ from .fast import autocast as fast_autocast
 from .model import ViT
 
 # --head-pool -> the (pool, final_norm) of the fine-tuned model
-HEAD_POOLS = {"mean": ("mean", "pooled"), "cls": ("cls", "tokens"), "map": ("map", "tokens")}
+HEAD_POOLS = {"mean": ("mean", "pooled"), "cls": ("cls", "tokens"), "map": ("map", "tokens"),
+              "cls_mean": ("cls_mean", "tokens")}
 # a training (and evaluation) precision -> the vitkit.fast precision it runs as
 TRAINING_AUTOCAST = {"fp32": "fp32", "bf16": "bf16-autocast", "fp16": "fp16-autocast"}
 STATE_NAME = "training_state.pt"  # beside model.safetensors in last/; read with torch.load(weights_only=True)
@@ -113,7 +114,8 @@ class TrainConfig:
     freeze_blocks: int = 0
     # fine-tuning: the head's pooling, where it should differ from the checkpoint's. mean: the average of
     # the patch tokens with the final LayerNorm after it (timm's global_pool="avg" + fc_norm, MAE's and
-    # BEiT's fine-tuning recipe); cls: the class token; map: attention pooling. The final norm keeps its weights.
+    # BEiT's fine-tuning recipe); cls: the class token; map: attention pooling; cls_mean: the class token and
+    # the patch tokens' mean side by side (DINOv2's linear probes). The final norm keeps its weights.
     head_pool: str = ""
     drop_path_rate: float = 0.0  # stochastic depth (the rate of the last block)
     drop_rate: float = 0.0  # dropout after the attention and MLP output projections

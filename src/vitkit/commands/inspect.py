@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.set_defaults(func=run_attention)
 
-    p = sub.add_parser("embed", help="pooled pre-logits embeddings of images, saved as an (n, E) .npy")
+    p = sub.add_parser("embed", help="pooled pre-logits embeddings of images, saved as an (n, features) .npy")
     p.add_argument("checkpoint", help="a vitkit checkpoint directory")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--batch-size", type=int, default=32)
@@ -91,7 +91,7 @@ def run_embed(args: argparse.Namespace) -> int:
             paths = args.images[start:start + args.batch_size]
             x = torch.stack([preprocess_image(load_image(p, model.cfg.in_channels), model.preprocess) for p in paths])
             rows.append(model.forward_head(model.forward_features(x), pre_logits=True).float())  # (b, E)
-    emb = torch.cat(rows).numpy()  # (n, E)
+    emb = torch.cat(rows).numpy()  # (n, E), or (n, 2E) for pool="cls_mean"
     with atomic_file(args.out) as f:
         np.save(f, emb)
     print(f"wrote {args.out}: embeddings of shape {emb.shape}")

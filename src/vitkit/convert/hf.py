@@ -15,6 +15,8 @@ DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type "dinov2" and
 "dinov2_with_registers") names its block parts ``norm1``, ``mlp.fc1``, ``layer_scale1.lambda1``...
 (vitkit's ``layer_scale``) and gives its registers no positions: vitkit's zero rows for them; on
 export, position rows the registers learned are added to the register tokens, which is the same.
+Its image classifiers read the class token and the patch tokens' mean side by side (vitkit's
+pool="cls_mean").
 CLIP's vision tower (model_type "clip_vision_model", or a whole "clip" model's ``vision_model``) is
 pre-norm (vitkit's ``pre_norm``), with its bias-free ``visual_projection`` as the classifier.
 SigLIP's (model_type "siglip_vision_model", or a whole "siglip" model's) has no class token and
@@ -52,6 +54,10 @@ ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassif
                 # mean of the patch tokens (CLIP's before its post_layernorm, SigLIP's after it).
                 "clip": "CLIPForImageClassification", "siglip": "SiglipForImageClassification"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
+# their image classifiers: a `classifier` on the class token and the patch tokens' mean side by side
+# (vitkit's pool="cls_mean"), under the same model_type
+DINOV2_CLASSIFIERS = {"dinov2": "Dinov2ForImageClassification",
+                      "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
 CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
 # a whole image-text model's model_type -> its vision tower's
 TOWERS = {"clip": CLIP, "siglip": SIGLIP}
@@ -103,7 +109,9 @@ def _key_map(family: str) -> KeyMap:
                  rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
                  rule("head.fc_dist.{p}", "distillation_classifier.{p}")],
         "vit": [rule("head.fc.{p}", "classifier.{p}")],
-        "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens")],
+        "dinov2": [rule("head.fc.{p}", "classifier.{p}")],
+        "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens"),
+                                  rule("head.fc.{p}", "classifier.{p}")],
     }.get(family, [])
     return KeyMap(
         "hf",
@@ -252,11 +260,6 @@ def read(path: Path) -> Foreign:
             f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
             "distillation token still runs through every block; vitkit's distilled models average two "
             "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
-    if family in DINOV2 and "classifier.weight" in state:
-        raise CheckpointError(
-            f"{path}: a DINOv2 image classifier, whose classifier reads the class token and the patch tokens' "
-            "mean side by side; vitkit's heads read one of them. Convert its backbone instead (the "
-            f"{ARCHITECTURE[family]}: save_pretrained of model.{family}), then fine-tune a head on it")
     if config.get("use_swiglu_ffn"):
         raise CheckpointError(f"{cfg_file}: use_swiglu_ffn is true (DINOv2 giant); vitkit's MLP is Linear, GELU, Linear")
     foreign = Foreign(str(path), state, config=config, layout=family)
@@ -300,6 +303,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     # image classifiers average the patch tokens
     if family in TOWERS or (tower == SIGLIP and "vision_model.head.probe" not in s):
         pool = "mean"
+    elif family in DINOV2 and "classifier.weight" in s:  # Dinov2ForImageClassification
+        pool = "cls_mean"
     else:
         pool = "map" if tower == SIGLIP else "cls"
     held = count_blocks(s, rf"{PREFIX[family]}\.encoder\.layers?\.(\d+)\.")  # CLIP: layers
@@ -351,7 +356,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     elif family == "clip" and not (cfg.class_token and cfg.num_classes):
         problems.append(f"HF's CLIPForImageClassification averages the tokens after the class token into a "
                         f"classifier; this model has class_token={cfg.class_token} and {cfg.num_classes} classes")
-    elif tower not in (CLIP, SIGLIP) and (not cfg.class_token or cfg.pool != "cls"):
+    elif tower not in (CLIP, SIGLIP, *DINOV2) and (not cfg.class_token or cfg.pool != "cls"):
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
     if tower == SIGLIP and (cfg.layer_scale or cfg.reg_tokens or not cfg.qkv_bias):
         problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
@@ -364,10 +369,10 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         problems.append("HF's CLIP tower has no LayerScale, registers or distillation token, and a qkv bias: "
                         "export to timm")
     if family in DINOV2:
-        if cfg.num_classes:
-            problems.append(f"HF's DINOv2 classifier reads the class token and the patch mean side by side, this "
-                            f"model's head the class token: export its features (num_classes=0; got "
-                            f"{cfg.num_classes}), or export to timm")
+        if cfg.pool not in (("cls_mean",) if cfg.num_classes else ("cls", "cls_mean")):
+            problems.append(f"HF's DINOv2 classifier reads the class token and the patch tokens' mean side by side "
+                            f"(pool='cls_mean'), its backbone the class token; this model has pool={cfg.pool!r} and "
+                            f"{cfg.num_classes} classes: export its features (num_classes=0), or export to timm")
         if not cfg.layer_scale:
             problems.append("HF's DINOv2 with registers has LayerScale in every block; this model has none "
                             "(layer_scale=0): export to timm")
@@ -401,7 +406,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
-        "architectures": [ARCHITECTURE[family]],
+        "architectures": [DINOV2_CLASSIFIERS[family] if family in DINOV2 and cfg.num_classes else ARCHITECTURE[family]],
         "model_type": family,
         "hidden_size": cfg.emb_size,
         "num_hidden_layers": cfg.depth,

@@ -217,6 +217,9 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 def export(model: nn.Module, out: Path) -> Path:
     """An ``.npz`` in the ``vision_transformer`` layout (what timm's ``load_pretrained`` reads)."""
     cfg: ViTConfig = model.cfg
+    if cfg.pool not in ("cls", "mean"):
+        raise ValueError(f"jax export: the vision_transformer layout's classifier reads the class token or the "
+                         f"patch tokens' mean (pool='cls' or 'mean'); this model has pool={cfg.pool!r}")
     if cfg.final_norm == "pooled":
         raise ValueError(
             "jax export: the vision_transformer layout has no norm after pooling (final_norm='pooled'); "

@@ -180,6 +180,9 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 def model_args(cfg: ViTConfig) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network."""
+    if cfg.pool not in GLOBAL_POOL:
+        raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
+                         f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
     if cfg.dist_token and cfg.pre_norm:
         raise ValueError("timm export: no timm ViT has both a distillation token and CLIP's pre-norm")
     eps = TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][1]
