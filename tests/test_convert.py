@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -690,6 +691,28 @@ def test_jax_big_vision_layout(tmp_path, kw, scanned, keep_class_position):
         theirs.load_pretrained(str(bv))
         assert_same_logits(run(theirs, x), run(ours, x))
     assert_same_logits(run(vc.load(bv, "jax"), x), run(ours, x))
+
+
+BEYOND_PLAIN = [("dist_token", True, "DeiT's distillation token"), ("reg_tokens", 2, "register tokens"),
+                ("layer_scale", 0.1, "LayerScale"), ("pre_norm", True, "CLIP's pre-norm"),
+                ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'")]
+
+
+@pytest.mark.parametrize("field, value, named", BEYOND_PLAIN, ids=[f"{f}={v}" for f, v, _ in BEYOND_PLAIN])
+@pytest.mark.parametrize("fmt", ["jax", "torchvision"])
+def test_export_refuses_what_the_format_cannot_hold_by_name(tmp_path, field, value, named, fmt):
+    """Every field of convert.BEYOND_PLAIN_VIT, set, refused by the formats that lack it, naming the
+    part (and the activation the model has) and the formats that hold it; timm holds them all."""
+    assert field in vc.BEYOND_PLAIN_VIT
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=32, depth=1, num_heads=2, num_classes=3, pool="cls",
+                    final_norm="tokens", **{field: value})
+    model = create_model(cfg)
+    with pytest.raises(ValueError, match=rf"target format {fmt}: this model has .*{re.escape(named)}.*"
+                                         r"save it in vitkit or timm or hf format instead"):
+        vc.export(model, tmp_path / ("w.npz" if fmt == "jax" else "w.pth"), fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's LayerNorm eps for the architecture: not this test's concern
+        assert vc.export(model, tmp_path / "timm.safetensors", "timm").is_file()
 
 
 # --- the CLI --------------------------------------------------------------------------------------------

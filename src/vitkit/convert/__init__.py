@@ -41,13 +41,14 @@ from ..config import ViTConfig, get_config
 
 IMPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
 EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
-# ViTConfig fields beyond the plain ViT -> (what they are, the foreign formats that hold them)
+# ViTConfig fields beyond the plain ViT -> (what they are, with {value} the model's, the foreign
+# formats that hold them)
 BEYOND_PLAIN_VIT = {
     "dist_token": ("DeiT's distillation token (dist_token=True)", ("timm", "hf")),
     "reg_tokens": ("register tokens (reg_tokens > 0)", ("timm", "hf")),
     "layer_scale": ("LayerScale (layer_scale > 0)", ("timm", "hf")),
     "pre_norm": ("CLIP's pre-norm (pre_norm=True)", ("timm", "hf")),
-    "mlp_act": ("QuickGELU (mlp_act='quick_gelu')", ("timm", "hf")),
+    "mlp_act": ("an MLP activation other than exact GELU (mlp_act={value!r})", ("timm", "hf")),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.
@@ -325,7 +326,8 @@ def export(model, out: str | os.PathLike, fmt: str) -> Path:
     plain = ViTConfig()
     for part, (describe, formats) in BEYOND_PLAIN_VIT.items():
         if getattr(model.cfg, part) != getattr(plain, part) and fmt not in formats:
-            raise ValueError(f"target format {fmt}: this model has {describe}, which a {fmt} ViT cannot hold; "
+            raise ValueError(f"target format {fmt}: this model has {describe.format(value=getattr(model.cfg, part))}, "
+                             f"which a {fmt} ViT cannot hold; "
                              f"save it in {' or '.join(('vitkit', *formats))} format instead")
     return module.export(model, Path(out))
 
