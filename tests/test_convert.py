@@ -556,6 +556,46 @@ def test_hf_mae_encoder_is_read_without_its_decoder(tmp_path):
         assert_same_logits(ours.forward_features(x), theirs)
 
 
+@pytest.mark.parametrize("family", ["vit_msn", "ijepa"])
+def test_hf_vit_msn_and_ijepa_are_read(tmp_path, family):
+    """Meta's ViT-MSN (ViT's layout under its own model_type) and I-JEPA (ViT's layout without a class
+    token; its classifier on the mean of every token): the classifier's logits, and the base model's
+    features. An I-JEPA model goes back out as SigLIP's classes, which hold the same network."""
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+              patch_size=8, num_labels=3)
+    if family == "vit_msn":
+        config, classifier, base = (transformers.ViTMSNConfig(**kw), transformers.ViTMSNForImageClassification,
+                                    transformers.ViTMSNModel)
+    else:
+        config, classifier, base = (transformers.IJepaConfig(**kw), transformers.IJepaForImageClassification,
+                                    transformers.IJepaModel)
+    theirs = classifier(config).eval()
+    with torch.no_grad():  # their init zeroes some of these: a token or norm read wrongly would not show
+        for name, p in theirs.named_parameters():
+            if "layernorm" in name or "embeddings" in name:
+                p.normal_()
+    theirs.save_pretrained(tmp_path / "classifier")
+    x = torch.randn(2, 3, 32, 32)
+    ours = vc.load(tmp_path / "classifier", "hf").eval()
+    assert (ours.cfg.class_token, ours.cfg.pool) == ((True, "cls") if family == "vit_msn" else (False, "mean"))
+    assert_same_logits(run(ours, x), run(theirs, x))
+    if family == "vit_msn":  # the Hub's files (transformers 4) hold the blocks under "vit.", as ViT's do
+        hub = {("vit." + k if k.startswith("encoder.") else k): v
+               for k, v in load_state_dict_file(tmp_path / "classifier" / "model.safetensors").items()}
+        save_file(hub, tmp_path / "classifier" / "model.safetensors")
+        assert_same_logits(run(vc.load(tmp_path / "classifier", "hf"), x), run(theirs, x))
+    backbone = base(config).eval()
+    backbone.load_state_dict(getattr(theirs, theirs.base_model_prefix).state_dict())  # the same weights
+    backbone.save_pretrained(tmp_path / "base")
+    features = vc.load(tmp_path / "base", "hf").eval()
+    with torch.no_grad():
+        assert_same_logits(features.forward_features(x), backbone(x).last_hidden_state)
+    if family == "ijepa":
+        vc.export(ours, tmp_path / "back", "hf")
+        assert_same_logits(run(transformers.SiglipForImageClassification.from_pretrained(tmp_path / "back"), x),
+                           run(theirs, x))
+
+
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
     base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
     base.save_pretrained(tmp_path / "base")

@@ -1,6 +1,7 @@
 """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` directories, both directions, and the
 other ViTs transformers holds: DeiT's distilled models (``DeiTModel`` /
-``DeiTForImageClassificationWithTeacher``, model_type "deit"), DINOv2, CLIP and SigLIP.
+``DeiTForImageClassificationWithTeacher``, model_type "deit"), DINOv2, CLIP and SigLIP; read only,
+ViT-MSN (ViT's layout) and I-JEPA (ViT's without a class token).
 
 The table is written in the layout Hugging Face stores on disk (and on the Hub):
 ``vit.encoder.layer.N.attention.attention.query`` ... with separate q, k, v projections,
@@ -52,7 +53,12 @@ ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassif
                 # The image classifiers on those two towers: config.json has the whole image-text model's
                 # model_type, a vision_config and id2label; the weights, the tower and a `classifier` on the
                 # mean of the patch tokens (CLIP's before its post_layernorm, SigLIP's after it).
-                "clip": "CLIPForImageClassification", "siglip": "SiglipForImageClassification"}
+                "clip": "CLIPForImageClassification", "siglip": "SiglipForImageClassification",
+                # I-JEPA: ViT's layout without a class token, its classifier on the mean of every token;
+                # read only (vitkit writes such a model as SigLIP's, which holds the same network)
+                "ijepa": "IJepaForImageClassification"}
+# model_types whose files are another family's layout under the same prefix: ViT-MSN's is ViT's
+SAME_LAYOUT = {"vit_msn": "vit"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
 # their image classifiers: a `classifier` on the class token and the patch tokens' mean side by side
 # (vitkit's pool="cls_mean"), under the same model_type
@@ -105,6 +111,7 @@ def _key_map(family: str) -> KeyMap:
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
         ]
     heads = {
+        "ijepa": [rule("head.fc.{p}", "classifier.{p}")],
         "deit": [rule("head.fc.{p}", "cls_classifier.{p}"),
                  rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
                  rule("head.fc_dist.{p}", "distillation_classifier.{p}")],
@@ -117,7 +124,7 @@ def _key_map(family: str) -> KeyMap:
         "hf",
         [
             rule("patch_embed.projection.{p}", f"{family}.embeddings.patch_embeddings.projection.{{p}}"),
-            rule("patch_embed.cls_token", f"{family}.embeddings.cls_token"),
+            *([] if family == "ijepa" else [rule("patch_embed.cls_token", f"{family}.embeddings.cls_token")]),
             rule("patch_embed.positions", f"{family}.embeddings.position_embeddings",
                  _register_positions(family == "dinov2_with_registers")),
             rule(
@@ -237,15 +244,18 @@ def read(path: Path) -> Foreign:
         if decoder:
             warnings.warn(f"{path}: MAE's pixel decoder ({len(decoder)} tensors) is not read, only its encoder",
                           stacklevel=3)
+    family = SAME_LAYOUT.get(family, family)
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
-                              f"{', '.join(map(repr, [*KEYS, 'vit_mae']))}")
+                              f"{', '.join(map(repr, [*KEYS, *SAME_LAYOUT, 'vit_mae']))}")
     if config.get("hidden_act", "gelu") not in HF_ACTS:
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
     prefix = PREFIX[family]
     if not any(k.startswith(f"{prefix}.") for k in state):
         state = {f"{prefix}.{k}": v for k, v in state.items()}  # a base model (ViTModel...): no prefix
+    elif config.get("model_type") == "vit_msn":  # transformers 5 writes its classifier's blocks without "vit."
+        state = {f"{prefix}.{k}" if k.startswith("encoder.") else k: v for k, v in state.items()}
     for part in ("weight", "bias"):  # SigLIP's pooling head: split its fused q, k, v projection
         fused = state.pop(SIGLIP_IN_PROJ.format(part), None)
         if fused is not None:
@@ -301,7 +311,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     # ViTForImageClassification classifies the class token's output; SigLIP pools by attention
     # (without its head, vision_use_head=False: the mean of the tokens, as features); the towers'
     # image classifiers average the patch tokens
-    if family in TOWERS or (tower == SIGLIP and "vision_model.head.probe" not in s):
+    if family in (*TOWERS, "ijepa") or (tower == SIGLIP and "vision_model.head.probe" not in s):
         pool = "mean"
     elif family in DINOV2 and "classifier.weight" in s:  # Dinov2ForImageClassification
         pool = "cls_mean"
@@ -319,7 +329,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
         pre_norm=tower == CLIP,
         mlp_act=HF_ACTS[c.get("hidden_act", "gelu")],
-        class_token=tower != SIGLIP,
+        class_token=tower not in (SIGLIP, "ijepa"),
         pool=pool,
         # CLIP: post_layernorm on the pooled token only, and not at all in its image classifier
         final_norm={"clip": "none", CLIP: "pooled"}.get(family, "tokens"),
