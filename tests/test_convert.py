@@ -129,10 +129,12 @@ def test_timm_distilled_deit_both_ways(tmp_path):
             vc.export(ours, tmp_path / f"out-{fmt}.npz", fmt)
 
 
-@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                                  "vit_giant_patch14_dinov2"])
 def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
-    """DeiT-III (LayerScale; positions for the patches only), DINOv2 (LayerScale) and DINOv2 with
-    registers (all three): timm's logits and features from its file, and back into timm."""
+    """DeiT-III (LayerScale; positions for the patches only), DINOv2 (LayerScale), DINOv2 with
+    registers (all three) and DINOv2's giant (a SwiGLU MLP, fc1's halves gate and value): timm's logits
+    and features from its file, and back into timm."""
     img = {} if name.startswith("deit3") else {"img_size": 56}  # 4x4 patches of 14
     theirs = timm_vit(name, num_classes=7, **img)
     with torch.no_grad():  # away from their init, so that a missing or swapped gamma or register shows
@@ -333,14 +335,16 @@ def test_hf_deit_base_model_and_the_one_head_classifier(tmp_path):
         vc.load(tmp_path / "one-head", "hf")
 
 
-@pytest.mark.parametrize("registers", [0, 4], ids=["dinov2", "dinov2-with-registers"])
-def test_hf_dinov2_both_ways(tmp_path, registers):
-    """transformers' DINOv2 backbone (LayerScale; with registers, which HF gives no positions): its
+@pytest.mark.parametrize("registers, swiglu", [(0, False), (4, False), (0, True)],
+                         ids=["dinov2", "dinov2-with-registers", "dinov2-giant-swiglu"])
+def test_hf_dinov2_both_ways(tmp_path, registers, swiglu):
+    """transformers' DINOv2 backbone (LayerScale; with registers, which HF gives no positions; the
+    giant's SwiGLU MLP, whose width HF rounds from its mlp_ratio): its
     features and pooled output; back into transformers after the registers' zero position rows have
     learned something (folded into the register tokens on export); its image classifier (vitkit's
     pool="cls_mean") both ways; what either side lacks refused by name."""
     kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14,
-              layerscale_value=0.5)
+              layerscale_value=0.5, use_swiglu_ffn=swiglu)
     if registers:
         cls, cfg = transformers.Dinov2WithRegistersModel, transformers.Dinov2WithRegistersConfig(
             num_register_tokens=registers, **kw)
@@ -360,6 +364,7 @@ def test_hf_dinov2_both_ways(tmp_path, registers):
     with pytest.warns(UserWarning, match="mask_token"):
         ours = vc.load(tmp_path / "hf", "hf").eval()
     assert (ours.cfg.reg_tokens, ours.cfg.layer_scale, ours.cfg.num_classes) == (registers, 0.5, 0)
+    assert ours.cfg.mlp_act == ("swiglu" if swiglu else "gelu")
     with torch.no_grad():
         assert_same_logits(ours.forward_features(x), out.last_hidden_state)
         assert_same_logits(ours(x), out.pooler_output)  # the class token after the final norm
@@ -369,6 +374,8 @@ def test_hf_dinov2_both_ways(tmp_path, registers):
     again = cls.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert_same_logits(again(x).last_hidden_state, expected)
+        with pytest.warns(UserWarning, match="mask_token"):
+            assert_same_logits(vc.load(tmp_path / "back", "hf").forward_features(x), expected)
     with pytest.raises(ValueError, match="HF's DINOv2 classifier reads the class token and the patch tokens' mean"):
         vc.export(create_model(ours.cfg.replace(num_classes=3)), tmp_path / "head", "hf")
 

@@ -31,12 +31,14 @@ def expected_params(cfg: ViTConfig) -> int:
         stem = c * p * p * e + (0 if cfg.pre_norm else e)  # CLIP's projection has no bias...
     stem += 2 * e if cfg.pre_norm else 0  # ...and a LayerNorm after it
     embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
-    block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + (e * h + h) + (h * e + e)
+    mlp = (e * h + h) + ((h // 2 if cfg.mlp_act == "swiglu" else h) * e + e)  # SwiGLU: fc2 reads half of fc1
+    block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + mlp
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
     final_norm = 2 * e if cfg.final_norm != "none" else 0
-    head = (cfg.num_classes * e + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
+    features = 2 * e if cfg.pool == "cls_mean" else e  # the class token and the patch mean, side by side
+    head = (cfg.num_classes * features + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
     if cfg.pool == "map":  # latent, q, kv, proj, LayerNorm, MLP
-        head += e + (e * e + e) + (2 * e * e + 2 * e) + (e * e + e) + 2 * e + (e * h + h) + (h * e + e)
+        head += e + (e * e + e) + (2 * e * e + 2 * e) + (e * e + e) + 2 * e + mlp
     return embed + cfg.depth * block + final_norm + head
 
 
@@ -50,8 +52,8 @@ def test_every_variant_builds_with_the_right_shapes(name):
         logits = model.forward_head(tokens)
         pooled = model.forward_head(tokens, pre_logits=True)
     assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, cfg.emb_size)
-    assert logits.shape == (2, cfg.num_classes or cfg.emb_size)  # no classifier: the pooled features
-    assert pooled.shape == (2, cfg.emb_size)
+    assert logits.shape == (2, cfg.num_classes or cfg.num_features)  # no classifier: the pooled features
+    assert pooled.shape == (2, cfg.num_features)
     assert sum(p.numel() for p in model.parameters()) == expected_params(cfg)
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vitkit import ViT, ViTConfig, load_pretrained, save_pretrained
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
-from vitkit.config import POOLS
+from vitkit.config import MLP_ACTS, POOLS
 from vitkit.images import ImageError, load_image, preprocess_image
 
 settings.register_profile(
@@ -51,6 +51,8 @@ def valid_configs(draw) -> ViTConfig:
     width = heads * draw(st.integers(1, 64 // heads))
     class_token = draw(st.booleans())
     pool = draw(st.sampled_from(["cls", "mean", "cls_mean"] if class_token else ["mean"]))
+    mlp_ratio = draw(st.sampled_from([1.0, 2.0, 4.0, 1.5]))
+    mlp_act = draw(st.sampled_from([a for a in MLP_ACTS if a != "swiglu" or int(width * mlp_ratio) % 2 == 0]))
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -58,7 +60,8 @@ def valid_configs(draw) -> ViTConfig:
         emb_size=width,
         depth=draw(st.integers(1, 3)),
         num_heads=heads,
-        mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0, 1.5])),
+        mlp_ratio=mlp_ratio,
+        mlp_act=mlp_act,
         qkv_bias=draw(st.booleans()),
         class_token=class_token,
         dist_token=pool == "cls" and draw(st.booleans()),  # DeiT's second token goes with class pooling
@@ -163,7 +166,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     kind = draw(st.sampled_from([
         "int_type", "int_nonpositive", "heads", "patch_too_big", "not_divisible", "dropout", "pool",
         "final_norm", "cls_without_token", "dist_without_cls", "bool_type", "img_size_type", "mlp_ratio", "norm_eps",
-        "num_classes", "cls_mean_pooled",
+        "num_classes", "cls_mean_pooled", "swiglu_odd",
     ]))
     int_fields = ["patch_size", "in_channels", "emb_size", "depth", "num_heads"]
     if kind == "int_type":
@@ -195,6 +198,8 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "final_norm", {"final_norm": draw(st.one_of(bad, st.none(), st.booleans()))}, ""
     if kind == "cls_without_token":
         return "pool", {"pool": draw(st.sampled_from(["cls", "cls_mean"])), "class_token": False}, "class_token"
+    if kind == "swiglu_odd":  # SwiGLU halves fc1's output: its width (32 * ratio) must be even
+        return "mlp_act", {"mlp_act": "swiglu", "mlp_ratio": draw(st.sampled_from([1 / 32, 3 / 32, 33 / 32]))}, "odd"
     if kind == "cls_mean_pooled":  # two features side by side: no one place for a norm after pooling
         return "final_norm", {"pool": "cls_mean", "final_norm": "pooled", "class_token": True}, "cls_mean"
     if kind == "dist_without_cls":  # a distillation token with mean pooling, or without a class token

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 POOLS = ("cls", "mean", "map", "cls_mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
-MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh")
+MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
 
 
 def pooled_width(pool: str, emb_size: int) -> int:
@@ -75,7 +75,9 @@ class ViTConfig:
     # (patch_embed.norm_pre), and a patch projection without bias
     pre_norm: bool = False
     # the MLP's activation: "gelu" (exact, erf), "quick_gelu", x * sigmoid(1.702 x), which OpenAI's
-    # CLIP weights were trained with, or "gelu_tanh", GELU's tanh approximation (SigLIP's)
+    # CLIP weights were trained with, "gelu_tanh", GELU's tanh approximation (SigLIP's), or "swiglu",
+    # silu(a) * b over the two halves of fc1's output, so fc2 reads half its width (DINOv2 giant's
+    # packed weights_in, timm's SwiGLUPacked; mlp_ratio gives fc1's whole width, as timm's does)
     mlp_act: str = "gelu"
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
     # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map");
@@ -166,6 +168,9 @@ class ViTConfig:
                              f"power of 2 (>= 2), got {self.patch_size}")
         if self.mlp_act not in MLP_ACTS:
             raise ValueError(f"ViTConfig.mlp_act: expected one of {MLP_ACTS}, got {self.mlp_act!r}")
+        if self.mlp_act == "swiglu" and self.mlp_hidden % 2:
+            raise ValueError(f"ViTConfig.mlp_act: 'swiglu' splits fc1's output in two halves, and its width "
+                             f"int(emb_size * mlp_ratio) = {self.mlp_hidden} is odd")
         if self.pool not in POOLS:
             raise ValueError(f"ViTConfig.pool: expected one of {POOLS}, got {self.pool!r}")
         if self.final_norm not in FINAL_NORMS:
@@ -266,6 +271,10 @@ def _table() -> dict[str, dict]:
         table[f"vit_{size}_patch14_dinov2"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=14, img_size=518,
                                                    layer_scale=1e-5, num_classes=0)  # self-supervised: features
         table[f"vit_{size}_patch14_reg4_dinov2"] = dict(table[f"vit_{size}_patch14_dinov2"], reg_tokens=4)
+    # DINOv2's giant: SwiGLU MLP, fc1 8192 wide (two halves of 4096), timm's mlp_ratio written as timm writes it
+    giant = dict(emb_size=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_act="swiglu")
+    table["vit_giant_patch14_dinov2"] = dict(table["vit_large_patch14_dinov2"], **giant)
+    table["vit_giant_patch14_reg4_dinov2"] = dict(table["vit_giant_patch14_dinov2"], reg_tokens=4)
     # CLIP's image towers (Radford et al. 2021; timm's *_clip_*, the LAION/DFN/DataComp weights and their
     # ImageNet fine-tunes): a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5.
     for size, patch in (("base", 32), ("base", 16), ("large", 14)):

@@ -716,17 +716,31 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class SiLUGate(nn.Module):
+    """SwiGLU's gate on a packed projection: silu(first half) * second half, (..., 2h) -> (..., h).
+    The halves are DINOv2's ``weights_in`` layout (timm's ``SwiGLUPacked``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = x.chunk(2, dim=-1)
+        return F.silu(gate) * value
+
+
 class FeedForwardBlock(nn.Module):
     """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention (``act``: ViTConfig.mlp_act,
-    exact GELU, its tanh form, or CLIP's QuickGELU)."""
+    exact GELU, its tanh form, CLIP's QuickGELU, or SwiGLU's gate, after which fc2 reads half of fc1's width)."""
 
     def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0, act: str = "gelu"):
         super().__init__()
         hidden = int(emb_size * expansion)
         self.fc1 = nn.Linear(emb_size, hidden)
-        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate=LEAN_GELUS[act])
+        if act == "quick_gelu":
+            self.act = QuickGELU()
+        elif act == "swiglu":
+            self.act = SiLUGate()
+        else:
+            self.act = nn.GELU(approximate=LEAN_GELUS[act])
         self.drop1 = nn.Dropout(drop_p)
-        self.fc2 = nn.Linear(hidden, emb_size)
+        self.fc2 = nn.Linear(hidden // 2 if act == "swiglu" else hidden, emb_size)
         self.drop2 = nn.Dropout(drop_p)
 
     def forward(self, x: Tensor) -> Tensor:

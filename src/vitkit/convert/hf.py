@@ -62,6 +62,8 @@ SAME_LAYOUT = {"vit_msn": "vit"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
 # their image classifiers: a `classifier` on the class token and the patch tokens' mean side by side
 # (vitkit's pool="cls_mean"), under the same model_type
+# DINOv2's giant: a SwiGLU MLP whose packed weights_in/weights_out are vitkit's fc1/fc2 (mlp_act="swiglu")
+SWIGLU_NAMES = {"weights_in": "fc1", "weights_out": "fc2"}
 DINOV2_CLASSIFIERS = {"dinov2": "Dinov2ForImageClassification",
                       "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
 CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
@@ -248,7 +250,7 @@ def read(path: Path) -> Foreign:
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
                               f"{', '.join(map(repr, [*KEYS, *SAME_LAYOUT, 'vit_mae']))}")
-    if config.get("hidden_act", "gelu") not in HF_ACTS:
+    if config.get("hidden_act", "gelu") not in HF_ACTS and not config.get("use_swiglu_ffn"):  # SwiGLU: unread
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
     prefix = PREFIX[family]
@@ -270,8 +272,9 @@ def read(path: Path) -> Foreign:
             f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
             "distillation token still runs through every block; vitkit's distilled models average two "
             "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
-    if config.get("use_swiglu_ffn"):
-        raise CheckpointError(f"{cfg_file}: use_swiglu_ffn is true (DINOv2 giant); vitkit's MLP is Linear, GELU, Linear")
+    if config.get("use_swiglu_ffn"):  # DINOv2's giant: its packed SwiGLU layers under vitkit's MLP names
+        state = {re.sub(r"\.mlp\.(weights_in|weights_out)\.", lambda m: f".mlp.{SWIGLU_NAMES[m[1]]}.", k): v
+                 for k, v in state.items()}
     foreign = Foreign(str(path), state, config=config, layout=family)
     id2label = config.get("id2label") or {}
     names = [str(id2label[k]) for k in sorted(id2label, key=int)]
@@ -308,6 +311,12 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
     family = foreign.layout
     tower = TOWERS.get(family, family)
+    swiglu = bool(c.get("use_swiglu_ffn"))
+    if swiglu:  # DINOv2's giant: its mlp_ratio gives the width before SwiGLU's rounding; fc1's packed width is vitkit's
+        fc1 = s.get(f"{family}.encoder.layer.0.mlp.fc1.weight")
+        if fc1 is None:
+            raise CheckpointError(f"{foreign.path}: use_swiglu_ffn is true, but the file has no first block's weights_in")
+        fields["mlp_ratio"] = mlp_ratio_of(fc1.shape[0], width, foreign.path)
     # ViTForImageClassification classifies the class token's output; SigLIP pools by attention
     # (without its head, vision_use_head=False: the mean of the tokens, as features); the towers'
     # image classifiers average the patch tokens
@@ -328,7 +337,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
         layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
         pre_norm=tower == CLIP,
-        mlp_act=HF_ACTS[c.get("hidden_act", "gelu")],
+        mlp_act="swiglu" if swiglu else HF_ACTS[c.get("hidden_act", "gelu")],
         class_token=tower not in (SIGLIP, "ijepa"),
         pool=pool,
         # CLIP: post_layernorm on the pooled token only, and not at all in its image classifier
@@ -352,6 +361,11 @@ def _family(cfg: ViTConfig) -> str:
     return "deit" if cfg.dist_token else "vit"
 
 
+def _swiglu_width(width: int, mlp_ratio: float) -> int:
+    """The width of the SwiGLU gate HF's DINOv2 builds from its config (Dinov2SwiGLUFFN)."""
+    return (int(int(width * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
 def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
     ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's; with
@@ -359,6 +373,11 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     problems = []
     family = _family(cfg)
     tower = TOWERS.get(family, family)
+    # DINOv2's config gives the MLP width before SwiGLU keeps 2/3 of it (rounded up to a multiple of 8):
+    # the first whole ratio that gives this model's gate width, if any
+    swiglu = cfg.mlp_act == "swiglu"
+    hf_mlp_ratio = (next((r for r in range(1, 17) if _swiglu_width(cfg.emb_size, r) == cfg.mlp_hidden // 2), 0.5)
+                    if swiglu else cfg.mlp_ratio)
     if family == SIGLIP and (cfg.pool not in ("map", "mean") or cfg.num_classes):
         problems.append(f"HF's SigLIP tower pools by attention (or not at all) and has no classifier, and its "
                         f"image classifier reads the tokens' mean; this model has pool={cfg.pool!r} and "
@@ -388,13 +407,16 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
                             "(layer_scale=0): export to timm")
         if cfg.dist_token:
             problems.append("HF's DINOv2 has no distillation token: export to timm")
-        if cfg.mlp_ratio != int(cfg.mlp_ratio):
-            problems.append(f"HF's DINOv2 takes a whole mlp_ratio, this model's is {cfg.mlp_ratio}: export to timm")
+        if hf_mlp_ratio != int(hf_mlp_ratio):
+            problems.append(f"HF's DINOv2 takes a whole mlp_ratio, and no whole one gives this model's MLP "
+                            f"({cfg.mlp_hidden} wide{', SwiGLU' if swiglu else ''}): export to timm")
+    elif cfg.mlp_act == "swiglu":
+        problems.append(f"HF's {ARCHITECTURE[family]} has no SwiGLU MLP (DINOv2's has): export to timm")
     if problems:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
-    act = next(hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act)
+    act = next((hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act), "silu")  # SwiGLU's: DINOv2 ignores it
     labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
     if tower in (CLIP, SIGLIP):  # CLIPVisionConfig's and SiglipVisionConfig's own fields
         if h != w:
@@ -413,7 +435,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
             architecture = "CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"
             return {"architectures": [architecture], **vision, "projection_dim": cfg.num_classes or 512}
         return {"architectures": [ARCHITECTURE[family]], **vision}
-    dinov2 = dict(mlp_ratio=int(cfg.mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=False,
+    dinov2 = dict(mlp_ratio=int(hf_mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=swiglu,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
         "architectures": [DINOV2_CLASSIFIERS[family] if family in DINOV2 and cfg.num_classes else ARCHITECTURE[family]],
@@ -457,6 +479,9 @@ def export(model: nn.Module, out: Path) -> Path:
     if bias is not None and bias.any():  # CLIP's projection has none: only a zero one is exact
         raise ValueError("hf export: HF's CLIP projection has no bias, this model's classifier has a nonzero one "
                          "(trained): export to timm, or keep num_classes=0 (features)")
+    if cfg.mlp_act == "swiglu":  # DINOv2's giant: vitkit's fc1/fc2 are its packed SwiGLU layers
+        names = {ours: theirs for theirs, ours in SWIGLU_NAMES.items()}
+        state = {re.sub(r"\.mlp\.(fc1|fc2)\.", lambda m: f".mlp.{names[m[1]]}.", k): v for k, v in state.items()}
     if family in DINOV2:  # masked image modelling's token, unused in a forward pass: zeros, as HF initialises it
         state[f"{family}.embeddings.mask_token"] = torch.zeros(1, cfg.emb_size)
     if family == "clip":  # the tower's post_layernorm, which its image classifier never reads: the identity

@@ -61,11 +61,17 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
-# (dist_token, pre_norm) -> a timm architecture of the right class and LayerNorm eps, whose every size
-# model_args then override, and that eps (a functools.partial in the architecture, not a model_arg)
-TIMM_ARCHITECTURE = {(False, False): ("vit_base_patch16_224", 1e-6),
-                     (True, False): ("deit_base_distilled_patch16_224", 1e-6),
-                     (False, True): ("vit_base_patch16_clip_224", 1e-5)}
+# (dist_token, pre_norm, SwiGLU) -> a timm architecture of the right class, LayerNorm eps and MLP layer
+# (SwiGLUPacked), whose every size model_args then override, and that eps (a functools.partial in the
+# architecture, not a model_arg)
+TIMM_ARCHITECTURE = {(False, False, False): ("vit_base_patch16_224", 1e-6),
+                     (True, False, False): ("deit_base_distilled_patch16_224", 1e-6),
+                     (False, True, False): ("vit_base_patch16_clip_224", 1e-5),
+                     (False, False, True): ("vit_giant_patch14_dinov2", 1e-6)}
+
+
+def _architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool]:
+    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu"
 
 
 def read(path: Path) -> Foreign:
@@ -108,6 +114,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     act = args.get("act_layer", "gelu")  # timm's names are vitkit's
     if "quickgelu" in str(foreign.config.get("architecture", "")):
         act = "quick_gelu"
+    fc1, fc2 = (require(s, f"blocks.0.mlp.{fc}.weight", src, "timm") for fc in ("fc1", "fc2"))
+    if fc1.shape[0] == 2 * fc2.shape[1]:  # a packed gated MLP (SwiGLUPacked: DINOv2's giant)
+        if act not in ("gelu", "silu"):  # "gelu": no act_layer given; the giant's architecture has SiLU
+            raise CheckpointError(f"{src}: a gated MLP with act_layer {act!r}; vitkit's gated MLP is SwiGLU (silu)")
+        act = "swiglu"
     if act not in MLP_ACTS:
         raise CheckpointError(f"{src}: act_layer {act!r} in its config; vitkit's MLP uses one of {MLP_ACTS}")
     if pre_norm and not foreign.config and "mlp_act" not in base:
@@ -146,7 +157,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
         pre_norm=pre_norm,
         mlp_act=act,
-        norm_eps=TIMM_ARCHITECTURE[dist_token, pre_norm][1],  # CLIP's towers: 1e-5, other timm ViTs: 1e-6
+        # CLIP's towers: 1e-5, other timm ViTs: 1e-6
+        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu"), (None, 1e-6))[1],
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
 
@@ -179,13 +191,16 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def model_args(cfg: ViTConfig) -> dict:
-    """The ``timm.create_model(...)`` keyword arguments that build the same network."""
+    """The ``timm.create_model(...)`` keyword arguments that build the same network, given the
+    architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's)."""
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
                          f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
-    if cfg.dist_token and cfg.pre_norm:
-        raise ValueError("timm export: no timm ViT has both a distillation token and CLIP's pre-norm")
-    eps = TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][1]
+    if _architecture_key(cfg) not in TIMM_ARCHITECTURE:
+        raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm "
+                         f"and a SwiGLU MLP; this model has dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, "
+                         f"mlp_act={cfg.mlp_act!r}")
+    eps = TIMM_ARCHITECTURE[_architecture_key(cfg)][1]
     if cfg.norm_eps != eps:
         warnings.warn(
             f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's uses {eps}; outputs will differ "
@@ -198,7 +213,9 @@ def model_args(cfg: ViTConfig) -> dict:
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
         reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
-        act_layer=cfg.mlp_act,  # timm's names are vitkit's: "gelu", "quick_gelu", "gelu_tanh"
+        # timm's names are vitkit's ("gelu", "quick_gelu", "gelu_tanh"); SwiGLU's gate is SiLU, in an MLP
+        # layer (SwiGLUPacked) that only the architecture can name: TIMM_ARCHITECTURE
+        act_layer="silu" if cfg.mlp_act == "swiglu" else cfg.mlp_act,
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
 
@@ -227,7 +244,7 @@ def export(model: nn.Module, out: Path) -> Path:
     hub_config = {
         # timm resolves the architecture name (its class: VisionTransformer, or DeiT's distilled one),
         # then model_args override all of its fields.
-        "architecture": TIMM_ARCHITECTURE[cfg.dist_token, cfg.pre_norm][0],
+        "architecture": TIMM_ARCHITECTURE[_architecture_key(cfg)][0],
         "num_classes": cfg.num_classes,
         "num_features": cfg.emb_size,
         "global_pool": args["global_pool"],
