@@ -796,6 +796,19 @@ def test_cli_vitkit_to_hf_and_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_foreign_directory_opened_as_vitkits_says_how_to_convert_it(tmp_path):
+    """load_pretrained (what predict, eval, attention and embed call) on a transformers or timm
+    directory: the error names the library and the `vitkit convert` command that brings it over."""
+    hf_vit().save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"a Hugging Face model \(model_type 'vit'\): convert it first, "
+                                              r"`vitkit convert .*hf OUT --from hf`"):
+        load_pretrained(tmp_path / "hf")
+    vc.export(create_model("vit_tiny_patch16_224", img_size=32, patch_size=8), tmp_path / "timm", "timm")
+    with pytest.raises(CheckpointError, match=r"a timm model \(architecture 'vit_base_patch16_224'\): convert it "
+                                              r"first, `vitkit convert .*timm OUT --from timm`"):
+        load_pretrained(tmp_path / "timm")
+
+
 def test_cli_refuses_a_malicious_pickle(tmp_path, capsys):
     marker = tmp_path / "pwned"
 

@@ -270,7 +270,13 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: no config.json; is {directory} a vitkit checkpoint directory?")
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{path}: expected a vitkit config with \"format\": \"vitkit\" and a \"model\" object")
+        hint = ""
+        if isinstance(meta, dict) and ("model_type" in meta or "architecture" in meta):  # another library's: say how
+            fmt, what = (("hf", f"a Hugging Face model (model_type {meta['model_type']!r})") if "model_type" in meta
+                         else ("timm", f"a timm model (architecture {meta['architecture']!r})"))
+            hint = f"; it looks like {what}: convert it first, `vitkit convert {directory} OUT --from {fmt}`"
+        raise CheckpointError(f"{path}: expected a vitkit config with \"format\": \"vitkit\" and a \"model\" "
+                              f"object{hint}")
     try:
         meta["config"] = cfg = ViTConfig.from_dict(meta["model"], source=str(path))
         if meta.get("preprocess") is not None:
