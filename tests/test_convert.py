@@ -166,6 +166,12 @@ def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
     assert table == count + (ours.cfg.num_prefix_tokens * ours.cfg.emb_size if theirs.no_embed_class else 0)
     vc.export(ours, tmp_path / "hubdir", "timm")
     assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hubdir'}", pretrained=True), x), expected)
+    if ours.cfg.mlp_act == "swiglu":  # the same packed shapes with GELU's gate (GeGLU) are not SwiGLU: refused
+        hub = json.loads((tmp_path / "hubdir" / "config.json").read_text())
+        hub["model_args"]["act_layer"] = "gelu"
+        (tmp_path / "hubdir" / "config.json").write_text(json.dumps(hub))
+        with pytest.raises(CheckpointError, match="a gated MLP with act_layer 'gelu'"):
+            vc.load(tmp_path / "hubdir", "timm")
     if "dinov2" in name:  # timm's DINOv2, through vitkit, in transformers' DINOv2 (features: no classifier)
         ours.reset_classifier(0)
         vc.export(ours, tmp_path / "hf", "hf")

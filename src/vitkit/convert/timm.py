@@ -116,7 +116,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         act = "quick_gelu"
     fc1, fc2 = (require(s, f"blocks.0.mlp.{fc}.weight", src, "timm") for fc in ("fc1", "fc2"))
     if fc1.shape[0] == 2 * fc2.shape[1]:  # a packed gated MLP (SwiGLUPacked: DINOv2's giant)
-        if act not in ("gelu", "silu"):  # "gelu": no act_layer given; the giant's architecture has SiLU
+        if args.get("act_layer", "silu") != "silu":  # none given: the giant's architecture has SiLU
             raise CheckpointError(f"{src}: a gated MLP with act_layer {act!r}; vitkit's gated MLP is SwiGLU (silu)")
         act = "swiglu"
     if act not in MLP_ACTS:
