@@ -41,6 +41,19 @@ def test_summary_cli():
     assert bad.returncode == 2 and "did you mean vit_tiny_patch16_224" in bad.stderr
 
 
+def test_summary_cli_of_a_variant_is_the_real_models_table(capsys):
+    """`vitkit summary NAME` builds the model on the meta device (no weights, any size at once): its
+    table is the one a real model on the CPU gives, rows, totals and GMACs; so is the giant's count."""
+    from vitkit.cli import main
+
+    assert main(["summary", "vit_small_patch16_224"]) == 0
+    printed = capsys.readouterr().out
+    vitkit.summary(vitkit.create_model("vit_small_patch16_224"))
+    assert printed == capsys.readouterr().out
+    assert main(["summary", "vit_giant_patch14_dinov2"]) == 0
+    assert "Total params: 1,136,479,232" in capsys.readouterr().out  # timm's count
+
+
 def test_summary_leaves_the_model_as_it_was():
     model = vitkit.create_model("vit_digits").train()
     vitkit.summary(model, print_table=False)

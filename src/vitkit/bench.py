@@ -407,10 +407,12 @@ class Report:
 
 
 def forward_macs(cfg: ViTConfig) -> int:
-    """Multiply-accumulates of one image's forward pass, counted by ``vitkit.summary``."""
+    """Multiply-accumulates of one image's forward pass, counted by ``vitkit.summary`` on the meta
+    device (shapes alone, no weights)."""
     from .summary import summary
 
-    return summary(ViT(cfg), print_table=False).macs
+    with torch.device("meta"):
+        return summary(ViT(cfg), print_table=False).macs
 
 
 def run_benchmark(

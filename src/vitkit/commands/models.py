@@ -32,6 +32,8 @@ def run_models(args: argparse.Namespace) -> int:
 def run_summary(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from ..checkpoint import load_pretrained
     from ..model import create_model
     from ..summary import summary
@@ -39,8 +41,9 @@ def run_summary(args: argparse.Namespace) -> int:
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if Path(args.model).exists():
         model = load_pretrained(args.model, **overrides)
-    else:
+    else:  # shapes alone: on the meta device, no weights are made, so any size is instant (the giant: 4 GB)
         img = {"img_size": tuple(args.input[1:]), "in_channels": args.input[0]} if args.input else {}
-        model = create_model(args.model, **img, **overrides)
+        with torch.device("meta"):
+            model = create_model(args.model, **img, **overrides)
     summary(model, tuple(args.input) if args.input else None)
     return 0
