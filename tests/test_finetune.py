@@ -290,7 +290,7 @@ def test_head_pool_cls_mean_is_dinov2s_linear_head(tmp_path):
     """--head-pool cls_mean on a class-token checkpoint: a classifier on the class token and the patch
     tokens' mean side by side, checked against transformers' Dinov2ForImageClassification given the
     same weights (a DINOv2-shaped model: LayerScale on). The wider classifier starts afresh, with a
-    warning naming it; training it runs and saves a checkpoint that loads back."""
+    warning naming it; a run stopped and resumed without the pretrained files ends as a straight one."""
     import transformers
 
     from vitkit.data import load_digits
@@ -299,7 +299,7 @@ def test_head_pool_cls_mean_is_dinov2s_linear_head(tmp_path):
     torch.manual_seed(3)
     pretrained = create_model("vit_digits", num_classes=10, layer_scale=0.5, final_norm="tokens", norm_eps=1e-6)
     save_pretrained(pretrained, tmp_path / "cls")
-    base = run_cfg(tmp_path / "run", pretrained=str(tmp_path / "cls"), head_pool="cls_mean", epochs=1)
+    base = run_cfg(tmp_path / "full", pretrained=str(tmp_path / "cls"), head_pool="cls_mean", epochs=2)
     with pytest.warns(UserWarning, match=r"initialised afresh: \['head.fc.bias', 'head.fc.weight'\]"):
         trainer = Trainer(resolve_config(None, dict(base, out=str(tmp_path / "probe"))))
     model = trainer.model.eval()
@@ -310,5 +310,5 @@ def test_head_pool_cls_mean_is_dinov2s_linear_head(tmp_path):
     with torch.no_grad():
         assert (model(x) - theirs(x).logits).abs().max() < 1e-5
     trainer.run.unlock()
-    train(resolve_config(None, base))
-    assert load_pretrained(tmp_path / "run" / "best").head.fc.weight.shape == (10, 128)
+    full = resumed_without_the_pretrained_files_is_straight(base, tmp_path)  # stopped, resumed: as if straight
+    assert full["head.fc.weight"].shape == (10, 128)
