@@ -355,3 +355,54 @@ def test_crop_boxes_for_images_of_many_sizes_at_once():
             assert box == list(RandomResizedCrop.get_params(torch.zeros(1, h, w), (1.0, 1.0), (3 / 4, 4 / 3)))
         else:
             assert box == [0, 0, h, w]
+
+
+def _csv(path: Path, rows: list[tuple], header: str = "image,label,split") -> Path:
+    path.write_text("\n".join([header, *(",".join(map(str, row)) for row in rows)]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_a_csv_table_reads_as_the_folder_of_the_same_files(tmp_path, loading):
+    """csv:FILE, one image a row (path relative to the table, class, split), against the folder
+    dataset of the same real photos: the same classes, images and labels, in both loading modes."""
+    root = write_photo_folder(tmp_path / "photos", {"train": 4, "val": 2}, sizes=(40, 120))
+    rows = [(p.relative_to(tmp_path), p.parent.name, split) for split in ("train", "val")
+            for p in sorted((root / split).rglob("*.png"))]
+    rows = rows[::-1]  # the table's order is kept (classes sort): here, the folder's order reversed
+    table = _csv(tmp_path / "labels.csv", rows, header="Path,Class,Split")  # any case; path/class are synonyms
+    spec = dict(img_size=(16, 16), channels=3, folder_loading=loading)
+    folder = load_dataset(f"folder:{root}", **spec)
+    data = load_dataset(f"csv:{table}", **spec)
+    assert data.class_names == folder.class_names == ["astronaut", "cat", "coffee"] and data.name == f"csv:{table}"
+    for mine, theirs in ((data.train, folder.train), (data.val, folder.val)):
+        every = torch.arange(len(theirs))
+        assert torch.equal(mine.labels.flip(0), theirs.labels)
+        assert torch.equal(mine.images[every.flip(0)], theirs.images[every])
+
+
+def test_a_csv_table_holds_out_sorts_numbers_and_names_what_is_wrong(tmp_path, capsys):
+    root = write_photo_folder(tmp_path / "photos", {"all": 6})
+    files = sorted((root / "all").rglob("*.png"))
+    names = {"astronaut": 10, "cat": 2, "coffee": 1}  # numeric classes sort as numbers: 1, 2, 10
+    table = _csv(tmp_path / "t.csv", [(p.resolve(), names[p.parent.name]) for p in files], header="file,target")
+    data = load_dataset(f"csv:{table}", img_size=(8, 8), channels=3, val_fraction=0.5)
+    assert data.class_names == ["1", "2", "10"] and torch.bincount(data.val.labels).tolist() == [3, 3, 3]
+    assert "no split column: 9 of its 18 images (50% of each class) held out" in capsys.readouterr().err
+    spec = dict(img_size=(8, 8), channels=3)
+    with pytest.raises(ValueError, match=r"expected a header naming an image column .*found \['name', 'label'\]"):
+        load_dataset(f"csv:{_csv(tmp_path / 'a.csv', [('x.png', 'cat')], header='name,label')}", **spec)
+    with pytest.raises(ValueError, match=r"b.csv, line 3: split 'test'; expected one of \('train', 'val'\)"):
+        load_dataset(f"csv:{_csv(tmp_path / 'b.csv', [(files[0], 'a', 'train'), (files[1], 'a', 'test')])}", **spec)
+    with pytest.raises(ValueError, match=r"c.csv, line 2: expected an image path and a class, got '' and 'a'"):
+        load_dataset(f"csv:{_csv(tmp_path / 'c.csv', [('', 'a', 'train')])}", **spec)
+    with pytest.raises(ValueError, match=r"classes \['b'\] of val rows appear in no train row"):
+        load_dataset(f"csv:{_csv(tmp_path / 'd.csv', [(files[0], 'a', 'train'), (files[1], 'b', 'val')])}", **spec)
+    missing = _csv(tmp_path / "e.csv", [(files[0], "a", "train"), ("gone.png", "a", "train"), (files[1], "a", "val")])
+    for loading in ("memory", "stream"):
+        with pytest.raises(ImageError, match=f"{tmp_path / 'gone.png'}: no such image file.*--skip-bad-images"):
+            load_dataset(f"csv:{missing}", folder_loading=loading, **spec)
+        kept = load_dataset(f"csv:{missing}", folder_loading=loading, skip_bad_images=True, **spec)
+        assert (len(kept.train), len(kept.val), len(kept.skipped)) == (1, 1, 1)
+    with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
+        load_dataset(f"csv:{tmp_path / 'nope.csv'}", **spec)

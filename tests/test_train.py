@@ -304,6 +304,26 @@ def test_folder_dataset_cli_reports_then_skips_a_corrupt_image(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["images"] == 8
 
 
+def test_train_and_eval_on_a_csv_table(tmp_path, capsys):
+    """`--dataset csv:FILE` end to end: a table of real photos with a split column trains, names the
+    run's classes, and `vitkit eval` reads the table's val rows back, by default and when named."""
+    from conftest import write_photo_folder
+
+    root = write_photo_folder(tmp_path / "photos", {"train": 6, "val": 2})
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name},{split}" for split in ("train", "val")
+            for p in sorted((root / split).rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(["image,label,split", *rows]) + "\n")
+    args = ["train", "--dataset", f"csv:{tmp_path / 'labels.csv'}", "--model", "vit_digits", "--epochs", "1",
+            "--batch-size", "6", "--warmup-epochs", "0", "--threads", "1", "--progress", "off",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert load_pretrained(tmp_path / "run" / "best").class_names == ["astronaut", "cat", "coffee"]
+    capsys.readouterr()
+    for extra in ([], ["--dataset", f"csv:{tmp_path / 'labels.csv'}"]):
+        assert main(["eval", str(tmp_path / "run"), "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["images"] == 6
+
+
 def test_compiled_training_follows_the_eager_run(tmp_path):
     """--compile true runs every step through torch.compile: the weights of the eager run, to
     float rounding, and checkpoints without the compiler's ``_orig_mod.`` prefix."""

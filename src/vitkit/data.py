@@ -11,6 +11,8 @@ Three sources, named by ``--dataset``:
   through ``vitkit.images.load_image`` and resized once to the model's input size; or, for a
   folder too large to hold decoded (``--folder-loading``), decoded again at each use
   (``FileImages``), the next batch while the model trains on this one.
+* ``csv:FILE``: a table of image paths (relative to the file's folder) and their classes, with an
+  optional train/val split column (``load_csv``); read as a folder is.
 
 The first two are resized once too when a size is asked for (``vitkit train --img-size``, or a
 checkpoint trained at another size in ``vitkit eval``): ``resize_dataset``.
@@ -182,6 +184,8 @@ def _check_header(path: Path) -> tuple[int, int]:
     Returns its (height, width)."""
     from PIL import Image, UnidentifiedImageError
 
+    if not path.is_file():  # a table (csv:) may name a file that is not there
+        raise ImageError(f"{path}: no such image file")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
@@ -297,8 +301,10 @@ def hold_out(files: list[tuple[Path, int]], fraction: float) -> tuple[list, list
     return train, val
 
 
-def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, channels: int,
+def _folder_split(files: list[tuple[Path, int]], where: str, preprocess: dict, channels: int,
                   skip_bad_images: bool, skipped: list[str], stream: bool) -> Split:
+    """``files`` decoded (or, ``stream``, checked and left to ``FileImages``); ``where``: what holds
+    them, for the message when none is readable."""
     to_unit = dict(preprocess, mean=[0.0] * channels, std=[1.0] * channels)
     images, labels, sizes = [], [], []
     for path, label in files:
@@ -315,7 +321,7 @@ def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, 
             continue
         labels.append(label)
     if not images:
-        raise ValueError(f"{where}: no readable images (expected {where}/CLASS/*.png|jpg|...)")
+        raise ValueError(f"{where}: no readable images")
     images = FileImages(images, channels, to_unit, sizes=sizes) if stream else torch.stack(images)  # (N, C, H, W)
     return Split(images, torch.tensor(labels, dtype=torch.long))
 
@@ -323,6 +329,26 @@ def _folder_split(files: list[tuple[Path, int]], where: Path, preprocess: dict, 
 # `--folder-loading auto` streams a folder whose decoded images would take more than this share of the RAM
 STREAM_ABOVE_RAM_FRACTION = 0.25
 FOLDER_LOADING = ("auto", "memory", "stream")
+
+
+# the --dataset kinds read from image files, by their prefix: load_folder's and load_csv's
+FILE_DATASETS = ("folder:", "csv:")
+
+
+def is_file_dataset(spec: str) -> bool:
+    return spec.startswith(FILE_DATASETS)
+
+
+def _check_file_options(loading: str, val_fraction: float) -> None:
+    if loading not in FOLDER_LOADING:
+        raise ValueError(f"--folder-loading: expected one of {FOLDER_LOADING}, got {loading!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a share in (0, 1), got {val_fraction}")
+
+
+def _held_out_note(source: Path, files: dict[str, list], val_fraction: float, why: str) -> None:
+    print(f"{source}: {why}: {len(files['val'])} of its {len(files['train']) + len(files['val'])} images "
+          f"({val_fraction:.0%} of each class) held out for validation (--val-fraction)", file=sys.stderr, flush=True)
 
 
 def _subfolders(directory: Path) -> list[str]:
@@ -337,10 +363,7 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
     ``with_train=False`` reads only val (evaluation), leaving the train split empty. ``loading``:
     ``memory`` decodes every image once, ``stream`` decodes each batch from its files (``FileImages``),
     ``auto`` streams when the decoded images would take over ``STREAM_ABOVE_RAM_FRACTION`` of the RAM."""
-    if loading not in FOLDER_LOADING:
-        raise ValueError(f"--folder-loading: expected one of {FOLDER_LOADING}, got {loading!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val-fraction: expected a share in (0, 1), got {val_fraction}")
+    _check_file_options(loading, val_fraction)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
@@ -365,11 +388,79 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
                              f"{root}/train/CLASS/... and {root}/val/CLASS/...)")
         files = dict(zip(("train", "val"), hold_out(_class_files(root, class_names), val_fraction)))
         where = {"train": root, "val": root}
-        print(f"{root}: no train/ and val/ folders: {len(files['val'])} of its {len(files['train']) + len(files['val'])} "
-              f"images ({val_fraction:.0%} of each class) held out for validation (--val-fraction)",
-              file=sys.stderr, flush=True)
+        _held_out_note(root, files, val_fraction, "no train/ and val/ folders")
+    where = {split: f"{where[split]} (expected {where[split]}/CLASS/*.png|jpg|...)" for split in where}
+    return _load_files(f"folder:{root}", files, where, class_names, img_size, channels, preprocess,
+                       skip_bad_images, with_train, loading)
+
+
+# csv: the names a table's header may give the image's path and its class (the first present, in any case),
+# and the values of its optional "split" column
+CSV_PATH_COLUMNS = ("image", "path", "file", "filename")
+CSV_LABEL_COLUMNS = ("label", "class", "target")
+CSV_SPLITS = ("train", "val")
+
+
+def load_csv(table: str | os.PathLike, img_size: tuple[int, int], channels: int, preprocess: dict,
+             skip_bad_images: bool = False, with_train: bool = True, loading: str = "auto",
+             val_fraction: float = 0.1) -> Dataset:
+    """A CSV table, one image a row: its path (relative to the table's folder, or absolute), its class
+    and, optionally, its split (a ``split`` column: train or val; without one, each class's
+    ``val_fraction`` is held out, as in a folder of class folders). The classes are the train rows'
+    labels, sorted (as numbers where every label is a whole number). Read as ``load_folder`` reads."""
+    import csv
+
+    _check_file_options(loading, val_fraction)
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"{table}: no such file")
+    with open(table, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        columns = {name.strip().lower(): name for name in header}
+        path_column, label_column = (next((columns[c] for c in names if c in columns), None)
+                                     for names in (CSV_PATH_COLUMNS, CSV_LABEL_COLUMNS))
+        if path_column is None or label_column is None:
+            raise ValueError(f"{table}: expected a header naming an image column ({'|'.join(CSV_PATH_COLUMNS)}) and "
+                             f"a class column ({'|'.join(CSV_LABEL_COLUMNS)}); found {header}")
+        split_column = columns.get("split")
+        rows = []
+        for line, row in enumerate(reader, start=2):  # line 1 is the header
+            path, label = ((row.get(c) or "").strip() for c in (path_column, label_column))
+            split = (row.get(split_column) or "").strip().lower() if split_column else None
+            if not path or not label:
+                raise ValueError(f"{table}, line {line}: expected an image path and a class, got {path!r} and {label!r}")
+            if split_column and split not in CSV_SPLITS:
+                raise ValueError(f"{table}, line {line}: split {split!r}; expected one of {CSV_SPLITS}")
+            rows.append((table.parent / path, label, split))
+    labels = {label for _, label, split in rows if split != "val"}
+    if not labels:
+        raise ValueError(f"{table}: no training rows")
+    class_names = sorted(labels, key=int) if all(label.isdigit() for label in labels) else sorted(labels)
+    index = {name: i for i, name in enumerate(class_names)}
+    if split_column:
+        unknown = sorted({label for _, label, split in rows if label not in index})
+        if unknown:
+            raise ValueError(f"{table}: classes {unknown} of val rows appear in no train row")
+        files = {name: [(path, index[label]) for path, label, split in rows if split == name] for name in CSV_SPLITS}
+        if not files["val"]:
+            raise ValueError(f"{table}: a split column, and no val rows")
+    else:
+        files = dict(zip(CSV_SPLITS, hold_out([(path, index[label]) for path, label, _ in rows], val_fraction)))
+        _held_out_note(table, files, val_fraction, "no split column")
+    where = {name: f"{table} ({name} rows)" for name in CSV_SPLITS}
+    return _load_files(f"csv:{table}", files, where, class_names, img_size, channels, preprocess,
+                       skip_bad_images, with_train, loading)
+
+
+def _load_files(name: str, files: dict[str, list[tuple[Path, int]]], where: dict[str, str], class_names: list[str],
+                img_size: tuple[int, int], channels: int, preprocess: dict, skip_bad_images: bool,
+                with_train: bool, loading: str) -> Dataset:
+    """A Dataset of listed image files, ``files[split]`` (path, label) for "train" and "val": decoded
+    once, or streamed (``loading``, as ``load_folder`` says); ``where[split]`` names their source."""
     preprocess = dict(preprocess, img_size=list(img_size))
     stream = loading == "stream"
+    root = name.split(":", 1)[1]
     if loading == "auto":
         count = len(files["val"]) + (len(files["train"]) if with_train else 0)
         decoded = count * channels * img_size[0] * img_size[1]
@@ -389,7 +480,7 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
         print(f"skipped {len(skipped)} unreadable image(s) in {root}:", file=sys.stderr)
         for reason in skipped:
             print(f"  {reason}", file=sys.stderr)
-    return Dataset(f"folder:{root}", train, val, class_names, preprocess=preprocess, skipped=skipped)
+    return Dataset(name, train, val, class_names, preprocess=preprocess, skipped=skipped)
 
 
 def resize_split(split: Split, preprocess: dict) -> Split:
@@ -427,10 +518,10 @@ def resize_dataset(data: Dataset, img_size: tuple[int, int], interpolation: str 
 def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, int] | None = None,
                  channels: int = 3, preprocess: dict | None = None, skip_bad_images: bool = False,
                  with_train: bool = True, folder_loading: str = "auto", val_fraction: float = 0.1) -> Dataset:
-    """``digits``, ``fashion-mnist`` or ``folder:PATH``, at ``img_size``: folder images are always
-    resized to it (224x224 when None), the built-in sets only when it is given, with the interpolation
+    """``digits``, ``fashion-mnist``, ``folder:PATH`` or ``csv:FILE``, at ``img_size``: images from files
+    are always resized to it (224x224 when None), the built-in sets only when it is given, with the interpolation
     of ``preprocess`` (the model's) where it names one. ``channels`` and ``preprocess``'s crop and
-    normalisation only matter for folders."""
+    normalisation only matter for image files."""
     if spec in ("digits", "fashion-mnist", "fashion_mnist", "fmnist"):
         data = load_digits() if spec == "digits" else load_fashion_mnist(data_dir)
         if not with_train:
@@ -438,7 +529,7 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
         if img_size is None:
             return data
         return resize_dataset(data, to_2tuple(img_size), (preprocess or {}).get("interpolation"))
-    if spec.startswith("folder:"):
+    if is_file_dataset(spec):
         from .checkpoint import default_preprocess
         from .config import ViTConfig
 
@@ -446,10 +537,13 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
         if preprocess is None:
             preprocess = default_preprocess(ViTConfig(img_size=img_size, patch_size=1, in_channels=channels,
                                                       emb_size=8, num_heads=1))
+        kind, where = spec.split(":", 1)
         # Training sees the whole image resized, not a centre crop, so evaluation does the same.
-        return load_folder(spec[len("folder:"):], img_size, channels, dict(preprocess, crop_pct=1.0),
-                           skip_bad_images, with_train, folder_loading, val_fraction)
-    raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist' or 'folder:PATH'")
+        return (load_folder if kind == "folder" else load_csv)(
+            where, img_size, channels, dict(preprocess, crop_pct=1.0), skip_bad_images, with_train, folder_loading,
+            val_fraction)
+    raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist', 'folder:PATH' "
+                     "or 'csv:FILE'")
 
 
 def save_samples(data: Dataset, directory: str | os.PathLike, n: int = 6) -> list[Path]:

@@ -56,6 +56,7 @@ from .data import (
     Dataset,
     FileImages,
     global_batches,
+    is_file_dataset,
     load_dataset,
     normalize,
     prefetch,
@@ -93,14 +94,14 @@ class TrainConfig:
     ``precision`` and ``threads``, whose defaults suit any data set."""
 
     # data
-    dataset: str = "digits"  # digits | fashion-mnist | folder:PATH
+    dataset: str = "digits"  # digits | fashion-mnist | folder:PATH | csv:FILE (image paths and classes)
     data_dir: str | None = None  # where fashion-mnist's idx files are (default /usr/share/datasets/fashion-mnist)
-    skip_bad_images: bool = False  # folder datasets: leave unreadable images out (counted) instead of failing
-    # folder datasets: memory (decode every image once) | stream (decode each batch from the files, the
+    skip_bad_images: bool = False  # folder and csv datasets: leave unreadable images out (counted) instead of failing
+    # folder and csv datasets: memory (decode every image once) | stream (decode each batch from the files, the
     # next one in the background) | auto (stream when the decoded images would fill a quarter of the RAM)
     folder_loading: str = "auto"
     loader_threads: int = 0  # a streamed folder's decoder threads (timm: --workers; 0: as many as cores, up to 4)
-    val_fraction: float = 0.1  # a folder of class folders only (no train/, val/): each class's share held out
+    val_fraction: float = 0.1  # a folder of class folders only (no train/, val/), or a csv without a split column: each class's share held out
     train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
     # model
     model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
@@ -230,7 +231,7 @@ class TrainConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        data = Path(self.dataset[len("folder:"):]).name if self.dataset.startswith("folder:") else self.dataset
+        data = Path(self.dataset.split(":", 1)[1]).stem if is_file_dataset(self.dataset) else self.dataset
         model = self.model
         if self.pretrained:  # a run's best/ or last/ is named after its run
             path = Path(self.pretrained).resolve()
@@ -810,7 +811,7 @@ class Trainer:
                 raise ValueError(self._shape_mismatch(want, image_shape))
 
         if data is None:
-            builtin = not cfg.dataset.startswith("folder:")
+            builtin = not is_file_dataset(cfg.dataset)
             # folder images are resized once to the model's input and normalised as its checkpoints say;
             # the built-in sets are resized only at an --img-size (else a wrong model is an error below)
             data = load_dataset(

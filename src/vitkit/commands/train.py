@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="top-1/top-5/loss, per-class accuracy and a confusion matrix of a checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run folder (uses best/) or a checkpoint directory")
-    p.add_argument("--dataset", help="digits | fashion-mnist | folder:PATH (default: the one it was trained on)")
+    p.add_argument("--dataset", help="digits | fashion-mnist | folder:PATH | csv:FILE (default: the one it was trained on)")
     p.add_argument("--data-dir", help="where the dataset's files are")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
