@@ -401,7 +401,8 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
         if cfg.pool not in (("cls_mean",) if cfg.num_classes else ("cls", "cls_mean")):
             problems.append(f"HF's DINOv2 classifier reads the class token and the patch tokens' mean side by side "
                             f"(pool='cls_mean'), its backbone the class token; this model has pool={cfg.pool!r} and "
-                            f"{cfg.num_classes} classes: export its features (num_classes=0), or export to timm")
+                            f"{cfg.num_classes} classes: export its features (num_classes=0), export to timm, or "
+                            "train that head (vitkit train --head-pool cls_mean)")
         if not cfg.layer_scale:
             problems.append("HF's DINOv2 with registers has LayerScale in every block; this model has none "
                             "(layer_scale=0): export to timm")
