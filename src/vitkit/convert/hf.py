@@ -62,10 +62,10 @@ SAME_LAYOUT = {"vit_msn": "vit"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
 # their image classifiers: a `classifier` on the class token and the patch tokens' mean side by side
 # (vitkit's pool="cls_mean"), under the same model_type
-# DINOv2's giant: a SwiGLU MLP whose packed weights_in/weights_out are vitkit's fc1/fc2 (mlp_act="swiglu")
-SWIGLU_NAMES = {"weights_in": "fc1", "weights_out": "fc2"}
 DINOV2_CLASSIFIERS = {"dinov2": "Dinov2ForImageClassification",
                       "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
+# DINOv2's giant: a SwiGLU MLP whose packed weights_in/weights_out are vitkit's fc1/fc2 (mlp_act="swiglu")
+SWIGLU_NAMES = {"weights_in": "fc1", "weights_out": "fc2"}
 CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
 # a whole image-text model's model_type -> its vision tower's
 TOWERS = {"clip": CLIP, "siglip": SIGLIP}
@@ -112,16 +112,13 @@ def _key_map(family: str) -> KeyMap:
             rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.intermediate.dense.{{p}}"),
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
         ]
+    classifier = [rule("head.fc.{p}", "classifier.{p}")]  # every family's but DeiT's
     heads = {
-        "ijepa": [rule("head.fc.{p}", "classifier.{p}")],
         "deit": [rule("head.fc.{p}", "cls_classifier.{p}"),
                  rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
                  rule("head.fc_dist.{p}", "distillation_classifier.{p}")],
-        "vit": [rule("head.fc.{p}", "classifier.{p}")],
-        "dinov2": [rule("head.fc.{p}", "classifier.{p}")],
-        "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens"),
-                                  rule("head.fc.{p}", "classifier.{p}")],
-    }.get(family, [])
+        "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens"), *classifier],
+    }.get(family, classifier)
     return KeyMap(
         "hf",
         [
@@ -374,10 +371,12 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     family = _family(cfg)
     tower = TOWERS.get(family, family)
     # DINOv2's config gives the MLP width before SwiGLU keeps 2/3 of it (rounded up to a multiple of 8):
-    # the first whole ratio that gives this model's gate width, if any
+    # the first whole ratio that gives this model's gate width, None if none does
     swiglu = cfg.mlp_act == "swiglu"
-    hf_mlp_ratio = (next((r for r in range(1, 17) if _swiglu_width(cfg.emb_size, r) == cfg.mlp_hidden // 2), 0.5)
-                    if swiglu else cfg.mlp_ratio)
+    if swiglu:
+        hf_mlp_ratio = next((r for r in range(1, 17) if _swiglu_width(cfg.emb_size, r) == cfg.mlp_hidden // 2), None)
+    else:
+        hf_mlp_ratio = cfg.mlp_ratio
     if family == SIGLIP and (cfg.pool not in ("map", "mean") or cfg.num_classes):
         problems.append(f"HF's SigLIP tower pools by attention (or not at all) and has no classifier, and its "
                         f"image classifier reads the tokens' mean; this model has pool={cfg.pool!r} and "
@@ -408,7 +407,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
                             "(layer_scale=0): export to timm")
         if cfg.dist_token:
             problems.append("HF's DINOv2 has no distillation token: export to timm")
-        if hf_mlp_ratio != int(hf_mlp_ratio):
+        if hf_mlp_ratio is None or hf_mlp_ratio != int(hf_mlp_ratio):
             problems.append(f"HF's DINOv2 takes a whole mlp_ratio, and no whole one gives this model's MLP "
                             f"({cfg.mlp_hidden} wide{', SwiGLU' if swiglu else ''}): export to timm")
     elif cfg.mlp_act == "swiglu":
