@@ -331,14 +331,6 @@ STREAM_ABOVE_RAM_FRACTION = 0.25
 FOLDER_LOADING = ("auto", "memory", "stream")
 
 
-# the --dataset kinds read from image files, by their prefix: load_folder's and load_csv's
-FILE_DATASETS = ("folder:", "csv:")
-
-
-def is_file_dataset(spec: str) -> bool:
-    return spec.startswith(FILE_DATASETS)
-
-
 def _check_file_options(loading: str, val_fraction: float) -> None:
     if loading not in FOLDER_LOADING:
         raise ValueError(f"--folder-loading: expected one of {FOLDER_LOADING}, got {loading!r}")
@@ -453,6 +445,14 @@ def load_csv(table: str | os.PathLike, img_size: tuple[int, int], channels: int,
                        skip_bad_images, with_train, loading)
 
 
+# the --dataset kinds read from image files: their prefix -> their loader
+FILE_DATASETS = {"folder:": load_folder, "csv:": load_csv}
+
+
+def is_file_dataset(spec: str) -> bool:
+    return spec.startswith(tuple(FILE_DATASETS))
+
+
 def _load_files(name: str, files: dict[str, list[tuple[Path, int]]], where: dict[str, str], class_names: list[str],
                 img_size: tuple[int, int], channels: int, preprocess: dict, skip_bad_images: bool,
                 with_train: bool, loading: str) -> Dataset:
@@ -539,9 +539,8 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
                                                       emb_size=8, num_heads=1))
         kind, where = spec.split(":", 1)
         # Training sees the whole image resized, not a centre crop, so evaluation does the same.
-        return (load_folder if kind == "folder" else load_csv)(
-            where, img_size, channels, dict(preprocess, crop_pct=1.0), skip_bad_images, with_train, folder_loading,
-            val_fraction)
+        return FILE_DATASETS[f"{kind}:"](where, img_size, channels, dict(preprocess, crop_pct=1.0), skip_bad_images,
+                                         with_train, folder_loading, val_fraction)
     raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist', 'folder:PATH' "
                      "or 'csv:FILE'")
 
