@@ -39,7 +39,8 @@ bench() {  # bench LIMIT_S NAME FLAGS...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"
 
-# 1. correctness on the device: parity with timm, flash attention, where the step's time goes
+# 1. correctness on the device: parity with timm (every architecture feature), flash attention, where
+#    the step's time goes
 [[ "${ONLY:-}" != small ]] && step 100 "$PY" benchmarks/gpu_checks.py --batch-size 64
 
 # 2. a small model's training on the GPU, where kernel launches are the step: Fashion-MNIST's recipe
@@ -59,11 +60,7 @@ fi
 step 45 "$PY" benchmarks/ema.py --device cuda
 [[ "${ONLY:-}" == small ]] && exit 0
 
-# 3. eager speed (fast to run), the naive math-attention baseline included
-bench 90 infer_bf16_eager --mode infer --precision bf16 --batch-size 256 --contestants vitkit,timm,vitkit-math
-bench 90 train_autocast_eager --mode train --precision bf16-autocast --batch-size 128 --contestants vitkit,timm,vitkit-math
-
-# 4. the training CLI on CUDA: a run interrupted after epoch 3 and resumed, against one straight run,
+# 3. the training CLI on CUDA: a run interrupted after epoch 3 and resumed, against one straight run,
 #    then eval; torchrun with NCCL (DDP and FSDP, one process: the machine has one GPU)
 TRAIN=(-m vitkit train --config configs/digits.yaml --epochs 6 --warmup-epochs 1 --precision bf16 --device cuda --progress off)
 step 60 "$PY" "${TRAIN[@]}" --out "$RUNS/straight"
@@ -74,11 +71,18 @@ step 45 "$PY" -m vitkit eval "$RUNS/resumed" --device cuda --precision bf16
 # fp16 with loss scaling (the precision of GPUs without bf16), the same run: its losses beside bf16's
 step 60 "$PY" "${TRAIN[@]}" --precision fp16 --out "$RUNS/fp16"
 cat "$RUNS/fp16/metrics.csv"
+# knowledge distillation from the straight run (the teacher scores each augmented batch on the device)
+step 60 "$PY" "${TRAIN[@]}" --epochs 2 --teacher "$RUNS/straight" --out "$RUNS/distilled"
+cat "$RUNS/distilled/metrics.csv"
 for strategy in ddp fsdp; do
     step 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "${TRAIN[@]}" --epochs 2 \
         --strategy "$strategy" --ema false --out "$RUNS/torchrun-$strategy"
     cat "$RUNS/torchrun-$strategy/metrics.csv"
 done
+
+# 4. eager speed (fast to run), the naive math-attention baseline included
+bench 90 infer_bf16_eager --mode infer --precision bf16 --batch-size 256 --contestants vitkit,timm,vitkit-math
+bench 90 train_autocast_eager --mode train --precision bf16-autocast --batch-size 128 --contestants vitkit,timm,vitkit-math
 
 # 5. fp32 (TF32 off, as torch's default) and compiled speed
 bench 60 infer_fp32_eager --mode infer --precision fp32 --batch-size 256 --contestants vitkit,timm

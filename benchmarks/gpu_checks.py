@@ -9,7 +9,10 @@ Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
    with only the flash kernel allowed (an error here means vitkit's attention falls off flash).
 3. Whether an EMA update makes the host wait for the device: vitkit's ``ModelEma`` (none) and torch's
    ``AveragedModel`` (one or more), run under ``torch.cuda.set_sync_debug_mode("error")``.
-4. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
+4. Every architecture feature on the device: a small model of each (registers, LayerScale, CLIP, SigLIP,
+   SwiGLU, DeiT, conv stem, dynamic size, cls+mean), all weights random, against timm holding the same
+   weights in fp32 (logits and input gradients), then a forward and backward in bf16 and fp16 autocast.
+5. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
    side by side, so a gap in the bench can be traced to a kernel.
 """
 
@@ -80,6 +83,57 @@ def ema_syncs(device: torch.device, name: str) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
 
+# name -> ViTConfig fields over a small base; each exercises one feature (or a family's combination).
+FEATURES = {
+    "seed (mean pool, LN after pooling)": {},
+    "cls token, LN on tokens": dict(pool="cls", final_norm="tokens"),
+    "registers + LayerScale (DINOv2)": dict(pool="cls", final_norm="tokens", reg_tokens=4, layer_scale=1e-5),
+    "CLIP (pre-norm, QuickGELU)": dict(pool="cls", final_norm="tokens", pre_norm=True, mlp_act="quick_gelu"),
+    "SigLIP (attention pool, tanh GELU)": dict(pool="map", final_norm="tokens", class_token=False, mlp_act="gelu_tanh"),
+    "SwiGLU + LayerScale (DINOv2 giant)": dict(pool="cls", final_norm="tokens", mlp_act="swiglu", layer_scale=1e-5),
+    "DeiT (distillation token)": dict(pool="cls", final_norm="tokens", dist_token=True),
+    "conv stem": dict(stem="conv"),
+    "dynamic image size (input 48x40)": dict(pool="cls", final_norm="tokens", dynamic_img_size=True),
+    "cls+mean (no timm twin)": dict(pool="cls_mean", final_norm="tokens"),
+}
+
+
+def features(device: torch.device) -> None:
+    from vitkit.config import ViTConfig
+
+    base = dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=10, norm_eps=1e-6)
+    for label, fields in FEATURES.items():
+        torch.manual_seed(0)
+        line = f"feature {label}:"
+        try:
+            cfg = ViTConfig(**{**base, **fields})
+            ours = ViT(cfg)
+            with torch.no_grad():  # every weight random, so a part applied in the wrong place shows
+                for name, p in ours.named_parameters():
+                    p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.2 * torch.randn_like(p))
+            ours = ours.to(device)
+            x = torch.randn(4, cfg.in_channels, *((48, 40) if cfg.dynamic_img_size else cfg.img_size), device=device)
+            theirs = timm_twin(ours).to(device) if cfg.pool != "cls_mean" else None
+            if theirs is not None:
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                a, b = ours(xa), theirs(xb)
+                a.square().sum().backward()
+                b.square().sum().backward()
+                line += (f" fp32 |logits diff| {(a - b).abs().max().item():.2g} (scale {b.abs().max().item():.2g}),"
+                         f" |input grad diff| {(xa.grad - xb.grad).abs().max().item():.2g}"
+                         f" (scale {xb.grad.abs().max().item():.2g});")
+            for precision in ("bf16-autocast", "fp16-autocast"):
+                ours.zero_grad(set_to_none=True)
+                with fast.autocast(precision, device):
+                    loss = ours(x).float().logsumexp(1).mean()
+                loss.backward()
+                finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in ours.parameters())
+                line += f" {precision} loss {loss.item():.3f}, grads {'finite' if finite else 'NOT FINITE'};"
+        except Exception as e:  # one feature failing must not hide the others
+            line += f" FAILED: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        print(line)
+
+
 def profile_step(device: torch.device, name: str, batch: int, top: int = 10) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parity(device, args.model, 8)
     flash_only(device, args.model, 8)
     ema_syncs(device, args.model)
+    features(device)
     profile_step(device, args.model, args.batch_size)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -48,9 +49,15 @@ def test_benchmark_report_on_a_tiny_model(mode):
     assert r.gflops == pytest.approx(r.images_per_s * per_image)
 
 
-@pytest.mark.parametrize("name", ["vit_digits", "vit_fmnist", "vit_fmnist_convstem"])
-def test_timm_contestant_has_the_same_architecture(name):
-    cfg = get_config(name)
+@pytest.mark.parametrize("name, fields", [
+    ("vit_digits", {}), ("vit_fmnist", {}), ("vit_fmnist_convstem", {}),
+    # timm builds these from another class (VisionTransformerDistilled) or MLP layer (SwiGLUPacked):
+    # its contestant was once a plain VisionTransformer that could not hold their weights
+    ("vit_digits", dict(dist_token=True, pool="cls", final_norm="tokens")),
+    ("vit_digits", dict(mlp_act="swiglu", layer_scale=1e-5, pool="cls", final_norm="tokens")),
+])
+def test_timm_contestant_has_the_same_architecture(name, fields):
+    cfg = dataclasses.replace(get_config(name), **fields)
     ours, theirs = create_model(cfg), timm_model(cfg)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     # Same weights give the same logits: the two contestants compute the same function (a conv

@@ -193,15 +193,18 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
 def timm_model(cfg: ViTConfig) -> nn.Module:
     """timm's VisionTransformer with the architecture of ``cfg`` (random weights)."""
     try:
-        from timm.models.vision_transformer import VisionTransformer
+        import timm
     except ImportError as e:
         raise ValueError("contestant 'timm': timm is not installed (pip install timm)") from e
-    from .convert.timm import model_args
+    from .convert.timm import TIMM_ARCHITECTURE, architecture_key, model_args
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the eps warning: passed explicitly below
         args = model_args(cfg)
-    model = VisionTransformer(**args, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
+    # The architecture picks timm's class (DeiT's distilled one) and its MLP layer (SwiGLU's); args
+    # then override every field it sets, as a timm hub config's model_args do.
+    model = timm.create_model(TIMM_ARCHITECTURE[architecture_key(cfg)][0], pretrained=False, **args,
+                              norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
     if cfg.stem == "conv":  # what a timm user writes for a convolutional stem: swap PatchEmbed's projection
         model.patch_embed.proj = conv_stem(cfg.in_channels, cfg.patch_size, cfg.emb_size)
     return model

@@ -70,7 +70,7 @@ TIMM_ARCHITECTURE = {(False, False, False): ("vit_base_patch16_224", 1e-6),
                      (False, False, True): ("vit_giant_patch14_dinov2", 1e-6)}
 
 
-def _architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool]:
+def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool]:
     return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu"
 
 
@@ -196,11 +196,11 @@ def model_args(cfg: ViTConfig) -> dict:
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
                          f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
-    if _architecture_key(cfg) not in TIMM_ARCHITECTURE:
+    if architecture_key(cfg) not in TIMM_ARCHITECTURE:
         raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm "
                          f"and a SwiGLU MLP; this model has dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, "
                          f"mlp_act={cfg.mlp_act!r}")
-    eps = TIMM_ARCHITECTURE[_architecture_key(cfg)][1]
+    eps = TIMM_ARCHITECTURE[architecture_key(cfg)][1]
     if cfg.norm_eps != eps:
         warnings.warn(
             f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's uses {eps}; outputs will differ "
@@ -244,7 +244,7 @@ def export(model: nn.Module, out: Path) -> Path:
     hub_config = {
         # timm resolves the architecture name (its class: VisionTransformer, or DeiT's distilled one),
         # then model_args override all of its fields.
-        "architecture": TIMM_ARCHITECTURE[_architecture_key(cfg)][0],
+        "architecture": TIMM_ARCHITECTURE[architecture_key(cfg)][0],
         "num_classes": cfg.num_classes,
         "num_features": cfg.emb_size,
         "global_pool": args["global_pool"],
