@@ -88,4 +88,11 @@ bench 90 train_autocast_eager --mode train --precision bf16-autocast --batch-siz
 bench 60 infer_fp32_eager --mode infer --precision fp32 --batch-size 256 --contestants vitkit,timm
 bench 150 infer_bf16_compiled --mode infer --precision bf16 --compile --batch-size 256 --contestants vitkit,timm
 bench 200 train_autocast_compiled --mode train --precision bf16-autocast --compile --batch-size 128 --contestants vitkit,timm
+
+# 6. the other families' shapes (eager): SigLIP so400m (head width 72, attention pooling), DINOv2
+#    giant (SwiGLU, 1,370 tokens at 518), DeiT's distillation token
+bench 70 siglip_infer --model vit_so400m_patch14_siglip_224 --mode infer --precision bf16 --batch-size 128 --contestants vitkit,timm
+bench 70 siglip_train --model vit_so400m_patch14_siglip_224 --mode train --precision bf16-autocast --batch-size 64 --contestants vitkit,timm
+bench 70 giant_infer --model vit_giant_patch14_dinov2 --mode infer --precision bf16 --batch-size 16 --contestants vitkit,timm
+bench 70 deit_train --model deit_base_distilled_patch16_224 --mode train --precision bf16-autocast --batch-size 128 --contestants vitkit,timm
 echo "=== done in ${SECONDS}s"
