@@ -127,6 +127,14 @@ def test_folder_dataset_loads_resizes_and_reports_a_corrupt_image(tmp_path, caps
     assert data.train.images[data.train.labels == 0].unique().tolist() == [40]
 
 
+def test_a_folder_named_like_an_image_is_not_read_as_one(tmp_path):
+    _folder(tmp_path, corrupt=False)
+    (tmp_path / "train" / "cat" / "album.png").mkdir()  # a folder, however it is named
+    (tmp_path / "train" / "cat" / "album.png" / "inside.png").write_bytes((tmp_path / "train" / "cat" / "0.png").read_bytes())
+    data = load_dataset(f"folder:{tmp_path}", img_size=(8, 8), channels=3)
+    assert (len(data.train), len(data.val)) == (7, 4)  # the image inside it counts, the folder does not
+
+
 def test_a_streamed_folder_decodes_the_pixels_held_in_memory(tmp_path):
     root = write_photo_folder(tmp_path / "photos", {"train": 7, "val": 3}, sizes=(40, 200))
     spec = dict(img_size=(24, 24), channels=3)

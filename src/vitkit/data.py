@@ -273,13 +273,18 @@ def prefetch(images, idx: Tensor, boxes: Tensor | None = None) -> None:
         images.prefetch(idx, boxes)
 
 
+def image_files(directory: Path) -> list[Path]:
+    """The image files under ``directory`` (any depth; by extension, IMAGE_EXTENSIONS), sorted."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def _class_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     """(path, label) of every image under ``root/CLASS/`` (any depth), class by class, sorted."""
     files = []
     for label, name in enumerate(class_names):
         class_dir = root / name
         if class_dir.is_dir():  # a class may be absent from val/
-            files += [(p, label) for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            files += [(p, label) for p in image_files(class_dir)]
     return files
 
 

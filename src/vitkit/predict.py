@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_pretrained
-from .data import IMAGE_EXTENSIONS
+from .data import IMAGE_EXTENSIONS, image_files
 from .images import ImageError, load_image, preprocess_image
 
 
@@ -24,7 +24,7 @@ def image_paths(paths: list[str | os.PathLike]) -> list[Path]:
     out = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = image_files(path)
             if not found:
                 raise ImageError(f"{path}: a directory with no image files ({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)
