@@ -18,6 +18,10 @@ PUBLISHED_PARAMS = {
     "deit_tiny_distilled_patch16_224": 5_910_800,
     "deit_small_distilled_patch16_224": 22_436_432,
     "deit_base_distilled_patch16_224": 87_338_192,
+    # BEiT: timm's 86,530,984 and 304,430,568, plus what vitkit holds at zero where BEiT has nothing: a
+    # position table (197 x 768 / 1024) and each block's k bias (12 x 768, 24 x 1024)
+    "beit_base_patch16_224": 86_530_984 + 197 * 768 + 12 * 768,
+    "beitv2_large_patch16_224": 304_430_568 + 197 * 1024 + 24 * 1024,
 }
 
 
@@ -34,6 +38,8 @@ def expected_params(cfg: ViTConfig) -> int:
     mlp = (e * h + h) + ((h // 2 if cfg.mlp_act == "swiglu" else h) * e + e)  # SwiGLU: fc2 reads half of fc1
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + mlp
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
+    gh, gw = cfg.grid_size
+    block += ((2 * gh - 1) * (2 * gw - 1) + 3) * cfg.num_heads if cfg.rel_pos_bias else 0  # BEiT's table
     final_norm = 2 * e if cfg.final_norm != "none" else 0
     features = 2 * e if cfg.pool == "cls_mean" else e  # the class token and the patch mean, side by side
     head = (cfg.num_classes * features + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)

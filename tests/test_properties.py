@@ -53,6 +53,10 @@ def valid_configs(draw) -> ViTConfig:
     pool = draw(st.sampled_from(["cls", "mean", "cls_mean"] if class_token else ["mean"]))
     mlp_ratio = draw(st.sampled_from([1.0, 2.0, 4.0, 1.5]))
     mlp_act = draw(st.sampled_from([a for a in MLP_ACTS if a != "swiglu" or int(width * mlp_ratio) % 2 == 0]))
+    dist_token = pool == "cls" and draw(st.booleans())  # DeiT's second token goes with class pooling
+    dynamic_img_size = draw(st.booleans())
+    # BEiT's table: one class token, one grid
+    rel_pos_bias = class_token and not dist_token and not dynamic_img_size and draw(st.booleans())
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -64,12 +68,13 @@ def valid_configs(draw) -> ViTConfig:
         mlp_act=mlp_act,
         qkv_bias=draw(st.booleans()),
         class_token=class_token,
-        dist_token=pool == "cls" and draw(st.booleans()),  # DeiT's second token goes with class pooling
+        dist_token=dist_token,
+        rel_pos_bias=rel_pos_bias,
         pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
         num_classes=draw(st.integers(0, 5)),
-        dynamic_img_size=draw(st.booleans()),
+        dynamic_img_size=dynamic_img_size,
         **{name: draw(probability) for name in DROPOUTS},
     )
 
@@ -166,7 +171,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     kind = draw(st.sampled_from([
         "int_type", "int_nonpositive", "heads", "patch_too_big", "not_divisible", "dropout", "pool",
         "final_norm", "cls_without_token", "dist_without_cls", "bool_type", "img_size_type", "mlp_ratio", "norm_eps",
-        "num_classes", "cls_mean_pooled", "swiglu_odd",
+        "num_classes", "cls_mean_pooled", "swiglu_odd", "rel_pos_tokens", "rel_pos_dynamic",
     ]))
     int_fields = ["patch_size", "in_channels", "emb_size", "depth", "num_heads"]
     if kind == "int_type":
@@ -200,6 +205,11 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "pool", {"pool": draw(st.sampled_from(["cls", "cls_mean"])), "class_token": False}, "class_token"
     if kind == "swiglu_odd":  # SwiGLU halves fc1's output: its width (32 * ratio) must be even
         return "mlp_act", {"mlp_act": "swiglu", "mlp_ratio": draw(st.sampled_from([1 / 32, 3 / 32, 33 / 32]))}, "odd"
+    if kind == "rel_pos_tokens":  # BEiT's table has entries for one class token and the patches, no others
+        extra = draw(st.sampled_from([dict(class_token=False), dict(reg_tokens=2), dict(dist_token=True, pool="cls")]))
+        return "rel_pos_bias", {"rel_pos_bias": True, **extra}, next(iter(extra))
+    if kind == "rel_pos_dynamic":  # the table is laid out for one grid
+        return "rel_pos_bias", {"rel_pos_bias": True, "dynamic_img_size": True}, "dynamic_img_size"
     if kind == "cls_mean_pooled":  # two features side by side: no one place for a norm after pooling
         return "final_norm", {"pool": "cls_mean", "final_norm": "pooled", "class_token": True}, "cls_mean"
     if kind == "dist_without_cls":  # a distillation token with mean pooling, or without a class token
@@ -207,7 +217,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
             return "dist_token", {"dist_token": True, "pool": "mean"}, "pool"
         return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
-        field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size"]))
+        field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

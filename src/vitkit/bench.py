@@ -190,8 +190,9 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
 
 
 # --- contestants ---------------------------------------------------------------------------
-def timm_model(cfg: ViTConfig) -> nn.Module:
-    """timm's VisionTransformer with the architecture of ``cfg`` (random weights)."""
+def timm_model(cfg: ViTConfig, abs_pos: bool = True) -> nn.Module:
+    """timm's model of ``cfg``'s architecture (VisionTransformer, or the class TIMM_ARCHITECTURE names), random
+    weights; ``abs_pos=False``: a BEiT without absolute positions."""
     try:
         import timm
     except ImportError as e:
@@ -200,7 +201,7 @@ def timm_model(cfg: ViTConfig) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the eps warning: passed explicitly below
-        args = model_args(cfg)
+        args = model_args(cfg, abs_pos)
     # The architecture picks timm's class (DeiT's distilled one) and its MLP layer (SwiGLU's); args
     # then override every field it sets, as a timm hub config's model_args do.
     model = timm.create_model(TIMM_ARCHITECTURE[architecture_key(cfg)][0], pretrained=False, **args,
@@ -212,14 +213,15 @@ def timm_model(cfg: ViTConfig) -> nn.Module:
 
 def timm_twin(model: ViT) -> nn.Module:
     """``timm_model`` holding ``model``'s weights (on the CPU): the peer for parity checks."""
-    from .convert.timm import KEYS
+    from .convert.timm import state_from_vitkit
 
-    theirs = timm_model(model.cfg)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # A conv stem has no rule in the timm key map (timm has none; timm_model swaps vitkit's in): same layers, same names.
     stem = {k: state.pop(k) for k in list(state) if model.cfg.stem == "conv" and k.startswith("patch_embed.projection.")}
-    theirs.load_state_dict({**KEYS.from_vitkit(state, model.cfg),
-                            **{k.replace("patch_embed.projection.", "patch_embed.proj.", 1): v for k, v in stem.items()}})
+    state = state_from_vitkit(state, model.cfg)
+    theirs = timm_model(model.cfg, abs_pos="pos_embed" in state)
+    theirs.load_state_dict({**state, **{k.replace("patch_embed.projection.", "patch_embed.proj.", 1): v
+                                        for k, v in stem.items()}})
     return theirs
 
 

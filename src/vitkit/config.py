@@ -79,6 +79,11 @@ class ViTConfig:
     # silu(a) * b over the two halves of fc1's output, so fc2 reads half its width (DINOv2 giant's
     # packed weights_in, timm's SwiGLUPacked; mlp_ratio gives fc1's whole width, as timm's does)
     mlp_act: str = "gelu"
+    # BEiT's relative position bias (Bao et al. 2021; BEiT v2, Data2Vec): each block's attention adds
+    # a learned bias per head to its logits, looked up by the offset between query and key patches
+    # ((2h-1)(2w-1) offsets, and three entries for class-to-patch, patch-to-class and class-to-class).
+    # BEiT has no absolute positions: a model read from it holds a `positions` table of zeros.
+    rel_pos_bias: bool = False
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
     # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map");
     # "cls_mean": the class token's output and the patch tokens' mean side by side, 2 x emb_size
@@ -180,7 +185,7 @@ class ViTConfig:
         if self.pool == "cls_mean" and self.final_norm == "pooled":
             raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
                              "side by side); use final_norm='tokens', as DINOv2 does")
-        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm"):
+        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -193,6 +198,13 @@ class ViTConfig:
         if (isinstance(self.layer_scale, bool) or not isinstance(self.layer_scale, (int, float))
                 or not 0 <= self.layer_scale < math.inf):
             raise ValueError(f"ViTConfig.layer_scale: expected a number >= 0 (0: off), got {self.layer_scale!r}")
+        if self.rel_pos_bias and not (self.class_token and not self.dist_token and not self.reg_tokens):
+            raise ValueError("ViTConfig.rel_pos_bias: BEiT's table has entries for one class token and the patches; "
+                             f"got class_token={self.class_token}, dist_token={self.dist_token}, "
+                             f"reg_tokens={self.reg_tokens}")
+        if self.rel_pos_bias and self.dynamic_img_size:
+            raise ValueError("ViTConfig.rel_pos_bias: the relative position table is laid out for one grid; "
+                             "dynamic_img_size=True is not supported with it")
         if self.dist_token and not (self.class_token and self.pool == "cls"):
             raise ValueError("ViTConfig.dist_token: a distillation token goes with class_token=True and pool='cls' "
                              f"(DeiT); got class_token={self.class_token}, pool={self.pool!r}")
@@ -289,6 +301,16 @@ def _table() -> dict[str, dict]:
     table["vit_base_patch16_siglip_224"] = dict(**SIZES["base"], **siglip, patch_size=16, img_size=224)
     table["vit_so400m_patch14_siglip_224"] = dict(emb_size=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152,
                                                   **siglip, patch_size=14, img_size=224)
+    # BEiT (Bao et al. 2021; timm's beit_*) and BEiT v2 (Peng et al. 2022; beitv2_*): relative position
+    # bias in every block, no absolute positions (a table of zeros here), LayerScale, the patch tokens'
+    # mean normalised after pooling
+    beit = dict(rel_pos_bias=True, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
+    for size in ("base", "large"):
+        for img in IMG_SIZES:
+            table[f"beit_{size}_patch16_{img}"] = dict(**SIZES[size], **beit, patch_size=16, img_size=img,
+                                                       layer_scale=0.1)
+        table[f"beitv2_{size}_patch16_224"] = dict(**SIZES[size], **beit, patch_size=16, img_size=224,
+                                                   layer_scale=1e-5)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

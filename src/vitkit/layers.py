@@ -224,6 +224,40 @@ def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
     )
 
 
+def relative_position_index(grid: tuple[int, int]) -> Tensor:
+    """(N, N) long, N = 1 + h*w: for each query and key token (the class token first, then the patches
+    row by row), its entry in BEiT's relative position table. Patch pairs index their offset
+    (dy, dx), (2h-1)(2w-1) entries; then class-to-patch, patch-to-class and class-to-class, the last three
+    (timm's gen_relative_position_index, BEiT's layout, so the tables load as they are)."""
+    h, w = grid
+    cpu = torch.device("cpu")  # real even under a meta-device context: the index is a non-persistent buffer,
+    # which no state dict fills in (a model built on meta, then given its weights, keeps this one)
+    coords = torch.stack(torch.meshgrid(torch.arange(h, device=cpu), torch.arange(w, device=cpu),
+                                        indexing="ij")).flatten(1)  # (2, h*w)
+    offsets = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (h*w, h*w, 2): query minus key
+    patches = (offsets[..., 0] + h - 1) * (2 * w - 1) + (offsets[..., 1] + w - 1)
+    distances = (2 * h - 1) * (2 * w - 1)
+    index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long, device=cpu)
+    index[1:, 1:] = patches
+    index[0, :] = distances  # the class token asking
+    index[:, 0] = distances + 1  # a patch asking the class token
+    index[0, 0] = distances + 2
+    return index
+
+
+def resample_rel_pos_table(table: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> Tensor:
+    """BEiT's relative position table for another patch grid: its (2h-1, 2w-1) patch-offset entries
+    resized bilinearly (as Hugging Face's BEiT does for interpolate_pos_encoding), the class token's
+    three entries kept. ``(entries, heads) -> (new entries, heads)``."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    heads = table.shape[1]
+    (h, w), (new_h, new_w) = old_grid, new_grid
+    offsets = table[:-3].reshape(2 * h - 1, 2 * w - 1, heads).permute(2, 0, 1)[None]  # -> (1, heads, 2h-1, 2w-1)
+    offsets = F.interpolate(offsets.float(), size=(2 * new_h - 1, 2 * new_w - 1), mode="bilinear").to(table.dtype)
+    return torch.cat([offsets[0].permute(1, 2, 0).reshape(-1, heads), table[-3:]])  # -> (new entries, heads)
+
+
 # From this many tokens on, lean_training recomputes the attention probabilities in the backward
 # pass instead of keeping them (they grow with the square of the tokens). Measured with
 # benchmarks/lean_ops.py (one process, 2-core EPYC, bf16 autocast): at ViT-B/16 (197 tokens, batch 8)
@@ -551,6 +585,7 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         fused: bool = True,
+        rel_pos_grid: tuple[int, int] | None = None,
     ):
         super().__init__()
         if emb_size % num_heads:
@@ -566,6 +601,20 @@ class MultiHeadAttention(nn.Module):
         self.att_drop = nn.Dropout(dropout)
         self.projection = nn.Linear(emb_size, emb_size)
         self.proj_drop = nn.Dropout(proj_drop)
+        # BEiT's relative position bias (rel_pos_grid: the patch grid; one class token before it):
+        # a learned logit offset per head and relative position, zeros at first as in BEiT
+        self.rel_pos_bias_table = None
+        self.register_buffer("rel_pos_index", None, persistent=False)
+        if rel_pos_grid is not None:
+            entries = (2 * rel_pos_grid[0] - 1) * (2 * rel_pos_grid[1] - 1) + 3
+            self.rel_pos_bias_table = nn.Parameter(torch.zeros(entries, num_heads))
+            self.register_buffer("rel_pos_index", relative_position_index(rel_pos_grid), persistent=False)
+
+    def relative_position_bias(self) -> Tensor:
+        """(1, h, N, N): the logit offsets that the table gives each query and key (BEiT)."""
+        n = self.rel_pos_index.shape[0]
+        bias = self.rel_pos_bias_table[self.rel_pos_index.view(-1)].view(n, n, -1)  # (N*N,) -> (N, N, h)
+        return bias.permute(2, 0, 1).unsqueeze(0)  # (N, N, h) -> (1, h, N, N)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
                 num_queries: int | None = None):
@@ -586,14 +635,20 @@ class MultiHeadAttention(nn.Module):
             # let it attend everywhere (finite softmax, finite gradients), then zero its output.
             attends_nothing = ~mask.any(dim=-1, keepdim=True)  # (B|1, h|1, N|1, 1)
             mask = mask | attends_nothing
+        # What is added to the logits: the boolean mask, or BEiT's bias (with the mask's -inf folded in)
+        logit_mask = mask
+        if self.rel_pos_bias_table is not None:
+            logit_mask = self.relative_position_bias()[:, :, :n_out].to(queries.dtype)  # (1, h, q, N)
+            if mask is not None:
+                logit_mask = logit_mask.masked_fill(~mask, float("-inf"))
         if self.fused and not return_attention and fused_kernel_pays(queries):
-            out, att = self._fused(queries, keys, values, mask), None
-        elif (self.fused and not return_attention and mask is None and not (self.training and self.att_drop.p)
+            out, att = self._fused(queries, keys, values, logit_mask), None
+        elif (self.fused and not return_attention and logit_mask is None and not (self.training and self.att_drop.p)
               and lean_ops_pay(keys)):
             recompute = keys.shape[-2] >= RECOMPUTE_MIN_TOKENS
             out, att = lean_attention(queries, keys, values, self.scale, keep_probabilities=not recompute), None
         else:
-            out, att = self._math(queries, keys, values, mask)
+            out, att = self._math(queries, keys, values, logit_mask)
         if mask is not None:
             out = out.masked_fill(attends_nothing, 0.0)
             if att is not None:
@@ -631,8 +686,11 @@ class MultiHeadAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
 
     def _math(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``mask``: boolean (True = may attend), or a float offset added to the logits (BEiT's bias)."""
         energy = torch.einsum("bhqd, bhkd -> bhqk", q, k) * self.scale  # (B, h, N, N)
-        if mask is not None:
+        if mask is not None and mask.is_floating_point():
+            energy = energy + mask
+        elif mask is not None:
             # Fix: the seed called a non-existent `mask_fill` and discarded its result.
             # The fill is the most negative value of the logits' own dtype (fp16/bf16 safe).
             energy = energy.masked_fill(~mask, torch.finfo(energy.dtype).min)
@@ -812,10 +870,12 @@ class TransformerEncoderBlock(nn.Module):
         norm_eps: float = 1e-5,
         layer_scale: float = 0.0,
         mlp_act: str = "gelu",
+        rel_pos_grid: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
-        self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p)
+        self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p,
+                                       rel_pos_grid=rel_pos_grid)
         self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act)
@@ -868,5 +928,7 @@ __all__ = [
     "TransformerEncoderBlock",
     "DropPath",
     "resample_positions",
+    "resample_rel_pos_table",
+    "relative_position_index",
     "expand_mask",
 ]

@@ -24,6 +24,7 @@ class TransformerEncoder(nn.Module):
                 cfg.emb_size, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
                 layer_scale=cfg.layer_scale, mlp_act=cfg.mlp_act,
+                rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None,
             )
             for rate in rates
         )

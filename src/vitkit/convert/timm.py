@@ -4,7 +4,8 @@ vitkit's modules were named after timm's, so the table is mostly renames: the fu
 projection has the same (qkv, h, d) layout, the patch embedding is the same Conv2d.
 timm's ``global_pool="avg"`` + ``fc_norm`` is vitkit's ``pool="mean", final_norm="pooled"``;
 ``class_token=False`` models have no ``cls_token`` and no class position. DeiT's distilled models
-(``dist_token``, ``head_dist``) are vitkit's ``dist_token=True``.
+(``dist_token``, ``head_dist``) are vitkit's ``dist_token=True``. BEiT (timm's ``Beit``: beit_*,
+beitv2_*) is vitkit's ``rel_pos_bias=True``: the same blocks under a few other names (``_from_beit``).
 
 timm's state dicts do not store the number of heads: it comes from ``model=NAME``,
 ``num_heads=N``, a timm hub ``config.json`` beside the weights (``model_args.num_heads``,
@@ -45,6 +46,7 @@ KEYS = KeyMap(
         rule("encoder.blocks.{i}.ls1.gamma", "blocks.{i}.ls1.gamma"),  # LayerScale (DeiT-III, DINOv2)
         rule("encoder.blocks.{i}.ls2.gamma", "blocks.{i}.ls2.gamma"),
         rule("patch_embed.norm_pre.{p}", "norm_pre.{p}"),  # CLIP's image tower (pre_norm)
+        rule("encoder.blocks.{i}.attn.rel_pos_bias_table", "blocks.{i}.attn.relative_position_bias_table"),  # BEiT
         rule("head.attn_pool.latent", "attn_pool.latent"),  # attention pooling (global_pool="map": SigLIP)
         *(rule(f"head.attn_pool.{part}.{{p}}", f"attn_pool.{part}.{{p}}")
           for part in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")),
@@ -64,14 +66,77 @@ GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
 # (dist_token, pre_norm, SwiGLU) -> a timm architecture of the right class, LayerNorm eps and MLP layer
 # (SwiGLUPacked), whose every size model_args then override, and that eps (a functools.partial in the
 # architecture, not a model_arg)
-TIMM_ARCHITECTURE = {(False, False, False): ("vit_base_patch16_224", 1e-6),
-                     (True, False, False): ("deit_base_distilled_patch16_224", 1e-6),
-                     (False, True, False): ("vit_base_patch16_clip_224", 1e-5),
-                     (False, False, True): ("vit_giant_patch14_dinov2", 1e-6)}
+TIMM_ARCHITECTURE = {(False, False, False, False): ("vit_base_patch16_224", 1e-6),
+                     (True, False, False, False): ("deit_base_distilled_patch16_224", 1e-6),
+                     (False, True, False, False): ("vit_base_patch16_clip_224", 1e-5),
+                     (False, False, True, False): ("vit_giant_patch14_dinov2", 1e-6),
+                     (False, False, False, True): ("beit_base_patch16_224", 1e-6)}  # timm's Beit class
 
 
-def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool]:
-    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu"
+def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool]:
+    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu", cfg.rel_pos_bias
+
+
+# --- BEiT ---------------------------------------------------------------------------------------
+# timm's Beit names what VisionTransformer (and KEYS) call blocks.{i}.attn.qkv.bias and
+# blocks.{i}.ls{1,2}.gamma as q_bias and v_bias (no k bias: it would shift all of a query's logits
+# alike, which the softmax ignores, so vitkit's qkv bias holds zeros there) and gamma_{1,2}.
+BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relative_position_bias_table",
+                "rel_pos_bias.relative_position_bias_table")
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
+
+
+def is_beit(state: dict) -> bool:
+    return any(k in state for k in BEIT_MARKERS)
+
+
+def _from_beit(state: dict, src: str) -> dict:
+    """A Beit state dict under VisionTransformer's names (plus each block's relative position table)."""
+    out = {}
+    for key, value in state.items():
+        block, _, name = key.rpartition(".")
+        if name == "relative_position_index" or key == SHARED_TABLE:  # built from the grid; shared: below
+            continue
+        if name in ("gamma_1", "gamma_2"):
+            out[f"{block}.ls{name[-1]}.gamma"] = value
+        elif name == "q_bias":
+            v_bias = require(state, f"{block}.v_bias", src, "timm (BEiT)")
+            out[f"{block}.qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])  # (3E,): q, k, v
+        elif name != "v_bias":
+            out[key] = value
+    if SHARED_TABLE in state:
+        # What BEiT's own fine-tuning does with a pretrained shared table: every block starts from a copy.
+        for i in range(count_blocks(state, r"blocks\.(\d+)\.")):
+            out[f"blocks.{i}.attn.relative_position_bias_table"] = state[SHARED_TABLE].clone()
+    if "pos_embed" not in out:  # use_abs_pos_emb=False: positions all relative; a table of zeros adds nothing
+        table = out.get("blocks.0.attn.relative_position_bias_table")
+        if table is None:
+            raise CheckpointError(f"{src}: a BEiT state dict with neither absolute nor relative positions")
+        side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
+        width = require(state, "patch_embed.proj.weight", src, "timm").shape[0]
+        out["pos_embed"] = torch.zeros(1, 1 + side * side, width)
+    return out
+
+
+def _to_beit(state: dict, abs_pos: bool) -> dict:
+    """``_from_beit`` undone (KEYS' names -> Beit's); the k bias is dropped (see above)."""
+    out = {}
+    for key, value in state.items():
+        block, _, name = key.rpartition(".")
+        if name == "gamma" and block.endswith((".ls1", ".ls2")):
+            out[f"{block[:-4]}.gamma_{block[-1]}"] = value
+        elif key.endswith(".attn.qkv.bias"):
+            q_bias, _, v_bias = value.chunk(3)
+            out[f"{block[:-4]}.q_bias"], out[f"{block[:-4]}.v_bias"] = q_bias, v_bias
+        elif key != "pos_embed" or abs_pos:
+            out[key] = value
+    return out
+
+
+def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
+    """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT)."""
+    state = KEYS.from_vitkit(state, cfg)
+    return _to_beit(state, abs_pos=bool(state["pos_embed"].any())) if cfg.rel_pos_bias else state
 
 
 def read(path: Path) -> Foreign:
@@ -88,7 +153,10 @@ def read(path: Path) -> Foreign:
         loaded = read_json(cfg_file)
         if isinstance(loaded, dict) and "architecture" in loaded:  # timm's hub config, not someone else's
             config = loaded
-    foreign = Foreign(str(path), load_state_dict_file(path), config=config)
+    state = load_state_dict_file(path)
+    if is_beit(state):
+        state = _from_beit(state, str(path))
+    foreign = Foreign(str(path), state, config=config)
     pretrained = config.get("pretrained_cfg", {})
     if "mean" in pretrained and "std" in pretrained:
         foreign.preprocess = dict(
@@ -158,7 +226,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         pre_norm=pre_norm,
         mlp_act=act,
         # CLIP's towers: 1e-5, other timm ViTs: 1e-6
-        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu"), (None, 1e-6))[1],
+        rel_pos_bias="blocks.0.attn.relative_position_bias_table" in s,
+        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False), (None, 1e-6))[1],
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
 
@@ -190,16 +259,21 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
     return KEYS.to_vitkit(state, cfg, foreign.path)
 
 
-def model_args(cfg: ViTConfig) -> dict:
+def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network, given the
-    architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's)."""
+    architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's).
+    ``abs_pos=False``: a BEiT model's positions are all zero, and timm's Beit then holds none."""
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
                          f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
     if architecture_key(cfg) not in TIMM_ARCHITECTURE:
-        raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm "
-                         f"and a SwiGLU MLP; this model has dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, "
-                         f"mlp_act={cfg.mlp_act!r}")
+        raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm, "
+                         f"a SwiGLU MLP and BEiT's relative positions; this model has dist_token={cfg.dist_token}, "
+                         f"pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, rel_pos_bias={cfg.rel_pos_bias}")
+    if cfg.rel_pos_bias and (cfg.mlp_act != "gelu" or cfg.pool == "map" or cfg.final_norm == "none"):
+        raise ValueError("timm export: timm's BEiT (Beit) has exact GELU, pools the class token or the mean, and "
+                         f"normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
+                         f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}")
     eps = TIMM_ARCHITECTURE[architecture_key(cfg)][1]
     if cfg.norm_eps != eps:
         warnings.warn(
@@ -207,12 +281,17 @@ def model_args(cfg: ViTConfig) -> dict:
             f"slightly unless timm is given norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})",
             stacklevel=3,
         )
-    return dict(
+    shared = dict(
         img_size=list(cfg.img_size), patch_size=cfg.patch_size, in_chans=cfg.in_channels,
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, init_values=cfg.layer_scale or None,
+    )
+    if cfg.rel_pos_bias:  # Beit's own arguments
+        return dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True, use_fc_norm=cfg.final_norm == "pooled")
+    return dict(
+        shared, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
-        reg_tokens=cfg.reg_tokens, init_values=cfg.layer_scale or None, pre_norm=cfg.pre_norm,
+        reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
         # timm's names are vitkit's ("gelu", "quick_gelu", "gelu_tanh"); SwiGLU's gate is SiLU, in an MLP
         # layer (SwiGLUPacked) that only the architecture can name: TIMM_ARCHITECTURE
         act_layer="silu" if cfg.mlp_act == "swiglu" else cfg.mlp_act,
@@ -230,8 +309,8 @@ def export(model: nn.Module, out: Path) -> Path:
     from safetensors.torch import save, save_file
 
     cfg = model.cfg
-    args = model_args(cfg)
-    state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    state = state_from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    args = model_args(cfg, abs_pos="pos_embed" in state)
     if out.suffix in (".pth", ".pt", ".bin"):
         with atomic_file(out) as f:
             torch.save(state, f)

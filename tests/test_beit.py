@@ -1,0 +1,147 @@
+"""BEiT's relative position bias (``ViTConfig.rel_pos_bias``): the layer on every attention path, and
+BEiT weights from and to timm, checked against timm's own ``Beit`` holding random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vitkit import ViT, ViTConfig
+from vitkit.convert import export, load
+from vitkit.layers import MultiHeadAttention, relative_position_index
+
+timm = pytest.importorskip("timm")
+from timm.models.beit import Beit, gen_relative_position_index  # noqa: E402
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight random (LayerNorm scales around 1): a table or bias applied in the wrong place shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 3), (2, 5), (4, 3)])
+def test_relative_position_index_is_beits(grid):
+    assert torch.equal(relative_position_index(grid), gen_relative_position_index(grid))
+
+
+def _timm_file(tmp_path, theirs: torch.nn.Module):
+    state = {k: v for k, v in theirs.state_dict().items() if not k.endswith("relative_position_index")}
+    save_file(state, tmp_path / "beit.safetensors")
+    return tmp_path / "beit.safetensors"
+
+
+@pytest.mark.parametrize("abs_pos, shared, pool", [
+    (False, False, "avg"),  # beit_*/beitv2_* fine-tuned: a table in every block, no absolute positions
+    (True, False, "token"),  # absolute positions too, class-token pooling
+    (False, True, "avg"),  # BEiT's pretraining layout: one table shared by all blocks
+])
+def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, abs_pos, shared, pool):
+    theirs = _randomise(Beit(**SMALL, init_values=0.1, use_abs_pos_emb=abs_pos, use_rel_pos_bias=not shared,
+                             use_shared_rel_pos_bias=shared, global_pool=pool))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(_timm_file(tmp_path, theirs), "timm", num_heads=4)
+    assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale and ours.cfg.norm_eps == 1e-6
+    assert (ours.cfg.pool, ours.cfg.final_norm) == (("mean", "pooled") if pool == "avg" else ("cls", "tokens"))
+    assert bool(ours.patch_embed.positions.any()) == abs_pos  # zeros stand in for BEiT's absent table
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+
+    # the backward pass: the same loss gives each table (and the weights beside it) the same gradient;
+    # a shared table's gradient is the sum of its copies'
+    for model in (ours.train(), theirs.train()):
+        F.cross_entropy(model(x), torch.arange(3)).backward()
+    tables = [b.attn.rel_pos_bias_table.grad for b in ours.encoder.blocks]
+    if shared:
+        torch.testing.assert_close(sum(tables), theirs.rel_pos_bias.relative_position_bias_table.grad)
+    else:
+        for table, block in zip(tables, theirs.blocks):
+            torch.testing.assert_close(table, block.attn.relative_position_bias_table.grad)
+    torch.testing.assert_close(ours.encoder.blocks[1].attn.qkv.weight.grad, theirs.blocks[1].attn.qkv.weight.grad)
+    # vitkit's qkv bias has a k part, which BEiT lacks: it shifts each query's logits alike, so its gradient is 0
+    k_bias_grad = ours.encoder.blocks[0].attn.qkv.bias.grad.chunk(3)[1]
+    assert k_bias_grad.abs().max() < 1e-5 < ours.encoder.blocks[0].attn.qkv.bias.grad.abs().max()
+
+    out = export(ours.eval(), tmp_path / "back", "timm")
+    back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert type(back) is Beit
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+    if not shared:  # the same tensors under the same names (no pos_embed where BEiT had none)
+        expected = {k: v for k, v in theirs.state_dict().items() if not k.endswith("relative_position_index")}
+        got = back.state_dict()
+        assert sorted(k for k in got if not k.endswith("k_bias")) == sorted(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, msg=key)
+
+
+def _bias_model(**fields) -> ViT:
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=10, rel_pos_bias=True,
+                    pool="cls", final_norm="tokens", norm_eps=1e-6, **fields)
+    return _randomise(ViT(cfg)).eval()
+
+
+def _reference_attention(attn: MultiHeadAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, written out: the attention BEiT computes."""
+    b, n, e = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) * attn.head_dim**-0.5 + attn.relative_position_bias()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, e)
+    return attn.projection(out)
+
+
+def test_the_bias_reaches_every_attention_path():
+    model = _bias_model()
+    attn = model.encoder.blocks[0].attn
+    x = torch.randn(2, attn.rel_pos_index.shape[0], 64)
+    mask = torch.rand(2, 1, x.shape[1], x.shape[1]) > 0.3
+    mask[..., 0] = True  # every query may see the class token
+    with torch.no_grad():
+        for m in (None, mask):
+            expected = _reference_attention(attn, x, m)
+            for fused in (True, False):  # SDPA with the bias as a float mask; the math path adding it
+                attn.fused = fused
+                torch.testing.assert_close(attn(x, mask=m), expected, atol=1e-5, rtol=1e-5)
+        attn.fused = True
+        # the probabilities that attention maps read include it
+        out, probabilities = attn(x, return_attention=True)
+        q, k, _ = attn.qkv(x).reshape(2, x.shape[1], 3, 4, 16).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-2, -1) * 0.25 + attn.relative_position_bias()
+        torch.testing.assert_close(probabilities, logits.softmax(-1), atol=1e-6, rtol=1e-5)
+        # a class-token head computes the last block for the class token alone: the bias's first row
+        images = torch.randn(2, 3, 32, 32)
+        tokens = model.forward_features(images)  # every token through every block
+        torch.testing.assert_close(model(images), model.forward_head(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_training_step_trains_the_tables():
+    model = _bias_model().train()
+    tables = [b.attn.rel_pos_bias_table for b in model.encoder.blocks]
+    before = [t.detach().clone() for t in tables]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(t.grad is not None and t.grad.abs().sum() > 0 for t in tables)
+    opt.step()
+    assert all(not torch.equal(a, t) for a, t in zip(before, tables))
+
+
+def test_exports_without_a_bias_table_refuse_a_beit_model_by_name(tmp_path):
+    model = _bias_model()
+    for fmt in ("jax", "torchvision", "hf"):
+        with pytest.raises(ValueError, match=f"target format {fmt}: this model has BEiT's relative position bias"):
+            export(model, tmp_path / f"out-{fmt}", fmt)
+    with pytest.raises(ValueError, match="timm's BEiT .* exact GELU"):
+        export(_bias_model(mlp_act="quick_gelu"), tmp_path / "out.safetensors", "timm")
