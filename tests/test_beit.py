@@ -140,8 +140,76 @@ def test_bf16_autocast_training_step_trains_the_tables():
 
 def test_exports_without_a_bias_table_refuse_a_beit_model_by_name(tmp_path):
     model = _bias_model()
-    for fmt in ("jax", "torchvision", "hf"):
+    for fmt in ("jax", "torchvision"):
         with pytest.raises(ValueError, match=f"target format {fmt}: this model has BEiT's relative position bias"):
             export(model, tmp_path / f"out-{fmt}", fmt)
     with pytest.raises(ValueError, match="timm's BEiT .* exact GELU"):
         export(_bias_model(mlp_act="quick_gelu"), tmp_path / "out.safetensors", "timm")
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+HF_SMALL = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, layer_scale_init_value=0.1, hidden_dropout_prob=0.0, drop_path_rate=0.0,
+                attention_probs_dropout_prob=0.0)
+
+
+def _hf_beit(tmp_path, cls_name: str = "BeitForImageClassification", config_name: str = "BeitConfig", **fields):
+    config = getattr(transformers, config_name)(**{**HF_SMALL, **fields})
+    model = _randomise(getattr(transformers, cls_name)(config)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+def _hf_logits(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(pixel_values=x, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+@pytest.mark.parametrize("cls_name, config_name, fields", [
+    # the Hub's fine-tuned BEiT (microsoft/beit-*-patch16-224): a table a block, no absolute positions
+    ("BeitForImageClassification", "BeitConfig", dict(use_relative_position_bias=True, num_labels=10)),
+    # class-token pooling, absolute positions too
+    ("BeitForImageClassification", "BeitConfig", dict(use_relative_position_bias=True, use_mean_pooling=False,
+                                                       use_absolute_position_embeddings=True, num_labels=10)),
+    # a pretraining checkpoint's one shared table, as features
+    ("BeitModel", "BeitConfig", dict(use_shared_relative_position_bias=True)),
+    ("Data2VecVisionForImageClassification", "Data2VecVisionConfig",
+     dict(use_relative_position_bias=True, num_labels=10)),
+])
+def test_hf_beit_converts_both_ways_with_equal_logits(tmp_path, cls_name, config_name, fields):
+    theirs = _hf_beit(tmp_path, cls_name, config_name, **fields)
+    ours = load(tmp_path / "hf", "hf").eval()
+    assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale == 0.1 and ours.cfg.norm_eps == 1e-12
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), _hf_logits(theirs, x), atol=1e-5, rtol=1e-5)
+    out = export(ours, tmp_path / "back", "hf")  # written as BEiT's classes (Data2Vec's hold the same network)
+    back = transformers.AutoModel.from_pretrained(out) if cls_name == "BeitModel" else \
+        transformers.AutoModelForImageClassification.from_pretrained(out)
+    assert type(back).__name__ == ("BeitModel" if cls_name == "BeitModel" else "BeitForImageClassification")
+    torch.testing.assert_close(_hf_logits(back.eval(), x), _hf_logits(theirs, x), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_beit_goes_through_vitkit_into_transformers(tmp_path):
+    theirs = _randomise(Beit(**SMALL, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(_timm_file(tmp_path, theirs), "timm", num_heads=4)
+    out = export(ours, tmp_path / "hf-out", "hf")
+    hf = transformers.BeitForImageClassification.from_pretrained(out).eval()
+    assert not hf.config.use_absolute_position_embeddings
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(hf, x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_beit_fine_tuned_at_another_size_resamples_its_tables_as_transformers_does(tmp_path):
+    """At 48x48 (a 6x6 grid from 4x4) vitkit's tables are HF's own, interpolated at run time."""
+    theirs = _hf_beit(tmp_path, use_relative_position_bias=True, num_labels=10)
+    ours = load(tmp_path / "hf", "hf", img_size=48).eval()
+    assert ours.encoder.blocks[0].attn.rel_pos_bias_table.shape == ((2 * 6 - 1) ** 2 + 3, 4)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), _hf_logits(theirs, x, interpolate_pos_encoding=True), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,11 @@ DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``: model_type "dinov2" and
 export, position rows the registers learned are added to the register tokens, which is the same.
 Its image classifiers read the class token and the patch tokens' mean side by side (vitkit's
 pool="cls_mean").
+BEiT (model_type "beit") and Data2Vec's vision model ("data2vec-vision", the same layout) add each
+block's ``relative_position_bias_table`` (vitkit's ``rel_pos_bias``; a shared one is copied into every
+block), ``lambda_1``/``lambda_2`` (LayerScale), and a key projection without bias (zeros in vitkit's
+qkv bias: a k bias shifts all of a query's logits alike, which the softmax ignores); with
+``use_mean_pooling`` the classifier reads the patch tokens' mean through ``pooler.layernorm``.
 CLIP's vision tower (model_type "clip_vision_model", or a whole "clip" model's ``vision_model``) is
 pre-norm (vitkit's ``pre_norm``), with its bias-free ``visual_projection`` as the classifier.
 SigLIP's (model_type "siglip_vision_model", or a whole "siglip" model's) has no class token and
@@ -56,7 +61,9 @@ ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassif
                 "clip": "CLIPForImageClassification", "siglip": "SiglipForImageClassification",
                 # I-JEPA: ViT's layout without a class token, its classifier on the mean of every token;
                 # read only (vitkit writes such a model as SigLIP's, which holds the same network)
-                "ijepa": "IJepaForImageClassification"}
+                "ijepa": "IJepaForImageClassification",
+                # BEiT and Data2Vec-vision: relative position tables, LayerScale, mean pooling (see above)
+                "beit": "BeitForImageClassification", "data2vec-vision": "Data2VecVisionForImageClassification"}
 # model_types whose files are another family's layout under the same prefix: ViT-MSN's is ViT's
 SAME_LAYOUT = {"vit_msn": "vit"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
@@ -70,8 +77,12 @@ CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"
 # a whole image-text model's model_type -> its vision tower's
 TOWERS = {"clip": CLIP, "siglip": SIGLIP}
 TOWER_FAMILIES = (*TOWERS, *TOWERS.values())  # the layouts _tower_key_map writes
+BEIT = ("beit", "data2vec-vision")
 # model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
-PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family for family in ARCHITECTURE}
+PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family.replace("-", "_") for family in ARCHITECTURE}
+# BEiT's tables, one a block, or one for all (its pretraining's), under the family's prefix
+BEIT_TABLE = "{prefix}.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
+BEIT_SHARED_TABLE = "{prefix}.encoder.relative_position_bias.relative_position_bias_table"
 # HF's activation names -> vitkit's mlp_act
 HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 # CLIP: (E,) class embedding and (N, E) position table, an nn.Embedding's weight <-> vitkit's (1, 1, E), (1, N, E)
@@ -95,7 +106,8 @@ def _key_map(family: str) -> KeyMap:
     """The table for a model_type: the same attention in every family, under the family's prefix;
     ViT and DeiT name the rest of a block as BERT does, DINOv2 as timm does, with LayerScale; DeiT
     adds the distillation token and two classifiers named after the tokens they read."""
-    layer = f"{family}.encoder.layer.{{i}}"
+    prefix = PREFIX[family]
+    layer = f"{prefix}.encoder.layer.{{i}}"
     if family in DINOV2:
         block = [
             rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.norm1.{{p}}"),
@@ -112,19 +124,27 @@ def _key_map(family: str) -> KeyMap:
             rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.intermediate.dense.{{p}}"),
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.output.dense.{{p}}"),
         ]
+    if family in BEIT:
+        block += [
+            rule("encoder.blocks.{i}.ls1.gamma", f"{layer}.lambda_1"),
+            rule("encoder.blocks.{i}.ls2.gamma", f"{layer}.lambda_2"),
+            rule("encoder.blocks.{i}.attn.rel_pos_bias_table", BEIT_TABLE.format(prefix=prefix, i="{i}")),
+        ]
     classifier = [rule("head.fc.{p}", "classifier.{p}")]  # every family's but DeiT's
     heads = {
         "deit": [rule("head.fc.{p}", "cls_classifier.{p}"),
                  rule("patch_embed.dist_token", f"{family}.embeddings.distillation_token"),
                  rule("head.fc_dist.{p}", "distillation_classifier.{p}")],
         "dinov2_with_registers": [rule("patch_embed.reg_token", f"{family}.embeddings.register_tokens"), *classifier],
+        # use_mean_pooling: the patch tokens' mean through the pooler's LayerNorm (vitkit's final_norm="pooled")
+        **{beit: [rule("head.norm.{p}", f"{PREFIX[beit]}.pooler.layernorm.{{p}}"), *classifier] for beit in BEIT},
     }.get(family, classifier)
     return KeyMap(
         "hf",
         [
-            rule("patch_embed.projection.{p}", f"{family}.embeddings.patch_embeddings.projection.{{p}}"),
-            *([] if family == "ijepa" else [rule("patch_embed.cls_token", f"{family}.embeddings.cls_token")]),
-            rule("patch_embed.positions", f"{family}.embeddings.position_embeddings",
+            rule("patch_embed.projection.{p}", f"{prefix}.embeddings.patch_embeddings.projection.{{p}}"),
+            *([] if family == "ijepa" else [rule("patch_embed.cls_token", f"{prefix}.embeddings.cls_token")]),
+            rule("patch_embed.positions", f"{prefix}.embeddings.position_embeddings",
                  _register_positions(family == "dinov2_with_registers")),
             rule(
                 "encoder.blocks.{i}.attn.qkv.{p}",
@@ -133,11 +153,12 @@ def _key_map(family: str) -> KeyMap:
             ),
             rule("encoder.blocks.{i}.attn.projection.{p}", f"{layer}.attention.output.dense.{{p}}"),
             *block,
-            rule("encoder.norm.{p}", f"{family}.layernorm.{{p}}"),
+            rule("encoder.norm.{p}", f"{prefix}.layernorm.{{p}}"),
             *heads,
         ],
-        # the pooler (dense + tanh on the class token) and the mask token (masked image modelling)
-        ignore=(rf"{family}\.pooler\..*", rf"{family}\.embeddings\.mask_token"),
+        # the pooler (dense + tanh on the class token; BEiT's is its mean pooling's LayerNorm) and the
+        # mask token (masked image modelling)
+        ignore=(*([] if family in BEIT else [rf"{prefix}\.pooler\..*"]), rf"{prefix}\.embeddings\.mask_token"),
     )
 
 
@@ -269,6 +290,8 @@ def read(path: Path) -> Foreign:
             f"{path}: a DeiTForImageClassification, whose one classifier reads the class token while the "
             "distillation token still runs through every block; vitkit's distilled models average two "
             "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
+    if family in BEIT:
+        state = _beit_as_vit(state, config, prefix, str(path))
     if config.get("use_swiglu_ffn"):  # DINOv2's giant: its packed SwiGLU layers under vitkit's MLP names
         state = {re.sub(r"\.mlp\.(weights_in|weights_out)\.", lambda m: f".mlp.{SWIGLU_NAMES[m[1]]}.", k): v
                  for k, v in state.items()}
@@ -286,6 +309,30 @@ def read(path: Path) -> Foreign:
                 interpolation={3: "bicubic"}.get(pre.get("resample"), "bilinear"),  # PIL codes: 2 bilinear, 3 bicubic
             )
     return foreign
+
+
+def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
+    """A BEiT file's tensors as the key map reads them: a zero key bias beside the query's and value's,
+    each block's own table (a shared one copied into all of them, as BEiT's fine-tuning starts), and a
+    table of zero positions where it has none (use_absolute_position_embeddings=False)."""
+    state = dict(state)
+    depth = count_blocks(state, rf"{prefix}\.encoder\.layer\.(\d+)\.")
+    for i in range(depth):
+        attention = f"{prefix}.encoder.layer.{i}.attention.attention"
+        if f"{attention}.query.bias" in state and f"{attention}.key.bias" not in state:
+            state[f"{attention}.key.bias"] = torch.zeros_like(state[f"{attention}.query.bias"])
+    shared = state.pop(BEIT_SHARED_TABLE.format(prefix=prefix), None)
+    if shared is not None:
+        state.update({BEIT_TABLE.format(prefix=prefix, i=i): shared.clone() for i in range(depth)})
+    positions = f"{prefix}.embeddings.position_embeddings"
+    if positions not in state:
+        cls_token = state.get(f"{prefix}.embeddings.cls_token")
+        if cls_token is None:
+            raise CheckpointError(f"{src}: a BEiT file without {prefix}.embeddings.cls_token")
+        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
+        h, w = (size, size) if isinstance(size, int) else size
+        state[positions] = cls_token.new_zeros(1, 1 + (h // patch) * (w // patch), cls_token.shape[-1])
+    return state
 
 
 def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
@@ -321,6 +368,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         pool = "mean"
     elif family in DINOV2 and "classifier.weight" in s:  # Dinov2ForImageClassification
         pool = "cls_mean"
+    elif family in BEIT:
+        pool = "mean" if c.get("use_mean_pooling", True) else "cls"
     else:
         pool = "map" if tower == SIGLIP else "cls"
     held = count_blocks(s, rf"{PREFIX[family]}\.encoder\.layers?\.(\d+)\.")  # CLIP: layers
@@ -332,13 +381,17 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         **fields,
         dist_token=family == "deit",
         reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
-        layer_scale=float(c.get("layerscale_value", 1.0)) if family in DINOV2 else 0.0,
+        layer_scale=(float(c.get("layerscale_value", 1.0)) if family in DINOV2
+                     else float(c.get("layer_scale_init_value", 0.1)) if f"{PREFIX[family]}.encoder.layer.0.lambda_1" in s
+                     else 0.0),
+        rel_pos_bias=BEIT_TABLE.format(prefix=PREFIX[family], i=0) in s,
         pre_norm=tower == CLIP,
         mlp_act="swiglu" if swiglu else HF_ACTS[c.get("hidden_act", "gelu")],
         class_token=tower not in (SIGLIP, "ijepa"),
         pool=pool,
         # CLIP: post_layernorm on the pooled token only, and not at all in its image classifier
-        final_norm={"clip": "none", CLIP: "pooled"}.get(family, "tokens"),
+        final_norm=("pooled" if family in BEIT and pool == "mean"
+                    else {"clip": "none", CLIP: "pooled"}.get(family, "tokens")),
         num_classes=next((s[k].shape[0] for k in ("classifier.weight", "cls_classifier.weight",
                                                    "visual_projection.weight") if k in s), 0),
     )
@@ -349,6 +402,8 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def _family(cfg: ViTConfig) -> str:
+    if cfg.rel_pos_bias:
+        return "beit"
     if cfg.pre_norm:  # CLIP's tower, or its image classifier on the patch tokens' mean
         return "clip" if cfg.pool == "mean" else CLIP
     if not cfg.class_token:  # attention pooling, or features alone: SigLIP's tower; a classifier on the mean
@@ -363,10 +418,11 @@ def _swiglu_width(width: int, mlp_ratio: float) -> int:
     return (int(int(width * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
-def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
+def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: bool = True) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
     ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's; with
-    ``pre_norm`` or without a class token, CLIP's or SigLIP's tower or its image classifier)."""
+    ``pre_norm`` or without a class token, CLIP's or SigLIP's tower or its image classifier; with
+    ``rel_pos_bias``, BEiT's). ``abs_pos=False``: a BEiT model's positions are zero, and HF's holds none."""
     problems = []
     family = _family(cfg)
     tower = TOWERS.get(family, family)
@@ -384,13 +440,20 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     elif family == "clip" and not (cfg.class_token and cfg.num_classes):
         problems.append(f"HF's CLIPForImageClassification averages the tokens after the class token into a "
                         f"classifier; this model has class_token={cfg.class_token} and {cfg.num_classes} classes")
+    elif family == "beit":
+        if (cfg.pool, cfg.final_norm) not in (("mean", "pooled"), ("cls", "tokens")):
+            problems.append("HF's BEiT classifies the patch tokens' mean normalised after pooling (use_mean_pooling) "
+                            "or the class token normalised with every token; this model has "
+                            f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}: export to timm")
+        if not cfg.qkv_bias:
+            problems.append("HF's BEiT has query and value biases; this model has none (qkv_bias=False)")
     elif tower not in (CLIP, SIGLIP, *DINOV2) and (not cfg.class_token or cfg.pool != "cls"):
         problems.append(f"HF ViT classifies the class token (needs class_token=True, pool='cls'; got pool={cfg.pool!r})")
     if tower == SIGLIP and (cfg.layer_scale or cfg.reg_tokens or not cfg.qkv_bias):
         problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
     # CLIP: post_layernorm on the pooled class token only, which either norm gives it; none on what
     # its image classifier averages
-    norms = {CLIP: ("pooled", "tokens"), "clip": ("none",)}.get(family, ("tokens",))
+    norms = {CLIP: ("pooled", "tokens"), "clip": ("none",), "beit": ("pooled", "tokens")}.get(family, ("tokens",))
     if cfg.final_norm not in norms:
         problems.append(f"HF's {ARCHITECTURE[family]} needs final_norm in {norms}, got {cfg.final_norm!r}")
     if tower == CLIP and (cfg.layer_scale or cfg.reg_tokens or cfg.dist_token or not cfg.qkv_bias):
@@ -435,6 +498,17 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
             architecture = "CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"
             return {"architectures": [architecture], **vision, "projection_dim": cfg.num_classes or 512}
         return {"architectures": [ARCHITECTURE[family]], **vision}
+    if family == "beit":
+        return {
+            "architectures": [ARCHITECTURE[family] if cfg.num_classes else "BeitModel"], "model_type": family,
+            "hidden_size": cfg.emb_size, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_hidden, "hidden_act": act, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0, "initializer_range": 0.02,
+            "layer_norm_eps": cfg.norm_eps, "image_size": h if h == w else [h, w], "patch_size": cfg.patch_size,
+            "num_channels": cfg.in_channels, "use_mask_token": False, "use_absolute_position_embeddings": abs_pos,
+            "use_relative_position_bias": True, "use_shared_relative_position_bias": False,
+            "layer_scale_init_value": cfg.layer_scale, "use_mean_pooling": cfg.pool == "mean", **labels,
+        }
     dinov2 = dict(mlp_ratio=int(hf_mlp_ratio), layerscale_value=cfg.layer_scale, use_swiglu_ffn=swiglu,
                   drop_path_rate=0.0, **({"num_register_tokens": cfg.reg_tokens} if cfg.reg_tokens else {}))
     return {
@@ -464,8 +538,9 @@ def export(model: nn.Module, out: Path) -> Path:
     from safetensors.torch import save_file
 
     cfg: ViTConfig = model.cfg
-    config = hf_config(cfg, getattr(model, "class_names", None))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    abs_pos = bool(state["patch_embed.positions"].any()) or not cfg.rel_pos_bias
+    config = hf_config(cfg, getattr(model, "class_names", None), abs_pos)
     if cfg.reg_tokens:  # a register's position is a constant added to a constant token: fold it in
         positions = state["patch_embed.positions"]
         state["patch_embed.reg_token"] = state["patch_embed.reg_token"] + positions[:, 1:1 + cfg.reg_tokens]
@@ -482,6 +557,9 @@ def export(model: nn.Module, out: Path) -> Path:
     if cfg.mlp_act == "swiglu":  # DINOv2's giant: vitkit's fc1/fc2 are its packed SwiGLU layers
         names = {ours: theirs for theirs, ours in SWIGLU_NAMES.items()}
         state = {re.sub(r"\.mlp\.(fc1|fc2)\.", lambda m: f".mlp.{names[m[1]]}.", k): v for k, v in state.items()}
+    if family == "beit":  # no key bias (vitkit's shifts every logit of a query alike: nothing); positions if any
+        state = {k: v for k, v in state.items()
+                 if not k.endswith(".attention.attention.key.bias") and (abs_pos or not k.endswith("position_embeddings"))}
     if family in DINOV2:  # masked image modelling's token, unused in a forward pass: zeros, as HF initialises it
         state[f"{family}.embeddings.mask_token"] = torch.zeros(1, cfg.emb_size)
     if family == "clip":  # the tower's post_layernorm, which its image classifier never reads: the identity
