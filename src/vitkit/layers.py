@@ -641,7 +641,10 @@ class MultiHeadAttention(nn.Module):
             logit_mask = self.relative_position_bias()[:, :, :n_out].to(queries.dtype)  # (1, h, q, N)
             if mask is not None:
                 logit_mask = logit_mask.masked_fill(~mask, float("-inf"))
-        if self.fused and not return_attention and fused_kernel_pays(queries):
+        # ONNX's exporter decomposes SDPA with a float mask into ops whose strides its later view of the
+        # output cannot take (torch 2.14): with BEiT's bias it exports the math path, the same function
+        onnx_with_bias = logit_mask is not None and logit_mask.is_floating_point() and torch.onnx.is_in_onnx_export()
+        if self.fused and not return_attention and fused_kernel_pays(queries) and not onnx_with_bias:
             out, att = self._fused(queries, keys, values, logit_mask), None
         elif (self.fused and not return_attention and logit_mask is None and not (self.training and self.att_drop.p)
               and lean_ops_pay(keys)):
