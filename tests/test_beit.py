@@ -138,6 +138,29 @@ def test_bf16_autocast_training_step_trains_the_tables():
     assert all(not torch.equal(a, t) for a, t in zip(before, tables))
 
 
+def test_bf16_cpu_training_takes_the_lean_attention_with_the_bias(monkeypatch):
+    """bf16 CPU training runs vitkit's lean attention (its backward written out), the bias included:
+    the tables' gradients are the math path's, to bf16's precision."""
+    from vitkit import layers
+
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)  # the lean ops at this small size too
+    biases = []
+    real = layers.lean_attention
+    monkeypatch.setattr(layers, "lean_attention", lambda *a, bias=None, **kw: biases.append(bias) or real(*a, bias=bias, **kw))
+    model = _bias_model().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    grads = {}
+    for fused in (True, False):  # fused=True: the lean op (in bf16 CPU training); False: the math path
+        model.set_fused_attention(fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(model(x).float(), y).backward()
+        grads[fused] = [b.attn.rel_pos_bias_table.grad.clone() for b in model.encoder.blocks]
+    assert len(biases) == 2 and all(b is not None and b.dtype == torch.bfloat16 for b in biases)
+    for lean, math in zip(grads[True], grads[False]):
+        assert (lean - math).abs().max() <= 0.02 * math.abs().max()
+
+
 def test_exports_without_a_bias_table_refuse_a_beit_model_by_name(tmp_path):
     model = _bias_model()
     for fmt in ("jax", "torchvision"):

@@ -144,8 +144,11 @@ def test_lean_backward_passes_match_numerical_gradients():
     torch.manual_seed(3)
     q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # 4 queries
     k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))  # 7 keys
+    bias = torch.randn(1, 3, 4, 7, dtype=torch.float64, requires_grad=True)  # BEiT's, the same for every image
     for keep in (True, False):
         assert torch.autograd.gradcheck(lambda q, k, v, keep=keep: layers.lean_attention(q, k, v, 0.3, keep), (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, bias, keep=keep: layers.lean_attention(q, k, v, 0.3, keep, bias=bias), (q, k, v, bias))
     h = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -156,11 +159,13 @@ def test_lean_backward_passes_match_numerical_gradients():
     # as the strided views of one qkv tensor that MultiHeadAttention passes
     qkv = torch.randn(2, 7, 3, 3, 5, dtype=torch.float64).permute(2, 0, 3, 1, 4).requires_grad_()  # (3, B, h, N, d)
     for keep in (True, False):
-        torch.library.opcheck(layers._lean_attention, (*qkv.unbind(0), 0.3, keep))
+        for logit_bias in (None, torch.randn(1, 3, 7, 7, dtype=torch.float64)):
+            torch.library.opcheck(layers._lean_attention, (*qkv.unbind(0), logit_bias, 0.3, keep))
     q3, k3, v3 = (torch.randn(6, 7, 5, dtype=torch.float64) for _ in range(3))
     d_out = torch.randn(2, 3, 7, 5, dtype=torch.float64).transpose(1, 2).transpose(1, 2)
     for att in (None, torch.rand(6, 7, 7, dtype=torch.float64).softmax(-1)):
-        torch.library.opcheck(layers._lean_attention_backward, (d_out, q3, k3, v3, att, 0.3))
+        for logit_bias in (None, torch.randn(1, 3, 7, 7, dtype=torch.float64)):
+            torch.library.opcheck(layers._lean_attention_backward, (d_out, q3, k3, v3, att, logit_bias, 0.3))
     torch.library.opcheck(layers._lean_linear, (h, w, b, "gelu"))
     torch.library.opcheck(layers._lean_linear, (h.bfloat16(), w.float(), None, "identity"))  # bf16 x, fp32 weight
     torch.library.opcheck(layers._lean_linear_backward, (torch.randn(2, 3, 4, dtype=torch.float64), h.detach(),
@@ -305,7 +310,8 @@ def test_lean_attention_keeps_probabilities_of_short_sequences_and_leaves_masks_
     calls = []
     real = layers.lean_attention
     monkeypatch.setattr(layers, "lean_attention",
-                        lambda *a, keep_probabilities: calls.append(keep_probabilities) or real(*a, keep_probabilities))
+                        lambda *a, keep_probabilities, bias=None:
+                        calls.append(keep_probabilities) or real(*a, keep_probabilities, bias=bias))
     mha = MultiHeadAttention(32, 4)
     short = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS - 1, 32, requires_grad=True)
     long = torch.randn(2, layers.RECOMPUTE_MIN_TOKENS, 32, requires_grad=True)

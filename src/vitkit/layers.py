@@ -327,24 +327,28 @@ def _scaled_bmm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return torch.baddbmm(a.new_zeros(()).expand(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=scale)
 
 
-def _attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale) over the keys: (B*h, Nq, d), (B*h, N, d) -> (B*h, Nq, N)."""
-    return _scaled_bmm(q, k.transpose(1, 2), scale).softmax(dim=-1)
+def _attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    """softmax(q kᵀ · scale + bias) over the keys: (B*h, Nq, d), (B*h, N, d), (1, h, Nq, N) | None
+    -> (B*h, Nq, N)."""
+    energy = _scaled_bmm(q, k.transpose(1, 2), scale)
+    if bias is not None:  # BEiT's relative positions, the same for every image
+        energy.view(-1, *bias.shape[1:]).add_(bias)  # (B*h, Nq, N) as (B, h, Nq, N)
+    return energy.softmax(dim=-1)
 
 
 @torch.library.custom_op("vitkit::lean_attention", mutates_args=())
-def _lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
+def _lean_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
                     keep_probabilities: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (out (B, h, Nq, d), and for the backward pass: q, k, v as (B*h, N, d), probabilities (B*h, Nq, N))."""
     with torch.autocast(q.device.type, enabled=False):  # in the inputs' dtype, softmax included
         q3, k3, v3 = _heads_as_batch(q), _heads_as_batch(k), _heads_as_batch(v)
-        att = _attention_probs(q3, k3, scale)
+        att = _attention_probs(q3, k3, scale, bias)
         out = torch.bmm(att, v3).view(*q.shape[:-1], v.shape[-1])  # (B*h, Nq, d) -> (B, h, Nq, d)
     return out, q3, k3, v3, att
 
 
 @_lean_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float,
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
       keep_probabilities: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, h, nq, d = q.shape
     n = k.shape[2]
@@ -354,49 +358,56 @@ def _(q: Tensor, k: Tensor, v: Tensor, scale: float,
 
 @torch.library.custom_op("vitkit::lean_attention_backward", mutates_args=())
 def _lean_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor | None,
-                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, h, Nq, d) gradient; (B*h, N, d) q, k, v; probabilities or None (recomputed)
-    -> the gradients of q, k and v, each (B*h, N, d)."""
+                             bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(B, h, Nq, d) gradient; (B*h, N, d) q, k, v; probabilities or None (recomputed); the bias or None
+    -> the gradients of q, k and v, each (B*h, N, d), and of the bias (empty without one)."""
     with torch.autocast(q.device.type, enabled=False):
         d_out = d_out.reshape(q.shape[0], q.shape[1], -1)  # (B, h, Nq, d) -> (B*h, Nq, d)
         if att is None:
-            att = _attention_probs(q, k, scale)  # (B*h, Nq, N), as in the forward pass
+            att = _attention_probs(q, k, scale, bias)  # (B*h, Nq, N), as in the forward pass
         d_v = torch.bmm(att.transpose(1, 2), d_out)  # (B*h, N, d)
         d_att = torch.bmm(d_out, v.transpose(1, 2))  # (B*h, Nq, N)
         d_energy = torch._softmax_backward_data(d_att, att, -1, att.dtype)  # att * (d_att - rowsum(att*d_att))
         d_q = _scaled_bmm(d_energy, k, scale)  # (B*h, Nq, d)
         d_k = _scaled_bmm(d_energy.transpose(1, 2), q, scale)  # (B*h, N, d)
-    return d_q, d_k, d_v
+        # the bias is added to every image's logits: its gradient is their sum (a bf16 sum accumulates in
+        # fp32; asking for an fp32 result would first copy all of d_energy to fp32)
+        d_bias = q.new_empty(0) if bias is None else d_energy.view(-1, *bias.shape[1:]).sum(0, keepdim=True)
+    return d_q, d_k, d_v, d_bias
 
 
 @_lean_attention_backward.register_fake
 def _(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, att: Tensor | None,
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), \
+        (q.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
 def _lean_attention_setup(ctx, inputs, output) -> None:
-    q, k, v, scale, keep_probabilities = inputs
+    q, k, v, bias, scale, keep_probabilities = inputs
     _, q3, k3, v3, att = output
     ctx.mark_non_differentiable(q3, k3, v3, att)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for those four
-    ctx.save_for_backward(q3, k3, v3, att if keep_probabilities else None)
+    ctx.save_for_backward(q3, k3, v3, att if keep_probabilities else None, bias)
     ctx.scale, ctx.head_shapes = scale, (q.shape, k.shape, v.shape)
 
 
 def _lean_attention_grad(ctx, d_out: Tensor | None, *_):
     if d_out is None:  # grads are not materialised: out took no part in the loss
-        return None, None, None, None, None
-    grads = _lean_attention_backward(d_out, *ctx.saved_tensors, ctx.scale)
+        return None, None, None, None, None, None
+    q3, k3, v3, att, bias = ctx.saved_tensors
+    *grads, d_bias = _lean_attention_backward(d_out, q3, k3, v3, att, bias, ctx.scale)
     d_q, d_k, d_v = (g.view(shape) for g, shape in zip(grads, ctx.head_shapes))  # (B*h, N, d) -> (B, h, N, d)
-    return d_q, d_k, d_v, None, None
+    return d_q, d_k, d_v, None if bias is None else d_bias, None, None
 
 
 _lean_attention.register_autograd(_lean_attention_grad, setup_context=_lean_attention_setup)
 
 
-def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabilities: bool) -> Tensor:
-    """softmax(q kᵀ · scale) v, (B, h, Nq, d) -> (B, h, Nq, d), with the backward pass written out.
+def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabilities: bool,
+                   bias: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ · scale + bias) v, (B, h, Nq, d) -> (B, h, Nq, d), with the backward pass written out;
+    ``bias``: (1, h, Nq, N) in q's dtype, added to every image's logits (BEiT's relative positions).
 
     ``keep_probabilities=False`` keeps only q, k and v for the backward pass, as flash attention
     does: the (B, h, Nq, N) probabilities are recomputed there (one more batched matmul, a few
@@ -404,7 +415,7 @@ def lean_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, keep_probabili
     7 MB per block for a batch of 8 in bf16. No mask, no dropout: ``MultiHeadAttention._math``
     covers those.
     """
-    return _lean_attention(q, k, v, float(scale), keep_probabilities)[0]
+    return _lean_attention(q, k, v, bias, float(scale), keep_probabilities)[0]
 
 
 # What a lean Linear applies to its input first: nothing, or GELU (exact or tanh), recomputed in
@@ -613,8 +624,10 @@ class MultiHeadAttention(nn.Module):
     def relative_position_bias(self) -> Tensor:
         """(1, h, N, N): the logit offsets that the table gives each query and key (BEiT)."""
         n = self.rel_pos_index.shape[0]
-        bias = self.rel_pos_bias_table[self.rel_pos_index.view(-1)].view(n, n, -1)  # (N*N,) -> (N, N, h)
-        return bias.permute(2, 0, 1).unsqueeze(0)  # (N, N, h) -> (1, h, N, N)
+        # gathered from the table's transpose, so that each head's (N, N) block comes out contiguous: adding
+        # a permuted (N, N, h) gather to the logits, and scattering its gradient back, took ~5x longer
+        bias = self.rel_pos_bias_table.t().index_select(1, self.rel_pos_index.view(-1))  # (h, entries) -> (h, N*N)
+        return bias.view(1, -1, n, n)  # (h, N*N) -> (1, h, N, N)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
                 num_queries: int | None = None):
@@ -646,10 +659,11 @@ class MultiHeadAttention(nn.Module):
         onnx_with_bias = logit_mask is not None and logit_mask.is_floating_point() and torch.onnx.is_in_onnx_export()
         if self.fused and not return_attention and fused_kernel_pays(queries) and not onnx_with_bias:
             out, att = self._fused(queries, keys, values, logit_mask), None
-        elif (self.fused and not return_attention and logit_mask is None and not (self.training and self.att_drop.p)
-              and lean_ops_pay(keys)):
+        elif (self.fused and not return_attention and mask is None and not (self.training and self.att_drop.p)
+              and lean_ops_pay(keys)):  # logit_mask: BEiT's bias, or None
             recompute = keys.shape[-2] >= RECOMPUTE_MIN_TOKENS
-            out, att = lean_attention(queries, keys, values, self.scale, keep_probabilities=not recompute), None
+            out, att = lean_attention(queries, keys, values, self.scale, keep_probabilities=not recompute,
+                                      bias=logit_mask), None
         else:
             out, att = self._math(queries, keys, values, logit_mask)
         if mask is not None:
