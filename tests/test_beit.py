@@ -138,6 +138,22 @@ def test_bf16_autocast_training_step_trains_the_tables():
     assert all(not torch.equal(a, t) for a, t in zip(before, tables))
 
 
+@pytest.mark.parametrize("fields", [dict(layer_scale=0.1), dict(pool="cls", final_norm="tokens")])
+def test_the_benchmarks_timm_twin_is_timms_beit_with_the_same_logits(fields):
+    """bench.timm_twin (the peer of `vitkit bench` and the GPU checks), LayerScale or none (timm's BEiT
+    architecture has it: an init_values of None was dropped by timm.create_model, and it built one)."""
+    from vitkit.bench import timm_twin
+
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=10, norm_eps=1e-6,
+                    rel_pos_bias=True, **fields)
+    ours = _randomise(ViT(cfg)).eval()
+    theirs = timm_twin(ours).eval()
+    assert type(theirs) is Beit
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_cpu_training_takes_the_lean_attention_with_the_bias(monkeypatch):
     """bf16 CPU training runs vitkit's lean attention (its backward written out), the bias included:
     the tables' gradients are the math path's, to bf16's precision."""

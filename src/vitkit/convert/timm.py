@@ -284,7 +284,10 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
     shared = dict(
         img_size=list(cfg.img_size), patch_size=cfg.patch_size, in_chans=cfg.in_channels,
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, init_values=cfg.layer_scale or None,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        # 0, not None, for no LayerScale: timm.create_model drops None arguments, and the architecture's
+        # own init_values (vit_giant_patch14_dinov2's, beit's) would then build one
+        init_values=float(cfg.layer_scale),
     )
     if cfg.rel_pos_bias:  # Beit's own arguments
         return dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True, use_fc_norm=cfg.final_norm == "pooled")
