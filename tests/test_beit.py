@@ -149,6 +149,10 @@ def test_the_benchmarks_timm_twin_is_timms_beit_with_the_same_logits(fields):
     ours = _randomise(ViT(cfg)).eval()
     theirs = timm_twin(ours).eval()
     assert type(theirs) is Beit
+    # BEiT's own two heads are told by global_pool alone: no use_fc_norm, which timm < 1.0.31 refuses
+    from vitkit.convert.timm import model_args
+
+    assert "use_fc_norm" not in model_args(cfg)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)

@@ -290,7 +290,12 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
         init_values=float(cfg.layer_scale),
     )
     if cfg.rel_pos_bias:  # Beit's own arguments
-        return dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True, use_fc_norm=cfg.final_norm == "pooled")
+        beit = dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True)
+        if (cfg.final_norm == "pooled") != (cfg.pool == "mean"):
+            # only where it differs from what average pooling implies: timm's Beit took use_fc_norm from
+            # 1.0.31 on, and an older one (1.0.29) refuses the argument
+            beit["use_fc_norm"] = cfg.final_norm == "pooled"
+        return beit
     return dict(
         shared, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
