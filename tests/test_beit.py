@@ -158,6 +158,31 @@ def test_the_benchmarks_timm_twin_is_timms_beit_with_the_same_logits(fields):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fine_tuning_groups_are_timms_for_beit():
+    """Weight decay and layer-wise lr scale of every parameter, against timm's own BEiT groups
+    (param_groups_layer_decay with Beit.no_weight_decay: the tables are not decayed)."""
+    from timm.optim import param_groups_layer_decay
+
+    from vitkit.convert.timm import KEYS, _to_beit
+    from vitkit.train import param_groups
+
+    theirs = Beit(**SMALL, init_values=0.1, use_abs_pos_emb=True, use_rel_pos_bias=True)
+    ours = ViT(ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=10, norm_eps=1e-6,
+                         rel_pos_bias=True, layer_scale=0.1))
+    expected = {}
+    names = {id(p): n for n, p in theirs.named_parameters()}
+    for group in param_groups_layer_decay(theirs, 0.05, theirs.no_weight_decay(), layer_decay=0.65):
+        expected.update({names[id(p)]: (group["lr_scale"], group["weight_decay"]) for p in group["params"]})
+    got = {}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    for group in param_groups(ours, 0.05, layer_decay=0.65):
+        for p in group["params"]:
+            foreign = _to_beit({k: torch.zeros(3) for k in KEYS.foreign_names(names[id(p)])[1]}, abs_pos=True)
+            got.update({k: (pytest.approx(group["lr_scale"]), group["weight_decay"]) for k in foreign})
+    assert got == expected
+    assert expected["blocks.1.attn.relative_position_bias_table"][1] == 0.0
+
+
 def test_bf16_cpu_training_takes_the_lean_attention_with_the_bias(monkeypatch):
     """bf16 CPU training runs vitkit's lean attention (its backward written out), the bias included:
     the tables' gradients are the math path's, to bf16's precision."""

@@ -588,7 +588,8 @@ def freeze_blocks(model: nn.Module, blocks: int) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """Decay matrices only: no decay on biases, norms, the class token and positions (timm/DeiT).
+    """Decay matrices only: no decay on biases, norms, the class token, positions and BEiT's relative
+    position tables (timm/DeiT/BEiT).
 
     With ``layer_decay`` < 1 (fine-tuning, BEiT), each layer's groups carry ``lr_scale`` =
     layer_decay ** (depth + 1 - layer): 1 for the head, the smallest for the stem.
@@ -598,7 +599,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "reg_token", "positions")))
+        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "reg_token", "positions",
+                                                     "rel_pos_bias_table")))
         layer = layer_of(name, depth) if layer_decay != 1.0 else 0
         group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0})
         if layer_decay != 1.0:
