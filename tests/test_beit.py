@@ -75,6 +75,10 @@ def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, 
     assert type(back) is Beit
     with torch.no_grad():
         torch.testing.assert_close(back(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+    again = load(out, "timm").eval()  # the hub dir read back by vitkit: heads and pooling from its config
+    assert again.cfg == ours.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours.eval()(x), atol=0, rtol=0)
     if not shared:  # the same tensors under the same names (no pos_embed where BEiT had none)
         expected = {k: v for k, v in theirs.state_dict().items() if not k.endswith("relative_position_index")}
         got = back.state_dict()
