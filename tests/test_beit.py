@@ -46,9 +46,9 @@ def _timm_file(tmp_path, theirs: torch.nn.Module):
 def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, abs_pos, shared, pool):
     theirs = _randomise(Beit(**SMALL, init_values=0.1, use_abs_pos_emb=abs_pos, use_rel_pos_bias=not shared,
                              use_shared_rel_pos_bias=shared, global_pool=pool))
-    with pytest.warns(UserWarning, match="normalisation"):
-        ours = load(_timm_file(tmp_path, theirs), "timm", num_heads=4)
-    assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale and ours.cfg.norm_eps == 1e-6
+    with pytest.warns(UserWarning, match="normalisation"):  # no num_heads: BEiT's tables have a column per head
+        ours = load(_timm_file(tmp_path, theirs), "timm")
+    assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale and ours.cfg.norm_eps == 1e-6 and ours.cfg.num_heads == 4
     assert (ours.cfg.pool, ours.cfg.final_norm) == (("mean", "pooled") if pool == "avg" else ("cls", "tokens"))
     assert bool(ours.patch_embed.positions.any()) == abs_pos  # zeros stand in for BEiT's absent table
     x = torch.randn(3, 3, 32, 32)

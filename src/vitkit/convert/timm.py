@@ -201,6 +201,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             base["num_heads"] = int(args["num_heads"])
         elif foreign.config.get("architecture") in VARIANTS:
             base["num_heads"] = VARIANTS[foreign.config["architecture"]]["num_heads"]
+        elif "blocks.0.attn.relative_position_bias_table" in s:  # BEiT's tables hold a column per head
+            base["num_heads"] = s["blocks.0.attn.relative_position_bias_table"].shape[1]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
     if "pool" not in base and global_pool in ("token", "avg"):
         base["pool"] = {timm: ours for ours, timm in GLOBAL_POOL.items()}[global_pool]
