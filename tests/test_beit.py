@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vitkit import ViT, ViTConfig
+from vitkit.checkpoint import CheckpointError
 from vitkit.convert import export, load
 from vitkit.layers import MultiHeadAttention, relative_position_index
 
@@ -85,6 +86,21 @@ def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, 
         assert sorted(k for k in got if not k.endswith("k_bias")) == sorted(expected)
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, msg=key)
+
+
+@pytest.mark.parametrize("architecture", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+def test_rotary_position_models_are_refused_not_read_without_their_positions(tmp_path, architecture):
+    """timm's Eva (EVA-02, DINOv3) shares BEiT's names but rotates q and k by position: read as a plain
+    ViT or a BEiT it would run without its positions, so it is refused, bare file or hub dir."""
+    import json
+
+    peer = timm.create_model(architecture, pretrained=False, depth=1)
+    save_file(dict(peer.state_dict()), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="rotary positions"):
+        load(tmp_path / "model.safetensors", "timm", num_heads=3)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0}))
+    with pytest.raises(CheckpointError, match="rotary positions"):
+        load(tmp_path, "timm")
 
 
 def _bias_model(**fields) -> ViT:

@@ -63,9 +63,9 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
-# (dist_token, pre_norm, SwiGLU) -> a timm architecture of the right class, LayerNorm eps and MLP layer
-# (SwiGLUPacked), whose every size model_args then override, and that eps (a functools.partial in the
-# architecture, not a model_arg)
+# (dist_token, pre_norm, SwiGLU, rel_pos_bias) -> a timm architecture of the right class (Beit for BEiT),
+# LayerNorm eps and MLP layer (SwiGLUPacked), whose every size model_args then override, and that eps (a
+# functools.partial in the architecture, not a model_arg)
 TIMM_ARCHITECTURE = {(False, False, False, False): ("vit_base_patch16_224", 1e-6),
                      (True, False, False, False): ("deit_base_distilled_patch16_224", 1e-6),
                      (False, True, False, False): ("vit_base_patch16_clip_224", 1e-5),
@@ -84,6 +84,8 @@ def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool]:
 BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relative_position_bias_table",
                 "rel_pos_bias.relative_position_bias_table")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
+# timm architectures with rotary positions (its Eva class), refused by name
+ROTARY_ARCHITECTURES = ("eva02", "dinov3", "_rope_")
 
 
 def is_beit(state: dict) -> bool:
@@ -92,6 +94,12 @@ def is_beit(state: dict) -> bool:
 
 def _from_beit(state: dict, src: str) -> dict:
     """A Beit state dict under VisionTransformer's names (plus each block's relative position table)."""
+    if "blocks.0.attn.relative_position_bias_table" not in state and SHARED_TABLE not in state:
+        # timm's Eva class (EVA-02, DINOv3) shares BEiT's names, and rotates q and k instead: read as
+        # a plain ViT, it would run without its positions
+        raise CheckpointError(f"{src}: BEiT's names (gamma_1, q_bias) without its relative position tables: "
+                              "a model with rotary positions (timm's Eva: EVA-02, DINOv3), which vitkit does "
+                              "not read")
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
@@ -109,9 +117,7 @@ def _from_beit(state: dict, src: str) -> dict:
         for i in range(count_blocks(state, r"blocks\.(\d+)\.")):
             out[f"blocks.{i}.attn.relative_position_bias_table"] = state[SHARED_TABLE].clone()
     if "pos_embed" not in out:  # use_abs_pos_emb=False: positions all relative; a table of zeros adds nothing
-        table = out.get("blocks.0.attn.relative_position_bias_table")
-        if table is None:
-            raise CheckpointError(f"{src}: a BEiT state dict with neither absolute nor relative positions")
+        table = out["blocks.0.attn.relative_position_bias_table"]
         side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
         width = require(state, "patch_embed.proj.weight", src, "timm").shape[0]
         out["pos_embed"] = torch.zeros(1, 1 + side * side, width)
@@ -153,6 +159,9 @@ def read(path: Path) -> Foreign:
         loaded = read_json(cfg_file)
         if isinstance(loaded, dict) and "architecture" in loaded:  # timm's hub config, not someone else's
             config = loaded
+    if any(name in str(config.get("architecture", "")) for name in ROTARY_ARCHITECTURES):
+        raise CheckpointError(f"{path}: a timm {config['architecture']}, whose attention rotates q and k by each "
+                              "patch's position (rotary positions, timm's Eva class), which vitkit does not read")
     state = load_state_dict_file(path)
     if is_beit(state):
         state = _from_beit(state, str(path))
