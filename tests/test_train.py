@@ -271,6 +271,17 @@ def test_predict_and_eval_cli_on_a_trained_run(tmp_path, capsys):
     assert abs(100 * confusion.diagonal().sum().item() / 360 - r["top1"]) < 1e-9
     assert r["top1"] <= r["top5"] <= 100
     assert Path(r["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+    # eval in the run's precision gives the figures its log gave for best/ (fp32 here; bf16 below)
+    logged = list(csv.DictReader((run / "metrics.csv").open()))[-1]
+    assert r["top1"] == pytest.approx(float(logged["top1"]), abs=1e-3)
+    assert r["loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-5)
+    bf16_run = tmp_path / "bf16"
+    assert main(["train", *flags(tiny(bf16_run, epochs=1, precision="bf16"))]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(bf16_run), "--json", "--precision", "bf16"]) == 0
+    rb, logged = json.loads(capsys.readouterr().out), list(csv.DictReader((bf16_run / "metrics.csv").open()))[-1]
+    assert rb["top1"] == pytest.approx(float(logged["top1"]), abs=1e-3)
+    assert rb["loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-5)
 
     # int8: every Linear quantised (a different computation: the loss moves), accuracy barely
     assert main(["eval", str(run), "--json", "--precision", "int8", "--confusion", str(tmp_path / "c8.png")]) == 0
