@@ -329,9 +329,14 @@ def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
         cls_token = state.get(f"{prefix}.embeddings.cls_token")
         if cls_token is None:
             raise CheckpointError(f"{src}: a BEiT file without {prefix}.embeddings.cls_token")
-        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
-        h, w = (size, size) if isinstance(size, int) else size
-        state[positions] = cls_token.new_zeros(1, 1 + (h // patch) * (w // patch), cls_token.shape[-1])
+        try:
+            size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
+            h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+            patches = (h // patch) * (w // patch)
+        except (TypeError, ValueError, IndexError, ZeroDivisionError):
+            raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
+                                  f"{config.get('patch_size')!r} do not give a patch grid") from None
+        state[positions] = cls_token.new_zeros(1, 1 + patches, cls_token.shape[-1])
     return state
 
 
