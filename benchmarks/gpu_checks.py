@@ -10,7 +10,7 @@ Run by ``benchmarks/gpu.sh`` on a lent GPU machine. It prints:
 3. Whether an EMA update makes the host wait for the device: vitkit's ``ModelEma`` (none) and torch's
    ``AveragedModel`` (one or more), run under ``torch.cuda.set_sync_debug_mode("error")``.
 4. Every architecture feature on the device: a small model of each (registers, LayerScale, CLIP, SigLIP,
-   SwiGLU, DeiT, conv stem, dynamic size, BEiT, cls+mean), all weights random, against timm holding the same
+   SwiGLU, DeiT, conv stem, dynamic size, BEiT, DINOv3, cls+mean), all weights random, against timm holding the same
    weights in fp32 (logits and input gradients), then a forward and backward in bf16 and fp16 autocast.
 5. The ten most expensive device kernels of one bf16-autocast training step (ViT-B/16 by default), vitkit and timm
    side by side, so a gap in the bench can be traced to a kernel.
@@ -96,6 +96,8 @@ FEATURES = {
     "dynamic image size (input 48x40)": dict(pool="cls", final_norm="tokens", dynamic_img_size=True),
     "BEiT (relative position bias, LayerScale)": dict(rel_pos_bias=True, layer_scale=0.1),
     "BEiT, class-token head": dict(rel_pos_bias=True, pool="cls", final_norm="tokens"),
+    "DINOv3 (rotary positions, registers, any image size)": dict(rope="dinov3", reg_tokens=4, layer_scale=1e-5,
+                                                                 dynamic_img_size=True),
     "cls+mean (no timm twin)": dict(pool="cls_mean", final_norm="tokens"),
 }
 

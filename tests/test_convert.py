@@ -748,7 +748,8 @@ def test_jax_big_vision_layout(tmp_path, kw, scanned, keep_class_position):
 
 BEYOND_PLAIN = [("dist_token", True, "DeiT's distillation token"), ("reg_tokens", 2, "register tokens"),
                 ("layer_scale", 0.1, "LayerScale"), ("pre_norm", True, "CLIP's pre-norm"),
-                ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'")]
+                ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'"),
+                ("rel_pos_bias", True, "BEiT's relative position bias"), ("rope", "dinov3", "rope='dinov3'")]
 
 
 @pytest.mark.parametrize("field, value, named", BEYOND_PLAIN, ids=[f"{f}={v}" for f, v, _ in BEYOND_PLAIN])
@@ -760,8 +761,9 @@ def test_export_refuses_what_the_format_cannot_hold_by_name(tmp_path, field, val
     cfg = ViTConfig(img_size=32, patch_size=8, emb_size=32, depth=1, num_heads=2, num_classes=3, pool="cls",
                     final_norm="tokens", **{field: value})
     model = create_model(cfg)
+    holders = " or ".join(("vitkit", *vc.BEYOND_PLAIN_VIT[field][1]))
     with pytest.raises(ValueError, match=rf"target format {fmt}: this model has .*{re.escape(named)}.*"
-                                         r"save it in vitkit or timm or hf format instead"):
+                                         rf"save it in {holders} format instead"):
         vc.export(model, tmp_path / ("w.npz" if fmt == "jax" else "w.pth"), fmt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm's LayerNorm eps for the architecture: not this test's concern

@@ -22,6 +22,9 @@ PUBLISHED_PARAMS = {
     # position table (197 x 768 / 1024) and each block's k bias (12 x 768, 24 x 1024)
     "beit_base_patch16_224": 86_530_984 + 197 * 768 + 12 * 768,
     "beitv2_large_patch16_224": 304_430_568 + 197 * 1024 + 24 * 1024,
+    # DINOv3: timm's, plus the zero position table (class token, 4 registers, 196 patches) and the zero k biases
+    "vit_small_patch16_dinov3": 21_586_944 + 201 * 384,
+    "vit_base_patch16_dinov3_qkvb": 85_659_648 + 201 * 768 + 12 * 768,
 }
 
 

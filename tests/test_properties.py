@@ -57,6 +57,7 @@ def valid_configs(draw) -> ViTConfig:
     dynamic_img_size = draw(st.booleans())
     # BEiT's table: one class token, one grid
     rel_pos_bias = class_token and not dist_token and not dynamic_img_size and draw(st.booleans())
+    rope = "dinov3" if not rel_pos_bias and (width // heads) % 4 == 0 and draw(st.booleans()) else "none"
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -70,6 +71,7 @@ def valid_configs(draw) -> ViTConfig:
         class_token=class_token,
         dist_token=dist_token,
         rel_pos_bias=rel_pos_bias,
+        rope=rope,
         pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
@@ -171,7 +173,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     kind = draw(st.sampled_from([
         "int_type", "int_nonpositive", "heads", "patch_too_big", "not_divisible", "dropout", "pool",
         "final_norm", "cls_without_token", "dist_without_cls", "bool_type", "img_size_type", "mlp_ratio", "norm_eps",
-        "num_classes", "cls_mean_pooled", "swiglu_odd", "rel_pos_tokens", "rel_pos_dynamic",
+        "num_classes", "cls_mean_pooled", "swiglu_odd", "rel_pos_tokens", "rel_pos_dynamic", "rope",
     ]))
     int_fields = ["patch_size", "in_channels", "emb_size", "depth", "num_heads"]
     if kind == "int_type":
@@ -208,6 +210,14 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
     if kind == "rel_pos_tokens":  # BEiT's table has entries for one class token and the patches, no others
         extra = draw(st.sampled_from([dict(class_token=False), dict(reg_tokens=2), dict(dist_token=True, pool="cls")]))
         return "rel_pos_bias", {"rel_pos_bias": True, **extra}, next(iter(extra))
+    if kind == "rope":  # a kind vitkit lacks, a head width (32 / heads) not a multiple of 4, or with BEiT's bias
+        case = draw(st.sampled_from(["kind", "width", "bias"]))
+        if case == "kind":
+            return "rope", {"rope": draw(st.one_of(st.text(max_size=6).filter(lambda r: r not in ("none", "dinov3")),
+                                                   st.none(), st.booleans()))}, ""
+        if case == "width":
+            return "rope", {"rope": "dinov3", "num_heads": draw(st.sampled_from([16, 32]))}, "multiple of 4"
+        return "rope", {"rope": "dinov3", "rel_pos_bias": True}, "relative position bias"
     if kind == "rel_pos_dynamic":  # the table is laid out for one grid
         return "rel_pos_bias", {"rel_pos_bias": True, "dynamic_img_size": True}, "dynamic_img_size"
     if kind == "cls_mean_pooled":  # two features side by side: no one place for a norm after pooling

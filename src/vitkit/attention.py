@@ -106,10 +106,10 @@ def attention_rollout(model, x: Tensor, head: str | int = "mean", residual: floa
     """
     if not 0.0 <= residual < 1.0:
         raise ValueError(f"residual: expected a weight in [0, 1), got {residual!r}")
-    tokens = model.patch_embed(x)  # (B, N, E)
+    tokens, rope = model.patch_embed(x), model.rope_embedding(x)  # (B, N, E), rotary positions or None
     joint = None
     for block in model.encoder.blocks:
-        tokens, att = block(tokens, return_attention=True)  # att: (B, h, N, N)
+        tokens, att = block(tokens, return_attention=True, rope=rope)  # att: (B, h, N, N)
         joint = rollout_step(joint, att, head, residual)
     return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 

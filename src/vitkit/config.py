@@ -17,6 +17,7 @@ POOLS = ("cls", "mean", "map", "cls_mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
 MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
+ROPES = ("none", "dinov3")
 
 
 def pooled_width(pool: str, emb_size: int) -> int:
@@ -84,6 +85,11 @@ class ViTConfig:
     # ((2h-1)(2w-1) offsets, and three entries for class-to-patch, patch-to-class and class-to-class).
     # BEiT has no absolute positions: a model read from it holds a `positions` table of zeros.
     rel_pos_bias: bool = False
+    # Rotary positions: "dinov3" (Siméoni et al. 2025) rotates each patch's q and k by angles of its
+    # centred, [-1, 1]-normalised (row, column), half the head width each, periods 100^(2i/(d/2)); the
+    # prefix tokens are not rotated, and any image size has its own grid. A model read from DINOv3
+    # holds a `positions` table of zeros. "none": positions come from `positions` alone.
+    rope: str = "none"
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
     # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map");
     # "cls_mean": the class token's output and the patch tokens' mean side by side, 2 x emb_size
@@ -202,6 +208,14 @@ class ViTConfig:
             raise ValueError("ViTConfig.rel_pos_bias: BEiT's table has entries for one class token and the patches; "
                              f"got class_token={self.class_token}, dist_token={self.dist_token}, "
                              f"reg_tokens={self.reg_tokens}")
+        if self.rope not in ROPES:
+            raise ValueError(f"ViTConfig.rope: expected one of {ROPES}, got {self.rope!r}")
+        if self.rope != "none" and (self.emb_size // self.num_heads) % 4:
+            raise ValueError(f"ViTConfig.rope: rotary positions split each head's width in four (two axes, sine "
+                             f"and cosine); head width {self.emb_size // self.num_heads} is not a multiple of 4")
+        if self.rope != "none" and self.rel_pos_bias:
+            raise ValueError("ViTConfig.rope: rotary positions and BEiT's relative position bias together are not "
+                             "supported (no published model has both)")
         if self.rel_pos_bias and self.dynamic_img_size:
             raise ValueError("ViTConfig.rel_pos_bias: the relative position table is laid out for one grid; "
                              "dynamic_img_size=True is not supported with it")
@@ -311,6 +325,16 @@ def _table() -> dict[str, dict]:
                                                        layer_scale=0.1)
         table[f"beitv2_{size}_patch16_224"] = dict(**SIZES[size], **beit, patch_size=16, img_size=224,
                                                    layer_scale=1e-5)
+    # DINOv3 (Siméoni et al. 2025; timm's vit_*_patch16_dinov3, its Eva class): rotary positions, no
+    # absolute ones (a table of zeros here), 4 registers, LayerScale, LayerNorm eps 1e-5, no qkv bias
+    # (the _qkvb weights have one, zero), any image size; timm pools the patch tokens' mean (the
+    # reference code, the class token: --head-pool cls); self-supervised: no classifier
+    for size in ("small", "base", "large"):
+        table[f"vit_{size}_patch16_dinov3"] = dict(
+            **SIZES[size], patch_size=16, img_size=224, dynamic_img_size=True, rope="dinov3", reg_tokens=4,
+            layer_scale=1e-5, norm_eps=1e-5, qkv_bias=False, class_token=True, pool="mean", final_norm="tokens",
+            num_classes=0)
+        table[f"vit_{size}_patch16_dinov3_qkvb"] = dict(table[f"vit_{size}_patch16_dinov3"], qkv_bias=True)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -258,6 +258,42 @@ def resample_rel_pos_table(table: Tensor, new_grid: tuple[int, int], old_grid: t
     return torch.cat([offsets[0].permute(1, 2, 0).reshape(-1, heads), table[-3:]])  # -> (new entries, heads)
 
 
+# DINOv3's rotary positions: the periods' base (its RopePositionEmbedding's default, every published model's)
+ROPE_TEMPERATURE = 100.0
+
+
+def rope_dinov3(grid: tuple[int, int], head_dim: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """(sin, cos), each (h*w, head_dim) fp32: DINOv3's rotation of the patches of an h x w grid, row by row.
+
+    Each patch's coordinates are the centres of its row and column, normalised to [-1, 1] per axis;
+    the angles are 2π·coordinate/period over head_dim/4 periods per axis, rows first, laid out twice
+    (the rotate-half layout). As timm's RotaryEmbeddingDinoV3 and the reference code compute them."""
+    h, w = grid
+    # (k + 0.5) / n, written so the length is n itself: torch.export cannot size arange(0.5, n) by a symbolic n
+    centres = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in (h, w)]
+    coords = 2.0 * torch.stack(torch.meshgrid(*centres, indexing="ij"), dim=-1).flatten(0, 1) - 1.0  # (h*w, 2)
+    quarter = head_dim // 4
+    periods = ROPE_TEMPERATURE ** (2.0 * torch.arange(quarter, device=device, dtype=torch.float32) / (head_dim // 2))
+    angles = (2 * math.pi * coords[:, :, None] / periods).flatten(1)  # (h*w, 2, d/4) -> (h*w, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # -> (h*w, d)
+    return angles.sin(), angles.cos()
+
+
+def _rotate_patches(x: Tensor, rope: tuple[Tensor, Tensor], num_tokens: int) -> Tensor:
+    """x (B, h, n, d), the first n of num_tokens tokens, rotated where they are patches (the last
+    len(sin) of the num_tokens): x·cos + rotate_half(x)·sin, computed in fp32 and returned in x's dtype."""
+    sin, cos = rope
+    first = num_tokens - sin.shape[0]  # the prefix tokens, not rotated
+    if x.shape[2] <= first:
+        return x
+    patches = x[:, :, first:]
+    half = patches.shape[-1] // 2
+    rotated = torch.cat([-patches[..., half:], patches[..., :half]], dim=-1)  # rotate_half
+    n = patches.shape[2]
+    patches = (patches * cos[:n] + rotated * sin[:n]).to(x.dtype)
+    return torch.cat([x[:, :, :first], patches], dim=2)
+
+
 # From this many tokens on, lean_training recomputes the attention probabilities in the backward
 # pass instead of keeping them (they grow with the square of the tokens). Measured with
 # benchmarks/lean_ops.py (one process, 2-core EPYC, bf16 autocast): at ViT-B/16 (197 tokens, batch 8)
@@ -553,9 +589,17 @@ def _inference_linear_applies(layer: nn.Module, x: Tensor) -> bool:
                                              or (bias is not None and bias.requires_grad)))
 
 
-def _linear(layer: nn.Module, x: Tensor) -> Tensor:
+def _linear(layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
     """``layer(x)``: lean where ``lean_linear_applies``, through oneDNN's linear primitive in eager
-    CPU inference where that pays, else the layer itself."""
+    CPU inference where that pays, else the layer itself. ``bias``: used in place of a plain Linear's
+    own (a masked copy of it)."""
+    if bias is not None and isinstance(getattr(layer, "weight", None), Tensor):
+        if x.requires_grad and torch.is_grad_enabled():
+            if lean_linear_applies(layer, x):
+                return lean_linear(x, layer.weight, bias)
+        elif _inference_linear_applies(layer, x):
+            return _cpu_linear(x, layer.weight, bias)
+        return F.linear(x, layer.weight, bias)
     if x.requires_grad and torch.is_grad_enabled():  # autograd records: never oneDNN's primitive
         if lean_linear_applies(layer, x):
             return lean_linear(x, layer.weight, layer.bias)
@@ -597,6 +641,7 @@ class MultiHeadAttention(nn.Module):
         proj_drop: float = 0.0,
         fused: bool = True,
         rel_pos_grid: tuple[int, int] | None = None,
+        mask_k_bias: bool = False,
     ):
         super().__init__()
         if emb_size % num_heads:
@@ -620,6 +665,18 @@ class MultiHeadAttention(nn.Module):
             entries = (2 * rel_pos_grid[0] - 1) * (2 * rel_pos_grid[1] - 1) + 3
             self.rel_pos_bias_table = nn.Parameter(torch.zeros(entries, num_heads))
             self.register_buffer("rel_pos_index", relative_position_index(rel_pos_grid), persistent=False)
+        # Rotary positions rotate each key with its bias, so a k bias no longer shifts a query's logits alike:
+        # DINOv3 masks it out (its LinearKMaskedBias; timm's Eva has none), and so does vitkit: its gradient
+        # is then exactly zero, the bias stays as loaded (zero), and exports drop nothing.
+        self.mask_k_bias = mask_k_bias and qkv_bias
+
+    def _qkv_bias(self) -> Tensor | None:
+        """The qkv bias the projection adds: with ``mask_k_bias``, its k third zero (else None: the layer's own)."""
+        bias = getattr(self.qkv, "bias", None)
+        if not self.mask_k_bias or not isinstance(bias, Tensor):
+            return None
+        e = self.emb_size
+        return torch.cat([bias[:e], bias.new_zeros(e), bias[2 * e:]])  # (3E,): q | 0 | v
 
     def relative_position_bias(self) -> Tensor:
         """(1, h, N, N): the logit offsets that the table gives each query and key (BEiT)."""
@@ -636,9 +693,10 @@ class MultiHeadAttention(nn.Module):
         return bias.view(1, -1, n, n)  # (h, N*N) -> (1, h, N, N)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
-                num_queries: int | None = None):
+                num_queries: int | None = None, rope: tuple[Tensor, Tensor] | None = None):
         """(B, N, E) -> (B, N, E). ``num_queries=q``: only the first q tokens ask (their outputs,
-        (B, q, E), are all that is computed), still attending to all N tokens; no mask then."""
+        (B, q, E), are all that is computed), still attending to all N tokens; no mask then.
+        ``rope``: (sin, cos) of the patches (``rope_dinov3``), which rotate their queries and keys."""
         b, n, _ = x.shape
         if num_queries is not None:
             if mask is not None:
@@ -648,6 +706,8 @@ class MultiHeadAttention(nn.Module):
         else:
             queries, keys, values = self._project_qkv(x)
             n_out = n
+        if rope is not None:
+            queries, keys = _rotate_patches(queries, rope, n), _rotate_patches(keys, rope, n)
         if mask is not None:
             mask = expand_mask(mask, b, n)
             # A query that may attend to nothing gets a zero output, not NaN, on both paths:
@@ -683,7 +743,7 @@ class MultiHeadAttention(nn.Module):
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, E) -> q, k, v, each (B, h, N, d)."""
         b, n, _ = x.shape
-        qkv = _linear(self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3E) -> (B, N, 3, h, d)
+        qkv = _linear(self.qkv, x, self._qkv_bias()).reshape(b, n, 3, self.num_heads, self.head_dim)  # -> (B, N, 3, h, d)
         return _heads_first(qkv)
 
     def _split_qkv(self, x: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -697,6 +757,8 @@ class MultiHeadAttention(nn.Module):
         # split, not two slices: its gradient is one concatenation, where each slice's would be
         # zeros the size of the whole weight, then added together
         w_q, w_kv = weight.split([e, 2 * e])
+        if self.mask_k_bias and bias is not None:
+            bias = self._qkv_bias()
         b_q, b_kv = (None, None) if bias is None else bias.split([e, 2 * e])
         q = F.linear(x[:, :num_queries], w_q, b_q)
         kv = F.linear(x, w_kv, b_kv)
@@ -894,11 +956,12 @@ class TransformerEncoderBlock(nn.Module):
         layer_scale: float = 0.0,
         mlp_act: str = "gelu",
         rel_pos_grid: tuple[int, int] | None = None,
+        mask_k_bias: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p,
-                                       rel_pos_grid=rel_pos_grid)
+                                       rel_pos_grid=rel_pos_grid, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act)
@@ -906,16 +969,17 @@ class TransformerEncoderBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False,
-                num_queries: int | None = None):
+                num_queries: int | None = None, rope: tuple[Tensor, Tensor] | None = None):
         """``num_queries=q``: compute only the first q tokens' outputs, (B, N, E) -> (B, q, E);
-        what a class-token head needs from the last block (``ViT.forward``)."""
+        what a class-token head needs from the last block (``ViT.forward``). ``rope``: the rotary
+        positions of the patches, if the model has them (``ViT.rope_embedding``)."""
         if return_attention:
-            y, att = self.attn(self.norm1(x), mask=mask, return_attention=True)
+            y, att = self.attn(self.norm1(x), mask=mask, return_attention=True, rope=rope)
         elif num_queries is not None:
-            y, att = self.attn(self.norm1(x), num_queries=num_queries), None
+            y, att = self.attn(self.norm1(x), num_queries=num_queries, rope=rope), None
             x = x[:, :num_queries]  # (B, N, E) -> (B, q, E)
         else:
-            y, att = self.attn(self.norm1(x), mask=mask), None
+            y, att = self.attn(self.norm1(x), mask=mask, rope=rope), None
         x = x + _dropout(self.drop_path, y if self.ls1 is None else self.ls1(y))
         del y  # in inference, the attention output would otherwise stay alive through the MLP's peak
         y = self.mlp(self.norm2(x))
@@ -953,5 +1017,6 @@ __all__ = [
     "resample_positions",
     "resample_rel_pos_table",
     "relative_position_index",
+    "rope_dinov3",
     "expand_mask",
 ]

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ViTConfig, get_config, pooled_width
-from .layers import AttentionPool, PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights
+from .layers import AttentionPool, PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights, rope_dinov3
 
 
 class TransformerEncoder(nn.Module):
@@ -24,23 +24,24 @@ class TransformerEncoder(nn.Module):
                 cfg.emb_size, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
                 layer_scale=cfg.layer_scale, mlp_act=cfg.mlp_act,
-                rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None,
+                rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None, mask_k_bias=cfg.rope != "none",
             )
             for rate in rates
         )
         self.norm = nn.LayerNorm(cfg.emb_size, eps=cfg.norm_eps) if cfg.final_norm == "tokens" else nn.Identity()
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, last_queries: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, last_queries: int | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(B, N, E) -> (B, N, E); with ``last_queries=q`` the last block computes only the first
-        q tokens, (B, N, E) -> (B, q, E)."""
+        q tokens, (B, N, E) -> (B, q, E). ``rope``: the patches' rotary positions, if any."""
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             queries = last_queries if i == last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, False, queries, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, False, queries, rope, use_reentrant=False)
             else:
-                x = block(x, mask=mask, num_queries=queries)
+                x = block(x, mask=mask, num_queries=queries, rope=rope)
         return self.norm(x)
 
 
@@ -120,9 +121,17 @@ class ViT(nn.Module):
         return self.cfg.num_classes
 
     # --- the forward pass, split as timm splits it ---------------------------------------
+    def rope_embedding(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The rotary positions (sin, cos) of the patches of images shaped like ``x``, or None
+        (``cfg.rope="none"``): computed for each input's own grid, so any image size has its own."""
+        if self.cfg.rope == "none":
+            return None
+        grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        return rope_dinov3(grid, self.cfg.emb_size // self.cfg.num_heads, device=x.device)
+
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, C, H, W) -> (B, N, E): all tokens after the encoder (and its final norm)."""
-        return self.encoder(self.patch_embed(x), mask=mask)
+        return self.encoder(self.patch_embed(x), mask=mask, rope=self.rope_embedding(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, N, E) -> (B, num_classes), or the pooled (B, E) features with ``pre_logits=True``."""
@@ -134,7 +143,7 @@ class ViT(nn.Module):
         ViT-B/16's work saved, logits unchanged. ``forward_features`` gives every token."""
         if self.head.pool == "cls" and mask is None:
             read = 1 + int(self.cfg.dist_token)  # registers, after these, are read by no head
-            tokens = self.encoder(self.patch_embed(x), last_queries=read)  # (B, 1 or 2, E)
+            tokens = self.encoder(self.patch_embed(x), last_queries=read, rope=self.rope_embedding(x))  # (B, 1|2, E)
             return self.forward_head(tokens)  # -> (B, classes)
         return self.forward_head(self.forward_features(x, mask=mask))
 
@@ -168,12 +177,12 @@ class ViT(nn.Module):
             raise ValueError(f"output_fmt: expected 'NLC' or 'NCHW', got {output_fmt!r}")
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
         out: dict[str, Tensor] = {}
-        tokens = self.patch_embed(x)
+        tokens, rope = self.patch_embed(x), self.rope_embedding(x)
         for i, block in enumerate(self.encoder.blocks):
             if i in chosen and return_attention:
-                tokens, out[f"attn{i}"] = block(tokens, mask=mask, return_attention=True)
+                tokens, out[f"attn{i}"] = block(tokens, mask=mask, return_attention=True, rope=rope)
             else:
-                tokens = block(tokens, mask=mask)
+                tokens = block(tokens, mask=mask, rope=rope)
             if i in chosen:
                 tap = self.encoder.norm(tokens) if norm else tokens
                 if output_fmt == "NCHW":

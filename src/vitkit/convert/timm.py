@@ -63,18 +63,20 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
                          "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
-# (dist_token, pre_norm, SwiGLU, rel_pos_bias) -> a timm architecture of the right class (Beit for BEiT),
+# (dist_token, pre_norm, SwiGLU, rel_pos_bias, rope) -> a timm architecture of the right class (Beit for
+# BEiT, Eva for DINOv3),
 # LayerNorm eps and MLP layer (SwiGLUPacked), whose every size model_args then override, and that eps (a
 # functools.partial in the architecture, not a model_arg)
-TIMM_ARCHITECTURE = {(False, False, False, False): ("vit_base_patch16_224", 1e-6),
-                     (True, False, False, False): ("deit_base_distilled_patch16_224", 1e-6),
-                     (False, True, False, False): ("vit_base_patch16_clip_224", 1e-5),
-                     (False, False, True, False): ("vit_giant_patch14_dinov2", 1e-6),
-                     (False, False, False, True): ("beit_base_patch16_224", 1e-6)}  # timm's Beit class
+TIMM_ARCHITECTURE = {(False, False, False, False, False): ("vit_base_patch16_224", 1e-6),
+                     (True, False, False, False, False): ("deit_base_distilled_patch16_224", 1e-6),
+                     (False, True, False, False, False): ("vit_base_patch16_clip_224", 1e-5),
+                     (False, False, True, False, False): ("vit_giant_patch14_dinov2", 1e-6),
+                     (False, False, False, True, False): ("beit_base_patch16_224", 1e-6),  # timm's Beit class
+                     (False, False, False, False, True): ("vit_base_patch16_dinov3", 1e-5)}  # timm's Eva class
 
 
-def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool]:
-    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu", cfg.rel_pos_bias
+def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool, bool]:
+    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu", cfg.rel_pos_bias, cfg.rope != "none"
 
 
 # --- BEiT ---------------------------------------------------------------------------------------
@@ -85,21 +87,26 @@ BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relat
                 "rel_pos_bias.relative_position_bias_table")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
 # timm architectures with rotary positions (its Eva class), refused by name
-ROTARY_ARCHITECTURES = ("eva02", "dinov3", "_rope_")
+ROTARY_ARCHITECTURES = ("eva02", "_rope_")  # (DINOv3's are read: vitkit's rope="dinov3")
 
 
 def is_beit(state: dict) -> bool:
     return any(k in state for k in BEIT_MARKERS)
 
 
-def _from_beit(state: dict, src: str) -> dict:
-    """A Beit state dict under VisionTransformer's names (plus each block's relative position table)."""
+def _from_beit(state: dict, src: str, config: dict) -> tuple[dict, str]:
+    """A Beit state dict (or a DINOv3 one: timm's Eva class, under the same names) under
+    VisionTransformer's names, plus each block's relative position table -> (that state, ViTConfig.rope)."""
+    rope = "none"
     if "blocks.0.attn.relative_position_bias_table" not in state and SHARED_TABLE not in state:
-        # timm's Eva class (EVA-02, DINOv3) shares BEiT's names, and rotates q and k instead: read as
-        # a plain ViT, it would run without its positions
-        raise CheckpointError(f"{src}: BEiT's names (gamma_1, q_bias) without its relative position tables: "
-                              "a model with rotary positions (timm's Eva: EVA-02, DINOv3), which vitkit does "
-                              "not read")
+        # timm's Eva class shares BEiT's names and rotates q and k: DINOv3 (registers, no absolute
+        # positions) is read with its rotary positions; another (EVA-02, with absolute positions beside
+        # them) would run without them, so it is refused
+        if "pos_embed" in state or "reg_token" not in state:
+            raise CheckpointError(f"{src}: BEiT's names (gamma_1, q_bias) without its relative position tables, "
+                                  "and not DINOv3's layout (registers, no absolute positions): a model with rotary "
+                                  "positions (timm's Eva: EVA-02), which vitkit does not read")
+        rope = "dinov3"
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
@@ -116,12 +123,18 @@ def _from_beit(state: dict, src: str) -> dict:
         # What BEiT's own fine-tuning does with a pretrained shared table: every block starts from a copy.
         for i in range(count_blocks(state, r"blocks\.(\d+)\.")):
             out[f"blocks.{i}.attn.relative_position_bias_table"] = state[SHARED_TABLE].clone()
-    if "pos_embed" not in out:  # use_abs_pos_emb=False: positions all relative; a table of zeros adds nothing
-        table = out["blocks.0.attn.relative_position_bias_table"]
-        side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
-        width = require(state, "patch_embed.proj.weight", src, "timm").shape[0]
-        out["pos_embed"] = torch.zeros(1, 1 + side * side, width)
-    return out
+    if "pos_embed" not in out:  # use_abs_pos_emb=False: positions relative or rotary; a table of zeros adds nothing
+        proj = require(state, "patch_embed.proj.weight", src, "timm")
+        if rope == "none":
+            table = out["blocks.0.attn.relative_position_bias_table"]
+            side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
+            patches = side * side
+        else:  # rotary positions fit any grid: the one the file's config names, else timm's default 224
+            img = config.get("model_args", {}).get("img_size", 224)
+            h, w = (img, img) if isinstance(img, int) else img
+            patches = (h // proj.shape[-2]) * (w // proj.shape[-1])
+        out["pos_embed"] = torch.zeros(1, _prefix_tokens(state) + patches, proj.shape[0])
+    return out, rope
 
 
 def _to_beit(state: dict, abs_pos: bool) -> dict:
@@ -142,7 +155,8 @@ def _to_beit(state: dict, abs_pos: bool) -> dict:
 def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT)."""
     state = KEYS.from_vitkit(state, cfg)
-    return _to_beit(state, abs_pos=bool(state["pos_embed"].any())) if cfg.rel_pos_bias else state
+    # BEiT's names, which timm's Eva (DINOv3) shares
+    return _to_beit(state, abs_pos=bool(state["pos_embed"].any())) if cfg.rel_pos_bias or cfg.rope != "none" else state
 
 
 def read(path: Path) -> Foreign:
@@ -163,9 +177,10 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{path}: a timm {config['architecture']}, whose attention rotates q and k by each "
                               "patch's position (rotary positions, timm's Eva class), which vitkit does not read")
     state = load_state_dict_file(path)
+    rope = "none"
     if is_beit(state):
-        state = _from_beit(state, str(path))
-    foreign = Foreign(str(path), state, config=config)
+        state, rope = _from_beit(state, str(path), config)
+    foreign = Foreign(str(path), state, config=config, layout=rope)
     pretrained = config.get("pretrained_cfg", {})
     if "mean" in pretrained and "std" in pretrained:
         foreign.preprocess = dict(
@@ -213,6 +228,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         elif "blocks.0.attn.relative_position_bias_table" in s:  # BEiT's tables hold a column per head
             base["num_heads"] = s["blocks.0.attn.relative_position_bias_table"].shape[1]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
+    rope = foreign.layout or "none"  # read() tells DINOv3's layout
+    if rope != "none" and global_pool is None:
+        global_pool = "avg"  # timm's DINOv3 architectures pool the patch tokens' mean unless told otherwise
     if "pool" not in base and global_pool in ("token", "avg"):
         base["pool"] = {timm: ours for ours, timm in GLOBAL_POOL.items()}[global_pool]
     return config_with(
@@ -238,7 +256,10 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         mlp_act=act,
         # CLIP's towers: 1e-5, other timm ViTs: 1e-6
         rel_pos_bias="blocks.0.attn.relative_position_bias_table" in s,
-        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False), (None, 1e-6))[1],
+        rope=rope,
+        # DINOv3 takes any image size (its positions are rotary); the model's own setting where the config has it
+        dynamic_img_size=bool(args.get("dynamic_img_size", rope != "none")),
+        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope != "none"), (None, 1e-6))[1],
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
 
@@ -281,8 +302,9 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
         raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm, "
                          f"a SwiGLU MLP and BEiT's relative positions; this model has dist_token={cfg.dist_token}, "
                          f"pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, rel_pos_bias={cfg.rel_pos_bias}")
-    if cfg.rel_pos_bias and (cfg.mlp_act != "gelu" or cfg.pool == "map" or cfg.final_norm == "none"):
-        raise ValueError("timm export: timm's BEiT (Beit) has exact GELU, pools the class token or the mean, and "
+    special = "BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope != "none" else None
+    if special and (cfg.mlp_act != "gelu" or cfg.pool == "map" or cfg.final_norm == "none"):
+        raise ValueError(f"timm export: timm's {special} has exact GELU, pools the class token or the mean, and "
                          f"normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
                          f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}")
     eps = TIMM_ARCHITECTURE[architecture_key(cfg)][1]
@@ -300,6 +322,9 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
         # own init_values (vit_giant_patch14_dinov2's, beit's) would then build one
         init_values=float(cfg.layer_scale),
     )
+    if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's rotary settings
+        return dict(shared, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
+                    use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
     if cfg.rel_pos_bias:  # Beit's own arguments
         beit = dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True)
         if (cfg.final_norm == "pooled") != (cfg.pool == "mean"):

@@ -1,0 +1,173 @@
+"""DINOv3's rotary positions (``ViTConfig.rope="dinov3"``): the rotation, every attention path that
+takes it, and DINOv3 weights from and to timm, checked against timm's own ``Eva`` with random weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vitkit import ViT, ViTConfig
+from vitkit.attention import attention_rollout
+from vitkit.convert import export, load
+from vitkit.layers import rope_dinov3
+
+timm = pytest.importorskip("timm")
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight random (LayerNorm scales around 1), LayerScale included: a rotation applied to the
+    wrong tokens, or not at all, shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("grid, head_dim", [((14, 14), 64), ((10, 12), 64), ((3, 1), 16), ((1, 1), 32)])
+def test_the_rotation_is_timms_dinov3(grid, head_dim):
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    theirs = RotaryEmbeddingDinoV3(head_dim, temperature=100, rotate_half=True).get_embed(shape=list(grid))
+    sin, cos = rope_dinov3(grid, head_dim)
+    assert torch.equal(torch.cat([sin, cos], -1), theirs)
+
+
+@pytest.mark.parametrize("architecture", ["vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb"])
+def test_timm_dinov3_converts_both_ways_with_equal_logits_and_gradients(tmp_path, architecture):
+    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, num_classes=10)).eval()
+    save_file(dict(theirs.state_dict()), tmp_path / "dinov3.safetensors")
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "dinov3.safetensors", "timm", num_heads=6).eval()
+    cfg = ours.cfg
+    assert (cfg.rope, cfg.reg_tokens, cfg.layer_scale, cfg.norm_eps) == ("dinov3", 4, 1e-5, 1e-5)
+    assert (cfg.pool, cfg.final_norm, cfg.dynamic_img_size, cfg.qkv_bias) == ("mean", "tokens", True,
+                                                                              architecture.endswith("qkvb"))
+    assert not ours.patch_embed.positions.any()  # DINOv3 has no absolute positions
+    for size in ((224, 224), (160, 192)):  # any image size: each has its own grid of rotations
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), atol=5e-5, rtol=1e-5)
+
+    x, y = torch.randn(2, 3, 96, 128), torch.arange(2)
+    for model in (ours.train(), theirs.train()):
+        F.cross_entropy(model(x), y).backward()
+    for ours_p, theirs_p in ((ours.encoder.blocks[1].attn.qkv.weight, theirs.blocks[1].attn.qkv.weight),
+                             (ours.patch_embed.reg_token, theirs.reg_token)):
+        torch.testing.assert_close(ours_p.grad, theirs_p.grad, atol=1e-5, rtol=1e-4)
+
+    out = export(ours.eval(), tmp_path / "back", "timm")
+    back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert type(back).__name__ == "Eva"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs.eval()(x), atol=1e-6, rtol=1e-6)
+    expected = dict(theirs.state_dict())
+    got = back.state_dict()
+    assert sorted(got) == sorted(expected)  # the same tensors under the same names: no pos_embed
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+    again = load(out, "timm").eval()  # the hub dir read back: heads, pooling and rotation from its config
+    assert again.cfg == ours.cfg
+
+
+def test_a_hub_dir_with_class_token_pooling_keeps_it(tmp_path):
+    theirs = _randomise(timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, num_classes=0,
+                                          global_pool="token")).eval()
+    (tmp_path / "hub").mkdir()
+    save_file(dict(theirs.state_dict()), tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({
+        "architecture": "vit_small_patch16_dinov3", "num_classes": 0, "global_pool": "token",
+        "model_args": {"num_heads": 6, "global_pool": "token"}}))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "hub", "timm").eval()
+    assert ours.cfg.pool == "cls"
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=5e-5, rtol=1e-5)
+
+
+def _rope_model(**fields) -> ViT:
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=5, rope="dinov3",
+                    reg_tokens=2, layer_scale=0.1, pool="cls", final_norm="tokens", dynamic_img_size=True,
+                    **fields)
+    return _randomise(ViT(cfg)).eval()
+
+
+def test_the_rotation_reaches_every_attention_path():
+    model = _rope_model()
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        fused = model(x)  # the class token alone through the last block
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), fused, atol=1e-5, rtol=1e-5)
+        model.set_fused_attention(False)
+        torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-5)
+        model.set_fused_attention(True)
+        out = model.forward_intermediates(x, return_attention=True)
+        torch.testing.assert_close(out["logits"], fused, atol=1e-5, rtol=1e-5)
+        assert attention_rollout(model, x).shape == (2, 3, 5)
+        # without the rotation the model computes something else: the test above can fail
+        assert not torch.allclose(model.encoder(model.patch_embed(x))[:, 0], model.forward_features(x)[:, 0])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_k_bias_stays_out_as_dinov3_masks_it(precision, monkeypatch):
+    """Rotated with its key, a k bias would move the logits: DINOv3 masks it, and so does vitkit, on
+    every path (the last block's class-token one too): any k bias changes nothing, its gradient is 0."""
+    from vitkit import layers
+
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)  # bf16: the lean ops at this size too
+    model = _rope_model(qkv_bias=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        for block in model.encoder.blocks:
+            block.attn.qkv.bias[64:128] = torch.randn(64)  # emb_size 64: q | k | v
+        torch.testing.assert_close(model(x), before)
+        torch.testing.assert_close(model.forward_features(x), model.forward_features(x))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(x).float().sum() + model.forward_features(x).float().sum()
+    loss.backward()
+    for block in model.encoder.blocks:
+        grad = block.attn.qkv.bias.grad
+        assert torch.all(grad[64:128] == 0) and grad[:64].abs().sum() > 0 and grad[128:].abs().sum() > 0
+
+
+def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch):
+    """bf16 CPU training (the lean attention, its backward written out) gives the math path's gradients,
+    to bf16's precision, with the rotation in both."""
+    from vitkit import layers
+
+    monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
+    model = _rope_model().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    grads = {}
+    for fused in (True, False):
+        model.set_fused_attention(fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(model(x).float(), y).backward()
+        grads[fused] = model.encoder.blocks[0].attn.qkv.weight.grad.clone()
+    assert (grads[True] - grads[False]).abs().max() <= 0.02 * grads[False].abs().max()
+
+
+def test_exports_run_at_any_image_size(tmp_path):
+    import onnxruntime as ort
+
+    from vitkit.export import save_onnx, save_torch_export
+
+    model = _rope_model()
+    program = torch.export.load(str(save_torch_export(model, tmp_path / "m.pt2"))).module()
+    session = ort.InferenceSession(str(save_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    for size in ((32, 32), (24, 40)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(session.run(["logits"], {"x": x.numpy()})[0], want.numpy(), atol=1e-4, rtol=0)
