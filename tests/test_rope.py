@@ -171,3 +171,60 @@ def test_exports_run_at_any_image_size(tmp_path):
             want = model(x)
             torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(session.run(["logits"], {"x": x.numpy()})[0], want.numpy(), atol=1e-4, rtol=0)
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_dinov3(tmp_path, **fields):
+    config = transformers.DINOv3ViTConfig(**{**dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=128,
+                                                    num_register_tokens=4, layerscale_value=0.1), **fields})
+    model = _randomise(transformers.DINOv3ViTModel(config)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+@pytest.mark.parametrize("fields", [{}, dict(query_bias=False, value_bias=False)])
+def test_hf_dinov3_converts_both_ways_with_equal_features(tmp_path, fields):
+    theirs = _hf_dinov3(tmp_path, **fields)
+    with pytest.warns(UserWarning, match="mask_token"):  # masked image modelling's, which no forward pass reads
+        ours = load(tmp_path / "hf", "hf").eval()
+    assert (ours.cfg.rope, ours.cfg.reg_tokens, ours.cfg.pool, ours.cfg.layer_scale) == ("dinov3", 4, "cls", 0.1)
+    assert ours.cfg.qkv_bias == fields.get("query_bias", True) and ours.cfg.dynamic_img_size
+    for size in ((32, 32), (24, 40)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            out = theirs(pixel_values=x)
+            torch.testing.assert_close(ours.forward_features(x), out.last_hidden_state, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours(x), out.pooler_output, atol=1e-5, rtol=1e-5)
+    back = transformers.AutoModel.from_pretrained(export(ours, tmp_path / "back", "hf")).eval()
+    assert type(back).__name__ == "DINOv3ViTModel"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x).last_hidden_state, theirs(pixel_values=x).last_hidden_state,
+                                   atol=0, rtol=0)
+
+
+def test_timm_dinov3_goes_through_vitkit_into_transformers(tmp_path):
+    theirs = _randomise(timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, depth=2,
+                                          num_classes=0)).eval()
+    save_file(dict(theirs.state_dict()), tmp_path / "dinov3.safetensors")
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "dinov3.safetensors", "timm", num_heads=6)
+    hf = transformers.AutoModel.from_pretrained(export(ours, tmp_path / "hf", "hf")).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():  # timm's and HF's rotations differ in the last bits (1/period against period)
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, theirs.forward_features(x), atol=2e-4,
+                                   rtol=1e-5)
+
+
+def test_what_hf_dinov3_cannot_hold_is_refused_by_name(tmp_path):
+    from vitkit.checkpoint import CheckpointError
+
+    _hf_dinov3(tmp_path, use_gated_mlp=True)  # the larger models' SwiGLU, which vitkit's DINOv3 lacks
+    with pytest.raises(CheckpointError, match="use_gated_mlp"):
+        load(tmp_path / "hf", "hf")
+    with pytest.raises(ValueError, match="DINOv3ViTModel has no classifier"):
+        export(_rope_model(), tmp_path / "out", "hf")  # 5 classes

@@ -63,7 +63,9 @@ ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassif
                 # read only (vitkit writes such a model as SigLIP's, which holds the same network)
                 "ijepa": "IJepaForImageClassification",
                 # BEiT and Data2Vec-vision: relative position tables, LayerScale, mean pooling (see above)
-                "beit": "BeitForImageClassification", "data2vec-vision": "Data2VecVisionForImageClassification"}
+                "beit": "BeitForImageClassification", "data2vec-vision": "Data2VecVisionForImageClassification",
+                # DINOv3's ViTs: rotary positions (vitkit's rope="dinov3"), registers, LayerScale; features only
+                "dinov3_vit": "DINOv3ViTModel"}
 # model_types whose files are another family's layout under the same prefix: ViT-MSN's is ViT's
 SAME_LAYOUT = {"vit_msn": "vit"}
 DINOV2 = ("dinov2", "dinov2_with_registers")
@@ -80,6 +82,8 @@ TOWER_FAMILIES = (*TOWERS, *TOWERS.values())  # the layouts _tower_key_map write
 BEIT = ("beit", "data2vec-vision")
 # model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
 PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family.replace("-", "_") for family in ARCHITECTURE}
+PREFIX["dinov3_vit"] = "model"  # its base_model_prefix; DINOv3ViTModel's own files have none
+DINOV3 = "dinov3_vit"
 # BEiT's tables, one a block, or one for all (its pretraining's), under the family's prefix
 BEIT_TABLE = "{prefix}.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
 BEIT_SHARED_TABLE = "{prefix}.encoder.relative_position_bias.relative_position_bias_table"
@@ -218,7 +222,36 @@ def _tower_key_map(family: str) -> KeyMap:
 
 
 # model_type -> its key map
-KEYS = {family: _tower_key_map(family) if family in TOWER_FAMILIES else _key_map(family) for family in ARCHITECTURE}
+def _dinov3_key_map() -> KeyMap:
+    """DINOv3ViTModel (transformers 5 writes its in-memory names): q/k/v/o projections, LayerScale as
+    layer_scale{1,2}.lambda1, the MLP as up/down projections, registers, no absolute positions (read
+    as vitkit's zero table, ``_dinov3_as_vit``) and no classifier."""
+    layer = "model.layer.{i}"
+    return KeyMap(
+        "hf",
+        [
+            rule("patch_embed.projection.{p}", "model.embeddings.patch_embeddings.{p}"),
+            rule("patch_embed.cls_token", "model.embeddings.cls_token"),
+            rule("patch_embed.reg_token", "model.embeddings.register_tokens"),
+            rule("patch_embed.positions", "model.embeddings.position_embeddings"),  # zeros: see _dinov3_as_vit
+            rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.norm1.{{p}}"),
+            rule("encoder.blocks.{i}.attn.qkv.{p}",
+                 tuple(f"{layer}.attention.{n}_proj.{{p}}" for n in ("q", "k", "v")), CONCAT_QKV),
+            rule("encoder.blocks.{i}.attn.projection.{p}", f"{layer}.attention.o_proj.{{p}}"),
+            rule("encoder.blocks.{i}.ls1.gamma", f"{layer}.layer_scale1.lambda1"),
+            rule("encoder.blocks.{i}.norm2.{p}", f"{layer}.norm2.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.mlp.up_proj.{{p}}"),
+            rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.down_proj.{{p}}"),
+            rule("encoder.blocks.{i}.ls2.gamma", f"{layer}.layer_scale2.lambda1"),
+            rule("encoder.norm.{p}", "model.norm.{p}"),
+        ],
+        ignore=(r"model\.embeddings\.mask_token",),
+    )
+
+
+KEYS = {family: _tower_key_map(family) if family in TOWER_FAMILIES else _key_map(family)
+        for family in ARCHITECTURE if family != DINOV3}
+KEYS[DINOV3] = _dinov3_key_map()
 # SigLIP's pooling head: nn.MultiheadAttention's fused in_proj (q, k, v rows) <-> vitkit's q and kv
 SIGLIP_IN_PROJ = "vision_model.head.attention.in_proj_{}"
 
@@ -292,6 +325,8 @@ def read(path: Path) -> Foreign:
             "classifiers (DeiTForImageClassificationWithTeacher, the Hub's distilled DeiT weights)")
     if family in BEIT:
         state = _beit_as_vit(state, config, prefix, str(path))
+    if family == DINOV3:
+        state = _dinov3_as_vit(state, config, str(path))
     if config.get("use_swiglu_ffn"):  # DINOv2's giant: its packed SwiGLU layers under vitkit's MLP names
         state = {re.sub(r"\.mlp\.(weights_in|weights_out)\.", lambda m: f".mlp.{SWIGLU_NAMES[m[1]]}.", k): v
                  for k, v in state.items()}
@@ -340,6 +375,38 @@ def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
     return state
 
 
+def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
+    """A DINOv3ViTModel's tensors as the key map reads them: a zero key bias (DINOv3 has none, and vitkit
+    masks it), a table of zero positions (it has none: its positions are rotary). Refused: what vitkit's
+    DINOv3 cannot compute (a gated MLP, a key bias, another rotary base, projections without bias)."""
+    unsupported = {"use_gated_mlp": False, "key_bias": False, "proj_bias": True, "mlp_bias": True, "rope_theta": 100.0}
+    wrong = {k: config[k] for k, v in unsupported.items() if k in config and config[k] != v}
+    if config.get("query_bias", True) != config.get("value_bias", True):
+        wrong.update(query_bias=config.get("query_bias"), value_bias=config.get("value_bias"))
+    if wrong:
+        raise CheckpointError(f"{src}: a DINOv3 vitkit does not read: {wrong} (vitkit's DINOv3: {unsupported}, "
+                              "query and value biases both or neither)")
+    state = dict(state)
+    for i in range(count_blocks(state, r"model\.layer\.(\d+)\.")):
+        attention = f"model.layer.{i}.attention"
+        if f"{attention}.q_proj.bias" in state and f"{attention}.k_proj.bias" not in state:
+            state[f"{attention}.k_proj.bias"] = torch.zeros_like(state[f"{attention}.q_proj.bias"])
+    cls_token = state.get("model.embeddings.cls_token")
+    registers = state.get("model.embeddings.register_tokens")
+    if cls_token is None or registers is None:
+        raise CheckpointError(f"{src}: a DINOv3ViTModel without embeddings.cls_token or embeddings.register_tokens")
+    try:
+        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
+        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        patches = (h // patch) * (w // patch)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
+                              f"{config.get('patch_size')!r} do not give a patch grid") from None
+    state["model.embeddings.position_embeddings"] = cls_token.new_zeros(1, 1 + registers.shape[1] + patches,
+                                                                       cls_token.shape[-1])
+    return state
+
+
 def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     c, s = foreign.config, foreign.state
     try:
@@ -353,7 +420,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             num_heads=int(c["num_attention_heads"]),
             mlp_ratio=(float(c.get("mlp_ratio", 4)) if foreign.layout in DINOV2
                        else mlp_ratio_of(int(c.get("intermediate_size", 4 * width)), width, foreign.path)),
-            qkv_bias=bool(c.get("qkv_bias", True)),
+            qkv_bias=bool(c.get("query_bias", True) if foreign.layout == DINOV3 else c.get("qkv_bias", True)),
             norm_eps=float(c.get("layer_norm_eps", 1e-12)),
         )
     except KeyError as e:
@@ -377,7 +444,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         pool = "mean" if c.get("use_mean_pooling", True) else "cls"
     else:
         pool = "map" if tower == SIGLIP else "cls"
-    held = count_blocks(s, rf"{PREFIX[family]}\.encoder\.layers?\.(\d+)\.")  # CLIP: layers
+    held = count_blocks(s, rf"{PREFIX[family]}\.(?:encoder\.)?layers?\.(\d+)\.")  # CLIP: layers; DINOv3: no encoder
     if held != fields["depth"]:  # checked before a model of the claimed depth is built
         raise CheckpointError(f"{foreign.path}: config.json says {fields['depth']} layers, the weights hold {held}")
     return config_with(
@@ -385,11 +452,14 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         foreign.path,
         **fields,
         dist_token=family == "deit",
-        reg_tokens=s[f"{family}.embeddings.register_tokens"].shape[1] if family == "dinov2_with_registers" else 0,
-        layer_scale=(float(c.get("layerscale_value", 1.0)) if family in DINOV2
+        reg_tokens=(s[f"{PREFIX[family]}.embeddings.register_tokens"].shape[1]
+                    if family in ("dinov2_with_registers", DINOV3) else 0),
+        layer_scale=(float(c.get("layerscale_value", 1.0)) if family in (*DINOV2, DINOV3)
                      else float(c.get("layer_scale_init_value", 0.1)) if f"{PREFIX[family]}.encoder.layer.0.lambda_1" in s
                      else 0.0),
         rel_pos_bias=BEIT_TABLE.format(prefix=PREFIX[family], i=0) in s,
+        rope="dinov3" if family == DINOV3 else "none",
+        dynamic_img_size=family == DINOV3,  # rotary positions: any image size
         pre_norm=tower == CLIP,
         mlp_act="swiglu" if swiglu else HF_ACTS[c.get("hidden_act", "gelu")],
         class_token=tower not in (SIGLIP, "ijepa"),
@@ -407,6 +477,8 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 
 
 def _family(cfg: ViTConfig) -> str:
+    if cfg.rope == "dinov3":
+        return DINOV3
     if cfg.rel_pos_bias:
         return "beit"
     if cfg.pre_norm:  # CLIP's tower, or its image classifier on the patch tokens' mean
@@ -445,6 +517,14 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
     elif family == "clip" and not (cfg.class_token and cfg.num_classes):
         problems.append(f"HF's CLIPForImageClassification averages the tokens after the class token into a "
                         f"classifier; this model has class_token={cfg.class_token} and {cfg.num_classes} classes")
+    elif family == DINOV3:
+        if cfg.num_classes or cfg.pool not in ("cls", "mean") or cfg.final_norm != "tokens" or cfg.dist_token:
+            problems.append("HF's DINOv3ViTModel has no classifier, normalises every token and pools nothing "
+                            f"(its pooler output is the class token); this model has {cfg.num_classes} classes, "
+                            f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}: export its features "
+                            "(num_classes=0), or export to timm")
+        if cfg.mlp_act == "swiglu":
+            problems.append("vitkit writes HF's DINOv3 with its plain MLP only: export to timm")
     elif family == "beit":
         if (cfg.pool, cfg.final_norm) not in (("mean", "pooled"), ("cls", "tokens")):
             problems.append("HF's BEiT classifies the patch tokens' mean normalised after pooling (use_mean_pooling) "
@@ -458,7 +538,8 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
         problems.append("HF's SigLIP tower has no LayerScale or registers, and a qkv bias: export to timm")
     # CLIP: post_layernorm on the pooled class token only, which either norm gives it; none on what
     # its image classifier averages
-    norms = {CLIP: ("pooled", "tokens"), "clip": ("none",), "beit": ("pooled", "tokens")}.get(family, ("tokens",))
+    norms = {CLIP: ("pooled", "tokens"), "clip": ("none",), "beit": ("pooled", "tokens"),
+             DINOV3: ("tokens",)}.get(family, ("tokens",))
     if cfg.final_norm not in norms:
         problems.append(f"HF's {ARCHITECTURE[family]} needs final_norm in {norms}, got {cfg.final_norm!r}")
     if tower == CLIP and (cfg.layer_scale or cfg.reg_tokens or cfg.dist_token or not cfg.qkv_bias):
@@ -503,6 +584,16 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
             architecture = "CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"
             return {"architectures": [architecture], **vision, "projection_dim": cfg.num_classes or 512}
         return {"architectures": [ARCHITECTURE[family]], **vision}
+    if family == DINOV3:
+        return {
+            "architectures": [ARCHITECTURE[family]], "model_type": family, "hidden_size": cfg.emb_size,
+            "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.mlp_hidden,
+            "hidden_act": act, "layer_norm_eps": cfg.norm_eps, "image_size": h if h == w else [h, w],
+            "patch_size": cfg.patch_size, "num_channels": cfg.in_channels, "num_register_tokens": cfg.reg_tokens,
+            "layerscale_value": cfg.layer_scale or 1.0, "query_bias": cfg.qkv_bias, "key_bias": False,
+            "value_bias": cfg.qkv_bias, "proj_bias": True, "mlp_bias": True, "use_gated_mlp": False,
+            "rope_theta": 100.0, "drop_path_rate": 0.0, "attention_dropout": 0.0, **labels,
+        }
     if family == "beit":
         return {
             "architectures": [ARCHITECTURE[family] if cfg.num_classes else "BeitModel"], "model_type": family,
@@ -562,6 +653,15 @@ def export(model: nn.Module, out: Path) -> Path:
     if cfg.mlp_act == "swiglu":  # DINOv2's giant: vitkit's fc1/fc2 are its packed SwiGLU layers
         names = {ours: theirs for theirs, ours in SWIGLU_NAMES.items()}
         state = {re.sub(r"\.mlp\.(fc1|fc2)\.", lambda m: f".mlp.{names[m[1]]}.", k): v for k, v in state.items()}
+    if family == DINOV3:  # no key bias (vitkit masks it), no positions (they must be zero), LayerScale always
+        if state.pop("model.embeddings.position_embeddings").any():
+            raise ValueError("hf export: HF's DINOv3 has no absolute positions, and this model's are not zero "
+                             "(trained): export to timm, whose DINOv3 (Eva) holds them")
+        state = {k: v for k, v in state.items() if not k.endswith(".attention.k_proj.bias")}
+        if not cfg.layer_scale:  # HF's blocks always scale: by ones, the identity
+            state.update({f"model.layer.{i}.layer_scale{j}.lambda1": torch.ones(cfg.emb_size)
+                          for i in range(cfg.depth) for j in (1, 2)})
+        state["model.embeddings.mask_token"] = torch.zeros(1, 1, cfg.emb_size)
     if family == "beit":  # no key bias (vitkit's shifts every logit of a query alike: nothing); positions if any
         state = {k: v for k, v in state.items()
                  if not k.endswith(".attention.attention.key.bias") and (abs_pos or not k.endswith("position_embeddings"))}
