@@ -352,10 +352,7 @@ def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
     table of zero positions where it has none (use_absolute_position_embeddings=False)."""
     state = dict(state)
     depth = count_blocks(state, rf"{prefix}\.encoder\.layer\.(\d+)\.")
-    for i in range(depth):
-        attention = f"{prefix}.encoder.layer.{i}.attention.attention"
-        if f"{attention}.query.bias" in state and f"{attention}.key.bias" not in state:
-            state[f"{attention}.key.bias"] = torch.zeros_like(state[f"{attention}.query.bias"])
+    _zero_key_bias(state, f"{prefix}.encoder.layer.{{i}}.attention.attention.{{}}.bias", ("query", "key"), depth)
     shared = state.pop(BEIT_SHARED_TABLE.format(prefix=prefix), None)
     if shared is not None:
         state.update({BEIT_TABLE.format(prefix=prefix, i=i): shared.clone() for i in range(depth)})
@@ -364,15 +361,28 @@ def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
         cls_token = state.get(f"{prefix}.embeddings.cls_token")
         if cls_token is None:
             raise CheckpointError(f"{src}: a BEiT file without {prefix}.embeddings.cls_token")
-        try:
-            size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
-            h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-            patches = (h // patch) * (w // patch)
-        except (TypeError, ValueError, IndexError, ZeroDivisionError):
-            raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
-                                  f"{config.get('patch_size')!r} do not give a patch grid") from None
-        state[positions] = cls_token.new_zeros(1, 1 + patches, cls_token.shape[-1])
+        state[positions] = cls_token.new_zeros(1, 1 + _patches(config, src), cls_token.shape[-1])
     return state
+
+
+def _zero_key_bias(state: dict, name: str, query_key: tuple[str, str], depth: int) -> None:
+    """A zero key bias beside each block's query bias (``name`` formats with the block and the projection):
+    BEiT and DINOv3 have none, and vitkit's qkv bias holds zeros there."""
+    for i in range(depth):
+        query, key = (name.format(part, i=i) for part in query_key)
+        if query in state and key not in state:
+            state[key] = torch.zeros_like(state[query])
+
+
+def _patches(config: dict, src: str) -> int:
+    """The patches of config.json's image_size at its patch_size, for a zero position table of that grid."""
+    try:
+        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
+        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        return (h // patch) * (w // patch)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
+                              f"{config.get('patch_size')!r} do not give a patch grid") from None
 
 
 def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
@@ -387,23 +397,14 @@ def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
         raise CheckpointError(f"{src}: a DINOv3 vitkit does not read: {wrong} (vitkit's DINOv3: {unsupported}, "
                               "query and value biases both or neither)")
     state = dict(state)
-    for i in range(count_blocks(state, r"model\.layer\.(\d+)\.")):
-        attention = f"model.layer.{i}.attention"
-        if f"{attention}.q_proj.bias" in state and f"{attention}.k_proj.bias" not in state:
-            state[f"{attention}.k_proj.bias"] = torch.zeros_like(state[f"{attention}.q_proj.bias"])
+    _zero_key_bias(state, "model.layer.{i}.attention.{}_proj.bias", ("q", "k"),
+                   count_blocks(state, r"model\.layer\.(\d+)\."))
     cls_token = state.get("model.embeddings.cls_token")
     registers = state.get("model.embeddings.register_tokens")
     if cls_token is None or registers is None:
         raise CheckpointError(f"{src}: a DINOv3ViTModel without embeddings.cls_token or embeddings.register_tokens")
-    try:
-        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
-        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-        patches = (h // patch) * (w // patch)
-    except (TypeError, ValueError, IndexError, ZeroDivisionError):
-        raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
-                              f"{config.get('patch_size')!r} do not give a patch grid") from None
-    state["model.embeddings.position_embeddings"] = cls_token.new_zeros(1, 1 + registers.shape[1] + patches,
-                                                                       cls_token.shape[-1])
+    state["model.embeddings.position_embeddings"] = cls_token.new_zeros(
+        1, 1 + registers.shape[1] + _patches(config, src), cls_token.shape[-1])
     return state
 
 
