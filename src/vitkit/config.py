@@ -210,9 +210,9 @@ class ViTConfig:
                              f"reg_tokens={self.reg_tokens}")
         if self.rope not in ROPES:
             raise ValueError(f"ViTConfig.rope: expected one of {ROPES}, got {self.rope!r}")
-        if self.rope != "none" and (self.emb_size // self.num_heads) % 4:
+        if self.rope != "none" and self.head_dim % 4:
             raise ValueError(f"ViTConfig.rope: rotary positions split each head's width in four (two axes, sine "
-                             f"and cosine); head width {self.emb_size // self.num_heads} is not a multiple of 4")
+                             f"and cosine); head width {self.head_dim} is not a multiple of 4")
         if self.rope != "none" and self.rel_pos_bias:
             raise ValueError("ViTConfig.rope: rotary positions and BEiT's relative position bias together are not "
                              "supported (no published model has both)")

@@ -127,7 +127,7 @@ class ViT(nn.Module):
         if self.cfg.rope == "none":
             return None
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        return rope_dinov3(grid, self.cfg.emb_size // self.cfg.num_heads, device=x.device)
+        return rope_dinov3(grid, self.cfg.head_dim, device=x.device)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, C, H, W) -> (B, N, E): all tokens after the encoder (and its final norm)."""

@@ -81,9 +81,9 @@ TOWERS = {"clip": CLIP, "siglip": SIGLIP}
 TOWER_FAMILIES = (*TOWERS, *TOWERS.values())  # the layouts _tower_key_map writes
 BEIT = ("beit", "data2vec-vision")
 # model_type -> the prefix of its keys in a file (a bare base model's keys get it on reading)
-PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family.replace("-", "_") for family in ARCHITECTURE}
-PREFIX["dinov3_vit"] = "model"  # its base_model_prefix; DINOv3ViTModel's own files have none
 DINOV3 = "dinov3_vit"
+PREFIX = {family: "vision_model" if family in TOWER_FAMILIES else family.replace("-", "_") for family in ARCHITECTURE}
+PREFIX[DINOV3] = "model"  # its base_model_prefix; DINOv3ViTModel's own files have none
 # BEiT's tables, one a block, or one for all (its pretraining's), under the family's prefix
 BEIT_TABLE = "{prefix}.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
 BEIT_SHARED_TABLE = "{prefix}.encoder.relative_position_bias.relative_position_bias_table"
@@ -221,19 +221,19 @@ def _tower_key_map(family: str) -> KeyMap:
     )
 
 
-# model_type -> its key map
 def _dinov3_key_map() -> KeyMap:
     """DINOv3ViTModel (transformers 5 writes its in-memory names): q/k/v/o projections, LayerScale as
     layer_scale{1,2}.lambda1, the MLP as up/down projections, registers, no absolute positions (read
     as vitkit's zero table, ``_dinov3_as_vit``) and no classifier."""
-    layer = "model.layer.{i}"
+    prefix = PREFIX[DINOV3]
+    layer = f"{prefix}.layer.{{i}}"
     return KeyMap(
         "hf",
         [
-            rule("patch_embed.projection.{p}", "model.embeddings.patch_embeddings.{p}"),
-            rule("patch_embed.cls_token", "model.embeddings.cls_token"),
-            rule("patch_embed.reg_token", "model.embeddings.register_tokens"),
-            rule("patch_embed.positions", "model.embeddings.position_embeddings"),  # zeros: see _dinov3_as_vit
+            rule("patch_embed.projection.{p}", f"{prefix}.embeddings.patch_embeddings.{{p}}"),
+            rule("patch_embed.cls_token", f"{prefix}.embeddings.cls_token"),
+            rule("patch_embed.reg_token", f"{prefix}.embeddings.register_tokens"),
+            rule("patch_embed.positions", f"{prefix}.embeddings.position_embeddings"),  # zeros: see _dinov3_as_vit
             rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.norm1.{{p}}"),
             rule("encoder.blocks.{i}.attn.qkv.{p}",
                  tuple(f"{layer}.attention.{n}_proj.{{p}}" for n in ("q", "k", "v")), CONCAT_QKV),
@@ -243,12 +243,13 @@ def _dinov3_key_map() -> KeyMap:
             rule("encoder.blocks.{i}.mlp.fc1.{p}", f"{layer}.mlp.up_proj.{{p}}"),
             rule("encoder.blocks.{i}.mlp.fc2.{p}", f"{layer}.mlp.down_proj.{{p}}"),
             rule("encoder.blocks.{i}.ls2.gamma", f"{layer}.layer_scale2.lambda1"),
-            rule("encoder.norm.{p}", "model.norm.{p}"),
+            rule("encoder.norm.{p}", f"{prefix}.norm.{{p}}"),
         ],
-        ignore=(r"model\.embeddings\.mask_token",),
+        ignore=(rf"{prefix}\.embeddings\.mask_token",),
     )
 
 
+# model_type -> its key map
 KEYS = {family: _tower_key_map(family) if family in TOWER_FAMILIES else _key_map(family)
         for family in ARCHITECTURE if family != DINOV3}
 KEYS[DINOV3] = _dinov3_key_map()
@@ -396,14 +397,14 @@ def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
     if wrong:
         raise CheckpointError(f"{src}: a DINOv3 vitkit does not read: {wrong} (vitkit's DINOv3: {unsupported}, "
                               "query and value biases both or neither)")
-    state = dict(state)
-    _zero_key_bias(state, "model.layer.{i}.attention.{}_proj.bias", ("q", "k"),
-                   count_blocks(state, r"model\.layer\.(\d+)\."))
-    cls_token = state.get("model.embeddings.cls_token")
-    registers = state.get("model.embeddings.register_tokens")
+    state, prefix = dict(state), PREFIX[DINOV3]
+    _zero_key_bias(state, f"{prefix}.layer.{{i}}.attention.{{}}_proj.bias", ("q", "k"),
+                   count_blocks(state, rf"{prefix}\.layer\.(\d+)\."))
+    cls_token = state.get(f"{prefix}.embeddings.cls_token")
+    registers = state.get(f"{prefix}.embeddings.register_tokens")
     if cls_token is None or registers is None:
         raise CheckpointError(f"{src}: a DINOv3ViTModel without embeddings.cls_token or embeddings.register_tokens")
-    state["model.embeddings.position_embeddings"] = cls_token.new_zeros(
+    state[f"{prefix}.embeddings.position_embeddings"] = cls_token.new_zeros(
         1, 1 + registers.shape[1] + _patches(config, src), cls_token.shape[-1])
     return state
 
@@ -655,14 +656,15 @@ def export(model: nn.Module, out: Path) -> Path:
         names = {ours: theirs for theirs, ours in SWIGLU_NAMES.items()}
         state = {re.sub(r"\.mlp\.(fc1|fc2)\.", lambda m: f".mlp.{names[m[1]]}.", k): v for k, v in state.items()}
     if family == DINOV3:  # no key bias (vitkit masks it), no positions (they must be zero), LayerScale always
-        if state.pop("model.embeddings.position_embeddings").any():
+        prefix = PREFIX[DINOV3]
+        if state.pop(f"{prefix}.embeddings.position_embeddings").any():
             raise ValueError("hf export: HF's DINOv3 has no absolute positions, and this model's are not zero "
                              "(trained): export to timm, whose DINOv3 (Eva) holds them")
         state = {k: v for k, v in state.items() if not k.endswith(".attention.k_proj.bias")}
         if not cfg.layer_scale:  # HF's blocks always scale: by ones, the identity
-            state.update({f"model.layer.{i}.layer_scale{j}.lambda1": torch.ones(cfg.emb_size)
+            state.update({f"{prefix}.layer.{i}.layer_scale{j}.lambda1": torch.ones(cfg.emb_size)
                           for i in range(cfg.depth) for j in (1, 2)})
-        state["model.embeddings.mask_token"] = torch.zeros(1, 1, cfg.emb_size)
+        state[f"{prefix}.embeddings.mask_token"] = torch.zeros(1, 1, cfg.emb_size)
     if family == "beit":  # no key bias (vitkit's shifts every logit of a query alike: nothing); positions if any
         state = {k: v for k, v in state.items()
                  if not k.endswith(".attention.attention.key.bias") and (abs_pos or not k.endswith("position_embeddings"))}

@@ -153,7 +153,8 @@ def _to_beit(state: dict, abs_pos: bool) -> dict:
 
 
 def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
-    """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT)."""
+    """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT, Eva's,
+    the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
     return _to_beit(state, abs_pos=bool(state["pos_embed"].any())) if cfg.rel_pos_bias or cfg.rope != "none" else state
@@ -294,14 +295,15 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
 def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network, given the
     architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's).
-    ``abs_pos=False``: a BEiT model's positions are all zero, and timm's Beit then holds none."""
+    ``abs_pos=False``: a BEiT or DINOv3 model's positions are all zero, and timm's Beit or Eva then holds none."""
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
                          f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
     if architecture_key(cfg) not in TIMM_ARCHITECTURE:
         raise ValueError("timm export: no timm ViT has more than one of a distillation token, CLIP's pre-norm, "
-                         f"a SwiGLU MLP and BEiT's relative positions; this model has dist_token={cfg.dist_token}, "
-                         f"pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, rel_pos_bias={cfg.rel_pos_bias}")
+                         "a SwiGLU MLP, BEiT's relative positions and rotary positions; this model has "
+                         f"dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, "
+                         f"rel_pos_bias={cfg.rel_pos_bias}, rope={cfg.rope!r}")
     special = "BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope != "none" else None
     if special and (cfg.mlp_act != "gelu" or cfg.pool == "map" or cfg.final_norm == "none"):
         raise ValueError(f"timm export: timm's {special} has exact GELU, pools the class token or the mean, and "
