@@ -25,6 +25,10 @@ PUBLISHED_PARAMS = {
     # DINOv3: timm's, plus the zero position table (class token, 4 registers, 196 patches) and the zero k biases
     "vit_small_patch16_dinov3": 21_586_944 + 201 * 384,
     "vit_base_patch16_dinov3_qkvb": 85_659_648 + 201 * 768 + 12 * 768,
+    # DINOv3's SwiGLU models (timm's counts, the same zero table added; the 7B's 6.7 billion as published)
+    "vit_small_plus_patch16_dinov3": 28_683_264 + 201 * 384,
+    "vit_huge_plus_patch16_dinov3": 840_509_440 + 201 * 1280,
+    "vit_7b_patch16_dinov3": 6_716_030_976 + 201 * 4096,
 }
 
 

@@ -38,8 +38,10 @@ def test_the_rotation_is_timms_dinov3(grid, head_dim):
     assert torch.equal(torch.cat([sin, cos], -1), theirs)
 
 
-@pytest.mark.parametrize("architecture", ["vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb"])
+@pytest.mark.parametrize("architecture", ["vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
+                                          "vit_small_plus_patch16_dinov3", "vit_small_plus_patch16_dinov3_qkvb"])
 def test_timm_dinov3_converts_both_ways_with_equal_logits_and_gradients(tmp_path, architecture):
+    """S and S+ (SwiGLU: Eva's separate gate and value layers, packed into vitkit's fc1 and split back)."""
     theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, num_classes=10)).eval()
     save_file(dict(theirs.state_dict()), tmp_path / "dinov3.safetensors")
     with pytest.warns(UserWarning, match="normalisation"):
@@ -48,6 +50,7 @@ def test_timm_dinov3_converts_both_ways_with_equal_logits_and_gradients(tmp_path
     assert (cfg.rope, cfg.reg_tokens, cfg.layer_scale, cfg.norm_eps) == ("dinov3", 4, 1e-5, 1e-5)
     assert (cfg.pool, cfg.final_norm, cfg.dynamic_img_size, cfg.qkv_bias) == ("mean", "tokens", True,
                                                                               architecture.endswith("qkvb"))
+    assert (cfg.mlp_act, cfg.mlp_hidden) == (("swiglu", 2 * 1536) if "plus" in architecture else ("gelu", 1536))
     assert not ours.patch_embed.positions.any()  # DINOv3 has no absolute positions
     for size in ((224, 224), (160, 192)):  # any image size: each has its own grid of rotations
         x = torch.randn(2, 3, *size)
@@ -57,13 +60,18 @@ def test_timm_dinov3_converts_both_ways_with_equal_logits_and_gradients(tmp_path
     x, y = torch.randn(2, 3, 96, 128), torch.arange(2)
     for model in (ours.train(), theirs.train()):
         F.cross_entropy(model(x), y).backward()
-    for ours_p, theirs_p in ((ours.encoder.blocks[1].attn.qkv.weight, theirs.blocks[1].attn.qkv.weight),
-                             (ours.patch_embed.reg_token, theirs.reg_token)):
-        torch.testing.assert_close(ours_p.grad, theirs_p.grad, atol=1e-5, rtol=1e-4)
+    pairs = [(ours.encoder.blocks[1].attn.qkv.weight.grad, theirs.blocks[1].attn.qkv.weight.grad),
+             (ours.patch_embed.reg_token.grad, theirs.reg_token.grad)]
+    if "plus" in architecture:  # the gate's half of fc1 first, then the value's
+        mlp = theirs.blocks[0].mlp
+        pairs.append((ours.encoder.blocks[0].mlp.fc1.weight.grad, torch.cat([mlp.fc1_g.weight.grad, mlp.fc1_x.weight.grad])))
+    for ours_grad, theirs_grad in pairs:
+        torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-4)
 
     out = export(ours.eval(), tmp_path / "back", "timm")
     back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert type(back).__name__ == "Eva"
+    assert type(back.blocks[0].mlp).__name__ == type(theirs.blocks[0].mlp).__name__  # Mlp, or SwiGLU (split)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(back(x), theirs.eval()(x), atol=1e-6, rtol=1e-6)
@@ -186,13 +194,17 @@ def _hf_dinov3(tmp_path, **fields):
     return model
 
 
-@pytest.mark.parametrize("fields", [{}, dict(query_bias=False, value_bias=False)])
+@pytest.mark.parametrize("fields", [{}, dict(query_bias=False, value_bias=False),
+                                    dict(use_gated_mlp=True, hidden_act="silu", intermediate_size=96)])
 def test_hf_dinov3_converts_both_ways_with_equal_features(tmp_path, fields):
+    """The plain MLP and the gated one (S+, H+, 7B: gate_proj and up_proj packed into vitkit's fc1)."""
     theirs = _hf_dinov3(tmp_path, **fields)
     with pytest.warns(UserWarning, match="mask_token"):  # masked image modelling's, which no forward pass reads
         ours = load(tmp_path / "hf", "hf").eval()
     assert (ours.cfg.rope, ours.cfg.reg_tokens, ours.cfg.pool, ours.cfg.layer_scale) == ("dinov3", 4, "cls", 0.1)
     assert ours.cfg.qkv_bias == fields.get("query_bias", True) and ours.cfg.dynamic_img_size
+    gated = fields.get("use_gated_mlp", False)
+    assert (ours.cfg.mlp_act, ours.cfg.mlp_hidden) == (("swiglu", 2 * 96) if gated else ("gelu", 128))
     for size in ((32, 32), (24, 40)):
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
@@ -205,11 +217,12 @@ def test_hf_dinov3_converts_both_ways_with_equal_features(tmp_path, fields):
     with torch.no_grad():
         torch.testing.assert_close(back(pixel_values=x).last_hidden_state, theirs(pixel_values=x).last_hidden_state,
                                    atol=0, rtol=0)
+    assert back.config.use_gated_mlp == gated and back.config.intermediate_size == theirs.config.intermediate_size
 
 
-def test_timm_dinov3_goes_through_vitkit_into_transformers(tmp_path):
-    theirs = _randomise(timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, depth=2,
-                                          num_classes=0)).eval()
+@pytest.mark.parametrize("architecture", ["vit_small_patch16_dinov3_qkvb", "vit_small_plus_patch16_dinov3"])
+def test_timm_dinov3_goes_through_vitkit_into_transformers(tmp_path, architecture):
+    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, num_classes=0)).eval()
     save_file(dict(theirs.state_dict()), tmp_path / "dinov3.safetensors")
     with pytest.warns(UserWarning, match="normalisation"):
         ours = load(tmp_path / "dinov3.safetensors", "timm", num_heads=6)
@@ -223,8 +236,8 @@ def test_timm_dinov3_goes_through_vitkit_into_transformers(tmp_path):
 def test_what_hf_dinov3_cannot_hold_is_refused_by_name(tmp_path):
     from vitkit.checkpoint import CheckpointError
 
-    _hf_dinov3(tmp_path, use_gated_mlp=True)  # the larger models' SwiGLU, which vitkit's DINOv3 lacks
-    with pytest.raises(CheckpointError, match="use_gated_mlp"):
+    _hf_dinov3(tmp_path, use_gated_mlp=True)  # gated by GELU, not SiLU: not SwiGLU, which vitkit's gate is
+    with pytest.raises(CheckpointError, match="'hidden_act': 'gelu'"):
         load(tmp_path / "hf", "hf")
     with pytest.raises(ValueError, match="DINOv3ViTModel has no classifier"):
         export(_rope_model(), tmp_path / "out", "hf")  # 5 classes

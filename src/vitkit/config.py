@@ -335,6 +335,15 @@ def _table() -> dict[str, dict]:
             layer_scale=1e-5, norm_eps=1e-5, qkv_bias=False, class_token=True, pool="mean", final_norm="tokens",
             num_classes=0)
         table[f"vit_{size}_patch16_dinov3_qkvb"] = dict(table[f"vit_{size}_patch16_dinov3"], qkv_bias=True)
+    # DINOv3's S+, H+ and 7B: a SwiGLU MLP, vitkit's fc1 packing its two layers (timm's fc1_g and fc1_x, each
+    # 4x the width, 2x at 7B; HF's gate_proj and up_proj)
+    small_plus = dict(emb_size=384, depth=12, num_heads=6, mlp_ratio=8.0, mlp_act="swiglu")
+    huge_plus = dict(emb_size=1280, depth=32, num_heads=20, mlp_ratio=8.0, mlp_act="swiglu")
+    for name, dims in (("small_plus", small_plus), ("huge_plus", huge_plus)):
+        table[f"vit_{name}_patch16_dinov3"] = dict(table["vit_small_patch16_dinov3"], **dims)
+        table[f"vit_{name}_patch16_dinov3_qkvb"] = dict(table[f"vit_{name}_patch16_dinov3"], qkv_bias=True)
+    table["vit_7b_patch16_dinov3"] = dict(table["vit_small_patch16_dinov3"], emb_size=4096, depth=40, num_heads=32,
+                                          mlp_ratio=4.0, mlp_act="swiglu")
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

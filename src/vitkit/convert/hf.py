@@ -49,7 +49,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import ViTConfig
-from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, rule
+from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, require, rule
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
 ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
@@ -302,7 +302,8 @@ def read(path: Path) -> Foreign:
     if family not in KEYS:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
                               f"{', '.join(map(repr, [*KEYS, *SAME_LAYOUT, 'vit_mae']))}")
-    if config.get("hidden_act", "gelu") not in HF_ACTS and not config.get("use_swiglu_ffn"):  # SwiGLU: unread
+    gated = config.get("use_swiglu_ffn") or (family == DINOV3 and config.get("use_gated_mlp"))
+    if config.get("hidden_act", "gelu") not in HF_ACTS and not gated:  # SwiGLU's: DINOv2 ignores it, DINOv3 checks it
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
     prefix = PREFIX[family]
@@ -388,16 +389,23 @@ def _patches(config: dict, src: str) -> int:
 
 def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
     """A DINOv3ViTModel's tensors as the key map reads them: a zero key bias (DINOv3 has none, and vitkit
-    masks it), a table of zero positions (it has none: its positions are rotary). Refused: what vitkit's
-    DINOv3 cannot compute (a gated MLP, a key bias, another rotary base, projections without bias)."""
-    unsupported = {"use_gated_mlp": False, "key_bias": False, "proj_bias": True, "mlp_bias": True, "rope_theta": 100.0}
+    masks it), a table of zero positions (it has none: its positions are rotary), a gated MLP's gate_proj and
+    up_proj packed as up_proj (vitkit's fc1: SwiGLU). Refused: what vitkit's DINOv3 cannot compute (a gate
+    of another activation, a key bias, another rotary base, projections without bias)."""
+    unsupported = {"key_bias": False, "proj_bias": True, "mlp_bias": True, "rope_theta": 100.0}
     wrong = {k: config[k] for k, v in unsupported.items() if k in config and config[k] != v}
     if config.get("query_bias", True) != config.get("value_bias", True):
         wrong.update(query_bias=config.get("query_bias"), value_bias=config.get("value_bias"))
+    if config.get("use_gated_mlp") and config.get("hidden_act", "gelu") != "silu":
+        wrong.update(use_gated_mlp=True, hidden_act=config.get("hidden_act", "gelu"))
     if wrong:
         raise CheckpointError(f"{src}: a DINOv3 vitkit does not read: {wrong} (vitkit's DINOv3: {unsupported}, "
-                              "query and value biases both or neither)")
+                              "query and value biases both or neither, a gated MLP's activation silu: SwiGLU)")
     state, prefix = dict(state), PREFIX[DINOV3]
+    if config.get("use_gated_mlp"):  # S+, H+, 7B: SwiGLU, its gate and value layers packed as vitkit's fc1
+        for key in [k for k in state if ".mlp.gate_proj." in k]:
+            value = require(state, key.replace(".gate_proj.", ".up_proj."), src, "hf (DINOv3, use_gated_mlp)")
+            state[key.replace(".gate_proj.", ".up_proj.")] = torch.cat([state.pop(key), value])
     _zero_key_bias(state, f"{prefix}.layer.{{i}}.attention.{{}}_proj.bias", ("q", "k"),
                    count_blocks(state, rf"{prefix}\.layer\.(\d+)\."))
     cls_token = state.get(f"{prefix}.embeddings.cls_token")
@@ -430,7 +438,10 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     family = foreign.layout
     tower = TOWERS.get(family, family)
     swiglu = bool(c.get("use_swiglu_ffn"))
-    if swiglu:  # DINOv2's giant: its mlp_ratio gives the width before SwiGLU's rounding; fc1's packed width is vitkit's
+    if family == DINOV3 and c.get("use_gated_mlp"):  # intermediate_size: each of the two layers vitkit's fc1 packs
+        swiglu = True
+        fields["mlp_ratio"] = mlp_ratio_of(2 * int(c.get("intermediate_size", 4 * width)), width, foreign.path)
+    elif swiglu:  # DINOv2's giant: its mlp_ratio gives the width before SwiGLU's rounding; fc1's packed width is vitkit's
         fc1 = s.get(f"{family}.encoder.layer.0.mlp.fc1.weight")
         if fc1 is None:
             raise CheckpointError(f"{foreign.path}: use_swiglu_ffn is true, but the file has no first block's weights_in")
@@ -525,8 +536,9 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
                             f"(its pooler output is the class token); this model has {cfg.num_classes} classes, "
                             f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}: export its features "
                             "(num_classes=0), or export to timm")
-        if cfg.mlp_act == "swiglu":
-            problems.append("vitkit writes HF's DINOv3 with its plain MLP only: export to timm")
+        if cfg.mlp_act not in ("gelu", "swiglu"):
+            problems.append(f"HF's DINOv3 has an MLP of exact GELU or SwiGLU (use_gated_mlp); this model has "
+                            f"mlp_act={cfg.mlp_act!r}: export to timm")
     elif family == "beit":
         if (cfg.pool, cfg.final_norm) not in (("mean", "pooled"), ("cls", "tokens")):
             problems.append("HF's BEiT classifies the patch tokens' mean normalised after pooling (use_mean_pooling) "
@@ -561,13 +573,13 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
         if hf_mlp_ratio is None or hf_mlp_ratio != int(hf_mlp_ratio):
             problems.append(f"HF's DINOv2 takes a whole mlp_ratio, and no whole one gives this model's MLP "
                             f"({cfg.mlp_hidden} wide{', SwiGLU' if swiglu else ''}): export to timm")
-    elif cfg.mlp_act == "swiglu":
-        problems.append(f"HF's {ARCHITECTURE[family]} has no SwiGLU MLP (DINOv2's has): export to timm")
+    elif cfg.mlp_act == "swiglu" and family != DINOV3:
+        problems.append(f"HF's {ARCHITECTURE[family]} has no SwiGLU MLP (DINOv2's and DINOv3's have): export to timm")
     if problems:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
     h, w = cfg.img_size
-    act = next((hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act), "silu")  # SwiGLU's: DINOv2 ignores it
+    act = next((hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act), "silu")  # SwiGLU's: DINOv2 ignores it, DINOv3 reads it
     labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
     if tower in (CLIP, SIGLIP):  # CLIPVisionConfig's and SiglipVisionConfig's own fields
         if h != w:
@@ -589,11 +601,12 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
     if family == DINOV3:
         return {
             "architectures": [ARCHITECTURE[family]], "model_type": family, "hidden_size": cfg.emb_size,
-            "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.mlp_hidden,
+            "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.mlp_hidden // 2 if swiglu else cfg.mlp_hidden,  # gated: each of its two layers
             "hidden_act": act, "layer_norm_eps": cfg.norm_eps, "image_size": h if h == w else [h, w],
             "patch_size": cfg.patch_size, "num_channels": cfg.in_channels, "num_register_tokens": cfg.reg_tokens,
             "layerscale_value": cfg.layer_scale or 1.0, "query_bias": cfg.qkv_bias, "key_bias": False,
-            "value_bias": cfg.qkv_bias, "proj_bias": True, "mlp_bias": True, "use_gated_mlp": False,
+            "value_bias": cfg.qkv_bias, "proj_bias": True, "mlp_bias": True, "use_gated_mlp": swiglu,
             "rope_theta": 100.0, "drop_path_rate": 0.0, "attention_dropout": 0.0, **labels,
         }
     if family == "beit":
@@ -652,11 +665,14 @@ def export(model: nn.Module, out: Path) -> Path:
     if bias is not None and bias.any():  # CLIP's projection has none: only a zero one is exact
         raise ValueError("hf export: HF's CLIP projection has no bias, this model's classifier has a nonzero one "
                          "(trained): export to timm, or keep num_classes=0 (features)")
-    if cfg.mlp_act == "swiglu":  # DINOv2's giant: vitkit's fc1/fc2 are its packed SwiGLU layers
+    if cfg.mlp_act == "swiglu" and family in DINOV2:  # DINOv2's giant: vitkit's fc1/fc2 are its packed SwiGLU layers
         names = {ours: theirs for theirs, ours in SWIGLU_NAMES.items()}
         state = {re.sub(r"\.mlp\.(fc1|fc2)\.", lambda m: f".mlp.{names[m[1]]}.", k): v for k, v in state.items()}
     if family == DINOV3:  # no key bias (vitkit masks it), no positions (they must be zero), LayerScale always
         prefix = PREFIX[DINOV3]
+        if cfg.mlp_act == "swiglu":  # the packed fc1 (up_proj under the key map) split: gate, then value
+            for key in [k for k in state if ".mlp.up_proj." in k]:
+                state[key.replace(".up_proj.", ".gate_proj.")], state[key] = state[key].chunk(2)
         if state.pop(f"{prefix}.embeddings.position_embeddings").any():
             raise ValueError("hf export: HF's DINOv3 has no absolute positions, and this model's are not zero "
                              "(trained): export to timm, whose DINOv3 (Eva) holds them")

@@ -6,6 +6,8 @@ timm's ``global_pool="avg"`` + ``fc_norm`` is vitkit's ``pool="mean", final_norm
 ``class_token=False`` models have no ``cls_token`` and no class position. DeiT's distilled models
 (``dist_token``, ``head_dist``) are vitkit's ``dist_token=True``. BEiT (timm's ``Beit``: beit_*,
 beitv2_*) is vitkit's ``rel_pos_bias=True``: the same blocks under a few other names (``_from_beit``).
+DINOv3 (timm's ``Eva``: vit_*_patch16_dinov3) shares those names and is vitkit's ``rope="dinov3"``;
+its S+, H+ and 7B models' SwiGLU layers (fc1_g, fc1_x) are packed into vitkit's fc1.
 
 timm's state dicts do not store the number of heads: it comes from ``model=NAME``,
 ``num_heads=N``, a timm hub ``config.json`` beside the weights (``model_args.num_heads``,
@@ -72,7 +74,8 @@ TIMM_ARCHITECTURE = {(False, False, False, False, False): ("vit_base_patch16_224
                      (False, True, False, False, False): ("vit_base_patch16_clip_224", 1e-5),
                      (False, False, True, False, False): ("vit_giant_patch14_dinov2", 1e-6),
                      (False, False, False, True, False): ("beit_base_patch16_224", 1e-6),  # timm's Beit class
-                     (False, False, False, False, True): ("vit_base_patch16_dinov3", 1e-5)}  # timm's Eva class
+                     (False, False, False, False, True): ("vit_base_patch16_dinov3", 1e-5),  # timm's Eva class
+                     (False, False, True, False, True): ("vit_small_plus_patch16_dinov3", 1e-5)}  # Eva, SwiGLU
 
 
 def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool, bool]:
@@ -88,6 +91,9 @@ BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relat
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
 # timm architectures with rotary positions (its Eva class), refused by name
 ROTARY_ARCHITECTURES = ("eva02", "_rope_")  # (DINOv3's are read: vitkit's rope="dinov3")
+# Eva's SwiGLU (DINOv3 S+, H+, 7B) as two Linear layers, gate and value, where vitkit's fc1 packs them
+# (gate first: layers.SiLUGate), as timm's SwiGLUPacked does
+SWIGLU_HALVES = ("fc1_g", "fc1_x")
 
 
 def is_beit(state: dict) -> bool:
@@ -117,7 +123,10 @@ def _from_beit(state: dict, src: str, config: dict) -> tuple[dict, str]:
         elif name == "q_bias":
             v_bias = require(state, f"{block}.v_bias", src, "timm (BEiT)")
             out[f"{block}.qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])  # (3E,): q, k, v
-        elif name != "v_bias":
+        elif block.endswith(f".mlp.{SWIGLU_HALVES[0]}"):  # SwiGLU's gate: packed with its value half into fc1
+            halves = [value, require(state, f"{block[:-len(SWIGLU_HALVES[0])]}{SWIGLU_HALVES[1]}.{name}", src, "timm (Eva)")]
+            out[f"{block[:-len(SWIGLU_HALVES[0])]}fc1.{name}"] = torch.cat(halves)
+        elif name != "v_bias" and not block.endswith(f".mlp.{SWIGLU_HALVES[1]}"):
             out[key] = value
     if SHARED_TABLE in state:
         # What BEiT's own fine-tuning does with a pretrained shared table: every block starts from a copy.
@@ -137,12 +146,16 @@ def _from_beit(state: dict, src: str, config: dict) -> tuple[dict, str]:
     return out, rope
 
 
-def _to_beit(state: dict, abs_pos: bool) -> dict:
-    """``_from_beit`` undone (KEYS' names -> Beit's); the k bias is dropped (see above)."""
+def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False) -> dict:
+    """``_from_beit`` undone (KEYS' names -> Beit's and Eva's); the k bias is dropped (see above).
+    ``swiglu``: fc1 split into Eva's gate and value layers."""
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
-        if name == "gamma" and block.endswith((".ls1", ".ls2")):
+        if swiglu and block.endswith(".mlp.fc1"):
+            for half, tensor in zip(SWIGLU_HALVES, value.chunk(2), strict=True):
+                out[f"{block[:-3]}{half}.{name}"] = tensor
+        elif name == "gamma" and block.endswith((".ls1", ".ls2")):
             out[f"{block[:-4]}.gamma_{block[-1]}"] = value
         elif key.endswith(".attn.qkv.bias"):
             q_bias, _, v_bias = value.chunk(3)
@@ -157,7 +170,9 @@ def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
-    return _to_beit(state, abs_pos=bool(state["pos_embed"].any())) if cfg.rel_pos_bias or cfg.rope != "none" else state
+    if cfg.rel_pos_bias or cfg.rope != "none":
+        return _to_beit(state, abs_pos=bool(state["pos_embed"].any()), swiglu=cfg.mlp_act == "swiglu")
+    return state
 
 
 def read(path: Path) -> Foreign:
@@ -305,9 +320,10 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
                          f"dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, "
                          f"rel_pos_bias={cfg.rel_pos_bias}, rope={cfg.rope!r}")
     special = "BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope != "none" else None
-    if special and (cfg.mlp_act != "gelu" or cfg.pool == "map" or cfg.final_norm == "none"):
-        raise ValueError(f"timm export: timm's {special} has exact GELU, pools the class token or the mean, and "
-                         f"normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
+    acts = {"gelu": "exact GELU", **({"swiglu": "SwiGLU"} if cfg.rope != "none" else {})}  # Eva: DINOv3 S+, H+, 7B
+    if special and (cfg.mlp_act not in acts or cfg.pool == "map" or cfg.final_norm == "none"):
+        raise ValueError(f"timm export: timm's {special} has {' or '.join(acts.values())}, pools the class token or "
+                         f"the mean, and normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
                          f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}")
     eps = TIMM_ARCHITECTURE[architecture_key(cfg)][1]
     if cfg.norm_eps != eps:
@@ -325,8 +341,18 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
         init_values=float(cfg.layer_scale),
     )
     if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's rotary settings
-        return dict(shared, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
-                    use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
+        eva = dict(shared, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
+                   use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
+        if cfg.mlp_act == "swiglu":
+            # Eva's mlp_ratio gives the width of each of SwiGLU's two layers, half of vitkit's packed fc1.
+            # swiglu_align_to=1 keeps the split layers (fc1_g, fc1_x) without rounding that width up
+            # (the architectures round to 8 or 64, which their own widths already are).
+            half = cfg.mlp_hidden // 2
+            ratio = half / cfg.emb_size
+            if int(cfg.emb_size * ratio) != half:  # Eva takes int(width * ratio): a ratio rounded below half
+                ratio = (half + 0.5) / cfg.emb_size
+            eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1)
+        return eva
     if cfg.rel_pos_bias:  # Beit's own arguments
         beit = dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True)
         if (cfg.final_norm == "pooled") != (cfg.pool == "mean"):
