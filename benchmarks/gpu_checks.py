@@ -94,10 +94,12 @@ FEATURES = {
     "DeiT (distillation token)": dict(pool="cls", final_norm="tokens", dist_token=True),
     "conv stem": dict(stem="conv"),
     "dynamic image size (input 48x40)": dict(pool="cls", final_norm="tokens", dynamic_img_size=True),
-    "BEiT (relative position bias, LayerScale)": dict(rel_pos_bias=True, layer_scale=0.1),
-    "BEiT, class-token head": dict(rel_pos_bias=True, pool="cls", final_norm="tokens"),
-    "DINOv3 (rotary positions, registers, any image size)": dict(rope="dinov3", reg_tokens=4, layer_scale=1e-5,
-                                                                 dynamic_img_size=True),
+    "BEiT (relative position bias, LayerScale)": dict(rel_pos_bias=True, abs_pos=False, layer_scale=0.1),
+    "BEiT, class-token head, absolute positions too": dict(rel_pos_bias=True, pool="cls", final_norm="tokens"),
+    "DINOv3 (rotary positions, registers, any image size)": dict(rope="dinov3", abs_pos=False, reg_tokens=4,
+                                                                 layer_scale=1e-5, dynamic_img_size=True),
+    "DINOv3 S+/H+/7B (SwiGLU)": dict(rope="dinov3", abs_pos=False, reg_tokens=4, layer_scale=1e-5,
+                                     dynamic_img_size=True, mlp_act="swiglu"),
     "cls+mean (no timm twin)": dict(pool="cls_mean", final_norm="tokens"),
 }
 

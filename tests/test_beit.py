@@ -51,7 +51,7 @@ def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, 
         ours = load(_timm_file(tmp_path, theirs), "timm")
     assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale and ours.cfg.norm_eps == 1e-6 and ours.cfg.num_heads == 4
     assert (ours.cfg.pool, ours.cfg.final_norm) == (("mean", "pooled") if pool == "avg" else ("cls", "tokens"))
-    assert bool(ours.patch_embed.positions.any()) == abs_pos  # zeros stand in for BEiT's absent table
+    assert ours.cfg.abs_pos == abs_pos and (ours.patch_embed.positions is not None) == abs_pos
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
@@ -272,6 +272,7 @@ def test_hf_beit_converts_both_ways_with_equal_logits(tmp_path, cls_name, config
     theirs = _hf_beit(tmp_path, cls_name, config_name, **fields)
     ours = load(tmp_path / "hf", "hf").eval()
     assert ours.cfg.rel_pos_bias and ours.cfg.layer_scale == 0.1 and ours.cfg.norm_eps == 1e-12
+    assert ours.cfg.abs_pos == fields.get("use_absolute_position_embeddings", False)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), _hf_logits(theirs, x), atol=1e-5, rtol=1e-5)
@@ -280,6 +281,36 @@ def test_hf_beit_converts_both_ways_with_equal_logits(tmp_path, cls_name, config
         transformers.AutoModelForImageClassification.from_pretrained(out)
     assert type(back).__name__ == ("BeitModel" if cls_name == "BeitModel" else "BeitForImageClassification")
     torch.testing.assert_close(_hf_logits(back.eval(), x), _hf_logits(theirs, x), atol=1e-5, rtol=1e-5)
+    assert back.config.use_absolute_position_embeddings == ours.cfg.abs_pos
+
+
+def test_a_beit_checkpoint_from_before_abs_pos_keeps_its_zero_table_and_exports_without_it(tmp_path):
+    """vitkit read BEiT into a table of zero positions before ViTConfig.abs_pos: such a checkpoint (its
+    config.json without the field) loads as it was saved, and goes to timm and HF without the table."""
+    import json
+
+    from vitkit import load_pretrained, save_pretrained
+
+    theirs = _randomise(Beit(**SMALL, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True))
+    with pytest.warns(UserWarning, match="normalisation"):
+        new = load(_timm_file(tmp_path, theirs), "timm", num_heads=4)
+    model = ViT(new.cfg.replace(abs_pos=True))  # the old layout: the same weights and a table of zeros
+    model.load_state_dict({**new.state_dict(), "patch_embed.positions": torch.zeros_like(model.patch_embed.positions)})
+    save_pretrained(model, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    model_fields = config["model"]
+    del model_fields["abs_pos"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old = load_pretrained(tmp_path / "old").eval()
+    assert old.cfg.abs_pos and old.patch_embed.positions is not None
+    x = torch.randn(2, 3, 32, 32)
+    back = timm.create_model(f"local-dir:{export(old, tmp_path / 'timm', 'timm')}", pretrained=True).eval()
+    assert back.pos_embed is None
+    hf = transformers.BeitForImageClassification.from_pretrained(export(old, tmp_path / "hf", "hf")).eval()
+    assert not hf.config.use_absolute_position_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_hf_logits(hf, x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 def test_timm_beit_goes_through_vitkit_into_transformers(tmp_path):

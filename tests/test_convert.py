@@ -649,6 +649,28 @@ def test_torchvision_full_vit_b_32(tmp_path):
     assert_same_logits(run(ours, x), run(theirs, x))
 
 
+def test_a_vit_without_absolute_positions_goes_to_timm_and_back(tmp_path):
+    """abs_pos=False: timm's pos_embed='none' (no pos_embed tensor), both ways, the same logits; a bare file
+    is read without positions too, and vitkit's model has nothing to train where timm's has nothing."""
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                               depth=2, num_heads=4, num_classes=7, pos_embed="none").eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    assert "pos_embed" not in theirs.state_dict()
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", num_heads=4, img_size=32)
+    assert not ours.cfg.abs_pos and ours.patch_embed.positions is None
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_logits(run(ours, x), run(theirs, x))
+    back = timm.create_model(f"local-dir:{vc.export(ours, tmp_path / 'hub', 'timm')}", pretrained=True).eval()
+    assert back.pos_embed is None
+    assert_same_logits(run(back, x), run(theirs, x))
+    with pytest.raises(ValueError, match="abs_pos=False"):  # HF's ViT always adds positions
+        vc.export(ours, tmp_path / "hf", "hf")
+
+
 # --- JAX .npz ----------------------------------------------------------------------------------------
 def tiny_vitkit(**kw) -> ViT:
     fields = dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=7,
@@ -749,7 +771,8 @@ def test_jax_big_vision_layout(tmp_path, kw, scanned, keep_class_position):
 BEYOND_PLAIN = [("dist_token", True, "DeiT's distillation token"), ("reg_tokens", 2, "register tokens"),
                 ("layer_scale", 0.1, "LayerScale"), ("pre_norm", True, "CLIP's pre-norm"),
                 ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'"),
-                ("rel_pos_bias", True, "BEiT's relative position bias"), ("rope", "dinov3", "rope='dinov3'")]
+                ("rel_pos_bias", True, "BEiT's relative position bias"), ("rope", "dinov3", "rope='dinov3'"),
+                ("abs_pos", False, "no absolute positions")]
 
 
 @pytest.mark.parametrize("field, value, named", BEYOND_PLAIN, ids=[f"{f}={v}" for f, v, _ in BEYOND_PLAIN])

@@ -18,17 +18,17 @@ PUBLISHED_PARAMS = {
     "deit_tiny_distilled_patch16_224": 5_910_800,
     "deit_small_distilled_patch16_224": 22_436_432,
     "deit_base_distilled_patch16_224": 87_338_192,
-    # BEiT: timm's 86,530,984 and 304,430,568, plus what vitkit holds at zero where BEiT has nothing: a
-    # position table (197 x 768 / 1024) and each block's k bias (12 x 768, 24 x 1024)
-    "beit_base_patch16_224": 86_530_984 + 197 * 768 + 12 * 768,
-    "beitv2_large_patch16_224": 304_430_568 + 197 * 1024 + 24 * 1024,
-    # DINOv3: timm's, plus the zero position table (class token, 4 registers, 196 patches) and the zero k biases
-    "vit_small_patch16_dinov3": 21_586_944 + 201 * 384,
-    "vit_base_patch16_dinov3_qkvb": 85_659_648 + 201 * 768 + 12 * 768,
-    # DINOv3's SwiGLU models (timm's counts, the same zero table added; the 7B's 6.7 billion as published)
-    "vit_small_plus_patch16_dinov3": 28_683_264 + 201 * 384,
-    "vit_huge_plus_patch16_dinov3": 840_509_440 + 201 * 1280,
-    "vit_7b_patch16_dinov3": 6_716_030_976 + 201 * 4096,
+    # BEiT: timm's 86,530,984 and 304,430,568, plus what vitkit holds at zero where BEiT has none: each
+    # block's k bias (12 x 768, 24 x 1024). No position table: abs_pos=False, as timm's use_abs_pos_emb=False
+    "beit_base_patch16_224": 86_530_984 + 12 * 768,
+    "beitv2_large_patch16_224": 304_430_568 + 24 * 1024,
+    # DINOv3: timm's, plus the zero k biases of the _qkvb ones (timm counts its k bias as a buffer)
+    "vit_small_patch16_dinov3": 21_586_944,
+    "vit_base_patch16_dinov3_qkvb": 85_659_648 + 12 * 768,
+    # DINOv3's SwiGLU models (timm's counts; the 7B's 6.7 billion as published)
+    "vit_small_plus_patch16_dinov3": 28_683_264,
+    "vit_huge_plus_patch16_dinov3": 840_509_440,
+    "vit_7b_patch16_dinov3": 6_716_030_976,
 }
 
 
@@ -41,7 +41,7 @@ def expected_params(cfg: ViTConfig) -> int:
     else:
         stem = c * p * p * e + (0 if cfg.pre_norm else e)  # CLIP's projection has no bias...
     stem += 2 * e if cfg.pre_norm else 0  # ...and a LayerNorm after it
-    embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e + cfg.num_prefix_tokens * e
+    embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e * cfg.abs_pos + cfg.num_prefix_tokens * e
     mlp = (e * h + h) + ((h // 2 if cfg.mlp_act == "swiglu" else h) * e + e)  # SwiGLU: fc2 reads half of fc1
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + mlp
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas

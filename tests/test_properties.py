@@ -72,6 +72,7 @@ def valid_configs(draw) -> ViTConfig:
         dist_token=dist_token,
         rel_pos_bias=rel_pos_bias,
         rope=rope,
+        abs_pos=draw(st.booleans()),
         pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
@@ -227,7 +228,8 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
             return "dist_token", {"dist_token": True, "pool": "mean"}, "pool"
         return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
-        field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias"]))
+        field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias",
+                                      "abs_pos"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

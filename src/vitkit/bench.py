@@ -190,9 +190,9 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
 
 
 # --- contestants ---------------------------------------------------------------------------
-def timm_model(cfg: ViTConfig, abs_pos: bool = True) -> nn.Module:
+def timm_model(cfg: ViTConfig, abs_pos: bool | None = None) -> nn.Module:
     """timm's model of ``cfg``'s architecture (VisionTransformer, or the class TIMM_ARCHITECTURE names), random
-    weights; ``abs_pos=False``: a BEiT or DINOv3 without absolute positions."""
+    weights; ``abs_pos``: with absolute positions or without (default: ``cfg.abs_pos``)."""
     try:
         import timm
     except ImportError as e:

@@ -414,9 +414,10 @@ def build_with_state(
     new_cfg = cfg.replace(**new_fields)
     state = dict(state)
     if new_cfg.grid_size != cfg.grid_size:
-        state["patch_embed.positions"] = resample_positions(
-            state["patch_embed.positions"], new_cfg.grid_size, cfg.grid_size, cfg.num_prefix_tokens
-        )
+        if cfg.abs_pos:
+            state["patch_embed.positions"] = resample_positions(
+                state["patch_embed.positions"], new_cfg.grid_size, cfg.grid_size, cfg.num_prefix_tokens
+            )
         for key in [k for k in state if k.endswith(".attn.rel_pos_bias_table")]:  # BEiT's, one a block
             state[key] = resample_rel_pos_table(state[key], new_cfg.grid_size, cfg.grid_size)
     if new_cfg.in_channels != cfg.in_channels:  # the stem's first convolution: the first 4-d weight

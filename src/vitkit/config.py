@@ -83,13 +83,17 @@ class ViTConfig:
     # BEiT's relative position bias (Bao et al. 2021; BEiT v2, Data2Vec): each block's attention adds
     # a learned bias per head to its logits, looked up by the offset between query and key patches
     # ((2h-1)(2w-1) offsets, and three entries for class-to-patch, patch-to-class and class-to-class).
-    # BEiT has no absolute positions: a model read from it holds a `positions` table of zeros.
+    # BEiT has no absolute positions (abs_pos=False).
     rel_pos_bias: bool = False
     # Rotary positions: "dinov3" (Siméoni et al. 2025) rotates each patch's q and k by angles of its
     # centred, [-1, 1]-normalised (row, column), half the head width each, periods 100^(2i/(d/2)); the
-    # prefix tokens are not rotated, and any image size has its own grid. A model read from DINOv3
-    # holds a `positions` table of zeros. "none": positions come from `positions` alone.
+    # prefix tokens are not rotated, and any image size has its own grid. DINOv3 has no absolute
+    # positions (abs_pos=False). "none": no rotation.
     rope: str = "none"
+    # Learned absolute positions (PatchEmbedding.positions, timm's pos_embed), added to the tokens; False:
+    # none, as BEiT (use_abs_pos_emb=False) and DINOv3 have, whose positions are relative or rotary. A model
+    # without them has no table to train or resample (timm's parameter count, and timm's fine-tuning).
+    abs_pos: bool = True
     # "cls": the class token's output; "mean": mean of the patch tokens; "map": attention pooling, a
     # learned query attending over every token, then an MLP (SigLIP; timm's global_pool="map");
     # "cls_mean": the class token's output and the patch tokens' mean side by side, 2 x emb_size
@@ -191,7 +195,7 @@ class ViTConfig:
         if self.pool == "cls_mean" and self.final_norm == "pooled":
             raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
                              "side by side); use final_norm='tokens', as DINOv2 does")
-        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias"):
+        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias", "abs_pos"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -316,9 +320,9 @@ def _table() -> dict[str, dict]:
     table["vit_so400m_patch14_siglip_224"] = dict(emb_size=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152,
                                                   **siglip, patch_size=14, img_size=224)
     # BEiT (Bao et al. 2021; timm's beit_*) and BEiT v2 (Peng et al. 2022; beitv2_*): relative position
-    # bias in every block, no absolute positions (a table of zeros here), LayerScale, the patch tokens'
+    # bias in every block, no absolute positions, LayerScale, the patch tokens'
     # mean normalised after pooling
-    beit = dict(rel_pos_bias=True, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
+    beit = dict(rel_pos_bias=True, abs_pos=False, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
     for size in ("base", "large"):
         for img in IMG_SIZES:
             table[f"beit_{size}_patch16_{img}"] = dict(**SIZES[size], **beit, patch_size=16, img_size=img,
@@ -326,12 +330,12 @@ def _table() -> dict[str, dict]:
         table[f"beitv2_{size}_patch16_224"] = dict(**SIZES[size], **beit, patch_size=16, img_size=224,
                                                    layer_scale=1e-5)
     # DINOv3 (Siméoni et al. 2025; timm's vit_*_patch16_dinov3, its Eva class): rotary positions, no
-    # absolute ones (a table of zeros here), 4 registers, LayerScale, LayerNorm eps 1e-5, no qkv bias
+    # absolute ones, 4 registers, LayerScale, LayerNorm eps 1e-5, no qkv bias
     # (the _qkvb weights have one, zero), any image size; timm pools the patch tokens' mean (the
     # reference code, the class token: --head-pool cls); self-supervised: no classifier
     for size in ("small", "base", "large"):
         table[f"vit_{size}_patch16_dinov3"] = dict(
-            **SIZES[size], patch_size=16, img_size=224, dynamic_img_size=True, rope="dinov3", reg_tokens=4,
+            **SIZES[size], patch_size=16, img_size=224, dynamic_img_size=True, rope="dinov3", abs_pos=False, reg_tokens=4,
             layer_scale=1e-5, norm_eps=1e-5, qkv_bias=False, class_token=True, pool="mean", final_norm="tokens",
             num_classes=0)
         table[f"vit_{size}_patch16_dinov3_qkvb"] = dict(table[f"vit_{size}_patch16_dinov3"], qkv_bias=True)

@@ -105,6 +105,7 @@ class PatchEmbedding(nn.Module):
         reg_tokens: int = 0,
         pre_norm: bool = False,
         norm_eps: float = 1e-5,
+        abs_pos: bool = True,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -126,7 +127,8 @@ class PatchEmbedding(nn.Module):
         # registers after it (timm's reg_token, initialised as timm does: N(0, 1e-6))
         self.reg_token = nn.Parameter(torch.randn(1, reg_tokens, emb_size) * 1e-6) if reg_tokens else None
         num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size)))
+        # none where positions are relative or rotary (BEiT, DINOv3: ViTConfig.abs_pos=False)
+        self.positions = nn.Parameter(trunc_normal_(torch.empty(1, num_tokens, emb_size))) if abs_pos else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
         # CLIP: the tokens normalised before the first block (timm's norm_pre, CLIP's ln_pre)
         self.norm_pre = nn.LayerNorm(emb_size, eps=norm_eps) if pre_norm else None
@@ -189,6 +191,10 @@ class PatchEmbedding(nn.Module):
         if prefix:  # (B, 1 or R, E) views each, no copies -> (B, prefix + N_patches, E)
             x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
         positions = self.positions
+        if positions is None:  # relative or rotary positions only: the blocks add them
+            # row-major (B, N, E) tokens (see below): the concatenation made them so, else a copy
+            x = _dropout(self.pos_drop, x if prefix else x.contiguous())
+            return x if self.norm_pre is None else self.norm_pre(x)
         # Under torch.export the grid is symbolic: resample unconditionally (exact identity at the
         # native grid) so that one exported program serves every image size.
         exporting = self.dynamic_img_size and torch.compiler.is_exporting()

@@ -106,7 +106,7 @@ class ViT(nn.Module):
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
             class_token=cfg.class_token, pos_drop_rate=cfg.pos_drop_rate, dynamic_img_size=cfg.dynamic_img_size,
             stem=cfg.stem, dist_token=cfg.dist_token, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
-            norm_eps=cfg.norm_eps,
+            norm_eps=cfg.norm_eps, abs_pos=cfg.abs_pos,
         )
         self.encoder = TransformerEncoder(cfg)
         self.head = ClassificationHead(
@@ -208,7 +208,7 @@ class ViT(nn.Module):
         def fresh() -> nn.Module:
             fc = nn.Linear(self.cfg.num_features, num_classes) if num_classes > 0 else nn.Identity()
             init_weights(fc)
-            return fc.to(self.patch_embed.positions.device)
+            return fc.to(next(self.patch_embed.parameters()).device)
 
         self.head.fc = fresh()
         if self.head.fc_dist is not None:

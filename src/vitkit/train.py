@@ -974,7 +974,10 @@ class Trainer:
             changes = [f"{old.num_classes} -> {data.num_classes} classes, a new classifier" if not keep_head
                        else "its classifier kept"]
             if old.img_size != model_cfg.img_size:
-                changes.append(f"positions resampled from {old.img_size[0]}x{old.img_size[1]} "
+                resampled = [what for what, held in (("positions", old.abs_pos),
+                                                     ("relative position tables", old.rel_pos_bias)) if held]
+                changes.append(f"{' and '.join(resampled) or 'image size'} "  # rotary: nothing to resample
+                               f"{'resampled ' if resampled else ''}from {old.img_size[0]}x{old.img_size[1]} "
                                f"to {model_cfg.img_size[0]}x{model_cfg.img_size[1]}")
             if old.in_channels != data.image_shape[0]:
                 changes.append(f"first convolution adapted from {old.in_channels} to {data.image_shape[0]} channels")

@@ -51,6 +51,7 @@ BEYOND_PLAIN_VIT = {
     "mlp_act": ("an MLP activation other than exact GELU (mlp_act={value!r})", ("timm", "hf")),
     "rel_pos_bias": ("BEiT's relative position bias (rel_pos_bias=True)", ("timm", "hf")),
     "rope": ("rotary positions (rope={value!r})", ("timm", "hf")),
+    "abs_pos": ("no absolute positions (abs_pos=False)", ("timm", "hf")),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

@@ -350,20 +350,14 @@ def read(path: Path) -> Foreign:
 
 def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
     """A BEiT file's tensors as the key map reads them: a zero key bias beside the query's and value's,
-    each block's own table (a shared one copied into all of them, as BEiT's fine-tuning starts), and a
-    table of zero positions where it has none (use_absolute_position_embeddings=False)."""
+    each block's own table (a shared one copied into all of them, as BEiT's fine-tuning starts). Without
+    use_absolute_position_embeddings there is no position table: vitkit's abs_pos=False."""
     state = dict(state)
     depth = count_blocks(state, rf"{prefix}\.encoder\.layer\.(\d+)\.")
     _zero_key_bias(state, f"{prefix}.encoder.layer.{{i}}.attention.attention.{{}}.bias", ("query", "key"), depth)
     shared = state.pop(BEIT_SHARED_TABLE.format(prefix=prefix), None)
     if shared is not None:
         state.update({BEIT_TABLE.format(prefix=prefix, i=i): shared.clone() for i in range(depth)})
-    positions = f"{prefix}.embeddings.position_embeddings"
-    if positions not in state:
-        cls_token = state.get(f"{prefix}.embeddings.cls_token")
-        if cls_token is None:
-            raise CheckpointError(f"{src}: a BEiT file without {prefix}.embeddings.cls_token")
-        state[positions] = cls_token.new_zeros(1, 1 + _patches(config, src), cls_token.shape[-1])
     return state
 
 
@@ -376,20 +370,9 @@ def _zero_key_bias(state: dict, name: str, query_key: tuple[str, str], depth: in
             state[key] = torch.zeros_like(state[query])
 
 
-def _patches(config: dict, src: str) -> int:
-    """The patches of config.json's image_size at its patch_size, for a zero position table of that grid."""
-    try:
-        size, patch = config.get("image_size", 224), int(config.get("patch_size", 16))
-        h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
-        return (h // patch) * (w // patch)
-    except (TypeError, ValueError, IndexError, ZeroDivisionError):
-        raise CheckpointError(f"{src}: config.json's image_size {config.get('image_size')!r} and patch_size "
-                              f"{config.get('patch_size')!r} do not give a patch grid") from None
-
-
 def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
     """A DINOv3ViTModel's tensors as the key map reads them: a zero key bias (DINOv3 has none, and vitkit
-    masks it), a table of zero positions (it has none: its positions are rotary), a gated MLP's gate_proj and
+    masks it), no position table (its positions are rotary: vitkit's abs_pos=False), a gated MLP's gate_proj and
     up_proj packed as up_proj (vitkit's fc1: SwiGLU). Refused: what vitkit's DINOv3 cannot compute (a gate
     of another activation, a key bias, another rotary base, projections without bias)."""
     unsupported = {"key_bias": False, "proj_bias": True, "mlp_bias": True, "rope_theta": 100.0}
@@ -408,12 +391,8 @@ def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
             state[key.replace(".gate_proj.", ".up_proj.")] = torch.cat([state.pop(key), value])
     _zero_key_bias(state, f"{prefix}.layer.{{i}}.attention.{{}}_proj.bias", ("q", "k"),
                    count_blocks(state, rf"{prefix}\.layer\.(\d+)\."))
-    cls_token = state.get(f"{prefix}.embeddings.cls_token")
-    registers = state.get(f"{prefix}.embeddings.register_tokens")
-    if cls_token is None or registers is None:
-        raise CheckpointError(f"{src}: a DINOv3ViTModel without embeddings.cls_token or embeddings.register_tokens")
-    state[f"{prefix}.embeddings.position_embeddings"] = cls_token.new_zeros(
-        1, 1 + registers.shape[1] + _patches(config, src), cls_token.shape[-1])
+    for token in ("cls_token", "register_tokens"):
+        require(state, f"{prefix}.embeddings.{token}", src, "hf (DINOv3ViTModel)")
     return state
 
 
@@ -472,6 +451,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
                      else 0.0),
         rel_pos_bias=BEIT_TABLE.format(prefix=PREFIX[family], i=0) in s,
         rope="dinov3" if family == DINOV3 else "none",
+        # BEiT without use_absolute_position_embeddings, and DINOv3: no position table
+        abs_pos=f"{PREFIX[family]}.embeddings.position_embeddings" in s if family in (*BEIT, DINOV3) else True,
         dynamic_img_size=family == DINOV3,  # rotary positions: any image size
         pre_norm=tower == CLIP,
         mlp_act="swiglu" if swiglu else HF_ACTS[c.get("hidden_act", "gelu")],
@@ -508,14 +489,19 @@ def _swiglu_width(width: int, mlp_ratio: float) -> int:
     return (int(int(width * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
-def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: bool = True) -> dict:
+def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: bool | None = None) -> dict:
     """The config.json ``ViTForImageClassification.from_pretrained`` reads (with ``dist_token``:
     ``DeiTForImageClassificationWithTeacher``'s; with LayerScale or registers, DINOv2's; with
     ``pre_norm`` or without a class token, CLIP's or SigLIP's tower or its image classifier; with
-    ``rel_pos_bias``, BEiT's). ``abs_pos=False``: a BEiT model's positions are zero, and HF's holds none."""
+    ``rel_pos_bias``, BEiT's). ``abs_pos``: whether HF's model holds absolute positions; by default
+    ``cfg.abs_pos`` (False also for a BEiT model whose table holds zeros)."""
+    abs_pos = cfg.abs_pos if abs_pos is None else abs_pos
     problems = []
     family = _family(cfg)
     tower = TOWERS.get(family, family)
+    if not cfg.abs_pos and family not in ("beit", DINOV3):
+        problems.append(f"HF's {ARCHITECTURE[family]} has absolute positions, and this model none (abs_pos=False): "
+                        "export to timm")
     # DINOv2's config gives the MLP width before SwiGLU keeps 2/3 of it (rounded up to a multiple of 8):
     # the first whole ratio that gives this model's gate width, None if none does
     swiglu = cfg.mlp_act == "swiglu"
@@ -650,9 +636,10 @@ def export(model: nn.Module, out: Path) -> Path:
 
     cfg: ViTConfig = model.cfg
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    abs_pos = bool(state["patch_embed.positions"].any()) or not cfg.rel_pos_bias
+    # a BEiT table of zeros (read by vitkit before abs_pos) is written as no table
+    abs_pos = cfg.abs_pos and (bool(state["patch_embed.positions"].any()) or not cfg.rel_pos_bias)
     config = hf_config(cfg, getattr(model, "class_names", None), abs_pos)
-    if cfg.reg_tokens:  # a register's position is a constant added to a constant token: fold it in
+    if cfg.reg_tokens and cfg.abs_pos:  # a register's position is a constant added to a constant token: fold it in
         positions = state["patch_embed.positions"]
         state["patch_embed.reg_token"] = state["patch_embed.reg_token"] + positions[:, 1:1 + cfg.reg_tokens]
     family = _family(cfg)
@@ -673,7 +660,8 @@ def export(model: nn.Module, out: Path) -> Path:
         if cfg.mlp_act == "swiglu":  # the packed fc1 (up_proj under the key map) split: gate, then value
             for key in [k for k in state if ".mlp.up_proj." in k]:
                 state[key.replace(".up_proj.", ".gate_proj.")], state[key] = state[key].chunk(2)
-        if state.pop(f"{prefix}.embeddings.position_embeddings").any():
+        positions = state.pop(f"{prefix}.embeddings.position_embeddings", None)
+        if positions is not None and positions.any():
             raise ValueError("hf export: HF's DINOv3 has no absolute positions, and this model's are not zero "
                              "(trained): export to timm, whose DINOv3 (Eva) holds them")
         state = {k: v for k, v in state.items() if not k.endswith(".attention.k_proj.bias")}

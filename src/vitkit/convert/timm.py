@@ -100,7 +100,7 @@ def is_beit(state: dict) -> bool:
     return any(k in state for k in BEIT_MARKERS)
 
 
-def _from_beit(state: dict, src: str, config: dict) -> tuple[dict, str]:
+def _from_beit(state: dict, src: str) -> tuple[dict, str]:
     """A Beit state dict (or a DINOv3 one: timm's Eva class, under the same names) under
     VisionTransformer's names, plus each block's relative position table -> (that state, ViTConfig.rope)."""
     rope = "none"
@@ -132,17 +132,6 @@ def _from_beit(state: dict, src: str, config: dict) -> tuple[dict, str]:
         # What BEiT's own fine-tuning does with a pretrained shared table: every block starts from a copy.
         for i in range(count_blocks(state, r"blocks\.(\d+)\.")):
             out[f"blocks.{i}.attn.relative_position_bias_table"] = state[SHARED_TABLE].clone()
-    if "pos_embed" not in out:  # use_abs_pos_emb=False: positions relative or rotary; a table of zeros adds nothing
-        proj = require(state, "patch_embed.proj.weight", src, "timm")
-        if rope == "none":
-            table = out["blocks.0.attn.relative_position_bias_table"]
-            side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
-            patches = side * side
-        else:  # rotary positions fit any grid: the one the file's config names, else timm's default 224
-            img = config.get("model_args", {}).get("img_size", 224)
-            h, w = (img, img) if isinstance(img, int) else img
-            patches = (h // proj.shape[-2]) * (w // proj.shape[-1])
-        out["pos_embed"] = torch.zeros(1, _prefix_tokens(state) + patches, proj.shape[0])
     return out, rope
 
 
@@ -170,8 +159,9 @@ def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
-    if cfg.rel_pos_bias or cfg.rope != "none":
-        return _to_beit(state, abs_pos=bool(state["pos_embed"].any()), swiglu=cfg.mlp_act == "swiglu")
+    if cfg.rel_pos_bias or cfg.rope != "none":  # a table of zero positions (vitkit before abs_pos) is left out
+        abs_pos = "pos_embed" in state and bool(state["pos_embed"].any())
+        return _to_beit(state, abs_pos=abs_pos, swiglu=cfg.mlp_act == "swiglu")
     return state
 
 
@@ -195,7 +185,7 @@ def read(path: Path) -> Foreign:
     state = load_state_dict_file(path)
     rope = "none"
     if is_beit(state):
-        state, rope = _from_beit(state, str(path), config)
+        state, rope = _from_beit(state, str(path))
     foreign = Foreign(str(path), state, config=config, layout=rope)
     pretrained = config.get("pretrained_cfg", {})
     if "mean" in pretrained and "std" in pretrained:
@@ -273,6 +263,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         # CLIP's towers: 1e-5, other timm ViTs: 1e-6
         rel_pos_bias="blocks.0.attn.relative_position_bias_table" in s,
         rope=rope,
+        abs_pos="pos_embed" in s,  # none: Beit's and Eva's use_abs_pos_emb=False, VisionTransformer's pos_embed='none'
         # DINOv3 takes any image size (its positions are rotary); the model's own setting where the config has it
         dynamic_img_size=bool(args.get("dynamic_img_size", rope != "none")),
         norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope != "none"), (None, 1e-6))[1],
@@ -289,28 +280,47 @@ def patch_positions(foreign: Foreign) -> int:
     (DeiT-III, DINOv2 with registers) gives positions to the patches only: the table then holds no
     entries for the prefix tokens (told by the file's config, or by a table that is a square grid
     only without them)."""
-    s, src = foreign.state, foreign.path
-    held, prefix = require(s, "pos_embed", src, "timm").shape[1], _prefix_tokens(s)
+    s = foreign.state
+    if "pos_embed" not in s:  # no absolute positions: the grid from elsewhere
+        return _patches_without_positions(foreign)
+    held, prefix = s["pos_embed"].shape[1], _prefix_tokens(s)
     no_embed_class = foreign.config.get("model_args", {}).get("no_embed_class")
     if no_embed_class is None:
         no_embed_class = prefix > 0 and round((held - prefix) ** 0.5) ** 2 != held - prefix and round(held**0.5) ** 2 == held
     return held if no_embed_class else held - prefix
 
 
+def _patches_without_positions(foreign: Foreign) -> int:
+    """The patch grid of a model without a ``pos_embed``: BEiT's relative position tables are laid out for
+    it; rotary positions (DINOv3) and timm's ``pos_embed='none'`` fit any grid: the image size of the
+    file's config, else timm's default 224."""
+    s = foreign.state
+    table = s.get("blocks.0.attn.relative_position_bias_table")
+    if table is not None:
+        side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
+        return side * side
+    proj = require(s, "patch_embed.proj.weight", foreign.path, "timm")
+    img = foreign.config.get("model_args", {}).get("img_size", 224)
+    h, w = (img, img) if isinstance(img, int) else img
+    return (h // proj.shape[-2]) * (w // proj.shape[-1])
+
+
 def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
     state = foreign.state
-    pos = state["pos_embed"]
-    if pos.shape[1] == cfg.num_patches and cfg.num_prefix_tokens:
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape[1] == cfg.num_patches and cfg.num_prefix_tokens:
         # no_embed_class: the prefix tokens join after the positions are added, which is the same
         # as their having zero positions (big_vision's class token gets the same treatment, jax.py)
         state = dict(state, pos_embed=torch.cat([pos.new_zeros(1, cfg.num_prefix_tokens, pos.shape[-1]), pos], 1))
     return KEYS.to_vitkit(state, cfg, foreign.path)
 
 
-def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
+def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network, given the
     architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's).
-    ``abs_pos=False``: a BEiT or DINOv3 model's positions are all zero, and timm's Beit or Eva then holds none."""
+    ``abs_pos``: whether timm's model holds absolute positions; by default ``cfg.abs_pos`` (False also for
+    a BEiT or DINOv3 model whose table holds zeros: one read by vitkit before ``abs_pos`` existed)."""
+    abs_pos = cfg.abs_pos if abs_pos is None else abs_pos
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
                          f"{', '.join(f'{timm!r} (pool={ours!r})' for ours, timm in GLOBAL_POOL.items())}")
@@ -360,7 +370,7 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
             # 1.0.31 on, and an older one (1.0.29) refuses the argument
             beit["use_fc_norm"] = cfg.final_norm == "pooled"
         return beit
-    return dict(
+    plain = dict(
         shared, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
         reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
@@ -369,6 +379,9 @@ def model_args(cfg: ViTConfig, abs_pos: bool = True) -> dict:
         act_layer="silu" if cfg.mlp_act == "swiglu" else cfg.mlp_act,
         no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
     )
+    if not abs_pos:  # only then: older timm versions may not take the argument
+        plain["pos_embed"] = "none"
+    return plain
 
 
 def export(model: nn.Module, out: Path) -> Path:
