@@ -100,6 +100,8 @@ FEATURES = {
                                                                  layer_scale=1e-5, dynamic_img_size=True),
     "DINOv3 S+/H+/7B (SwiGLU)": dict(rope="dinov3", abs_pos=False, reg_tokens=4, layer_scale=1e-5,
                                      dynamic_img_size=True, mlp_act="swiglu"),
+    "EVA-02 B/L (rotary + absolute positions, SwiGLU with a LayerNorm)": dict(rope="eva02", rope_ref_grid=16,
+                                                                             mlp_act="swiglu", mlp_norm=True),
     "cls+mean (no timm twin)": dict(pool="cls_mean", final_norm="tokens"),
 }
 

@@ -88,17 +88,18 @@ def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, 
             torch.testing.assert_close(got[key], value, msg=key)
 
 
-@pytest.mark.parametrize("architecture", ["eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("architecture", ["vit_base_patch16_rope_ape_224", "vit_base_patch16_rope_mixed_224"])
 def test_rotary_position_models_are_refused_not_read_without_their_positions(tmp_path, architecture):
-    """timm's Eva shares BEiT's names but rotates q and k by position: EVA-02 (rotary positions
-    beside absolute ones, other layers) read as a plain ViT or a BEiT would run without its rotary
-    positions, so it is refused, bare file or hub dir (DINOv3's layout is read: tests/test_rope.py)."""
+    """timm's Eva shares BEiT's names but rotates q and k by position: RoPE-ViT's axial and mixed
+    rotations (LayerScale, a GELU MLP; the mixed one's learned frequencies) read as a plain ViT or a
+    BEiT would run without them, so they are refused, bare file or hub dir (DINOv3's and EVA-02's
+    layouts are read: tests/test_rope.py)."""
     import json
 
     peer = timm.create_model(architecture, pretrained=False, depth=1)
     save_file(dict(peer.state_dict()), tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="rotary positions"):
-        load(tmp_path / "model.safetensors", "timm", num_heads=3)
+        load(tmp_path / "model.safetensors", "timm", num_heads=12)
     (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0}))
     with pytest.raises(CheckpointError, match="rotary positions"):
         load(tmp_path, "timm")

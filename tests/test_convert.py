@@ -22,6 +22,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 import vitkit.convert as vc
 from vitkit import ViT, ViTConfig, create_model, load_pretrained
+from vitkit.bench import timm_twin
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
 from vitkit.cli import main as cli
 
@@ -772,7 +773,7 @@ BEYOND_PLAIN = [("dist_token", True, "DeiT's distillation token"), ("reg_tokens"
                 ("layer_scale", 0.1, "LayerScale"), ("pre_norm", True, "CLIP's pre-norm"),
                 ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'"),
                 ("rel_pos_bias", True, "BEiT's relative position bias"), ("rope", "dinov3", "rope='dinov3'"),
-                ("abs_pos", False, "no absolute positions")]
+                ("abs_pos", False, "no absolute positions"), ("mlp_norm", True, "LayerNorm before fc2")]
 
 
 @pytest.mark.parametrize("field, value, named", BEYOND_PLAIN, ids=[f"{f}={v}" for f, v, _ in BEYOND_PLAIN])
@@ -791,6 +792,9 @@ def test_export_refuses_what_the_format_cannot_hold_by_name(tmp_path, field, val
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm's LayerNorm eps for the architecture: not this test's concern
         assert vc.export(model, tmp_path / "timm.safetensors", "timm").is_file()
+        theirs = timm_twin(model)  # timm's model of the same architecture (its eps told), holding those tensors
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_logits(run(theirs, x), run(model, x))
 
 
 # --- the CLI --------------------------------------------------------------------------------------------

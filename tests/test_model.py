@@ -29,6 +29,10 @@ PUBLISHED_PARAMS = {
     "vit_small_plus_patch16_dinov3": 28_683_264,
     "vit_huge_plus_patch16_dinov3": 840_509_440,
     "vit_7b_patch16_dinov3": 6_716_030_976,
+    # EVA-02 (timm's counts, plus each block's zero k bias, which timm keeps as a buffer)
+    "eva02_tiny_patch14_224": 5_502_144 + 12 * 192,
+    "eva02_base_patch14_448": 87_117_544 + 12 * 768,
+    "eva02_large_patch14_448": 305_080_232 + 24 * 1024,
 }
 
 
@@ -42,7 +46,8 @@ def expected_params(cfg: ViTConfig) -> int:
         stem = c * p * p * e + (0 if cfg.pre_norm else e)  # CLIP's projection has no bias...
     stem += 2 * e if cfg.pre_norm else 0  # ...and a LayerNorm after it
     embed = stem + (cfg.num_patches + cfg.num_prefix_tokens) * e * cfg.abs_pos + cfg.num_prefix_tokens * e
-    mlp = (e * h + h) + ((h // 2 if cfg.mlp_act == "swiglu" else h) * e + e)  # SwiGLU: fc2 reads half of fc1
+    fc2_in = h // 2 if cfg.mlp_act == "swiglu" else h  # SwiGLU: fc2 reads half of fc1
+    mlp = (e * h + h) + (fc2_in * e + e) + (2 * fc2_in if cfg.mlp_norm else 0)  # EVA-02's LayerNorm before fc2
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + mlp
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
     gh, gw = cfg.grid_size

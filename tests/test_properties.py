@@ -24,7 +24,7 @@ from PIL import Image
 
 from vitkit import ViT, ViTConfig, load_pretrained, save_pretrained
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
-from vitkit.config import MLP_ACTS, POOLS
+from vitkit.config import MLP_ACTS, POOLS, ROPES
 from vitkit.images import ImageError, load_image, preprocess_image
 
 settings.register_profile(
@@ -57,7 +57,8 @@ def valid_configs(draw) -> ViTConfig:
     dynamic_img_size = draw(st.booleans())
     # BEiT's table: one class token, one grid
     rel_pos_bias = class_token and not dist_token and not dynamic_img_size and draw(st.booleans())
-    rope = "dinov3" if not rel_pos_bias and (width // heads) % 4 == 0 and draw(st.booleans()) else "none"
+    rope = draw(st.sampled_from(["none", "dinov3", "eva02"])) if not rel_pos_bias and (width // heads) % 4 == 0 \
+        else "none"
     return ViTConfig(
         img_size=img_size,
         patch_size=patch,
@@ -72,7 +73,9 @@ def valid_configs(draw) -> ViTConfig:
         dist_token=dist_token,
         rel_pos_bias=rel_pos_bias,
         rope=rope,
+        rope_ref_grid=draw(st.integers(1, 16)) if rope == "eva02" else 0,
         abs_pos=draw(st.booleans()),
+        mlp_norm=draw(st.booleans()),
         pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
@@ -212,10 +215,15 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         extra = draw(st.sampled_from([dict(class_token=False), dict(reg_tokens=2), dict(dist_token=True, pool="cls")]))
         return "rel_pos_bias", {"rel_pos_bias": True, **extra}, next(iter(extra))
     if kind == "rope":  # a kind vitkit lacks, a head width (32 / heads) not a multiple of 4, or with BEiT's bias
-        case = draw(st.sampled_from(["kind", "width", "bias"]))
+        case = draw(st.sampled_from(["kind", "width", "bias", "ref_grid"]))
         if case == "kind":
-            return "rope", {"rope": draw(st.one_of(st.text(max_size=6).filter(lambda r: r not in ("none", "dinov3")),
+            return "rope", {"rope": draw(st.one_of(st.text(max_size=6).filter(lambda r: r not in ROPES),
                                                    st.none(), st.booleans()))}, ""
+        if case == "ref_grid":  # EVA-02's reference grid: with rope="eva02" (> 0) and only with it
+            wrong = draw(st.sampled_from([{"rope": "eva02"}, {"rope": "dinov3", "rope_ref_grid": 16},
+                                          {"rope_ref_grid": 16}, {"rope": "eva02", "rope_ref_grid": -1},
+                                          {"rope": "eva02", "rope_ref_grid": 1.5}]))
+            return "rope_ref_grid", wrong, ""
         if case == "width":
             return "rope", {"rope": "dinov3", "num_heads": draw(st.sampled_from([16, 32]))}, "multiple of 4"
         return "rope", {"rope": "dinov3", "rel_pos_bias": True}, "relative position bias"
@@ -229,7 +237,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
         field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias",
-                                      "abs_pos"]))
+                                      "abs_pos", "mlp_norm"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

@@ -100,15 +100,99 @@ def test_a_hub_dir_with_class_token_pooling_keeps_it(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), atol=5e-5, rtol=1e-5)
 
 
+# --- EVA-02 (timm's Eva, rope_type "cat") ------------------------------------------------------------
+@pytest.mark.parametrize("grid, head_dim, ref", [((16, 16), 64, 16), ((32, 32), 64, 16), ((10, 12), 32, 16),
+                                                 ((5, 5), 16, 3)])
+def test_the_rotation_is_timms_eva02_in_the_half_layout(grid, head_dim, ref):
+    """timm lays each angle out twice side by side ([a0, a0, a1, a1, ...]), vitkit the angles then the
+    angles again: the same values."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+
+    from vitkit.layers import rope_eva02
+
+    theirs = RotaryEmbeddingCat(head_dim, in_pixels=False, ref_feat_shape=(ref, ref)).get_embed(shape=list(grid))
+    their_sin, their_cos = theirs.chunk(2, -1)
+    sin, cos = rope_eva02(grid, head_dim, ref)
+    for ours, their in ((sin, their_sin), (cos, their_cos)):
+        assert torch.equal(ours[:, :head_dim // 2], their[:, 0::2]) and torch.equal(ours[:, head_dim // 2:], their[:, 1::2])
+
+
+@pytest.mark.parametrize("architecture", ["eva02_tiny_patch14_224", "eva02_base_patch14_448"])
+def test_timm_eva02_converts_both_ways_with_equal_logits_and_gradients(tmp_path, architecture):
+    """T (one qkv projection, one packed SwiGLU fc1) and B (q, k, v projections, SwiGLU's two layers with a
+    LayerNorm before fc2); vitkit's q and k channels are reordered for its rotation, and back."""
+    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, num_classes=10,
+                                          img_size=112)).eval()
+    save_file(dict(theirs.state_dict()), tmp_path / "eva02.safetensors")
+    heads = theirs.blocks[0].attn.num_heads
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "eva02.safetensors", "timm", num_heads=heads).eval()
+    cfg = ours.cfg
+    assert (cfg.rope, cfg.rope_ref_grid, cfg.abs_pos, cfg.mlp_act, cfg.layer_scale) == ("eva02", 16, True, "swiglu", 0)
+    assert (cfg.mlp_norm, cfg.pool, cfg.final_norm, cfg.norm_eps) == ("base" in architecture, "mean", "pooled", 1e-6)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=5e-5, rtol=1e-5)
+
+    for model in (ours.train(), theirs.train()):
+        F.cross_entropy(model(x), torch.arange(2)).backward()
+    pairs = [(ours.patch_embed.positions.grad, theirs.pos_embed.grad),
+             (ours.encoder.blocks[1].mlp.fc2.weight.grad, theirs.blocks[1].mlp.fc2.weight.grad)]
+    attn = theirs.blocks[1].attn
+    their_v = attn.qkv.weight.grad.chunk(3)[2] if attn.qkv is not None else attn.v_proj.weight.grad
+    pairs.append((ours.encoder.blocks[1].attn.qkv.weight.grad.chunk(3)[2], their_v))  # v: not reordered
+    for ours_grad, theirs_grad in pairs:
+        torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-5, rtol=1e-4)
+
+    out = export(ours.eval(), tmp_path / "back", "timm")
+    back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert type(back.blocks[0].mlp).__name__ == type(theirs.blocks[0].mlp).__name__  # GluMlp, or SwiGLU
+    expected, got = dict(theirs.state_dict()), back.state_dict()
+    assert sorted(got) == sorted(expected)  # q and k channels back in timm's order, under timm's names
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+    again = load(out, "timm").eval()  # the hub dir read back: heads, reference grid and pooling from its config
+    assert again.cfg == ours.cfg
+
+
+def test_an_eva02_fine_tuned_at_another_size_runs_as_timms_there(tmp_path):
+    """A 112 x 112 EVA-02 loaded at 140 x 140: the positions resampled as timm's checkpoint filter does,
+    the rotation's coordinates scaled to the same 16 x 16 reference grid as timm's."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    small = _randomise(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, num_classes=10,
+                                         img_size=112)).eval()
+    save_file(dict(small.state_dict()), tmp_path / "eva02.safetensors")
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "eva02.safetensors", "timm", num_heads=3, img_size=140).eval()
+    theirs = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=2, num_classes=10, img_size=140)
+    theirs.load_state_dict(checkpoint_filter_fn(small.state_dict(), theirs))
+    x = torch.randn(2, 3, 140, 140)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_rope_ref_grid_belongs_to_eva02_alone():
+    with pytest.raises(ValueError, match="rope_ref_grid"):
+        ViTConfig(rope="dinov3", rope_ref_grid=16)
+    with pytest.raises(ValueError, match="rope_ref_grid"):
+        ViTConfig(rope="eva02")
+
+
 def _rope_model(**fields) -> ViT:
-    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=5, rope="dinov3",
-                    reg_tokens=2, layer_scale=0.1, pool="cls", final_norm="tokens", dynamic_img_size=True,
-                    **fields)
+    cfg = ViTConfig(**{**dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=5, rope="dinov3",
+                              reg_tokens=2, layer_scale=0.1, pool="cls", final_norm="tokens", dynamic_img_size=True),
+                       **fields})
     return _randomise(ViT(cfg)).eval()
 
 
-def test_the_rotation_reaches_every_attention_path():
-    model = _rope_model()
+# EVA-02's layout over _rope_model's: its rotation beside absolute positions, SwiGLU with the sub-LN
+EVA02 = dict(rope="eva02", rope_ref_grid=4, reg_tokens=0, layer_scale=0.0, mlp_act="swiglu", mlp_norm=True)
+
+
+@pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
+def test_the_rotation_reaches_every_attention_path(fields):
+    model = _rope_model(**fields)
     x = torch.randn(2, 3, 24, 40)
     with torch.no_grad():
         fused = model(x)  # the class token alone through the last block
@@ -147,13 +231,14 @@ def test_the_k_bias_stays_out_as_dinov3_masks_it(precision, monkeypatch):
         assert torch.all(grad[64:128] == 0) and grad[:64].abs().sum() > 0 and grad[128:].abs().sum() > 0
 
 
-def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch):
+@pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
+def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch, fields):
     """bf16 CPU training (the lean attention, its backward written out) gives the math path's gradients,
     to bf16's precision, with the rotation in both."""
     from vitkit import layers
 
     monkeypatch.setattr(layers, "LEAN_MIN_ELEMENTS", 0)
-    model = _rope_model().train()
+    model = _rope_model(**fields).train()
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     grads = {}
     for fused in (True, False):
@@ -165,12 +250,13 @@ def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch):
     assert (grads[True] - grads[False]).abs().max() <= 0.02 * grads[False].abs().max()
 
 
-def test_exports_run_at_any_image_size(tmp_path):
+@pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
+def test_exports_run_at_any_image_size(tmp_path, fields):
     import onnxruntime as ort
 
     from vitkit.export import save_onnx, save_torch_export
 
-    model = _rope_model()
+    model = _rope_model(**fields)
     program = torch.export.load(str(save_torch_export(model, tmp_path / "m.pt2"))).module()
     session = ort.InferenceSession(str(save_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
     for size in ((32, 32), (24, 40)):

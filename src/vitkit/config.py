@@ -17,7 +17,7 @@ POOLS = ("cls", "mean", "map", "cls_mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
 MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
-ROPES = ("none", "dinov3")
+ROPES = ("none", "dinov3", "eva02")
 
 
 def pooled_width(pool: str, emb_size: int) -> int:
@@ -80,6 +80,8 @@ class ViTConfig:
     # silu(a) * b over the two halves of fc1's output, so fc2 reads half its width (DINOv2 giant's
     # packed weights_in, timm's SwiGLUPacked; mlp_ratio gives fc1's whole width, as timm's does)
     mlp_act: str = "gelu"
+    # a LayerNorm on the MLP's hidden activations, before fc2 (EVA-02's sub-LN: timm's scale_mlp, mlp.norm)
+    mlp_norm: bool = False
     # BEiT's relative position bias (Bao et al. 2021; BEiT v2, Data2Vec): each block's attention adds
     # a learned bias per head to its logits, looked up by the offset between query and key patches
     # ((2h-1)(2w-1) offsets, and three entries for class-to-patch, patch-to-class and class-to-class).
@@ -88,8 +90,13 @@ class ViTConfig:
     # Rotary positions: "dinov3" (Siméoni et al. 2025) rotates each patch's q and k by angles of its
     # centred, [-1, 1]-normalised (row, column), half the head width each, periods 100^(2i/(d/2)); the
     # prefix tokens are not rotated, and any image size has its own grid. DINOv3 has no absolute
-    # positions (abs_pos=False). "none": no rotation.
+    # positions (abs_pos=False). "eva02" (Fang et al. 2023, EVA-02; timm's RotaryEmbeddingCat): the angles are
+    # the patch's row and column index (scaled to rope_ref_grid) times 10000^(-i/(d/4)), beside absolute
+    # positions. "none": no rotation.
     rope: str = "none"
+    # rope="eva02" only (0 otherwise): coordinates scaled so that any grid spans this many patches a side,
+    # the pretraining grid (timm's ref_feat_shape: 16 for every EVA-02, 224 / 14)
+    rope_ref_grid: int = 0
     # Learned absolute positions (PatchEmbedding.positions, timm's pos_embed), added to the tokens; False:
     # none, as BEiT (use_abs_pos_emb=False) and DINOv3 have, whose positions are relative or rotary. A model
     # without them has no table to train or resample (timm's parameter count, and timm's fine-tuning).
@@ -195,7 +202,8 @@ class ViTConfig:
         if self.pool == "cls_mean" and self.final_norm == "pooled":
             raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
                              "side by side); use final_norm='tokens', as DINOv2 does")
-        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias", "abs_pos"):
+        for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias", "abs_pos",
+                     "mlp_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -214,6 +222,12 @@ class ViTConfig:
                              f"reg_tokens={self.reg_tokens}")
         if self.rope not in ROPES:
             raise ValueError(f"ViTConfig.rope: expected one of {ROPES}, got {self.rope!r}")
+        if isinstance(self.rope_ref_grid, bool) or not isinstance(self.rope_ref_grid, int) or self.rope_ref_grid < 0:
+            raise ValueError(f"ViTConfig.rope_ref_grid: expected an int >= 0, got {self.rope_ref_grid!r}")
+        if (self.rope == "eva02") != (self.rope_ref_grid > 0):
+            raise ValueError("ViTConfig.rope_ref_grid: EVA-02's rotation (rope='eva02') scales its coordinates to a "
+                             "reference grid (> 0; 16 for every EVA-02), and no other rope has one (0); got "
+                             f"rope={self.rope!r}, rope_ref_grid={self.rope_ref_grid}")
         if self.rope != "none" and self.head_dim % 4:
             raise ValueError(f"ViTConfig.rope: rotary positions split each head's width in four (two axes, sine "
                              f"and cosine); head width {self.head_dim} is not a multiple of 4")
@@ -348,6 +362,19 @@ def _table() -> dict[str, dict]:
         table[f"vit_{name}_patch16_dinov3_qkvb"] = dict(table[f"vit_{name}_patch16_dinov3"], qkv_bias=True)
     table["vit_7b_patch16_dinov3"] = dict(table["vit_small_patch16_dinov3"], emb_size=4096, depth=40, num_heads=32,
                                           mlp_ratio=4.0, mlp_act="swiglu")
+    # EVA-02 (Fang et al. 2023; timm's eva02_*, its Eva class): rotary positions (rope="eva02", scaled to the
+    # 16 x 16 grid of pretraining) beside absolute ones, a SwiGLU MLP, with a LayerNorm before fc2 in B and L
+    # (mlp_norm), the patch tokens' mean normalised after pooling, LayerNorm eps 1e-6; 224: the masked-image
+    # pretraining (features), 336 and 448: the ImageNet fine-tunes
+    eva02_sizes = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
+    for size, (width, heads) in eva02_sizes.items():
+        hidden = int(width * 4 * 2 / 3)  # each of SwiGLU's two layers, as timm computes it (2730 for large)
+        eva02 = dict(emb_size=width, depth=24 if size == "large" else 12, num_heads=heads, mlp_ratio=2 * hidden / width,
+                     mlp_act="swiglu", mlp_norm=size in ("base", "large"), rope="eva02", rope_ref_grid=16,
+                     patch_size=14, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
+        table[f"eva02_{size}_patch14_224"] = dict(eva02, img_size=224, num_classes=0)
+        fine_tuned = 336 if size in ("tiny", "small") else 448
+        table[f"eva02_{size}_patch14_{fine_tuned}"] = dict(eva02, img_size=fine_tuned, num_classes=1000)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

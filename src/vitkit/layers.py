@@ -285,6 +285,31 @@ def rope_dinov3(grid: tuple[int, int], head_dim: int, device: torch.device | str
     return angles.sin(), angles.cos()
 
 
+# EVA-02's rotary positions: the frequencies' base (timm's RotaryEmbeddingCat default, every EVA-02's)
+EVA02_ROPE_TEMPERATURE = 10000.0
+
+
+def rope_eva02(grid: tuple[int, int], head_dim: int, ref_grid: int,
+               device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """(sin, cos), each (h*w, head_dim) fp32: EVA-02's rotation of the patches of an h x w grid, row by row.
+
+    A patch's coordinates are its row and column index, scaled by ref_grid / h and ref_grid / w (the
+    pretraining grid: fine-tuning at 448 keeps 224's range); the angles are coordinate · 10000^(-i/(d/4))
+    for i < d/4 on each axis, rows first. timm (RotaryEmbeddingCat) lays each angle out twice side by
+    side and rotates neighbouring pairs of a head's channels; here the layout is DINOv3's (the angles,
+    then the angles again: rotate_half), which is the same rotation once the q and k channels are
+    reordered, evens first (``convert.timm`` does that)."""
+    h, w = grid
+    quarter = head_dim // 4
+    bands = 1.0 / (EVA02_ROPE_TEMPERATURE ** (torch.arange(quarter, device=device).to(torch.float32) / quarter))
+    # index / size * reference, in timm's order, for the same rounding
+    coords = [torch.arange(n, device=device).to(torch.float32) / n * ref_grid for n in (h, w)]
+    grid_coords = torch.stack(torch.meshgrid(*coords, indexing="ij"), dim=-1)  # (h, w, 2)
+    angles = (grid_coords[..., None] * bands).flatten(-2).flatten(0, 1)  # (h, w, 2, d/4) -> (h*w, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # -> (h*w, d)
+    return angles.sin(), angles.cos()
+
+
 def _rotate_patches(x: Tensor, rope: tuple[Tensor, Tensor], num_tokens: int) -> Tensor:
     """x (B, h, n, d), the first n of num_tokens tokens, rotated where they are patches (the last
     len(sin) of the num_tokens): x·cos + rotate_half(x)·sin, computed in fp32 and returned in x's dtype."""
@@ -878,7 +903,8 @@ class FeedForwardBlock(nn.Module):
     """Linear -> GELU -> Dropout -> Linear -> Dropout: the MLP after attention (``act``: ViTConfig.mlp_act,
     exact GELU, its tanh form, CLIP's QuickGELU, or SwiGLU's gate, after which fc2 reads half of fc1's width)."""
 
-    def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0, act: str = "gelu"):
+    def __init__(self, emb_size: int, expansion: float = 4, drop_p: float = 0.0, act: str = "gelu",
+                 norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         hidden = int(emb_size * expansion)
         self.fc1 = nn.Linear(emb_size, hidden)
@@ -889,7 +915,10 @@ class FeedForwardBlock(nn.Module):
         else:
             self.act = nn.GELU(approximate=LEAN_GELUS[act])
         self.drop1 = nn.Dropout(drop_p)
-        self.fc2 = nn.Linear(hidden // 2 if act == "swiglu" else hidden, emb_size)
+        fc2_in = hidden // 2 if act == "swiglu" else hidden
+        # EVA-02's sub-LN (timm's scale_mlp): the hidden activations normalised before fc2
+        self.norm = nn.LayerNorm(fc2_in, eps=norm_eps) if norm else None
+        self.fc2 = nn.Linear(fc2_in, emb_size)
         self.drop2 = nn.Dropout(drop_p)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -906,12 +935,16 @@ class FeedForwardBlock(nn.Module):
             h = _gelu_inplace(h, approximate=self.act.approximate)
         else:
             h = self.act(h)  # rebinding h frees fc1's output before fc2 runs when autograd need not keep it
-        return _dropout(self.drop2, _linear(self.fc2, _dropout(self.drop1, h)))
+        h = _dropout(self.drop1, h)
+        if self.norm is not None:
+            h = self.norm(h)
+        return _dropout(self.drop2, _linear(self.fc2, h))
 
     def _lean_gelu(self, h: Tensor) -> str | None:
         """The ``lean_linear`` activation for fc2(drop1(act(h))) where that op can run it: the stock
         GELU and nothing in between (no active dropout); else None."""
-        if not _stock(self.act, nn.GELU) or (self.training and self.drop1.p) or not lean_linear_applies(self.fc2, h):
+        if (not _stock(self.act, nn.GELU) or (self.training and self.drop1.p) or self.norm is not None
+                or not lean_linear_applies(self.fc2, h)):
             return None
         return next(name for name, approximate in LEAN_GELUS.items() if approximate == self.act.approximate)
 
@@ -963,6 +996,7 @@ class TransformerEncoderBlock(nn.Module):
         mlp_act: str = "gelu",
         rel_pos_grid: tuple[int, int] | None = None,
         mask_k_bias: bool = False,
+        mlp_norm: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
@@ -970,7 +1004,8 @@ class TransformerEncoderBlock(nn.Module):
                                        rel_pos_grid=rel_pos_grid, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
-        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act)
+        self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act, norm=mlp_norm,
+                                    norm_eps=norm_eps)
         self.ls2 = LayerScale(emb_size, layer_scale) if layer_scale else None
         self.drop_path = DropPath(drop_path)
 
@@ -1024,5 +1059,6 @@ __all__ = [
     "resample_rel_pos_table",
     "relative_position_index",
     "rope_dinov3",
+    "rope_eva02",
     "expand_mask",
 ]

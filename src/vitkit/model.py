@@ -9,7 +9,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ViTConfig, get_config, pooled_width
-from .layers import AttentionPool, PatchEmbedding, TransformerEncoderBlock, _dropout, init_weights, rope_dinov3
+from .layers import (
+    AttentionPool,
+    PatchEmbedding,
+    TransformerEncoderBlock,
+    _dropout,
+    init_weights,
+    rope_dinov3,
+    rope_eva02,
+)
 
 
 class TransformerEncoder(nn.Module):
@@ -25,6 +33,7 @@ class TransformerEncoder(nn.Module):
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
                 layer_scale=cfg.layer_scale, mlp_act=cfg.mlp_act,
                 rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None, mask_k_bias=cfg.rope != "none",
+                mlp_norm=cfg.mlp_norm,
             )
             for rate in rates
         )
@@ -127,6 +136,8 @@ class ViT(nn.Module):
         if self.cfg.rope == "none":
             return None
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        if self.cfg.rope == "eva02":
+            return rope_eva02(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, device=x.device)
         return rope_dinov3(grid, self.cfg.head_dim, device=x.device)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

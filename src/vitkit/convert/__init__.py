@@ -52,6 +52,7 @@ BEYOND_PLAIN_VIT = {
     "rel_pos_bias": ("BEiT's relative position bias (rel_pos_bias=True)", ("timm", "hf")),
     "rope": ("rotary positions (rope={value!r})", ("timm", "hf")),
     "abs_pos": ("no absolute positions (abs_pos=False)", ("timm", "hf")),
+    "mlp_norm": ("EVA-02's LayerNorm before fc2 (mlp_norm=True)", ("timm",)),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

@@ -21,11 +21,39 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
 from ..config import MLP_ACTS, VARIANTS, ViTConfig
-from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
+from . import (
+    Foreign,
+    KeyMap,
+    Transform,
+    config_with,
+    count_blocks,
+    mlp_ratio_of,
+    require,
+    resolve_heads,
+    rule,
+    square_grid,
+)
+
+
+def _qk_channels(qkv: Tensor, cfg: ViTConfig, evens_first: bool) -> Tensor:
+    """EVA-02's q and k channels reordered within each head, evens first (``evens_first``) or back: timm
+    rotates neighbouring pairs of channels, vitkit a channel with the one half a head away
+    (``layers.rope_eva02``); the same reordering of q and k keeps every q·k. v is left as it is."""
+    if cfg.rope != "eva02":
+        return qkv
+    e, h, d = cfg.emb_size, cfg.num_heads, cfg.head_dim
+    qk = qkv[:2 * e].reshape(2 * h, d // 2, 2, *qkv.shape[1:]) if evens_first else \
+        qkv[:2 * e].reshape(2 * h, 2, d // 2, *qkv.shape[1:])
+    return torch.cat([qk.transpose(1, 2).reshape(2 * e, *qkv.shape[1:]), qkv[2 * e:]])
+
+
+# the fused qkv projection, EVA-02's q and k channels reordered (identity for every other model)
+QKV = Transform("eva02_qk_channels", lambda ts, cfg: _qk_channels(ts[0], cfg, evens_first=True),
+                lambda t, cfg: [_qk_channels(t, cfg, evens_first=False)])
 
 KEYS = KeyMap(
     "timm",
@@ -34,11 +62,12 @@ KEYS = KeyMap(
         rule("patch_embed.cls_token", "cls_token"),
         rule("patch_embed.positions", "pos_embed"),
         rule("encoder.blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
-        rule("encoder.blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}"),
+        rule("encoder.blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}", QKV),
         rule("encoder.blocks.{i}.attn.projection.{p}", "blocks.{i}.attn.proj.{p}"),
         rule("encoder.blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
         rule("encoder.blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
         rule("encoder.blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+        rule("encoder.blocks.{i}.mlp.norm.{p}", "blocks.{i}.mlp.norm.{p}"),  # EVA-02's sub-LN (scale_mlp)
         rule("encoder.norm.{p}", "norm.{p}"),  # final_norm="tokens"
         rule("head.norm.{p}", "fc_norm.{p}"),  # final_norm="pooled"
         rule("head.fc.{p}", "head.{p}"),
@@ -66,31 +95,35 @@ UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-t
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
 # (dist_token, pre_norm, SwiGLU, rel_pos_bias, rope) -> a timm architecture of the right class (Beit for
-# BEiT, Eva for DINOv3),
-# LayerNorm eps and MLP layer (SwiGLUPacked), whose every size model_args then override, and that eps (a
-# functools.partial in the architecture, not a model_arg)
-TIMM_ARCHITECTURE = {(False, False, False, False, False): ("vit_base_patch16_224", 1e-6),
-                     (True, False, False, False, False): ("deit_base_distilled_patch16_224", 1e-6),
-                     (False, True, False, False, False): ("vit_base_patch16_clip_224", 1e-5),
-                     (False, False, True, False, False): ("vit_giant_patch14_dinov2", 1e-6),
-                     (False, False, False, True, False): ("beit_base_patch16_224", 1e-6),  # timm's Beit class
-                     (False, False, False, False, True): ("vit_base_patch16_dinov3", 1e-5),  # timm's Eva class
-                     (False, False, True, False, True): ("vit_small_plus_patch16_dinov3", 1e-5)}  # Eva, SwiGLU
+# BEiT, Eva for DINOv3 and EVA-02), LayerNorm eps and MLP layer (SwiGLUPacked), whose every size
+# model_args then override, and that eps (a functools.partial in the architecture, not a model_arg)
+TIMM_ARCHITECTURE = {(False, False, False, False, "none"): ("vit_base_patch16_224", 1e-6),
+                     (True, False, False, False, "none"): ("deit_base_distilled_patch16_224", 1e-6),
+                     (False, True, False, False, "none"): ("vit_base_patch16_clip_224", 1e-5),
+                     (False, False, True, False, "none"): ("vit_giant_patch14_dinov2", 1e-6),
+                     (False, False, False, True, "none"): ("beit_base_patch16_224", 1e-6),  # timm's Beit class
+                     (False, False, False, False, "dinov3"): ("vit_base_patch16_dinov3", 1e-5),  # timm's Eva class
+                     (False, False, True, False, "dinov3"): ("vit_small_plus_patch16_dinov3", 1e-5),  # Eva, SwiGLU
+                     (False, False, True, False, "eva02"): ("eva02_base_patch14_448", 1e-6)}  # Eva
 
 
-def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool, bool]:
-    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu", cfg.rel_pos_bias, cfg.rope != "none"
+def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool, str]:
+    return cfg.dist_token, cfg.pre_norm, cfg.mlp_act == "swiglu", cfg.rel_pos_bias, cfg.rope
 
 
 # --- BEiT ---------------------------------------------------------------------------------------
 # timm's Beit names what VisionTransformer (and KEYS) call blocks.{i}.attn.qkv.bias and
 # blocks.{i}.ls{1,2}.gamma as q_bias and v_bias (no k bias: it would shift all of a query's logits
 # alike, which the softmax ignores, so vitkit's qkv bias holds zeros there) and gamma_{1,2}.
+# timm's Eva class (DINOv3, EVA-02) shares those names; EVA-02 B/L hold q, k, v as three projections.
 BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relative_position_bias_table",
-                "rel_pos_bias.relative_position_bias_table")
+                "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.q_proj.weight")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
-# timm architectures with rotary positions (its Eva class), refused by name
-ROTARY_ARCHITECTURES = ("eva02", "_rope_")  # (DINOv3's are read: vitkit's rope="dinov3")
+# timm architectures with rotary positions vitkit does not read (its Eva class: RoPE-ViT's mixed and axial
+# rotations), refused by name (DINOv3's and EVA-02's are read: rope="dinov3", "eva02")
+ROTARY_ARCHITECTURES = ("_rope_",)
+# the pretraining grid every EVA-02 scales its rotary coordinates to (timm's ref_feat_shape, 224 / 14)
+EVA02_REF_GRID = 16
 # Eva's SwiGLU (DINOv3 S+, H+, 7B) as two Linear layers, gate and value, where vitkit's fc1 packs them
 # (gate first: layers.SiLUGate), as timm's SwiGLUPacked does
 SWIGLU_HALVES = ("fc1_g", "fc1_x")
@@ -105,20 +138,34 @@ def _from_beit(state: dict, src: str) -> tuple[dict, str]:
     VisionTransformer's names, plus each block's relative position table -> (that state, ViTConfig.rope)."""
     rope = "none"
     if "blocks.0.attn.relative_position_bias_table" not in state and SHARED_TABLE not in state:
-        # timm's Eva class shares BEiT's names and rotates q and k: DINOv3 (registers, no absolute
-        # positions) is read with its rotary positions; another (EVA-02, with absolute positions beside
-        # them) would run without them, so it is refused
-        if "pos_embed" in state or "reg_token" not in state:
-            raise CheckpointError(f"{src}: BEiT's names (gamma_1, q_bias) without its relative position tables, "
-                                  "and not DINOv3's layout (registers, no absolute positions): a model with rotary "
-                                  "positions (timm's Eva: EVA-02), which vitkit does not read")
-        rope = "dinov3"
+        # timm's Eva class shares BEiT's names and rotates q and k by position: DINOv3 (registers, no
+        # absolute positions) and EVA-02 (absolute positions too, a SwiGLU MLP, no LayerScale) are read
+        # with their rotations; another (RoPE-ViT's) would run without its own, so it is refused
+        fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
+        swiglu = (f"blocks.0.mlp.{SWIGLU_HALVES[0]}.weight" in state
+                  or (fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]))
+        if "reg_token" in state and "pos_embed" not in state:
+            rope = "dinov3"
+        elif "pos_embed" in state and "reg_token" not in state and "blocks.0.gamma_1" not in state and swiglu:
+            rope = "eva02"
+        else:
+            raise CheckpointError(f"{src}: BEiT's names (q_bias, gamma_1, q_proj) without its relative position "
+                                  "tables, and neither DINOv3's layout (registers, no absolute positions) nor "
+                                  "EVA-02's (absolute positions, a SwiGLU MLP, no LayerScale): a model with rotary "
+                                  "positions (timm's Eva: RoPE-ViT), which vitkit does not read")
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
         if name == "relative_position_index" or key == SHARED_TABLE:  # built from the grid; shared: below
             continue
-        if name in ("gamma_1", "gamma_2"):
+        if block.endswith(".attn.q_proj"):  # EVA-02 B/L: q, k and v as three projections, the key without bias
+            attn = block[:-len(".q_proj")]
+            k = torch.zeros_like(value) if name == "bias" else require(state, f"{attn}.k_proj.weight", src, "timm (Eva)")
+            v = require(state, f"{attn}.v_proj.{name}", src, "timm (Eva)")
+            out[f"{attn}.qkv.{name}"] = torch.cat([value, k, v])  # (3E, ...): q, k, v
+        elif block.endswith((".attn.k_proj", ".attn.v_proj")):
+            continue  # read with q_proj above
+        elif name in ("gamma_1", "gamma_2"):
             out[f"{block}.ls{name[-1]}.gamma"] = value
         elif name == "q_bias":
             v_bias = require(state, f"{block}.v_bias", src, "timm (BEiT)")
@@ -135,13 +182,17 @@ def _from_beit(state: dict, src: str) -> tuple[dict, str]:
     return out, rope
 
 
-def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False) -> dict:
+def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False, separate_qkv: bool = False) -> dict:
     """``_from_beit`` undone (KEYS' names -> Beit's and Eva's); the k bias is dropped (see above).
-    ``swiglu``: fc1 split into Eva's gate and value layers."""
+    ``swiglu``: fc1 split into Eva's gate and value layers; ``separate_qkv``: q, k, v as three projections."""
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
-        if swiglu and block.endswith(".mlp.fc1"):
+        if separate_qkv and block.endswith(".attn.qkv"):
+            for part, tensor in zip("qkv", value.chunk(3), strict=True):
+                if name == "weight" or part != "k":
+                    out[f"{block[:-4]}.{part}_proj.{name}"] = tensor
+        elif swiglu and block.endswith(".mlp.fc1"):
             for half, tensor in zip(SWIGLU_HALVES, value.chunk(2), strict=True):
                 out[f"{block[:-3]}{half}.{name}"] = tensor
         elif name == "gamma" and block.endswith((".ls1", ".ls2")):
@@ -154,14 +205,29 @@ def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False) -> dict:
     return out
 
 
+def _eva02_separate_qkv(cfg: ViTConfig) -> bool:
+    """timm's EVA-02 B and L (with the MLP's sub-LN) hold q, k, v as three projections; T and S one."""
+    return cfg.rope == "eva02" and cfg.mlp_norm
+
+
+def _eva_swiglu_split(cfg: ViTConfig) -> bool:
+    """Whether timm's Eva builds a SwiGLU MLP of two layers (fc1_g, fc1_x: DINOv3's, EVA-02 B/L's, where
+    swiglu_align_to or scale_mlp is set) rather than one packed fc1 (GluMlp: EVA-02 T/S)."""
+    return cfg.rope == "dinov3" or cfg.mlp_norm
+
+
 def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT, Eva's,
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
     if cfg.rel_pos_bias or cfg.rope != "none":  # a table of zero positions (vitkit before abs_pos) is left out
-        abs_pos = "pos_embed" in state and bool(state["pos_embed"].any())
-        return _to_beit(state, abs_pos=abs_pos, swiglu=cfg.mlp_act == "swiglu")
+        abs_pos = "pos_embed" in state and (cfg.rope == "eva02" or bool(state["pos_embed"].any()))
+        swiglu = cfg.mlp_act == "swiglu" and _eva_swiglu_split(cfg)
+        state = _to_beit(state, abs_pos=abs_pos, swiglu=swiglu, separate_qkv=_eva02_separate_qkv(cfg))
+        if cfg.rope == "dinov3" and not cfg.layer_scale:  # timm's DINOv3 always scales: by ones (model_args)
+            state.update({f"blocks.{i}.gamma_{j}": torch.ones(cfg.emb_size) for i in range(cfg.depth) for j in (1, 2)})
+        return state
     return state
 
 
@@ -264,11 +330,24 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         rel_pos_bias="blocks.0.attn.relative_position_bias_table" in s,
         rope=rope,
         abs_pos="pos_embed" in s,  # none: Beit's and Eva's use_abs_pos_emb=False, VisionTransformer's pos_embed='none'
-        # DINOv3 takes any image size (its positions are rotary); the model's own setting where the config has it
-        dynamic_img_size=bool(args.get("dynamic_img_size", rope != "none")),
-        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope != "none"), (None, 1e-6))[1],
+        rope_ref_grid=_ref_grid(args.get("ref_feat_shape"), src) if rope == "eva02" else 0,
+        mlp_norm="blocks.0.mlp.norm.weight" in s,
+        # DINOv3 takes any image size (its positions are rotary only); the model's own setting where the config has it
+        dynamic_img_size=bool(args.get("dynamic_img_size", rope == "dinov3")),
+        norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope), (None, 1e-6))[1],
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
+
+
+def _ref_grid(ref_feat_shape, src: str) -> int:
+    """EVA-02's rotary reference grid from a hub config's ``ref_feat_shape`` (every EVA-02's, 16, without one)."""
+    if ref_feat_shape is None:
+        return EVA02_REF_GRID
+    h, w = (ref_feat_shape, ref_feat_shape) if isinstance(ref_feat_shape, int) else ref_feat_shape
+    if h != w:
+        raise CheckpointError(f"{src}: ref_feat_shape {ref_feat_shape} in its config is not square; vitkit's "
+                              "rope_ref_grid is one side")
+    return int(h)
 
 
 def _prefix_tokens(state: dict) -> int:
@@ -329,8 +408,11 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
                          "a SwiGLU MLP, BEiT's relative positions and rotary positions; this model has "
                          f"dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, "
                          f"rel_pos_bias={cfg.rel_pos_bias}, rope={cfg.rope!r}")
-    special = "BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope != "none" else None
-    acts = {"gelu": "exact GELU", **({"swiglu": "SwiGLU"} if cfg.rope != "none" else {})}  # Eva: DINOv3 S+, H+, 7B
+    special = ("BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope == "dinov3"
+               else "EVA-02 (Eva)" if cfg.rope == "eva02" else None)
+    # Eva: DINOv3 S+, H+, 7B and every EVA-02 have SwiGLU
+    acts = {"eva02": {"swiglu": "SwiGLU"}, "dinov3": {"gelu": "exact GELU", "swiglu": "SwiGLU"}}.get(
+        cfg.rope, {"gelu": "exact GELU"})
     if special and (cfg.mlp_act not in acts or cfg.pool == "map" or cfg.final_norm == "none"):
         raise ValueError(f"timm export: timm's {special} has {' or '.join(acts.values())}, pools the class token or "
                          f"the mean, and normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
@@ -350,20 +432,32 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         # own init_values (vit_giant_patch14_dinov2's, beit's) would then build one
         init_values=float(cfg.layer_scale),
     )
-    if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's rotary settings
+    if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's and eva02_*'s rotary settings
         eva = dict(shared, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
                    use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
+        if not cfg.layer_scale:  # Eva builds LayerScale for any init_values but None, which create_model drops
+            if cfg.rope == "dinov3":  # ... and then takes the architecture's: scales of ones, the identity
+                eva["init_values"] = 1.0  # (state_from_vitkit writes them)
+            else:
+                del eva["init_values"]  # eva02_*: none
         if cfg.mlp_act == "swiglu":
             # Eva's mlp_ratio gives the width of each of SwiGLU's two layers, half of vitkit's packed fc1.
             # swiglu_align_to=1 keeps the split layers (fc1_g, fc1_x) without rounding that width up
-            # (the architectures round to 8 or 64, which their own widths already are).
+            # (the architectures round to 8 or 64, which their own widths already are); 0 (and no
+            # scale_mlp) gives one packed fc1 (GluMlp), EVA-02 T/S's.
             half = cfg.mlp_hidden // 2
             ratio = half / cfg.emb_size
             if int(cfg.emb_size * ratio) != half:  # Eva takes int(width * ratio): a ratio rounded below half
                 ratio = (half + 0.5) / cfg.emb_size
-            eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1)
+            eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1 if cfg.rope == "dinov3" else 0)
+        eva["scale_mlp"] = cfg.mlp_norm
+        if cfg.rope == "eva02":
+            eva.update(use_rot_pos_emb=True, rope_type="cat", rope_temperature=10000.0, rope_rotate_half=False,
+                       ref_feat_shape=[cfg.rope_ref_grid] * 2, qkv_fused=not _eva02_separate_qkv(cfg))
         return eva
     if cfg.rel_pos_bias:  # Beit's own arguments
+        if cfg.mlp_norm:
+            raise ValueError("timm export: timm's BEiT (Beit) has no LayerNorm before fc2 (mlp_norm=True)")
         beit = dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True)
         if (cfg.final_norm == "pooled") != (cfg.pool == "mean"):
             # only where it differs from what average pooling implies: timm's Beit took use_fc_norm from
@@ -381,6 +475,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
     )
     if not abs_pos:  # only then: older timm versions may not take the argument
         plain["pos_embed"] = "none"
+    if cfg.mlp_norm:  # the same LayerNorm before fc2, under the same name (mlp.norm)
+        plain["scale_mlp_norm"] = True
     return plain
 
 
