@@ -88,7 +88,8 @@ def test_timm_beit_converts_both_ways_with_equal_logits_and_gradients(tmp_path, 
             torch.testing.assert_close(got[key], value, msg=key)
 
 
-@pytest.mark.parametrize("architecture", ["vit_base_patch16_rope_ape_224", "vit_base_patch16_rope_mixed_224"])
+@pytest.mark.parametrize("architecture", ["vit_base_patch16_rope_ape_224", "vit_base_patch16_rope_mixed_224",
+                                          "vit_base_patch16_rope_reg1_gap_256"])
 def test_rotary_position_models_are_refused_not_read_without_their_positions(tmp_path, architecture):
     """timm's Eva shares BEiT's names but rotates q and k by position: RoPE-ViT's axial and mixed
     rotations (LayerScale, a GELU MLP; the mixed one's learned frequencies) read as a plain ViT or a
@@ -101,6 +102,18 @@ def test_rotary_position_models_are_refused_not_read_without_their_positions(tmp
     with pytest.raises(CheckpointError, match="rotary positions"):
         load(tmp_path / "model.safetensors", "timm", num_heads=12)
     (tmp_path / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 0}))
+    with pytest.raises(CheckpointError, match="rotary positions"):
+        load(tmp_path, "timm")
+
+
+def test_a_perception_encoder_hub_dir_is_refused_by_name(tmp_path):
+    """timm's Perception Encoder (vit_pe_*: Eva, rotary positions, a fused qkv bias) has none of BEiT's
+    names: only its hub config tells it from a plain ViT, and vitkit refuses it by that name."""
+    import json
+
+    peer = timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1)
+    save_file(dict(peer.state_dict()), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_pe_core_tiny_patch16_384"}))
     with pytest.raises(CheckpointError, match="rotary positions"):
         load(tmp_path, "timm")
 

@@ -4,6 +4,7 @@ takes it, and DINOv3 weights from and to timm, checked against timm's own ``Eva`
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from vitkit import ViT, ViTConfig
 from vitkit.attention import attention_rollout
+from vitkit.bench import timm_twin
 from vitkit.convert import export, load
 from vitkit.layers import rope_dinov3
 
@@ -170,6 +172,37 @@ def test_an_eva02_fine_tuned_at_another_size_runs_as_timms_there(tmp_path):
     x = torch.randn(2, 3, 140, 140)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+EVA02_SMALL = dict(rope="eva02", rope_ref_grid=4, mlp_act="swiglu", mlp_ratio=4.0)  # T/S: one packed SwiGLU fc1
+ROTARY_LAYOUTS = {  # what the published DINOv3s and EVA-02s lack, each a layout the tensors alone could mistake
+    "eva02 without qkv bias": dict(EVA02_SMALL, qkv_bias=False),  # no q_bias: not even BEiT's names
+    "eva02 with registers": dict(EVA02_SMALL, reg_tokens=2),
+    "eva02 with LayerScale": dict(EVA02_SMALL, layer_scale=1e-5),
+    "eva02 without absolute positions": dict(EVA02_SMALL, abs_pos=False),
+    "eva02 without a class token": dict(EVA02_SMALL, class_token=False),
+    "dinov3 without a class token": dict(rope="dinov3", abs_pos=False, reg_tokens=2, layer_scale=0.1,
+                                         class_token=False, norm_eps=1e-5),  # timm's DINOv3 eps, which files omit
+}
+
+
+@pytest.mark.parametrize("fields", ROTARY_LAYOUTS.values(), ids=ROTARY_LAYOUTS.keys())
+def test_rotary_models_beyond_the_published_layouts_go_to_timm_and_back(tmp_path, fields):
+    """A hub dir vitkit writes loads in timm with the same logits, and vitkit reads it back as it was:
+    its config.json names the rotation where the tensors could not."""
+    ours = _randomise(ViT(ViTConfig(**{**dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4,
+                                                num_classes=5, pool="mean", final_norm="pooled", norm_eps=1e-6),
+                                         **fields}))).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's LayerNorm eps for DINOv3 (1e-5): told to timm_twin below
+        out = export(ours, tmp_path / "hub", "timm")
+        theirs = timm_twin(ours)
+    x = torch.randn(2, 3, 32, 32)
+    again = load(out, "timm").eval()
+    assert again.cfg == ours.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), ours(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(x), ours(x), atol=0, rtol=0)
 
 
 def test_rope_ref_grid_belongs_to_eva02_alone():

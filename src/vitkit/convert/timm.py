@@ -120,8 +120,8 @@ BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relat
                 "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.q_proj.weight")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
 # timm architectures with rotary positions vitkit does not read (its Eva class: RoPE-ViT's mixed and axial
-# rotations), refused by name (DINOv3's and EVA-02's are read: rope="dinov3", "eva02")
-ROTARY_ARCHITECTURES = ("_rope_",)
+# rotations, the Perception Encoder's), refused by name (DINOv3's and EVA-02's are read: rope="dinov3", "eva02")
+ROTARY_ARCHITECTURES = ("_rope_", "vit_pe_")
 # the pretraining grid every EVA-02 scales its rotary coordinates to (timm's ref_feat_shape, 224 / 14)
 EVA02_REF_GRID = 16
 # Eva's SwiGLU (DINOv3 S+, H+, 7B) as two Linear layers, gate and value, where vitkit's fc1 packs them
@@ -133,26 +133,47 @@ def is_beit(state: dict) -> bool:
     return any(k in state for k in BEIT_MARKERS)
 
 
-def _from_beit(state: dict, src: str) -> tuple[dict, str]:
-    """A Beit state dict (or a DINOv3 one: timm's Eva class, under the same names) under
-    VisionTransformer's names, plus each block's relative position table -> (that state, ViTConfig.rope)."""
-    rope = "none"
-    if "blocks.0.attn.relative_position_bias_table" not in state and SHARED_TABLE not in state:
+def _learned_rotation(state: dict) -> bool:
+    """RoPE-ViT's mixed rotation learns its frequencies (rope.freqs): neither DINOv3's nor EVA-02's."""
+    return any(k.startswith("rope.") for k in state)
+
+
+def _rotation_of(config: dict) -> str:
+    """The rotary positions a timm hub config names ("dinov3", "eva02"), or "" where it names none: its
+    architecture, or the model_args vitkit writes (which settle the layouts the tensors alone cannot tell)."""
+    architecture, args = str(config.get("architecture", "")), config.get("model_args", {})
+    if "dinov3" in architecture or args.get("rope_type") == "dinov3":
+        return "dinov3"
+    if architecture.startswith("eva02") or (args.get("use_rot_pos_emb") and args.get("rope_type", "cat") == "cat"):
+        return "eva02"
+    return ""
+
+
+def _from_beit(state: dict, src: str, rotation: str = "") -> tuple[dict, str]:
+    """A Beit state dict (or a DINOv3 or EVA-02 one: timm's Eva class, under the same names) under
+    VisionTransformer's names, plus each block's relative position table -> (that state, ViTConfig.rope).
+    ``rotation``: the rotary positions the file's hub config names (``_rotation_of``), else read from the
+    tensors' layout."""
+    rope = rotation or "none"
+    if not rotation and "blocks.0.attn.relative_position_bias_table" not in state and SHARED_TABLE not in state:
         # timm's Eva class shares BEiT's names and rotates q and k by position: DINOv3 (registers, no
         # absolute positions) and EVA-02 (absolute positions too, a SwiGLU MLP, no LayerScale) are read
         # with their rotations; another (RoPE-ViT's) would run without its own, so it is refused
         fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
         swiglu = (f"blocks.0.mlp.{SWIGLU_HALVES[0]}.weight" in state
                   or (fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]))
-        if "reg_token" in state and "pos_embed" not in state:
+        if "reg_token" in state and "cls_token" in state and "pos_embed" not in state and not _learned_rotation(state):
             rope = "dinov3"
-        elif "pos_embed" in state and "reg_token" not in state and "blocks.0.gamma_1" not in state and swiglu:
+        elif ("pos_embed" in state and "reg_token" not in state and "blocks.0.gamma_1" not in state and swiglu
+              and not _learned_rotation(state)):
             rope = "eva02"
         else:
             raise CheckpointError(f"{src}: BEiT's names (q_bias, gamma_1, q_proj) without its relative position "
-                                  "tables, and neither DINOv3's layout (registers, no absolute positions) nor "
-                                  "EVA-02's (absolute positions, a SwiGLU MLP, no LayerScale): a model with rotary "
-                                  "positions (timm's Eva: RoPE-ViT), which vitkit does not read")
+                                  "tables, and neither DINOv3's layout (a class token, registers, no absolute "
+                                  "positions) nor EVA-02's (absolute positions, a SwiGLU MLP, no LayerScale): "
+                                  "another model of timm's Eva class (RoPE-ViT's rotary positions, EVA-01), which "
+                                  "vitkit does not read; a hub dir whose config.json names a DINOv3 or EVA-02 "
+                                  "architecture is read by that name")
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
@@ -249,9 +270,9 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{path}: a timm {config['architecture']}, whose attention rotates q and k by each "
                               "patch's position (rotary positions, timm's Eva class), which vitkit does not read")
     state = load_state_dict_file(path)
-    rope = "none"
-    if is_beit(state):
-        state, rope = _from_beit(state, str(path))
+    rope, rotation = "none", _rotation_of(config)
+    if is_beit(state) or rotation:  # an EVA-02 without qkv bias has none of BEiT's names: its config tells
+        state, rope = _from_beit(state, str(path), rotation)
     foreign = Foreign(str(path), state, config=config, layout=rope)
     pretrained = config.get("pretrained_cfg", {})
     if "mean" in pretrained and "std" in pretrained:
@@ -433,7 +454,7 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         init_values=float(cfg.layer_scale),
     )
     if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's and eva02_*'s rotary settings
-        eva = dict(shared, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
+        eva = dict(shared, class_token=cfg.class_token, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
                    use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
         if not cfg.layer_scale:  # Eva builds LayerScale for any init_values but None, which create_model drops
             if cfg.rope == "dinov3":  # ... and then takes the architecture's: scales of ones, the identity
