@@ -672,6 +672,27 @@ def test_a_vit_without_absolute_positions_goes_to_timm_and_back(tmp_path):
         vc.export(ours, tmp_path / "hf", "hf")
 
 
+@pytest.mark.parametrize("architecture, img", [("vit_so400m_patch16_siglip_256", 64), ("eva_giant_patch14_224", 56)])
+def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_builds_it(tmp_path, architecture, img):
+    """timm's own hub configs name the architecture and give no model_args. For one not in vitkit's table,
+    timm's registry tells the heads (16 here, where the width / 64 convention says 18 and 22) and the MLP's
+    activation (SigLIP's newer towers: GELU's tanh form; 2e-3 apart from exact GELU at these weights).
+    EVA-01 (timm's Eva, BEiT's names, no rotation) is read as the plain ViT it is."""
+    theirs = timm.create_model(architecture, pretrained=False, depth=2, img_size=img).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1 if name.endswith("norm.weight") else 0))
+    (tmp_path / "hub").mkdir()
+    save_file(dict(theirs.state_dict()), tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"architecture": f"{architecture}.some_tag",
+                                                              "model_args": {"img_size": img}}))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = vc.load(tmp_path / "hub", "timm")
+    assert ours.cfg.num_heads == 16
+    x = torch.randn(2, 3, img, img)
+    assert_same_logits(run(ours, x), run(theirs, x))
+
+
 # --- JAX .npz ----------------------------------------------------------------------------------------
 def tiny_vitkit(**kw) -> ViT:
     fields = dict(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=7,

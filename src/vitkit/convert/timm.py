@@ -11,11 +11,12 @@ its S+, H+ and 7B models' SwiGLU layers (fc1_g, fc1_x) are packed into vitkit's 
 
 timm's state dicts do not store the number of heads: it comes from ``model=NAME``,
 ``num_heads=N``, a timm hub ``config.json`` beside the weights (``model_args.num_heads``,
-or an ``architecture`` name vitkit knows), or the convention heads = width / 64.
+an ``architecture`` name vitkit knows, or else one timm's registry knows), or the convention heads = width / 64.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -146,6 +147,8 @@ def _rotation_of(config: dict) -> str:
         return "dinov3"
     if architecture.startswith("eva02") or (args.get("use_rot_pos_emb") and args.get("rope_type", "cat") == "cat"):
         return "eva02"
+    if architecture.startswith("eva_") or args.get("use_rot_pos_emb") is False:  # EVA-01 (eva_giant_*): no rotation
+        return "none"
     return ""
 
 
@@ -271,7 +274,7 @@ def read(path: Path) -> Foreign:
                               "patch's position (rotary positions, timm's Eva class), which vitkit does not read")
     state = load_state_dict_file(path)
     rope, rotation = "none", _rotation_of(config)
-    if is_beit(state) or rotation:  # an EVA-02 without qkv bias has none of BEiT's names: its config tells
+    if is_beit(state) or rotation in ("dinov3", "eva02"):  # an EVA-02 without qkv bias has none of BEiT's names
         state, rope = _from_beit(state, str(path), rotation)
     foreign = Foreign(str(path), state, config=config, layout=rope)
     pretrained = config.get("pretrained_cfg", {})
@@ -296,8 +299,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     pre_norm = "norm_pre.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
-    act = args.get("act_layer", "gelu")  # timm's names are vitkit's
-    if "quickgelu" in str(foreign.config.get("architecture", "")):
+    architecture = str(foreign.config.get("architecture", "")).split(".")[0]
+    # an architecture vitkit does not know: what timm's registry says it is
+    facts = _timm_facts(architecture) if architecture and architecture not in VARIANTS else {}
+    act = args.get("act_layer") or VARIANTS.get(architecture, facts).get("mlp_act", "gelu")  # timm's names are vitkit's
+    if "quickgelu" in architecture:
         act = "quick_gelu"
     fc1, fc2 = (require(s, f"blocks.0.mlp.{fc}.weight", src, "timm") for fc in ("fc1", "fc2"))
     if fc1.shape[0] == 2 * fc2.shape[1]:  # a packed gated MLP (SwiGLUPacked: DINOv2's giant)
@@ -316,10 +322,12 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     if "num_heads" not in base:
         if "num_heads" in args:
             base["num_heads"] = int(args["num_heads"])
-        elif foreign.config.get("architecture") in VARIANTS:
-            base["num_heads"] = VARIANTS[foreign.config["architecture"]]["num_heads"]
+        elif architecture in VARIANTS:
+            base["num_heads"] = VARIANTS[architecture]["num_heads"]
         elif "blocks.0.attn.relative_position_bias_table" in s:  # BEiT's tables hold a column per head
             base["num_heads"] = s["blocks.0.attn.relative_position_bias_table"].shape[1]
+        elif "num_heads" in facts:
+            base["num_heads"] = facts["num_heads"]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
     rope = foreign.layout or "none"  # read() tells DINOv3's layout
     if rope != "none" and global_pool is None:
@@ -358,6 +366,41 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope), (None, 1e-6))[1],
         num_classes=s["head.weight"].shape[0] if "head.weight" in s else 0,
     )
+
+
+# timm's activation modules -> vitkit's mlp_act (nn.GELU's by its approximate argument)
+TIMM_ACTS = {"QuickGELU": "quick_gelu", ("GELU", "none"): "gelu", ("GELU", "tanh"): "gelu_tanh", "GELUTanh": "gelu_tanh"}
+
+
+@functools.lru_cache(maxsize=16)
+def _timm_facts(architecture: str) -> dict:
+    """What a timm architecture vitkit's table lacks fixes and its weights do not show (a hub config names
+    one, e.g. SigLIP 2's or EVA-01's, without model_args): its heads and its MLP's activation, from timm's
+    own registry, its model built on the meta device (no memory, no weights). Empty without timm, or for a
+    name timm does not know."""
+    name = architecture.split(".")[0]  # "eva_giant_patch14_224.clip_ft_in1k": the tag names the weights
+    try:
+        import timm
+
+        if not name or not timm.is_model(name):
+            return {}
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # an older timm, or a model that cannot be built on the meta device: the conventions
+        return {}
+    facts = {}
+    heads = next((m.num_heads for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)), None)
+    if heads:
+        facts["num_heads"] = int(heads)
+    act = next((m.act for m in model.modules() if hasattr(m, "fc2") and isinstance(getattr(m, "act", None), nn.Module)),
+               None)
+    if act is not None:
+        kind = type(act).__name__
+        act_name = TIMM_ACTS.get((kind, getattr(act, "approximate", None)), TIMM_ACTS.get(kind))
+        if act_name:
+            facts["mlp_act"] = act_name
+    return facts
 
 
 def _ref_grid(ref_feat_shape, src: str) -> int:
