@@ -794,7 +794,8 @@ BEYOND_PLAIN = [("dist_token", True, "DeiT's distillation token"), ("reg_tokens"
                 ("layer_scale", 0.1, "LayerScale"), ("pre_norm", True, "CLIP's pre-norm"),
                 ("mlp_act", "quick_gelu", "mlp_act='quick_gelu'"), ("mlp_act", "gelu_tanh", "mlp_act='gelu_tanh'"),
                 ("rel_pos_bias", True, "BEiT's relative position bias"), ("rope", "dinov3", "rope='dinov3'"),
-                ("abs_pos", False, "no absolute positions"), ("mlp_norm", True, "LayerNorm before fc2")]
+                ("abs_pos", False, "no absolute positions"), ("mlp_norm", True, "LayerNorm before fc2"),
+                ("attn_norm", True, "LayerNorm before the attention's projection")]
 
 
 @pytest.mark.parametrize("field, value, named", BEYOND_PLAIN, ids=[f"{f}={v}" for f, v, _ in BEYOND_PLAIN])

@@ -33,6 +33,7 @@ PUBLISHED_PARAMS = {
     "eva02_tiny_patch14_224": 5_502_144 + 12 * 192,
     "eva02_base_patch14_448": 87_117_544 + 12 * 768,
     "eva02_large_patch14_448": 305_080_232 + 24 * 1024,
+    "eva02_base_patch16_clip_224": 86_263_040 + 12 * 768,
 }
 
 
@@ -50,6 +51,7 @@ def expected_params(cfg: ViTConfig) -> int:
     mlp = (e * h + h) + (fc2_in * e + e) + (2 * fc2_in if cfg.mlp_norm else 0)  # EVA-02's LayerNorm before fc2
     block = 2 * 2 * e + (3 * e * e + (3 * e if cfg.qkv_bias else 0)) + (e * e + e) + mlp
     block += 2 * e if cfg.layer_scale else 0  # LayerScale's two gammas
+    block += 2 * e if cfg.attn_norm else 0  # EVA-02 CLIP's LayerNorm before the attention's projection
     gh, gw = cfg.grid_size
     block += ((2 * gh - 1) * (2 * gw - 1) + 3) * cfg.num_heads if cfg.rel_pos_bias else 0  # BEiT's table
     final_norm = 2 * e if cfg.final_norm != "none" else 0

@@ -76,6 +76,7 @@ def valid_configs(draw) -> ViTConfig:
         rope_ref_grid=draw(st.integers(1, 16)) if rope == "eva02" else 0,
         abs_pos=draw(st.booleans()),
         mlp_norm=draw(st.booleans()),
+        attn_norm=draw(st.booleans()),
         pool=pool,
         final_norm=draw(st.sampled_from(["tokens", "none"] if pool == "cls_mean" else ["tokens", "pooled", "none"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-12])),
@@ -237,7 +238,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
         field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias",
-                                      "abs_pos", "mlp_norm"]))
+                                      "abs_pos", "mlp_norm", "attn_norm"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

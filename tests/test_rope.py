@@ -119,10 +119,12 @@ def test_the_rotation_is_timms_eva02_in_the_half_layout(grid, head_dim, ref):
         assert torch.equal(ours[:, :head_dim // 2], their[:, 0::2]) and torch.equal(ours[:, head_dim // 2:], their[:, 1::2])
 
 
-@pytest.mark.parametrize("architecture", ["eva02_tiny_patch14_224", "eva02_base_patch14_448"])
+@pytest.mark.parametrize("architecture", ["eva02_tiny_patch14_224", "eva02_base_patch14_448",
+                                          "eva02_base_patch16_clip_224"])
 def test_timm_eva02_converts_both_ways_with_equal_logits_and_gradients(tmp_path, architecture):
-    """T (one qkv projection, one packed SwiGLU fc1) and B (q, k, v projections, SwiGLU's two layers with a
-    LayerNorm before fc2); vitkit's q and k channels are reordered for its rotation, and back."""
+    """T (one qkv projection, one packed SwiGLU fc1), B (q, k, v projections, SwiGLU's two layers with a
+    LayerNorm before fc2) and B's CLIP tower (a LayerNorm before the attention's projection too, the class
+    token pooled); vitkit's q and k channels are reordered for its rotation, and back."""
     theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, num_classes=10,
                                           img_size=112)).eval()
     save_file(dict(theirs.state_dict()), tmp_path / "eva02.safetensors")
@@ -131,7 +133,9 @@ def test_timm_eva02_converts_both_ways_with_equal_logits_and_gradients(tmp_path,
         ours = load(tmp_path / "eva02.safetensors", "timm", num_heads=heads).eval()
     cfg = ours.cfg
     assert (cfg.rope, cfg.rope_ref_grid, cfg.abs_pos, cfg.mlp_act, cfg.layer_scale) == ("eva02", 16, True, "swiglu", 0)
-    assert (cfg.mlp_norm, cfg.pool, cfg.final_norm, cfg.norm_eps) == ("base" in architecture, "mean", "pooled", 1e-6)
+    clip = "clip" in architecture
+    assert (cfg.mlp_norm, cfg.attn_norm, cfg.norm_eps) == ("base" in architecture, clip, 1e-6)
+    assert (cfg.pool, cfg.final_norm) == (("cls", "tokens") if clip else ("mean", "pooled"))
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=5e-5, rtol=1e-5)

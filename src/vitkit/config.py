@@ -82,6 +82,9 @@ class ViTConfig:
     mlp_act: str = "gelu"
     # a LayerNorm on the MLP's hidden activations, before fc2 (EVA-02's sub-LN: timm's scale_mlp, mlp.norm)
     mlp_norm: bool = False
+    # a LayerNorm on the attention's output, before its projection (EVA-02 CLIP's: timm's scale_attn_inner,
+    # attn.norm)
+    attn_norm: bool = False
     # BEiT's relative position bias (Bao et al. 2021; BEiT v2, Data2Vec): each block's attention adds
     # a learned bias per head to its logits, looked up by the offset between query and key patches
     # ((2h-1)(2w-1) offsets, and three entries for class-to-patch, patch-to-class and class-to-class).
@@ -203,7 +206,7 @@ class ViTConfig:
             raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
                              "side by side); use final_norm='tokens', as DINOv2 does")
         for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias", "abs_pos",
-                     "mlp_norm"):
+                     "mlp_norm", "attn_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -375,6 +378,15 @@ def _table() -> dict[str, dict]:
         table[f"eva02_{size}_patch14_224"] = dict(eva02, img_size=224, num_classes=0)
         fine_tuned = 336 if size in ("tiny", "small") else 448
         table[f"eva02_{size}_patch14_{fine_tuned}"] = dict(eva02, img_size=fine_tuned, num_classes=1000)
+    # EVA-02's CLIP image towers (EVA-CLIP, timm's eva02_*_clip_*): a LayerNorm before the attention's
+    # projection too (attn_norm), the class token, normalised with every token; the classifier is CLIP's
+    # projection into the shared image-text space (512 and 768 wide)
+    clip_tower = dict(attn_norm=True, pool="cls", final_norm="tokens")
+    table["eva02_base_patch16_clip_224"] = dict(table["eva02_base_patch14_224"], **clip_tower, patch_size=16,
+                                                num_classes=512)
+    for img in (224, 336):
+        table[f"eva02_large_patch14_clip_{img}"] = dict(table["eva02_large_patch14_224"], **clip_tower, img_size=img,
+                                                        num_classes=768)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

@@ -673,6 +673,8 @@ class MultiHeadAttention(nn.Module):
         fused: bool = True,
         rel_pos_grid: tuple[int, int] | None = None,
         mask_k_bias: bool = False,
+        norm: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if emb_size % num_heads:
@@ -686,6 +688,8 @@ class MultiHeadAttention(nn.Module):
         self.fused = fused
         self.qkv = nn.Linear(emb_size, emb_size * 3, bias=qkv_bias)
         self.att_drop = nn.Dropout(dropout)
+        # EVA-02 CLIP's sub-LN (timm's scale_attn_inner): the heads' output normalised before the projection
+        self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else None
         self.projection = nn.Linear(emb_size, emb_size)
         self.proj_drop = nn.Dropout(proj_drop)
         # BEiT's relative position bias (rel_pos_grid: the patch grid; one class token before it):
@@ -768,6 +772,8 @@ class MultiHeadAttention(nn.Module):
             if att is not None:
                 att = att.masked_fill(attends_nothing, 0.0)
         out = out.transpose(1, 2).reshape(b, n_out, self.emb_size)  # (B, h, N, d) -> (B, N, E)
+        if self.norm is not None:
+            out = self.norm(out)
         out = _dropout(self.proj_drop, _linear(self.projection, out))
         return (out, att) if return_attention else out
 
@@ -997,11 +1003,13 @@ class TransformerEncoderBlock(nn.Module):
         rel_pos_grid: tuple[int, int] | None = None,
         mask_k_bias: bool = False,
         mlp_norm: bool = False,
+        attn_norm: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p,
-                                       rel_pos_grid=rel_pos_grid, mask_k_bias=mask_k_bias)
+                                       rel_pos_grid=rel_pos_grid, mask_k_bias=mask_k_bias, norm=attn_norm,
+                                       norm_eps=norm_eps)
         self.ls1 = LayerScale(emb_size, layer_scale) if layer_scale else None  # timm's names: ls1, ls2
         self.norm2 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, drop_p=drop_p, act=mlp_act, norm=mlp_norm,

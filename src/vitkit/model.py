@@ -33,7 +33,7 @@ class TransformerEncoder(nn.Module):
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
                 layer_scale=cfg.layer_scale, mlp_act=cfg.mlp_act,
                 rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None, mask_k_bias=cfg.rope != "none",
-                mlp_norm=cfg.mlp_norm,
+                mlp_norm=cfg.mlp_norm, attn_norm=cfg.attn_norm,
             )
             for rate in rates
         )

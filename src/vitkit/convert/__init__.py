@@ -53,6 +53,7 @@ BEYOND_PLAIN_VIT = {
     "rope": ("rotary positions (rope={value!r})", ("timm", "hf")),
     "abs_pos": ("no absolute positions (abs_pos=False)", ("timm", "hf")),
     "mlp_norm": ("EVA-02's LayerNorm before fc2 (mlp_norm=True)", ("timm",)),
+    "attn_norm": ("EVA-02 CLIP's LayerNorm before the attention's projection (attn_norm=True)", ("timm",)),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

@@ -69,6 +69,7 @@ KEYS = KeyMap(
         rule("encoder.blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
         rule("encoder.blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
         rule("encoder.blocks.{i}.mlp.norm.{p}", "blocks.{i}.mlp.norm.{p}"),  # EVA-02's sub-LN (scale_mlp)
+        rule("encoder.blocks.{i}.attn.norm.{p}", "blocks.{i}.attn.norm.{p}"),  # EVA-02 CLIP's (scale_attn_inner)
         rule("encoder.norm.{p}", "norm.{p}"),  # final_norm="tokens"
         rule("head.norm.{p}", "fc_norm.{p}"),  # final_norm="pooled"
         rule("head.fc.{p}", "head.{p}"),
@@ -330,8 +331,10 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             base["num_heads"] = facts["num_heads"]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
     rope = foreign.layout or "none"  # read() tells DINOv3's layout
-    if rope != "none" and global_pool is None:
-        global_pool = "avg"  # timm's DINOv3 architectures pool the patch tokens' mean unless told otherwise
+    if rope == "dinov3" and global_pool is None:
+        # timm's DINOv3 architectures pool the patch tokens' mean unless told otherwise, with no fc_norm
+        # (EVA-02's mean has one; without it, its CLIP towers, the class token, as for any ViT)
+        global_pool = "avg"
     if "pool" not in base and global_pool in ("token", "avg"):
         base["pool"] = {timm: ours for ours, timm in GLOBAL_POOL.items()}[global_pool]
     return config_with(
@@ -361,6 +364,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         abs_pos="pos_embed" in s,  # none: Beit's and Eva's use_abs_pos_emb=False, VisionTransformer's pos_embed='none'
         rope_ref_grid=_ref_grid(args.get("ref_feat_shape"), src) if rope == "eva02" else 0,
         mlp_norm="blocks.0.mlp.norm.weight" in s,
+        attn_norm="blocks.0.attn.norm.weight" in s,
         # DINOv3 takes any image size (its positions are rotary only); the model's own setting where the config has it
         dynamic_img_size=bool(args.get("dynamic_img_size", rope == "dinov3")),
         norm_eps=TIMM_ARCHITECTURE.get((dist_token, pre_norm, act == "swiglu", False, rope), (None, 1e-6))[1],
@@ -514,14 +518,15 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
             if int(cfg.emb_size * ratio) != half:  # Eva takes int(width * ratio): a ratio rounded below half
                 ratio = (half + 0.5) / cfg.emb_size
             eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1 if cfg.rope == "dinov3" else 0)
-        eva["scale_mlp"] = cfg.mlp_norm
+        eva.update(scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm)
         if cfg.rope == "eva02":
             eva.update(use_rot_pos_emb=True, rope_type="cat", rope_temperature=10000.0, rope_rotate_half=False,
                        ref_feat_shape=[cfg.rope_ref_grid] * 2, qkv_fused=not _eva02_separate_qkv(cfg))
         return eva
     if cfg.rel_pos_bias:  # Beit's own arguments
-        if cfg.mlp_norm:
-            raise ValueError("timm export: timm's BEiT (Beit) has no LayerNorm before fc2 (mlp_norm=True)")
+        if cfg.mlp_norm or cfg.attn_norm:
+            raise ValueError("timm export: timm's BEiT (Beit) has no LayerNorm before fc2 or before the attention's "
+                             f"projection; this model has mlp_norm={cfg.mlp_norm}, attn_norm={cfg.attn_norm}")
         beit = dict(shared, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True)
         if (cfg.final_norm == "pooled") != (cfg.pool == "mean"):
             # only where it differs from what average pooling implies: timm's Beit took use_fc_norm from
@@ -541,6 +546,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         plain["pos_embed"] = "none"
     if cfg.mlp_norm:  # the same LayerNorm before fc2, under the same name (mlp.norm)
         plain["scale_mlp_norm"] = True
+    if cfg.attn_norm:  # ... and before the attention's projection (attn.norm)
+        plain["scale_attn_norm"] = True
     return plain
 
 
