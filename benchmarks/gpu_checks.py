@@ -102,6 +102,9 @@ FEATURES = {
                                      dynamic_img_size=True, mlp_act="swiglu"),
     "EVA-02 B/L (rotary + absolute positions, SwiGLU with a LayerNorm)": dict(rope="eva02", rope_ref_grid=16,
                                                                              mlp_act="swiglu", mlp_norm=True),
+    "Perception Encoder (rotary + absolute positions, pre-norm, 2-head pooling)": dict(
+        rope="pe", rope_ref_grid=4, rope_grid_offset=1.0, pre_norm=True, pool="map", pool_heads=2,
+        final_norm="tokens"),
     "cls+mean (no timm twin)": dict(pool="cls_mean", final_norm="tokens"),
 }
 

@@ -106,18 +106,6 @@ def test_rotary_position_models_are_refused_not_read_without_their_positions(tmp
         load(tmp_path, "timm")
 
 
-def test_a_perception_encoder_hub_dir_is_refused_by_name(tmp_path):
-    """timm's Perception Encoder (vit_pe_*: Eva, rotary positions, a fused qkv bias) has none of BEiT's
-    names: only its hub config tells it from a plain ViT, and vitkit refuses it by that name."""
-    import json
-
-    peer = timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1)
-    save_file(dict(peer.state_dict()), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_pe_core_tiny_patch16_384"}))
-    with pytest.raises(CheckpointError, match="rotary positions"):
-        load(tmp_path, "timm")
-
-
 def _bias_model(**fields) -> ViT:
     cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=2, num_heads=4, num_classes=10, rel_pos_bias=True,
                     pool="cls", final_norm="tokens", norm_eps=1e-6, **fields)

@@ -672,6 +672,29 @@ def test_a_vit_without_absolute_positions_goes_to_timm_and_back(tmp_path):
         vc.export(ours, tmp_path / "hf", "hf")
 
 
+def test_attention_pooling_with_heads_of_its_own_goes_to_timm_alone(tmp_path):
+    """pool_heads (the Perception Encoder's 8): timm's Eva holds it (attn_pool_num_heads), the same logits;
+    the formats and classes whose pooling has the blocks' heads, or none, refuse it by name."""
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=1, num_heads=4, num_classes=3, pre_norm=True,
+                    rope="pe", rope_ref_grid=4, rope_grid_offset=1.0, pool="map", pool_heads=2, final_norm="tokens",
+                    norm_eps=1e-5)
+    model = ViT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        four_heads = ViT(cfg.replace(pool_heads=0)).eval()
+        four_heads.load_state_dict(model.state_dict())
+        assert not torch.allclose(four_heads(x), model(x), atol=1e-4)  # the heads matter at these weights
+    assert_same_logits(run(timm_twin(model), x), run(model, x))
+    with pytest.raises(ValueError, match="pool_heads=2"):  # HF holds a pre-norm and rotations, not this
+        vc.export(model, tmp_path / "hf", "hf")
+    plain = ViT(cfg.replace(pre_norm=False, rope="none", rope_ref_grid=0, rope_grid_offset=0.0))
+    with pytest.raises(ValueError, match="VisionTransformer pools with its blocks' heads"):
+        vc.export(plain, tmp_path / "plain.safetensors", "timm")
+
+
 @pytest.mark.parametrize("architecture, img", [("vit_so400m_patch16_siglip_256", 64), ("eva_giant_patch14_224", 56)])
 def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_builds_it(tmp_path, architecture, img):
     """timm's own hub configs name the architecture and give no model_args. For one not in vitkit's table,

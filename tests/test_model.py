@@ -34,6 +34,8 @@ PUBLISHED_PARAMS = {
     "eva02_base_patch14_448": 87_117_544 + 12 * 768,
     "eva02_large_patch14_448": 305_080_232 + 24 * 1024,
     "eva02_base_patch16_clip_224": 86_263_040 + 12 * 768,
+    # the Perception Encoder: timm's exactly (its k bias is a real one)
+    "vit_pe_core_base_patch16_224": 93_673_984,
 }
 
 

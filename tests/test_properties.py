@@ -57,7 +57,7 @@ def valid_configs(draw) -> ViTConfig:
     dynamic_img_size = draw(st.booleans())
     # BEiT's table: one class token, one grid
     rel_pos_bias = class_token and not dist_token and not dynamic_img_size and draw(st.booleans())
-    rope = draw(st.sampled_from(["none", "dinov3", "eva02"])) if not rel_pos_bias and (width // heads) % 4 == 0 \
+    rope = draw(st.sampled_from(["none", "dinov3", "eva02", "pe"])) if not rel_pos_bias and (width // heads) % 4 == 0 \
         else "none"
     return ViTConfig(
         img_size=img_size,
@@ -73,7 +73,8 @@ def valid_configs(draw) -> ViTConfig:
         dist_token=dist_token,
         rel_pos_bias=rel_pos_bias,
         rope=rope,
-        rope_ref_grid=draw(st.integers(1, 16)) if rope == "eva02" else 0,
+        rope_ref_grid=draw(st.integers(1, 16)) if rope in ("eva02", "pe") else 0,
+        rope_grid_offset=draw(st.sampled_from([0.0, 1.0, 0.5])) if rope in ("eva02", "pe") else 0.0,
         abs_pos=draw(st.booleans()),
         mlp_norm=draw(st.booleans()),
         attn_norm=draw(st.booleans()),
@@ -216,15 +217,25 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         extra = draw(st.sampled_from([dict(class_token=False), dict(reg_tokens=2), dict(dist_token=True, pool="cls")]))
         return "rel_pos_bias", {"rel_pos_bias": True, **extra}, next(iter(extra))
     if kind == "rope":  # a kind vitkit lacks, a head width (32 / heads) not a multiple of 4, or with BEiT's bias
-        case = draw(st.sampled_from(["kind", "width", "bias", "ref_grid"]))
+        case = draw(st.sampled_from(["kind", "width", "bias", "ref_grid", "grid_offset", "pool_heads"]))
         if case == "kind":
             return "rope", {"rope": draw(st.one_of(st.text(max_size=6).filter(lambda r: r not in ROPES),
                                                    st.none(), st.booleans()))}, ""
         if case == "ref_grid":  # EVA-02's reference grid: with rope="eva02" (> 0) and only with it
             wrong = draw(st.sampled_from([{"rope": "eva02"}, {"rope": "dinov3", "rope_ref_grid": 16},
                                           {"rope_ref_grid": 16}, {"rope": "eva02", "rope_ref_grid": -1},
-                                          {"rope": "eva02", "rope_ref_grid": 1.5}]))
+                                          {"rope": "pe", "rope_ref_grid": 1.5}, {"rope": "pe"}]))
             return "rope_ref_grid", wrong, ""
+        if case == "grid_offset":  # PE's index offset: a number >= 0, with rope="eva02" or "pe" only
+            wrong = draw(st.sampled_from([{"rope_grid_offset": 1.0}, {"rope": "dinov3", "rope_grid_offset": 1.0},
+                                          {"rope": "pe", "rope_ref_grid": 4, "rope_grid_offset": -1.0},
+                                          {"rope": "pe", "rope_ref_grid": 4, "rope_grid_offset": math.inf},
+                                          {"rope": "pe", "rope_ref_grid": 4, "rope_grid_offset": True}]))
+            return "rope_grid_offset", wrong, ""
+        if case == "pool_heads":  # attention pooling's own heads: with pool="map", dividing the width
+            wrong = draw(st.sampled_from([{"pool_heads": 2}, {"pool": "map", "pool_heads": 3},
+                                          {"pool": "map", "pool_heads": -1}, {"pool": "map", "pool_heads": True}]))
+            return "pool_heads", wrong, ""
         if case == "width":
             return "rope", {"rope": "dinov3", "num_heads": draw(st.sampled_from([16, 32]))}, "multiple of 4"
         return "rope", {"rope": "dinov3", "rel_pos_bias": True}, "relative position bias"

@@ -179,6 +179,59 @@ def test_an_eva02_fine_tuned_at_another_size_runs_as_timms_there(tmp_path):
 
 
 EVA02_SMALL = dict(rope="eva02", rope_ref_grid=4, mlp_act="swiglu", mlp_ratio=4.0)  # T/S: one packed SwiGLU fc1
+@pytest.mark.parametrize("grid, head_dim, ref, offset", [((14, 14), 64, 14, 1.0), ((24, 24), 64, 24, 1.0),
+                                                         ((10, 12), 32, 24, 1.0), ((16, 16), 96, 32, 0.0)])
+def test_the_rotation_is_timms_perception_encoder_in_the_half_layout(grid, head_dim, ref, offset):
+    """PE's (timm's grid_indexing="xy", rope_grid_offset): the columns' angles first, each index offset."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+
+    from vitkit.layers import rope_eva02
+
+    theirs = RotaryEmbeddingCat(head_dim, in_pixels=False, ref_feat_shape=(ref, ref), grid_offset=offset,
+                                grid_indexing="xy").get_embed(shape=list(grid))
+    their_sin, their_cos = theirs.chunk(2, -1)
+    sin, cos = rope_eva02(grid, head_dim, ref, offset, columns_first=True)
+    for ours, their in ((sin, their_sin), (cos, their_cos)):
+        assert torch.equal(ours[:, :head_dim // 2], their[:, 0::2]) and torch.equal(ours[:, head_dim // 2:], their[:, 1::2])
+
+
+@pytest.mark.parametrize("architecture", ["vit_pe_core_tiny_patch16_384", "vit_pe_core_base_patch16_224"])
+def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
+    """timm's own hub dir (its config names the architecture, no model_args): the reference grid (24, 14),
+    the index offset, the pooling's 8 heads and the k bias (rotated, not masked) as timm builds them; back to
+    timm under the same names, and read back to the same config. A bare file reads as PE when named."""
+    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, img_size=96)).eval()
+    (tmp_path / "hub").mkdir()
+    save_file(dict(theirs.state_dict()), tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"architecture": architecture, "global_pool": "map",
+                                                              "model_args": {"img_size": 96}}))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(tmp_path / "hub", "timm").eval()
+    cfg = ours.cfg
+    assert (cfg.rope, cfg.rope_grid_offset, cfg.pool, cfg.pool_heads, cfg.pre_norm) == ("pe", 1.0, "map", 8, True)
+    assert cfg.rope_ref_grid == (14 if "base" in architecture else 24)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = theirs(x)
+        scale = want.abs().max().item()  # every weight random (0.3): large logits, compared relative to them
+        torch.testing.assert_close(ours(x), want, atol=1e-5 * scale, rtol=0)
+    out = export(ours, tmp_path / "back", "timm")
+    back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    expected, got = dict(theirs.state_dict()), back.state_dict()
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+    assert load(out, "timm").cfg == cfg
+    save_file(dict(theirs.state_dict()), tmp_path / "pe.safetensors")  # the bare file: no config beside it
+    with pytest.warns(UserWarning, match="normalisation"):  # named
+        named = load(tmp_path / "pe.safetensors", "timm", model=architecture, img_size=96).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(named(x), want, atol=1e-5 * scale, rtol=0)
+    with pytest.warns(UserWarning, match="Perception Encoder"):  # unnamed: read as a plain ViT, with a warning
+        load(tmp_path / "pe.safetensors", "timm", num_heads=theirs.blocks[0].attn.num_heads)
+
+
 ROTARY_LAYOUTS = {  # what the published DINOv3s and EVA-02s lack, each a layout the tensors alone could mistake
     "eva02 without qkv bias": dict(EVA02_SMALL, qkv_bias=False),  # no q_bias: not even BEiT's names
     "eva02 with registers": dict(EVA02_SMALL, reg_tokens=2),

@@ -17,7 +17,7 @@ POOLS = ("cls", "mean", "map", "cls_mean")
 STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
 MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
-ROPES = ("none", "dinov3", "eva02")
+ROPES = ("none", "dinov3", "eva02", "pe")
 
 
 def pooled_width(pool: str, emb_size: int) -> int:
@@ -95,11 +95,14 @@ class ViTConfig:
     # prefix tokens are not rotated, and any image size has its own grid. DINOv3 has no absolute
     # positions (abs_pos=False). "eva02" (Fang et al. 2023, EVA-02; timm's RotaryEmbeddingCat): the angles are
     # the patch's row and column index (scaled to rope_ref_grid) times 10000^(-i/(d/4)), beside absolute
-    # positions. "none": no rotation.
+    # positions, the k bias masked. "pe" (Bolya et al. 2025, the Perception Encoder; timm's vit_pe_*): the
+    # same with the column's angles first and the k bias kept (rotated with its key). "none": no rotation.
     rope: str = "none"
-    # rope="eva02" only (0 otherwise): coordinates scaled so that any grid spans this many patches a side,
-    # the pretraining grid (timm's ref_feat_shape: 16 for every EVA-02, 224 / 14)
+    # rope="eva02" or "pe" only (0 otherwise): coordinates scaled so that any grid spans this many patches a
+    # side, the pretraining grid (timm's ref_feat_shape: 16 for every EVA-02, 224 / 14; 24 or 32 for PE)
     rope_ref_grid: int = 0
+    # rope="eva02" or "pe": added to each patch index before scaling (timm's rope_grid_offset: PE's 1)
+    rope_grid_offset: float = 0.0
     # Learned absolute positions (PatchEmbedding.positions, timm's pos_embed), added to the tokens; False:
     # none, as BEiT (use_abs_pos_emb=False) and DINOv3 have, whose positions are relative or rotary. A model
     # without them has no table to train or resample (timm's parameter count, and timm's fine-tuning).
@@ -109,6 +112,8 @@ class ViTConfig:
     # "cls_mean": the class token's output and the patch tokens' mean side by side, 2 x emb_size
     # features (DINOv2's linear classifiers)
     pool: str = "mean"
+    # pool="map": the attention pooling's heads, where they differ from the blocks' (PE's 8); 0: the blocks'
+    pool_heads: int = 0
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm); "none"
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
     num_classes: int = 1000  # 0 gives a model without a classifier (features only)
@@ -227,10 +232,20 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.rope: expected one of {ROPES}, got {self.rope!r}")
         if isinstance(self.rope_ref_grid, bool) or not isinstance(self.rope_ref_grid, int) or self.rope_ref_grid < 0:
             raise ValueError(f"ViTConfig.rope_ref_grid: expected an int >= 0, got {self.rope_ref_grid!r}")
-        if (self.rope == "eva02") != (self.rope_ref_grid > 0):
-            raise ValueError("ViTConfig.rope_ref_grid: EVA-02's rotation (rope='eva02') scales its coordinates to a "
-                             "reference grid (> 0; 16 for every EVA-02), and no other rope has one (0); got "
-                             f"rope={self.rope!r}, rope_ref_grid={self.rope_ref_grid}")
+        if (self.rope in ("eva02", "pe")) != (self.rope_ref_grid > 0):
+            raise ValueError("ViTConfig.rope_ref_grid: EVA-02's and PE's rotations (rope='eva02', 'pe') scale their "
+                             "coordinates to a reference grid (> 0; 16 for every EVA-02), and no other rope has one "
+                             f"(0); got rope={self.rope!r}, rope_ref_grid={self.rope_ref_grid}")
+        if (isinstance(self.rope_grid_offset, bool) or not isinstance(self.rope_grid_offset, (int, float))
+                or not 0 <= self.rope_grid_offset < math.inf
+                or (self.rope_grid_offset and self.rope not in ("eva02", "pe"))):
+            raise ValueError("ViTConfig.rope_grid_offset: expected a number >= 0, and 0 unless rope is 'eva02' or "
+                             f"'pe'; got rope={self.rope!r}, rope_grid_offset={self.rope_grid_offset!r}")
+        if isinstance(self.pool_heads, bool) or not isinstance(self.pool_heads, int) or self.pool_heads < 0:
+            raise ValueError(f"ViTConfig.pool_heads: expected an int >= 0 (0: the blocks' heads), got {self.pool_heads!r}")
+        if self.pool_heads and (self.pool != "map" or self.emb_size % self.pool_heads):
+            raise ValueError(f"ViTConfig.pool_heads: attention pooling's (pool='map') heads, dividing emb_size "
+                             f"{self.emb_size}; got pool={self.pool!r}, pool_heads={self.pool_heads}")
         if self.rope != "none" and self.head_dim % 4:
             raise ValueError(f"ViTConfig.rope: rotary positions split each head's width in four (two axes, sine "
                              f"and cosine); head width {self.head_dim} is not a multiple of 4")
@@ -387,6 +402,16 @@ def _table() -> dict[str, dict]:
     for img in (224, 336):
         table[f"eva02_large_patch14_clip_{img}"] = dict(table["eva02_large_patch14_224"], **clip_tower, img_size=img,
                                                         num_classes=768)
+    # The Perception Encoder's core towers (Bolya et al. 2025; timm's vit_pe_core_*, its Eva class): rotary
+    # positions (rope="pe": index + 1, scaled to the pretraining grid, columns first) beside absolute ones, a
+    # LayerNorm on the tokens before the first block (pre_norm, no patch bias), attention pooling with 8
+    # heads, LayerNorm eps 1e-5; the classifier is CLIP's projection into the image-text space
+    pe = dict(pre_norm=True, rope="pe", rope_grid_offset=1.0, pool="map", pool_heads=8, final_norm="tokens",
+              norm_eps=1e-5, class_token=True)
+    for size, patch, img, ref, classes in (("tiny", 16, 384, 24, 512), ("small", 16, 384, 24, 512),
+                                           ("base", 16, 224, 14, 1024), ("large", 14, 336, 24, 1024)):
+        table[f"vit_pe_core_{size}_patch{patch}_{img}"] = dict(**SIZES[size], **pe, patch_size=patch, img_size=img,
+                                                             rope_ref_grid=ref, num_classes=classes)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).

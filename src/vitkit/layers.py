@@ -289,7 +289,7 @@ def rope_dinov3(grid: tuple[int, int], head_dim: int, device: torch.device | str
 EVA02_ROPE_TEMPERATURE = 10000.0
 
 
-def rope_eva02(grid: tuple[int, int], head_dim: int, ref_grid: int,
+def rope_eva02(grid: tuple[int, int], head_dim: int, ref_grid: int, offset: float = 0.0, columns_first: bool = False,
                device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """(sin, cos), each (h*w, head_dim) fp32: EVA-02's rotation of the patches of an h x w grid, row by row.
 
@@ -298,13 +298,16 @@ def rope_eva02(grid: tuple[int, int], head_dim: int, ref_grid: int,
     for i < d/4 on each axis, rows first. timm (RotaryEmbeddingCat) lays each angle out twice side by
     side and rotates neighbouring pairs of a head's channels; here the layout is DINOv3's (the angles,
     then the angles again: rotate_half), which is the same rotation once the q and k channels are
-    reordered, evens first (``convert.timm`` does that)."""
+    reordered, evens first (``convert.timm`` does that). The Perception Encoder's (``columns_first``, timm's
+    grid_indexing="xy") adds ``offset`` to each index and gives the columns the first angles."""
     h, w = grid
     quarter = head_dim // 4
     bands = 1.0 / (EVA02_ROPE_TEMPERATURE ** (torch.arange(quarter, device=device).to(torch.float32) / quarter))
-    # index / size * reference, in timm's order, for the same rounding
-    coords = [torch.arange(n, device=device).to(torch.float32) / n * ref_grid for n in (h, w)]
-    grid_coords = torch.stack(torch.meshgrid(*coords, indexing="ij"), dim=-1)  # (h, w, 2)
+    # (index + offset) / size * reference, in timm's order, for the same rounding
+    coords = [(torch.arange(n, device=device).to(torch.float32) + offset) / n * ref_grid for n in (h, w)]
+    grid_coords = torch.stack(torch.meshgrid(*coords, indexing="ij"), dim=-1)  # (h, w, 2): row, column
+    if columns_first:
+        grid_coords = grid_coords.flip(-1)
     angles = (grid_coords[..., None] * bands).flatten(-2).flatten(0, 1)  # (h, w, 2, d/4) -> (h*w, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # -> (h*w, d)
     return angles.sin(), angles.cos()

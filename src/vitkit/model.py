@@ -32,7 +32,7 @@ class TransformerEncoder(nn.Module):
                 cfg.emb_size, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
                 drop_p=cfg.drop_rate, attn_drop_p=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
                 layer_scale=cfg.layer_scale, mlp_act=cfg.mlp_act,
-                rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None, mask_k_bias=cfg.rope != "none",
+                rel_pos_grid=cfg.grid_size if cfg.rel_pos_bias else None, mask_k_bias=cfg.rope in ("dinov3", "eva02"),
                 mlp_norm=cfg.mlp_norm, attn_norm=cfg.attn_norm,
             )
             for rate in rates
@@ -121,7 +121,7 @@ class ViT(nn.Module):
         self.head = ClassificationHead(
             cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
             norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate, dist=cfg.dist_token,
-            num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_act=cfg.mlp_act,
+            num_heads=cfg.pool_heads or cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_act=cfg.mlp_act,
         )
         self.apply(init_weights)
 
@@ -136,8 +136,9 @@ class ViT(nn.Module):
         if self.cfg.rope == "none":
             return None
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        if self.cfg.rope == "eva02":
-            return rope_eva02(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, device=x.device)
+        if self.cfg.rope in ("eva02", "pe"):
+            return rope_eva02(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, self.cfg.rope_grid_offset,
+                              columns_first=self.cfg.rope == "pe", device=x.device)
         return rope_dinov3(grid, self.cfg.head_dim, device=x.device)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

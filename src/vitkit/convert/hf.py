@@ -499,8 +499,8 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
     problems = []
     family = _family(cfg)
     tower = TOWERS.get(family, family)
-    if cfg.rope == "eva02":
-        problems.append("transformers has no EVA-02 (rope='eva02'): export to timm")
+    if cfg.rope in ("eva02", "pe"):
+        problems.append(f"transformers has no EVA-02 or Perception Encoder (rope={cfg.rope!r}): export to timm")
     if not cfg.abs_pos and family not in ("beit", DINOV3):
         problems.append(f"HF's {ARCHITECTURE[family]} has absolute positions, and this model none (abs_pos=False): "
                         "export to timm")

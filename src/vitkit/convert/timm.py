@@ -44,7 +44,7 @@ def _qk_channels(qkv: Tensor, cfg: ViTConfig, evens_first: bool) -> Tensor:
     """EVA-02's q and k channels reordered within each head, evens first (``evens_first``) or back: timm
     rotates neighbouring pairs of channels, vitkit a channel with the one half a head away
     (``layers.rope_eva02``); the same reordering of q and k keeps every q·k. v is left as it is."""
-    if cfg.rope != "eva02":
+    if cfg.rope not in ("eva02", "pe"):
         return qkv
     e, h, d = cfg.emb_size, cfg.num_heads, cfg.head_dim
     qk = qkv[:2 * e].reshape(2 * h, d // 2, 2, *qkv.shape[1:]) if evens_first else \
@@ -106,7 +106,8 @@ TIMM_ARCHITECTURE = {(False, False, False, False, "none"): ("vit_base_patch16_22
                      (False, False, False, True, "none"): ("beit_base_patch16_224", 1e-6),  # timm's Beit class
                      (False, False, False, False, "dinov3"): ("vit_base_patch16_dinov3", 1e-5),  # timm's Eva class
                      (False, False, True, False, "dinov3"): ("vit_small_plus_patch16_dinov3", 1e-5),  # Eva, SwiGLU
-                     (False, False, True, False, "eva02"): ("eva02_base_patch14_448", 1e-6)}  # Eva
+                     (False, False, True, False, "eva02"): ("eva02_base_patch14_448", 1e-6),  # Eva
+                     (False, True, False, False, "pe"): ("vit_pe_core_base_patch16_224", 1e-5)}  # Eva, pre-norm
 
 
 def architecture_key(cfg: ViTConfig) -> tuple[bool, bool, bool, bool, str]:
@@ -122,8 +123,8 @@ BEIT_MARKERS = ("blocks.0.attn.q_bias", "blocks.0.gamma_1", "blocks.0.attn.relat
                 "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.q_proj.weight")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"  # BEiT's pretraining: one table for all blocks
 # timm architectures with rotary positions vitkit does not read (its Eva class: RoPE-ViT's mixed and axial
-# rotations, the Perception Encoder's), refused by name (DINOv3's and EVA-02's are read: rope="dinov3", "eva02")
-ROTARY_ARCHITECTURES = ("_rope_", "vit_pe_")
+# rotations), refused by name (DINOv3's, EVA-02's and the Perception Encoder's are read: rope="dinov3", "eva02", "pe")
+ROTARY_ARCHITECTURES = ("_rope_",)
 # the pretraining grid every EVA-02 scales its rotary coordinates to (timm's ref_feat_shape, 224 / 14)
 EVA02_REF_GRID = 16
 # Eva's SwiGLU (DINOv3 S+, H+, 7B) as two Linear layers, gate and value, where vitkit's fc1 packs them
@@ -141,11 +142,13 @@ def _learned_rotation(state: dict) -> bool:
 
 
 def _rotation_of(config: dict) -> str:
-    """The rotary positions a timm hub config names ("dinov3", "eva02"), or "" where it names none: its
+    """The rotary positions a timm hub config names ("dinov3", "eva02", "pe"), or "" where it names none: its
     architecture, or the model_args vitkit writes (which settle the layouts the tensors alone cannot tell)."""
     architecture, args = str(config.get("architecture", "")), config.get("model_args", {})
     if "dinov3" in architecture or args.get("rope_type") == "dinov3":
         return "dinov3"
+    if architecture.startswith("vit_pe_") or (args.get("use_rot_pos_emb") and args.get("attn_type") == "rope"):
+        return "pe"  # the Perception Encoder: its own names (a fused qkv bias), not BEiT's
     if architecture.startswith("eva02") or (args.get("use_rot_pos_emb") and args.get("rope_type", "cat") == "cat"):
         return "eva02"
     if architecture.startswith("eva_") or args.get("use_rot_pos_emb") is False:  # EVA-01 (eva_giant_*): no rotation
@@ -246,7 +249,7 @@ def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
-    if cfg.rel_pos_bias or cfg.rope != "none":  # a table of zero positions (vitkit before abs_pos) is left out
+    if cfg.rel_pos_bias or cfg.rope in ("dinov3", "eva02"):  # a table of zero positions (vitkit before abs_pos): out
         abs_pos = "pos_embed" in state and (cfg.rope == "eva02" or bool(state["pos_embed"].any()))
         swiglu = cfg.mlp_act == "swiglu" and _eva_swiglu_split(cfg)
         state = _to_beit(state, abs_pos=abs_pos, swiglu=swiglu, separate_qkv=_eva02_separate_qkv(cfg))
@@ -274,7 +277,8 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{path}: a timm {config['architecture']}, whose attention rotates q and k by each "
                               "patch's position (rotary positions, timm's Eva class), which vitkit does not read")
     state = load_state_dict_file(path)
-    rope, rotation = "none", _rotation_of(config)
+    rotation = _rotation_of(config)
+    rope = "pe" if rotation == "pe" else "none"
     if is_beit(state) or rotation in ("dinov3", "eva02"):  # an EVA-02 without qkv bias has none of BEiT's names
         state, rope = _from_beit(state, str(path), rotation)
     foreign = Foreign(str(path), state, config=config, layout=rope)
@@ -300,10 +304,12 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     pre_norm = "norm_pre.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
-    architecture = str(foreign.config.get("architecture", "")).split(".")[0]
+    # the file's architecture: its hub config's, else the variant the caller named (model=NAME)
+    architecture = str(foreign.config.get("architecture", "")).split(".")[0] or base.get("_model", "")
     # an architecture vitkit does not know: what timm's registry says it is
-    facts = _timm_facts(architecture) if architecture and architecture not in VARIANTS else {}
-    act = args.get("act_layer") or VARIANTS.get(architecture, facts).get("mlp_act", "gelu")  # timm's names are vitkit's
+    # the architecture's own fields: vitkit's table's, else what timm's registry says it is (vitkit's names)
+    known = VARIANTS.get(architecture) or (_timm_facts(architecture) if architecture else {})
+    act = args.get("act_layer") or known.get("mlp_act", "gelu")  # timm's names are vitkit's
     if "quickgelu" in architecture:
         act = "quick_gelu"
     fc1, fc2 = (require(s, f"blocks.0.mlp.{fc}.weight", src, "timm") for fc in ("fc1", "fc2"))
@@ -327,10 +333,16 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
             base["num_heads"] = VARIANTS[architecture]["num_heads"]
         elif "blocks.0.attn.relative_position_bias_table" in s:  # BEiT's tables hold a column per head
             base["num_heads"] = s["blocks.0.attn.relative_position_bias_table"].shape[1]
-        elif "num_heads" in facts:
-            base["num_heads"] = facts["num_heads"]
+        elif "num_heads" in known:
+            base["num_heads"] = known["num_heads"]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
-    rope = foreign.layout or "none"  # read() tells DINOv3's layout
+    rope = foreign.layout or "none"  # read() tells DINOv3's, EVA-02's and PE's layouts
+    if rope == "none" and known.get("rope") == "pe":  # a bare PE file (its names are a plain ViT's), named
+        rope = "pe"
+    if rope == "none" and pre_norm and "attn_pool.latent" in s and "cls_token" in s and not architecture:
+        warnings.warn(f"{src}: a pre-norm, a class token and attention pooling, as timm's Perception Encoder has; "
+                      "read as a plain ViT, without the rotary positions that are not in the file: for a PE, pass "
+                      "model=vit_pe_core_* (--model) or its timm hub dir", stacklevel=4)
     if rope == "dinov3" and global_pool is None:
         # timm's DINOv3 architectures pool the patch tokens' mean unless told otherwise, with no fc_norm
         # (EVA-02's mean has one; without it, its CLIP towers, the class token, as for any ViT)
@@ -362,7 +374,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         rel_pos_bias="blocks.0.attn.relative_position_bias_table" in s,
         rope=rope,
         abs_pos="pos_embed" in s,  # none: Beit's and Eva's use_abs_pos_emb=False, VisionTransformer's pos_embed='none'
-        rope_ref_grid=_ref_grid(args.get("ref_feat_shape"), src) if rope == "eva02" else 0,
+        rope_ref_grid=_ref_grid(args.get("ref_feat_shape", known.get("rope_ref_grid")), rope, src)
+        if rope in ("eva02", "pe") else 0,
+        rope_grid_offset=float(args.get("rope_grid_offset", known.get("rope_grid_offset", 0.0)))
+        if rope in ("eva02", "pe") else 0.0,
+        pool_heads=_pool_heads(args.get("attn_pool_num_heads", known.get("pool_heads", 0)), base, width),
         mlp_norm="blocks.0.mlp.norm.weight" in s,
         attn_norm="blocks.0.attn.norm.weight" in s,
         # DINOv3 takes any image size (its positions are rotary only); the model's own setting where the config has it
@@ -379,7 +395,8 @@ TIMM_ACTS = {"QuickGELU": "quick_gelu", ("GELU", "none"): "gelu", ("GELU", "tanh
 @functools.lru_cache(maxsize=16)
 def _timm_facts(architecture: str) -> dict:
     """What a timm architecture vitkit's table lacks fixes and its weights do not show (a hub config names
-    one, e.g. SigLIP 2's or EVA-01's, without model_args): its heads and its MLP's activation, from timm's
+    one, e.g. SigLIP 2's or EVA-01's, without model_args): its heads, its MLP's activation, its attention
+    pooling's heads and its rotation's reference grid and offset (ViTConfig's names), from timm's
     own registry, its model built on the meta device (no memory, no weights). Empty without timm, or for a
     name timm does not know."""
     name = architecture.split(".")[0]  # "eva_giant_patch14_224.clip_ft_in1k": the tag names the weights
@@ -397,6 +414,14 @@ def _timm_facts(architecture: str) -> dict:
     heads = next((m.num_heads for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)), None)
     if heads:
         facts["num_heads"] = int(heads)
+    pool = getattr(model, "attn_pool", None)
+    if isinstance(getattr(pool, "num_heads", None), int):
+        facts["pool_heads"] = int(pool.num_heads)
+    rope = getattr(model, "rope", None)  # Eva's rotary positions: the grid they are scaled to, the index offset
+    if getattr(rope, "ref_feat_shape", None) is not None:
+        facts["rope_ref_grid"] = list(rope.ref_feat_shape)  # (h, w): _ref_grid checks it is square
+    if isinstance(getattr(rope, "grid_offset", None), (int, float)):
+        facts["rope_grid_offset"] = float(rope.grid_offset)
     act = next((m.act for m in model.modules() if hasattr(m, "fc2") and isinstance(getattr(m, "act", None), nn.Module)),
                None)
     if act is not None:
@@ -407,8 +432,18 @@ def _timm_facts(architecture: str) -> dict:
     return facts
 
 
-def _ref_grid(ref_feat_shape, src: str) -> int:
-    """EVA-02's rotary reference grid from a hub config's ``ref_feat_shape`` (every EVA-02's, 16, without one)."""
+def _pool_heads(heads: int, base: dict, width: int) -> int:
+    """vitkit's pool_heads from timm's attn_pool_num_heads: 0 where they are the blocks' (or unknown)."""
+    heads = int(heads or 0)
+    return 0 if heads == base.get("num_heads") or not heads or width % heads else heads
+
+
+def _ref_grid(ref_feat_shape, rope: str, src: str) -> int:
+    """EVA-02's or PE's rotary reference grid from a hub config's ``ref_feat_shape`` or timm's registry
+    (without either, every EVA-02's 16; a PE's differs by model: refused)."""
+    if ref_feat_shape is None and rope == "pe":
+        raise CheckpointError(f"{src}: a Perception Encoder whose reference grid (ref_feat_shape) neither its config "
+                              "nor timm's registry gives")
     if ref_feat_shape is None:
         return EVA02_REF_GRID
     h, w = (ref_feat_shape, ref_feat_shape) if isinstance(ref_feat_shape, int) else ref_feat_shape
@@ -477,11 +512,13 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
                          f"dist_token={cfg.dist_token}, pre_norm={cfg.pre_norm}, mlp_act={cfg.mlp_act!r}, "
                          f"rel_pos_bias={cfg.rel_pos_bias}, rope={cfg.rope!r}")
     special = ("BEiT (Beit)" if cfg.rel_pos_bias else "DINOv3 (Eva)" if cfg.rope == "dinov3"
-               else "EVA-02 (Eva)" if cfg.rope == "eva02" else None)
+               else "EVA-02 (Eva)" if cfg.rope == "eva02" else "the Perception Encoder (Eva)" if cfg.rope == "pe"
+               else None)
     # Eva: DINOv3 S+, H+, 7B and every EVA-02 have SwiGLU
     acts = {"eva02": {"swiglu": "SwiGLU"}, "dinov3": {"gelu": "exact GELU", "swiglu": "SwiGLU"}}.get(
         cfg.rope, {"gelu": "exact GELU"})
-    if special and (cfg.mlp_act not in acts or cfg.pool == "map" or cfg.final_norm == "none"):
+    pools = ("cls", "mean", "map") if cfg.rope == "pe" else ("cls", "mean")  # PE pools by attention
+    if special and (cfg.mlp_act not in acts or cfg.pool not in pools or (cfg.final_norm == "none" and cfg.rope != "pe")):
         raise ValueError(f"timm export: timm's {special} has {' or '.join(acts.values())}, pools the class token or "
                          f"the mean, and normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
                          f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}")
@@ -502,7 +539,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
     )
     if cfg.rope != "none":  # Eva's own arguments, over vit_*_dinov3's and eva02_*'s rotary settings
         eva = dict(shared, class_token=cfg.class_token, num_reg_tokens=cfg.reg_tokens, use_abs_pos_emb=abs_pos,
-                   use_fc_norm=cfg.final_norm == "pooled", dynamic_img_size=cfg.dynamic_img_size)
+                   use_fc_norm=cfg.final_norm == "pooled", use_post_transformer_norm=cfg.final_norm == "tokens",
+                   use_pre_transformer_norm=cfg.pre_norm, dynamic_img_size=cfg.dynamic_img_size)
         if not cfg.layer_scale:  # Eva builds LayerScale for any init_values but None, which create_model drops
             if cfg.rope == "dinov3":  # ... and then takes the architecture's: scales of ones, the identity
                 eva["init_values"] = 1.0  # (state_from_vitkit writes them)
@@ -519,9 +557,15 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
                 ratio = (half + 0.5) / cfg.emb_size
             eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1 if cfg.rope == "dinov3" else 0)
         eva.update(scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm)
-        if cfg.rope == "eva02":
+        if cfg.rope in ("eva02", "pe"):
             eva.update(use_rot_pos_emb=True, rope_type="cat", rope_temperature=10000.0, rope_rotate_half=False,
-                       ref_feat_shape=[cfg.rope_ref_grid] * 2, qkv_fused=not _eva02_separate_qkv(cfg))
+                       ref_feat_shape=[cfg.rope_ref_grid] * 2, rope_grid_offset=float(cfg.rope_grid_offset))
+        if cfg.rope == "eva02":
+            eva["qkv_fused"] = not _eva02_separate_qkv(cfg)
+        if cfg.rope == "pe":  # AttentionRope: one qkv projection, its k bias rotated with the key
+            eva.update(attn_type="rope", rope_grid_indexing="xy")
+        if cfg.pool == "map":
+            eva.update(attn_pool_num_heads=cfg.pool_heads or cfg.num_heads, attn_pool_mlp_ratio=cfg.mlp_ratio)
         return eva
     if cfg.rel_pos_bias:  # Beit's own arguments
         if cfg.mlp_norm or cfg.attn_norm:
@@ -533,6 +577,9 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
             # 1.0.31 on, and an older one (1.0.29) refuses the argument
             beit["use_fc_norm"] = cfg.final_norm == "pooled"
         return beit
+    if cfg.pool_heads:
+        raise ValueError(f"timm export: timm's VisionTransformer pools with its blocks' heads; this model's pooling "
+                         f"has pool_heads={cfg.pool_heads} (timm's Eva holds that: the Perception Encoder, rope='pe')")
     plain = dict(
         shared, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
