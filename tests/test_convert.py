@@ -210,6 +210,11 @@ def test_timm_clip_image_tower_both_ways(tmp_path):
     assert (quick_expected - expected).abs().max() > 1e-3
     quick = vc.load(tmp_path / "w.safetensors", "timm", model="vit_base_patch16_clip_224", mlp_act="quick_gelu")
     assert_same_logits(run(quick, x), quick_expected)
+    with warnings.catch_warnings(record=True) as caught:  # the bare file, its variant named: QuickGELU, no guess
+        warnings.simplefilter("always")
+        named = vc.load(tmp_path / "w.safetensors", "timm", model="vit_base_patch16_clip_quickgelu_224")
+    assert not any("QuickGELU" in str(w.message) for w in caught)
+    assert_same_logits(run(named, x), quick_expected)
     vc.export(quick, tmp_path / "quick", "timm")
     config = json.loads((tmp_path / "quick" / "config.json").read_text())
     assert config["model_args"]["act_layer"] == "quick_gelu"
@@ -672,6 +677,23 @@ def test_a_vit_without_absolute_positions_goes_to_timm_and_back(tmp_path):
         vc.export(ours, tmp_path / "hf", "hf")
 
 
+@pytest.mark.parametrize("pool_prefix", [True, False])
+def test_attention_pooling_with_or_without_the_prefix_tokens_goes_to_timm(tmp_path, pool_prefix):
+    """A class token and registers beside pool='map': timm's VisionTransformer pools the patch tokens alone
+    unless pool_include_prefix; vitkit's export says which, and timm computes the same logits."""
+    cfg = ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=1, num_heads=4, num_classes=3, reg_tokens=2,
+                    pool="map", pool_prefix=pool_prefix, final_norm="tokens", norm_eps=1e-6)
+    model = ViT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_logits(run(timm_twin(model), x), run(model, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert vc.load(vc.export(model, tmp_path / "hub", "timm"), "timm").cfg.pool_prefix == pool_prefix
+
+
 def test_attention_pooling_with_heads_of_its_own_goes_to_timm_alone(tmp_path):
     """pool_heads (the Perception Encoder's 8): timm's Eva holds it (attn_pool_num_heads), the same logits;
     the formats and classes whose pooling has the blocks' heads, or none, refuse it by name."""
@@ -695,12 +717,14 @@ def test_attention_pooling_with_heads_of_its_own_goes_to_timm_alone(tmp_path):
         vc.export(plain, tmp_path / "plain.safetensors", "timm")
 
 
-@pytest.mark.parametrize("architecture, img", [("vit_so400m_patch16_siglip_256", 64), ("eva_giant_patch14_224", 56)])
+@pytest.mark.parametrize("architecture, img", [("vit_so400m_patch16_siglip_256", 64), ("eva_giant_patch14_224", 56),
+                                               ("vit_so150m_patch16_reg4_map_256", 64)])
 def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_builds_it(tmp_path, architecture, img):
     """timm's own hub configs name the architecture and give no model_args. For one not in vitkit's table,
-    timm's registry tells the heads (16 here, where the width / 64 convention says 18 and 22) and the MLP's
+    timm's registry tells the heads (16 for the first two, where the width / 64 convention says 18 and 22) and the MLP's
     activation (SigLIP's newer towers: GELU's tanh form; 2e-3 apart from exact GELU at these weights).
-    EVA-01 (timm's Eva, BEiT's names, no rotation) is read as the plain ViT it is."""
+    EVA-01 (timm's Eva, BEiT's names, no rotation) is read as the plain ViT it is; so150m's attention pooling
+    reads the patch tokens alone, not its 4 registers (pool_prefix=False)."""
     theirs = timm.create_model(architecture, pretrained=False, depth=2, img_size=img).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -711,7 +735,8 @@ def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_buil
                                                               "model_args": {"img_size": img}}))
     with pytest.warns(UserWarning, match="normalisation"):
         ours = vc.load(tmp_path / "hub", "timm")
-    assert ours.cfg.num_heads == 16
+    assert ours.cfg.num_heads == theirs.blocks[0].attn.num_heads
+    assert ours.cfg.pool_prefix == ("reg4_map" not in architecture)
     x = torch.randn(2, 3, img, img)
     assert_same_logits(run(ours, x), run(theirs, x))
 

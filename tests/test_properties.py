@@ -249,7 +249,7 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         return "dist_token", {"dist_token": True, "class_token": False, "pool": "mean"}, "class_token"
     if kind == "bool_type":
         field = draw(st.sampled_from(["qkv_bias", "class_token", "dist_token", "dynamic_img_size", "rel_pos_bias",
-                                      "abs_pos", "mlp_norm", "attn_norm"]))
+                                      "abs_pos", "mlp_norm", "attn_norm", "pool_prefix"]))
         return field, {field: draw(not_a_bool)}, ""
     if kind == "img_size_type":
         value = draw(st.one_of(

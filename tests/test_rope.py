@@ -232,6 +232,23 @@ def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
         load(tmp_path / "pe.safetensors", "timm", num_heads=theirs.blocks[0].attn.num_heads)
 
 
+def test_a_perception_encoder_pooled_otherwise_has_no_pooling_heads(tmp_path):
+    """pool_heads belongs to attention pooling: another pool (``--head-pool``, an override) drops it, and
+    such a PE goes to timm (same logits) and back (same config)."""
+    from vitkit import get_config
+
+    pe = get_config("vit_pe_core_tiny_patch16_384")
+    assert pe.pool_heads == 8 and pe.replace(pool="cls", final_norm="tokens").pool_heads == 0
+    cfg = get_config("vit_pe_core_tiny_patch16_384", pool="mean", final_norm="pooled", depth=1, img_size=64)
+    assert cfg.pool_heads == 0
+    ours = _randomise(ViT(cfg)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = ours(x)
+        torch.testing.assert_close(timm_twin(ours).eval()(x), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    assert load(export(ours, tmp_path / "hub", "timm"), "timm").cfg == cfg
+
+
 ROTARY_LAYOUTS = {  # what the published DINOv3s and EVA-02s lack, each a layout the tensors alone could mistake
     "eva02 without qkv bias": dict(EVA02_SMALL, qkv_bias=False),  # no q_bias: not even BEiT's names
     "eva02 with registers": dict(EVA02_SMALL, reg_tokens=2),

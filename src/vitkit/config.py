@@ -114,6 +114,9 @@ class ViTConfig:
     pool: str = "mean"
     # pool="map": the attention pooling's heads, where they differ from the blocks' (PE's 8); 0: the blocks'
     pool_heads: int = 0
+    # pool="map": whether the pooling reads the prefix tokens (class token, registers) too, as timm's Eva
+    # does (PE), or the patch tokens alone, as timm's VisionTransformer does unless pool_include_prefix
+    pool_prefix: bool = True
     final_norm: str = "pooled"  # "tokens": LN on every token (timm/HF/torchvision); "pooled": LN after pooling (seed, timm fc_norm); "none"
     norm_eps: float = 1e-5  # LayerNorm eps: 1e-5 torch default (seed), 1e-6 timm/JAX, 1e-12 Hugging Face
     num_classes: int = 1000  # 0 gives a model without a classifier (features only)
@@ -211,7 +214,7 @@ class ViTConfig:
             raise ValueError("ViTConfig.final_norm: 'pooled' has no one place under pool='cls_mean' (two features "
                              "side by side); use final_norm='tokens', as DINOv2 does")
         for name in ("qkv_bias", "class_token", "dist_token", "dynamic_img_size", "pre_norm", "rel_pos_bias", "abs_pos",
-                     "mlp_norm", "attn_norm"):
+                     "mlp_norm", "attn_norm", "pool_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ViTConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -280,11 +283,13 @@ class ViTConfig:
             raise ValueError(f"{source}: {e}") from e
 
     def replace(self, **overrides) -> ViTConfig:
+        """A copy with ``overrides``; a new pool other than "map" drops the attention pooling's heads
+        (``pool_heads`` belongs to it), unless they are given too."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+        return dataclasses.replace(self, **_without_pool_heads(overrides))
 
 
 # --- the variant table -----------------------------------------------------------------
@@ -440,6 +445,13 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
 
 
+def _without_pool_heads(overrides: dict) -> dict:
+    """``overrides`` with pool_heads=0 where they set a pool other than "map" and say nothing of its heads."""
+    if overrides.get("pool", "map") != "map" and "pool_heads" not in overrides:
+        return dict(overrides, pool_heads=0)
+    return overrides
+
+
 def get_config(name: str, **overrides) -> ViTConfig:
     """The ViTConfig of a named variant, with ``overrides`` applied."""
     if name not in VARIANTS:
@@ -447,7 +459,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitkit models`"
         raise ValueError(f"unknown model name {name!r}{hint}")
     fields = dict(VARIANTS[name])
-    fields.update(overrides)
+    fields.update(_without_pool_heads(overrides))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

@@ -60,10 +60,12 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean",
                  num_prefix_tokens: int = 1, norm: bool = True, norm_eps: float = 1e-5, drop: float = 0.0,
-                 dist: bool = False, num_heads: int = 8, mlp_ratio: float = 4.0, mlp_act: str = "gelu"):
+                 dist: bool = False, num_heads: int = 8, mlp_ratio: float = 4.0, mlp_act: str = "gelu",
+                 pool_prefix: bool = True):
         super().__init__()
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
+        self.pool_prefix = pool_prefix  # pool="map": the prefix tokens pooled too (ViTConfig.pool_prefix)
         # pool="map": attention pooling over every token (SigLIP), with the blocks' heads, MLP and norm eps
         self.attn_pool = AttentionPool(emb_size, num_heads, mlp_ratio, norm_eps, mlp_act) if pool == "map" else None
         self.norm = nn.LayerNorm(emb_size, eps=norm_eps) if norm else nn.Identity()
@@ -78,7 +80,7 @@ class ClassificationHead(nn.Module):
         if self.pool == "cls":
             return x[:, 0]  # (B, N, E) -> (B, E)
         if self.attn_pool is not None:
-            return self.attn_pool(x)  # (B, N, E) -> (B, E)
+            return self.attn_pool(x if self.pool_prefix else x[:, self.num_prefix_tokens:])  # (B, N, E) -> (B, E)
         # Mean over patch tokens only, as timm's global_pool="avg" (the seed also averaged the class token).
         mean = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
         if self.pool == "cls_mean":
@@ -122,6 +124,7 @@ class ViT(nn.Module):
             cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
             norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate, dist=cfg.dist_token,
             num_heads=cfg.pool_heads or cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_act=cfg.mlp_act,
+            pool_prefix=cfg.pool_prefix,
         )
         self.apply(init_weights)
 

@@ -210,9 +210,11 @@ def _from_beit(state: dict, src: str, rotation: str = "") -> tuple[dict, str]:
     return out, rope
 
 
-def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False, separate_qkv: bool = False) -> dict:
+def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False, separate_qkv: bool = False,
+             qkv_bias: bool = True) -> dict:
     """``_from_beit`` undone (KEYS' names -> Beit's and Eva's); the k bias is dropped (see above).
-    ``swiglu``: fc1 split into Eva's gate and value layers; ``separate_qkv``: q, k, v as three projections."""
+    ``swiglu``: fc1 split into Eva's gate and value layers; ``separate_qkv``: q, k, v as three projections;
+    ``qkv_bias=False``: the fused bias kept as it is (the Perception Encoder's, whose k part is real)."""
     out = {}
     for key, value in state.items():
         block, _, name = key.rpartition(".")
@@ -225,7 +227,7 @@ def _to_beit(state: dict, abs_pos: bool, swiglu: bool = False, separate_qkv: boo
                 out[f"{block[:-3]}{half}.{name}"] = tensor
         elif name == "gamma" and block.endswith((".ls1", ".ls2")):
             out[f"{block[:-4]}.gamma_{block[-1]}"] = value
-        elif key.endswith(".attn.qkv.bias"):
+        elif key.endswith(".attn.qkv.bias") and qkv_bias:
             q_bias, _, v_bias = value.chunk(3)
             out[f"{block[:-4]}.q_bias"], out[f"{block[:-4]}.v_bias"] = q_bias, v_bias
         elif key != "pos_embed" or abs_pos:
@@ -249,10 +251,13 @@ def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
     # BEiT's names, which timm's Eva (DINOv3) shares
-    if cfg.rel_pos_bias or cfg.rope in ("dinov3", "eva02"):  # a table of zero positions (vitkit before abs_pos): out
-        abs_pos = "pos_embed" in state and (cfg.rope == "eva02" or bool(state["pos_embed"].any()))
+    if cfg.rel_pos_bias or cfg.rope in ("dinov3", "eva02") or (cfg.rope == "pe" and cfg.layer_scale):
+        # Beit's and Eva's names (PE's LayerScale: gamma_1, gamma_2); a table of zero positions (vitkit
+        # before abs_pos) is left out
+        abs_pos = "pos_embed" in state and (cfg.rope in ("eva02", "pe") or bool(state["pos_embed"].any()))
         swiglu = cfg.mlp_act == "swiglu" and _eva_swiglu_split(cfg)
-        state = _to_beit(state, abs_pos=abs_pos, swiglu=swiglu, separate_qkv=_eva02_separate_qkv(cfg))
+        state = _to_beit(state, abs_pos=abs_pos, swiglu=swiglu, separate_qkv=_eva02_separate_qkv(cfg),
+                         qkv_bias=cfg.rope != "pe")
         if cfg.rope == "dinov3" and not cfg.layer_scale:  # timm's DINOv3 always scales: by ones (model_args)
             state.update({f"blocks.{i}.gamma_{j}": torch.ones(cfg.emb_size) for i in range(cfg.depth) for j in (1, 2)})
         return state
@@ -319,7 +324,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         act = "swiglu"
     if act not in MLP_ACTS:
         raise CheckpointError(f"{src}: act_layer {act!r} in its config; vitkit's MLP uses one of {MLP_ACTS}")
-    if pre_norm and not foreign.config and "mlp_act" not in base:
+    # a bare CLIP tower: OpenAI's and LAION's differ in activation alone (a named QuickGELU or PE variant settles it)
+    if (pre_norm and not foreign.config and "mlp_act" not in base and act != "quick_gelu"
+            and known.get("rope", "none") == "none"):
         warnings.warn(f"{src}: a CLIP image tower (norm_pre), read with LayerNorm eps 1e-5 and exact GELU, as "
                       "timm's *_clip_* architectures run it; OpenAI's own weights were trained with QuickGELU "
                       "(timm's *_quickgelu_*): pass mlp_act='quick_gelu' (--mlp-act quick_gelu) for those",
@@ -378,7 +385,11 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         if rope in ("eva02", "pe") else 0,
         rope_grid_offset=float(args.get("rope_grid_offset", known.get("rope_grid_offset", 0.0)))
         if rope in ("eva02", "pe") else 0.0,
-        pool_heads=_pool_heads(args.get("attn_pool_num_heads", known.get("pool_heads", 0)), base, width),
+        pool_heads=_pool_heads(args.get("attn_pool_num_heads", known.get("pool_heads", 0)), base, width)
+        if "attn_pool.latent" in s else 0,
+        # the prefix tokens pooled by attention: always in Eva, only with pool_include_prefix in VisionTransformer
+        pool_prefix=(rope != "none" or bool(args.get("pool_include_prefix", known.get("pool_prefix", False)))
+                     if "attn_pool.latent" in s and _prefix_tokens(s) else True),
         mlp_norm="blocks.0.mlp.norm.weight" in s,
         attn_norm="blocks.0.attn.norm.weight" in s,
         # DINOv3 takes any image size (its positions are rotary only); the model's own setting where the config has it
@@ -417,6 +428,8 @@ def _timm_facts(architecture: str) -> dict:
     pool = getattr(model, "attn_pool", None)
     if isinstance(getattr(pool, "num_heads", None), int):
         facts["pool_heads"] = int(pool.num_heads)
+    if isinstance(getattr(model, "pool_include_prefix", None), bool):  # VisionTransformer's (Eva: always)
+        facts["pool_prefix"] = model.pool_include_prefix
     rope = getattr(model, "rope", None)  # Eva's rotary positions: the grid they are scaled to, the index offset
     if getattr(rope, "ref_feat_shape", None) is not None:
         facts["rope_ref_grid"] = list(rope.ref_feat_shape)  # (h, w): _ref_grid checks it is square
@@ -518,6 +531,9 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
     acts = {"eva02": {"swiglu": "SwiGLU"}, "dinov3": {"gelu": "exact GELU", "swiglu": "SwiGLU"}}.get(
         cfg.rope, {"gelu": "exact GELU"})
     pools = ("cls", "mean", "map") if cfg.rope == "pe" else ("cls", "mean")  # PE pools by attention
+    if special and cfg.pool == "map" and cfg.num_prefix_tokens and not cfg.pool_prefix:
+        raise ValueError(f"timm export: timm's {special} pools the prefix tokens too; this model pools the patch "
+                         "tokens alone (pool_prefix=False)")
     if special and (cfg.mlp_act not in acts or cfg.pool not in pools or (cfg.final_norm == "none" and cfg.rope != "pe")):
         raise ValueError(f"timm export: timm's {special} has {' or '.join(acts.values())}, pools the class token or "
                          f"the mean, and normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
@@ -577,6 +593,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
             # 1.0.31 on, and an older one (1.0.29) refuses the argument
             beit["use_fc_norm"] = cfg.final_norm == "pooled"
         return beit
+    if cfg.pool == "map" and cfg.num_prefix_tokens:  # only then: older timm versions may not take the argument
+        shared["pool_include_prefix"] = cfg.pool_prefix  # (Eva's pooling reads them always: checked above)
     if cfg.pool_heads:
         raise ValueError(f"timm export: timm's VisionTransformer pools with its blocks' heads; this model's pooling "
                          f"has pool_heads={cfg.pool_heads} (timm's Eva holds that: the Perception Encoder, rope='pe')")
