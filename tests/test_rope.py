@@ -255,6 +255,8 @@ ROTARY_LAYOUTS = {  # what the published DINOv3s and EVA-02s lack, each a layout
     "eva02 with LayerScale": dict(EVA02_SMALL, layer_scale=1e-5),
     "eva02 without absolute positions": dict(EVA02_SMALL, abs_pos=False),
     "eva02 without a class token": dict(EVA02_SMALL, class_token=False),
+    "pe with LayerScale and registers": dict(rope="pe", rope_ref_grid=4, rope_grid_offset=1.0, pre_norm=True,
+                                             layer_scale=0.1, reg_tokens=2, norm_eps=1e-5),  # Eva's gamma names
     "dinov3 without a class token": dict(rope="dinov3", abs_pos=False, reg_tokens=2, layer_scale=0.1,
                                          class_token=False, norm_eps=1e-5),  # timm's DINOv3 eps, which files omit
 }
