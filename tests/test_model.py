@@ -36,6 +36,7 @@ PUBLISHED_PARAMS = {
     "eva02_base_patch16_clip_224": 86_263_040 + 12 * 768,
     # the Perception Encoder: timm's exactly (its k bias is a real one)
     "vit_pe_core_base_patch16_224": 93_673_984,
+    "vit_pe_core_gigantic_patch14_448": 1_882_033_920,
 }
 
 
@@ -59,8 +60,10 @@ def expected_params(cfg: ViTConfig) -> int:
     final_norm = 2 * e if cfg.final_norm != "none" else 0
     features = 2 * e if cfg.pool == "cls_mean" else e  # the class token and the patch mean, side by side
     head = (cfg.num_classes * features + cfg.num_classes if cfg.num_classes else 0) * (2 if cfg.dist_token else 1)
-    if cfg.pool == "map":  # latent, q, kv, proj, LayerNorm, MLP
-        head += e + (e * e + e) + (2 * e * e + 2 * e) + (e * e + e) + 2 * e + mlp
+    if cfg.pool == "map":  # latent, q, kv, proj, LayerNorm, MLP (of its own width: PE-G's)
+        ph = int(e * cfg.pool_mlp_ratio) if cfg.pool_mlp_ratio else h
+        pool_mlp = (e * ph + ph) + ((ph // 2 if cfg.mlp_act == "swiglu" else ph) * e + e)
+        head += e + (e * e + e) + (2 * e * e + 2 * e) + (e * e + e) + 2 * e + pool_mlp
     return embed + cfg.depth * block + final_norm + head
 
 

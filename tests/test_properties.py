@@ -217,7 +217,8 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
         extra = draw(st.sampled_from([dict(class_token=False), dict(reg_tokens=2), dict(dist_token=True, pool="cls")]))
         return "rel_pos_bias", {"rel_pos_bias": True, **extra}, next(iter(extra))
     if kind == "rope":  # a kind vitkit lacks, a head width (32 / heads) not a multiple of 4, or with BEiT's bias
-        case = draw(st.sampled_from(["kind", "width", "bias", "ref_grid", "grid_offset", "pool_heads"]))
+        case = draw(st.sampled_from(["kind", "width", "bias", "ref_grid", "grid_offset", "pool_heads",
+                                     "pool_mlp_ratio"]))
         if case == "kind":
             return "rope", {"rope": draw(st.one_of(st.text(max_size=6).filter(lambda r: r not in ROPES),
                                                    st.none(), st.booleans()))}, ""
@@ -236,6 +237,11 @@ def invalid_fields(draw) -> tuple[str, dict, str]:
             wrong = draw(st.sampled_from([{"pool_heads": 2}, {"pool": "map", "pool_heads": 3},
                                           {"pool": "map", "pool_heads": -1}, {"pool": "map", "pool_heads": True}]))
             return "pool_heads", wrong, ""
+        if case == "pool_mlp_ratio":  # attention pooling's own MLP width: with pool="map", a number >= 0
+            wrong = draw(st.sampled_from([{"pool_mlp_ratio": 4.0}, {"pool": "map", "pool_mlp_ratio": -1.0},
+                                          {"pool": "map", "pool_mlp_ratio": math.nan},
+                                          {"pool": "map", "pool_mlp_ratio": True}]))
+            return "pool_mlp_ratio", wrong, ""
         if case == "width":
             return "rope", {"rope": "dinov3", "num_heads": draw(st.sampled_from([16, 32]))}, "multiple of 4"
         return "rope", {"rope": "dinov3", "rel_pos_bias": True}, "relative position bias"

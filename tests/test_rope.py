@@ -195,23 +195,27 @@ def test_the_rotation_is_timms_perception_encoder_in_the_half_layout(grid, head_
         assert torch.equal(ours[:, :head_dim // 2], their[:, 0::2]) and torch.equal(ours[:, head_dim // 2:], their[:, 1::2])
 
 
-@pytest.mark.parametrize("architecture", ["vit_pe_core_tiny_patch16_384", "vit_pe_core_base_patch16_224"])
+@pytest.mark.parametrize("architecture", ["vit_pe_core_tiny_patch16_384", "vit_pe_core_base_patch16_224",
+                                          "vit_pe_core_gigantic_patch14_448"])
 def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
     """timm's own hub dir (its config names the architecture, no model_args): the reference grid (24, 14),
     the index offset, the pooling's 8 heads and the k bias (rotated, not masked) as timm builds them; back to
     timm under the same names, and read back to the same config. A bare file reads as PE when named."""
-    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, img_size=96)).eval()
+    img = 98 if "patch14" in architecture else 96  # a whole number of patches
+    theirs = _randomise(timm.create_model(architecture, pretrained=False, depth=2, img_size=img)).eval()
     (tmp_path / "hub").mkdir()
     save_file(dict(theirs.state_dict()), tmp_path / "hub" / "model.safetensors")
     (tmp_path / "hub" / "config.json").write_text(json.dumps({"architecture": architecture, "global_pool": "map",
-                                                              "model_args": {"img_size": 96}}))
+                                                              "model_args": {"img_size": img}}))
     with pytest.warns(UserWarning, match="normalisation"):
         ours = load(tmp_path / "hub", "timm").eval()
     cfg = ours.cfg
-    assert (cfg.rope, cfg.rope_grid_offset, cfg.pool, cfg.pool_heads, cfg.pre_norm) == ("pe", 1.0, "map", 8, True)
-    assert cfg.rope_ref_grid == (14 if "base" in architecture else 24)
+    giant = "gigantic" in architecture  # PE-G: no class token, no index offset, a narrower pooling MLP (ratio 4)
+    assert (cfg.rope, cfg.pool, cfg.pool_heads, cfg.pre_norm) == ("pe", "map", 8, True)
+    assert (cfg.rope_grid_offset, cfg.class_token, cfg.pool_mlp_ratio) == ((0.0, False, 4.0) if giant else (1.0, True, 0.0))
+    assert cfg.rope_ref_grid == (14 if "base" in architecture else 32 if giant else 24)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.randn(2, 3, img, img)
     with torch.no_grad():
         want = theirs(x)
         scale = want.abs().max().item()  # every weight random (0.3): large logits, compared relative to them
@@ -225,7 +229,7 @@ def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
     assert load(out, "timm").cfg == cfg
     save_file(dict(theirs.state_dict()), tmp_path / "pe.safetensors")  # the bare file: no config beside it
     with pytest.warns(UserWarning, match="normalisation"):  # named
-        named = load(tmp_path / "pe.safetensors", "timm", model=architecture, img_size=96).eval()
+        named = load(tmp_path / "pe.safetensors", "timm", model=architecture, img_size=img).eval()
     with torch.no_grad():
         torch.testing.assert_close(named(x), want, atol=1e-5 * scale, rtol=0)
     with pytest.warns(UserWarning, match="Perception Encoder"):  # unnamed: read as a plain ViT, with a warning

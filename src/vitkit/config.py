@@ -114,6 +114,8 @@ class ViTConfig:
     pool: str = "mean"
     # pool="map": the attention pooling's heads, where they differ from the blocks' (PE's 8); 0: the blocks'
     pool_heads: int = 0
+    # pool="map": the attention pooling's MLP ratio, where it differs from the blocks' (PE-G's 4); 0: theirs
+    pool_mlp_ratio: float = 0.0
     # pool="map": whether the pooling reads the prefix tokens (class token, registers) too, as timm's Eva
     # does (PE), or the patch tokens alone, as timm's VisionTransformer does unless pool_include_prefix
     pool_prefix: bool = True
@@ -246,6 +248,11 @@ class ViTConfig:
                              f"'pe'; got rope={self.rope!r}, rope_grid_offset={self.rope_grid_offset!r}")
         if isinstance(self.pool_heads, bool) or not isinstance(self.pool_heads, int) or self.pool_heads < 0:
             raise ValueError(f"ViTConfig.pool_heads: expected an int >= 0 (0: the blocks' heads), got {self.pool_heads!r}")
+        if (isinstance(self.pool_mlp_ratio, bool) or not isinstance(self.pool_mlp_ratio, (int, float))
+                or not 0 <= self.pool_mlp_ratio < math.inf or (self.pool_mlp_ratio and self.pool != "map")
+                or (self.pool_mlp_ratio and int(self.emb_size * self.pool_mlp_ratio) < 1)):
+            raise ValueError(f"ViTConfig.pool_mlp_ratio: attention pooling's (pool='map') MLP ratio, a number >= 0 "
+                             f"(0: the blocks'); got pool={self.pool!r}, pool_mlp_ratio={self.pool_mlp_ratio!r}")
         if self.pool_heads and (self.pool != "map" or self.emb_size % self.pool_heads):
             raise ValueError(f"ViTConfig.pool_heads: attention pooling's (pool='map') heads, dividing emb_size "
                              f"{self.emb_size}; got pool={self.pool!r}, pool_heads={self.pool_heads}")
@@ -284,7 +291,7 @@ class ViTConfig:
 
     def replace(self, **overrides) -> ViTConfig:
         """A copy with ``overrides``; a new pool other than "map" drops the attention pooling's heads
-        (``pool_heads`` belongs to it), unless they are given too."""
+        (``POOLING_FIELDS`` belong to it), unless they are given too."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -417,6 +424,10 @@ def _table() -> dict[str, dict]:
                                            ("base", 16, 224, 14, 1024), ("large", 14, 336, 24, 1024)):
         table[f"vit_pe_core_{size}_patch{patch}_{img}"] = dict(**SIZES[size], **pe, patch_size=patch, img_size=img,
                                                              rope_ref_grid=ref, num_classes=classes)
+    # PE-G: no class token, no index offset, its pooling's MLP narrower than the blocks'
+    table["vit_pe_core_gigantic_patch14_448"] = dict(
+        pe, emb_size=1536, depth=50, num_heads=16, mlp_ratio=8960 / 1536, pool_mlp_ratio=4.0, class_token=False,
+        rope_grid_offset=0.0, patch_size=14, img_size=448, rope_ref_grid=32, num_classes=1280)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).
@@ -445,10 +456,15 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
 
 
+# what belongs to attention pooling (pool="map"), and its value without it
+POOLING_FIELDS = {"pool_heads": 0, "pool_mlp_ratio": 0.0}
+
+
 def _without_pool_heads(overrides: dict) -> dict:
-    """``overrides`` with pool_heads=0 where they set a pool other than "map" and say nothing of its heads."""
-    if overrides.get("pool", "map") != "map" and "pool_heads" not in overrides:
-        return dict(overrides, pool_heads=0)
+    """``overrides`` with attention pooling's own fields reset where they set a pool other than "map" and
+    say nothing of those fields."""
+    if overrides.get("pool", "map") != "map":
+        return {**{k: v for k, v in POOLING_FIELDS.items() if k not in overrides}, **overrides}
     return overrides
 
 

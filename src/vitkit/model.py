@@ -123,7 +123,8 @@ class ViT(nn.Module):
         self.head = ClassificationHead(
             cfg.emb_size, cfg.num_classes, cfg.pool, cfg.num_prefix_tokens,
             norm=cfg.final_norm == "pooled", norm_eps=cfg.norm_eps, drop=cfg.head_drop_rate, dist=cfg.dist_token,
-            num_heads=cfg.pool_heads or cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_act=cfg.mlp_act,
+            num_heads=cfg.pool_heads or cfg.num_heads, mlp_ratio=cfg.pool_mlp_ratio or cfg.mlp_ratio,
+            mlp_act=cfg.mlp_act,
             pool_prefix=cfg.pool_prefix,
         )
         self.apply(init_weights)

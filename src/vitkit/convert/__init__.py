@@ -55,6 +55,7 @@ BEYOND_PLAIN_VIT = {
     "mlp_norm": ("EVA-02's LayerNorm before fc2 (mlp_norm=True)", ("timm",)),
     "attn_norm": ("EVA-02 CLIP's LayerNorm before the attention's projection (attn_norm=True)", ("timm",)),
     "pool_heads": ("attention pooling with heads of its own (pool_heads={value})", ("timm",)),
+    "pool_mlp_ratio": ("attention pooling with an MLP of its own width (pool_mlp_ratio={value})", ("timm",)),
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.

@@ -326,7 +326,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         raise CheckpointError(f"{src}: act_layer {act!r} in its config; vitkit's MLP uses one of {MLP_ACTS}")
     # a bare CLIP tower: OpenAI's and LAION's differ in activation alone (a named QuickGELU or PE variant settles it)
     if (pre_norm and not foreign.config and "mlp_act" not in base and act != "quick_gelu"
-            and known.get("rope", "none") == "none"):
+            and known.get("rope", "none") == "none" and "attn_pool.latent" not in s):  # (PE pools by attention)
         warnings.warn(f"{src}: a CLIP image tower (norm_pre), read with LayerNorm eps 1e-5 and exact GELU, as "
                       "timm's *_clip_* architectures run it; OpenAI's own weights were trained with QuickGELU "
                       "(timm's *_quickgelu_*): pass mlp_act='quick_gelu' (--mlp-act quick_gelu) for those",
@@ -346,8 +346,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     rope = foreign.layout or "none"  # read() tells DINOv3's, EVA-02's and PE's layouts
     if rope == "none" and known.get("rope") == "pe":  # a bare PE file (its names are a plain ViT's), named
         rope = "pe"
-    if rope == "none" and pre_norm and "attn_pool.latent" in s and "cls_token" in s and not architecture:
-        warnings.warn(f"{src}: a pre-norm, a class token and attention pooling, as timm's Perception Encoder has; "
+    if rope == "none" and pre_norm and "attn_pool.latent" in s and not architecture:
+        warnings.warn(f"{src}: a pre-norm and attention pooling, as timm's Perception Encoder has (no CLIP tower); "
                       "read as a plain ViT, without the rotary positions that are not in the file: for a PE, pass "
                       "model=vit_pe_core_* (--model) or its timm hub dir", stacklevel=4)
     if rope == "dinov3" and global_pool is None:
@@ -387,6 +387,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         if rope in ("eva02", "pe") else 0.0,
         pool_heads=_pool_heads(args.get("attn_pool_num_heads", known.get("pool_heads", 0)), base, width)
         if "attn_pool.latent" in s else 0,
+        pool_mlp_ratio=_pool_mlp_ratio(s, src),
         # the prefix tokens pooled by attention: always in Eva, only with pool_include_prefix in VisionTransformer
         pool_prefix=(rope != "none" or bool(args.get("pool_include_prefix", known.get("pool_prefix", False)))
                      if "attn_pool.latent" in s and _prefix_tokens(s) else True),
@@ -443,6 +444,14 @@ def _timm_facts(architecture: str) -> dict:
         if act_name:
             facts["mlp_act"] = act_name
     return facts
+
+
+def _pool_mlp_ratio(s: dict, src: str) -> float:
+    """Attention pooling's MLP ratio where its width differs from the blocks' MLP (PE-G), from the shapes; else 0."""
+    pool_fc1, block_fc1 = s.get("attn_pool.mlp.fc1.weight"), s.get("blocks.0.mlp.fc1.weight")
+    if pool_fc1 is None or block_fc1 is None or pool_fc1.shape[0] == block_fc1.shape[0]:
+        return 0.0
+    return mlp_ratio_of(pool_fc1.shape[0], pool_fc1.shape[1], src)
 
 
 def _pool_heads(heads: int, base: dict, width: int) -> int:
@@ -581,7 +590,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         if cfg.rope == "pe":  # AttentionRope: one qkv projection, its k bias rotated with the key
             eva.update(attn_type="rope", rope_grid_indexing="xy")
         if cfg.pool == "map":
-            eva.update(attn_pool_num_heads=cfg.pool_heads or cfg.num_heads, attn_pool_mlp_ratio=cfg.mlp_ratio)
+            eva.update(attn_pool_num_heads=cfg.pool_heads or cfg.num_heads,
+                       attn_pool_mlp_ratio=cfg.pool_mlp_ratio or cfg.mlp_ratio)
         return eva
     if cfg.rel_pos_bias:  # Beit's own arguments
         if cfg.mlp_norm or cfg.attn_norm:
@@ -595,9 +605,10 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         return beit
     if cfg.pool == "map" and cfg.num_prefix_tokens:  # only then: older timm versions may not take the argument
         shared["pool_include_prefix"] = cfg.pool_prefix  # (Eva's pooling reads them always: checked above)
-    if cfg.pool_heads:
-        raise ValueError(f"timm export: timm's VisionTransformer pools with its blocks' heads; this model's pooling "
-                         f"has pool_heads={cfg.pool_heads} (timm's Eva holds that: the Perception Encoder, rope='pe')")
+    if cfg.pool_heads or cfg.pool_mlp_ratio:
+        raise ValueError(f"timm export: timm's VisionTransformer pools with its blocks' heads and MLP ratio; this "
+                         f"model's pooling has pool_heads={cfg.pool_heads}, pool_mlp_ratio={cfg.pool_mlp_ratio} "
+                         "(timm's Eva holds those: the Perception Encoder, rope='pe')")
     plain = dict(
         shared, class_token=cfg.class_token,
         fc_norm=cfg.final_norm == "pooled", final_norm=cfg.final_norm != "none", dynamic_img_size=cfg.dynamic_img_size,
