@@ -694,6 +694,38 @@ def test_attention_pooling_with_or_without_the_prefix_tokens_goes_to_timm(tmp_pa
         assert vc.load(vc.export(model, tmp_path / "hub", "timm"), "timm").cfg.pool_prefix == pool_prefix
 
 
+@pytest.mark.parametrize("include", [True, False])
+def test_a_bare_file_pooled_by_attention_beside_prefix_tokens_says_what_it_assumed(tmp_path, include):
+    """A bare file cannot say whether its model pooled the class token too (pool_include_prefix): read as
+    timm's default builds it, with a warning, and exactly with pool_prefix given. A hub config that averages
+    the prefix tokens in, which vitkit's mean does not, is refused."""
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                               num_classes=3, global_pool="map", pool_include_prefix=include).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    path = save_timm(theirs, tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="pool_include_prefix=True"):
+        assumed = vc.load(path, "timm", num_heads=3)
+    assert assumed.cfg.pool_prefix is False
+    told = vc.load(path, "timm", num_heads=3, pool_prefix=include)
+    assert_same_logits(run(told, x), run(theirs, x))
+    if include:
+        assert (run(assumed, x) - run(theirs, x)).abs().max() > 1e-2
+    (tmp_path / "avg").mkdir()
+    averaged = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                                 num_classes=3, global_pool="avg", pool_include_prefix=True)
+    save_timm(averaged, tmp_path / "avg" / "model.safetensors")
+    (tmp_path / "avg" / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "model_args": {
+        "global_pool": "avg", "pool_include_prefix": True}}))
+    with pytest.raises(CheckpointError, match="pool_include_prefix=True with average pooling"):
+        vc.load(tmp_path / "avg", "timm")
+    with pytest.raises(ValueError, match="pool_prefix"):  # only attention pooling beside prefix tokens leaves them out
+        ViTConfig(img_size=32, patch_size=8, emb_size=64, num_heads=4, pool="mean", pool_prefix=False)
+    assert told.cfg.replace(pool="cls", final_norm="tokens").pool_prefix is True  # a new pool: the field's default
+
+
 def test_attention_pooling_with_heads_of_its_own_goes_to_timm_alone(tmp_path):
     """pool_heads (the Perception Encoder's 8): timm's Eva holds it (attn_pool_num_heads), the same logits;
     the formats and classes whose pooling has the blocks' heads, or none, refuse it by name."""

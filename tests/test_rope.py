@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from vitkit import ViT, ViTConfig
 from vitkit.attention import attention_rollout
 from vitkit.bench import timm_twin
+from vitkit.checkpoint import CheckpointError
 from vitkit.convert import export, load
 from vitkit.layers import rope_dinov3
 
@@ -232,6 +233,8 @@ def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
         named = load(tmp_path / "pe.safetensors", "timm", model=architecture, img_size=img).eval()
     with torch.no_grad():
         torch.testing.assert_close(named(x), want, atol=1e-5 * scale, rtol=0)
+    with pytest.raises(CheckpointError, match="attn_pool"):  # told it pools otherwise: its pooling weights don't fit
+        load(tmp_path / "hub", "timm", pool="mean")
     with pytest.warns(UserWarning, match="Perception Encoder"):  # unnamed: read as a plain ViT, with a warning
         load(tmp_path / "pe.safetensors", "timm", num_heads=theirs.blocks[0].attn.num_heads)
 
@@ -433,8 +436,6 @@ def test_timm_dinov3_goes_through_vitkit_into_transformers(tmp_path, architectur
 
 
 def test_what_hf_dinov3_cannot_hold_is_refused_by_name(tmp_path):
-    from vitkit.checkpoint import CheckpointError
-
     _hf_dinov3(tmp_path, use_gated_mlp=True)  # gated by GELU, not SiLU: not SwiGLU, which vitkit's gate is
     with pytest.raises(CheckpointError, match="'hidden_act': 'gelu'"):
         load(tmp_path / "hf", "hf")

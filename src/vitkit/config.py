@@ -253,6 +253,9 @@ class ViTConfig:
                 or (self.pool_mlp_ratio and int(self.emb_size * self.pool_mlp_ratio) < 1)):
             raise ValueError(f"ViTConfig.pool_mlp_ratio: attention pooling's (pool='map') MLP ratio, a number >= 0 "
                              f"(0: the blocks'); got pool={self.pool!r}, pool_mlp_ratio={self.pool_mlp_ratio!r}")
+        if not self.pool_prefix and (self.pool != "map" or not self.num_prefix_tokens):
+            raise ValueError(f"ViTConfig.pool_prefix: False leaves the prefix tokens out of attention pooling "
+                             f"(pool='map'); got pool={self.pool!r} with {self.num_prefix_tokens} prefix token(s)")
         if self.pool_heads and (self.pool != "map" or self.emb_size % self.pool_heads):
             raise ValueError(f"ViTConfig.pool_heads: attention pooling's (pool='map') heads, dividing emb_size "
                              f"{self.emb_size}; got pool={self.pool!r}, pool_heads={self.pool_heads}")
@@ -457,7 +460,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 # what belongs to attention pooling (pool="map"), and its value without it
-POOLING_FIELDS = {"pool_heads": 0, "pool_mlp_ratio": 0.0}
+POOLING_FIELDS = {"pool_heads": 0, "pool_mlp_ratio": 0.0, "pool_prefix": True}
 
 
 def _without_pool_heads(overrides: dict) -> dict:

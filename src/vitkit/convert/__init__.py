@@ -37,7 +37,7 @@ from ..checkpoint import (
     load_pretrained,
     save_pretrained,
 )
-from ..config import ViTConfig, get_config
+from ..config import POOLING_FIELDS, ViTConfig, get_config
 
 IMPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
 EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
@@ -59,7 +59,7 @@ BEYOND_PLAIN_VIT = {
 }
 # Architecture fields no checkpoint shape reveals; as overrides they describe the SOURCE
 # (how to read its weights), not a change applied after loading.
-SOURCE_FIELDS = ("num_heads", "pool", "norm_eps", "mlp_act")
+SOURCE_FIELDS = ("num_heads", "pool", "norm_eps", "mlp_act", "pool_prefix")
 
 
 # --- transforms -----------------------------------------------------------------------------
@@ -253,6 +253,8 @@ def config_with(base: dict, source: str, **fields) -> ViTConfig:
         if diffs:
             raise CheckpointError(f"{source}: the weights are not a {name}: " + "; ".join(diffs))
     fields.update({k: v for k, v in base.items() if not k.startswith("_")})
+    if fields.get("pool", "map") != "map":  # attention pooling's own fields go with it (a pool override)
+        fields.update({k: v for k, v in POOLING_FIELDS.items() if k not in base})
     try:
         return ViTConfig(**fields)
     except ValueError as e:

@@ -343,6 +343,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         elif "num_heads" in known:
             base["num_heads"] = known["num_heads"]
     global_pool = foreign.config.get("global_pool", args.get("global_pool"))
+    if args.get("pool_include_prefix") and global_pool in ("avg", None) and "attn_pool.latent" not in s:
+        raise CheckpointError(f"{src}: pool_include_prefix=True with average pooling (the prefix tokens averaged "
+                              "with the patches); vitkit's mean pools the patch tokens alone")
     rope = foreign.layout or "none"  # read() tells DINOv3's, EVA-02's and PE's layouts
     if rope == "none" and known.get("rope") == "pe":  # a bare PE file (its names are a plain ViT's), named
         rope = "pe"
@@ -389,7 +392,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         if "attn_pool.latent" in s else 0,
         pool_mlp_ratio=_pool_mlp_ratio(s, src),
         # the prefix tokens pooled by attention: always in Eva, only with pool_include_prefix in VisionTransformer
-        pool_prefix=(rope != "none" or bool(args.get("pool_include_prefix", known.get("pool_prefix", False)))
+        pool_prefix=(rope != "none" or _pool_include_prefix(args, known, base, src)
                      if "attn_pool.latent" in s and _prefix_tokens(s) else True),
         mlp_norm="blocks.0.mlp.norm.weight" in s,
         attn_norm="blocks.0.attn.norm.weight" in s,
@@ -444,6 +447,19 @@ def _timm_facts(architecture: str) -> dict:
         if act_name:
             facts["mlp_act"] = act_name
     return facts
+
+
+def _pool_include_prefix(args: dict, known: dict, base: dict, src: str) -> bool:
+    """timm's pool_include_prefix for a VisionTransformer pooled by attention: the caller's pool_prefix, its
+    config's, its architecture's, else timm's default (False), which a bare file cannot confirm: a warning."""
+    if "pool_prefix" in base:
+        return bool(base["pool_prefix"])
+    if "pool_include_prefix" in args or "pool_prefix" in known:
+        return bool(args.get("pool_include_prefix", known.get("pool_prefix")))
+    warnings.warn(f"{src}: attention pooling beside prefix tokens, read as timm's VisionTransformer builds it by "
+                  "default, over the patch tokens alone; for a model built with pool_include_prefix=True, which "
+                  "pools them too, pass pool_prefix=True (vitkit.convert.load)", stacklevel=5)
+    return False
 
 
 def _pool_mlp_ratio(s: dict, src: str) -> float:
