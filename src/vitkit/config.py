@@ -18,6 +18,9 @@ STEMS = ("patch", "conv")
 FINAL_NORMS = ("tokens", "pooled", "none")
 MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
 ROPES = ("none", "dinov3", "eva02", "pe")
+# the rotations of patch indices scaled to a reference grid (timm's RotaryEmbeddingCat): the ones that take
+# rope_ref_grid and rope_grid_offset
+GRID_ROPES = ("eva02", "pe")
 
 
 def pooled_width(pool: str, emb_size: int) -> int:
@@ -237,13 +240,13 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.rope: expected one of {ROPES}, got {self.rope!r}")
         if isinstance(self.rope_ref_grid, bool) or not isinstance(self.rope_ref_grid, int) or self.rope_ref_grid < 0:
             raise ValueError(f"ViTConfig.rope_ref_grid: expected an int >= 0, got {self.rope_ref_grid!r}")
-        if (self.rope in ("eva02", "pe")) != (self.rope_ref_grid > 0):
+        if (self.rope in GRID_ROPES) != (self.rope_ref_grid > 0):
             raise ValueError("ViTConfig.rope_ref_grid: EVA-02's and PE's rotations (rope='eva02', 'pe') scale their "
                              "coordinates to a reference grid (> 0; 16 for every EVA-02), and no other rope has one "
                              f"(0); got rope={self.rope!r}, rope_ref_grid={self.rope_ref_grid}")
         if (isinstance(self.rope_grid_offset, bool) or not isinstance(self.rope_grid_offset, (int, float))
                 or not 0 <= self.rope_grid_offset < math.inf
-                or (self.rope_grid_offset and self.rope not in ("eva02", "pe"))):
+                or (self.rope_grid_offset and self.rope not in GRID_ROPES)):
             raise ValueError("ViTConfig.rope_grid_offset: expected a number >= 0, and 0 unless rope is 'eva02' or "
                              f"'pe'; got rope={self.rope!r}, rope_grid_offset={self.rope_grid_offset!r}")
         if isinstance(self.pool_heads, bool) or not isinstance(self.pool_heads, int) or self.pool_heads < 0:

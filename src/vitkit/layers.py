@@ -734,7 +734,7 @@ class MultiHeadAttention(nn.Module):
                 num_queries: int | None = None, rope: tuple[Tensor, Tensor] | None = None):
         """(B, N, E) -> (B, N, E). ``num_queries=q``: only the first q tokens ask (their outputs,
         (B, q, E), are all that is computed), still attending to all N tokens; no mask then.
-        ``rope``: (sin, cos) of the patches (``rope_dinov3``), which rotate their queries and keys."""
+        ``rope``: (sin, cos) of the patches (``rope_dinov3``, ``rope_eva02``), which rotate their queries and keys."""
         b, n, _ = x.shape
         if num_queries is not None:
             if mask is not None:

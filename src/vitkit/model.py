@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ViTConfig, get_config, pooled_width
+from .config import GRID_ROPES, ViTConfig, get_config, pooled_width
 from .layers import (
     AttentionPool,
     PatchEmbedding,
@@ -140,7 +140,7 @@ class ViT(nn.Module):
         if self.cfg.rope == "none":
             return None
         grid = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        if self.cfg.rope in ("eva02", "pe"):
+        if self.cfg.rope in GRID_ROPES:
             return rope_eva02(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, self.cfg.rope_grid_offset,
                               columns_first=self.cfg.rope == "pe", device=x.device)
         return rope_dinov3(grid, self.cfg.head_dim, device=x.device)

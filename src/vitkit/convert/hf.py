@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
-from ..config import ViTConfig
+from ..config import GRID_ROPES, ViTConfig
 from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, require, rule
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
@@ -499,7 +499,7 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
     problems = []
     family = _family(cfg)
     tower = TOWERS.get(family, family)
-    if cfg.rope in ("eva02", "pe"):
+    if cfg.rope in GRID_ROPES:
         problems.append(f"transformers has no EVA-02 or Perception Encoder (rope={cfg.rope!r}): export to timm")
     if not cfg.abs_pos and family not in ("beit", DINOV3):
         problems.append(f"HF's {ARCHITECTURE[family]} has absolute positions, and this model none (abs_pos=False): "

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
-from ..config import MLP_ACTS, VARIANTS, ViTConfig
+from ..config import GRID_ROPES, MLP_ACTS, VARIANTS, ViTConfig, to_2tuple
 from . import (
     Foreign,
     KeyMap,
@@ -44,7 +44,7 @@ def _qk_channels(qkv: Tensor, cfg: ViTConfig, evens_first: bool) -> Tensor:
     """EVA-02's q and k channels reordered within each head, evens first (``evens_first``) or back: timm
     rotates neighbouring pairs of channels, vitkit a channel with the one half a head away
     (``layers.rope_eva02``); the same reordering of q and k keeps every q·k. v is left as it is."""
-    if cfg.rope not in ("eva02", "pe"):
+    if cfg.rope not in GRID_ROPES:
         return qkv
     e, h, d = cfg.emb_size, cfg.num_heads, cfg.head_dim
     qk = qkv[:2 * e].reshape(2 * h, d // 2, 2, *qkv.shape[1:]) if evens_first else \
@@ -250,17 +250,15 @@ def state_from_vitkit(state: dict, cfg: ViTConfig) -> dict:
     """A vitkit state dict under the names of the timm class ``model_args`` builds (Beit's for BEiT, Eva's,
     the same, for DINOv3)."""
     state = KEYS.from_vitkit(state, cfg)
-    # BEiT's names, which timm's Eva (DINOv3) shares
     if cfg.rel_pos_bias or cfg.rope in ("dinov3", "eva02") or (cfg.rope == "pe" and cfg.layer_scale):
         # Beit's and Eva's names (PE's LayerScale: gamma_1, gamma_2); a table of zero positions (vitkit
         # before abs_pos) is left out
-        abs_pos = "pos_embed" in state and (cfg.rope in ("eva02", "pe") or bool(state["pos_embed"].any()))
+        abs_pos = "pos_embed" in state and (cfg.rope in GRID_ROPES or bool(state["pos_embed"].any()))
         swiglu = cfg.mlp_act == "swiglu" and _eva_swiglu_split(cfg)
         state = _to_beit(state, abs_pos=abs_pos, swiglu=swiglu, separate_qkv=_eva02_separate_qkv(cfg),
                          qkv_bias=cfg.rope != "pe")
         if cfg.rope == "dinov3" and not cfg.layer_scale:  # timm's DINOv3 always scales: by ones (model_args)
             state.update({f"blocks.{i}.gamma_{j}": torch.ones(cfg.emb_size) for i in range(cfg.depth) for j in (1, 2)})
-        return state
     return state
 
 
@@ -310,8 +308,8 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
     # the file's architecture: its hub config's, else the variant the caller named (model=NAME)
+    # ("eva_giant_patch14_224.clip_ft_in1k": the tag after the dot names the weights, not the architecture)
     architecture = str(foreign.config.get("architecture", "")).split(".")[0] or base.get("_model", "")
-    # an architecture vitkit does not know: what timm's registry says it is
     # the architecture's own fields: vitkit's table's, else what timm's registry says it is (vitkit's names)
     known = VARIANTS.get(architecture) or (_timm_facts(architecture) if architecture else {})
     act = args.get("act_layer") or known.get("mlp_act", "gelu")  # timm's names are vitkit's
@@ -385,9 +383,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         rope=rope,
         abs_pos="pos_embed" in s,  # none: Beit's and Eva's use_abs_pos_emb=False, VisionTransformer's pos_embed='none'
         rope_ref_grid=_ref_grid(args.get("ref_feat_shape", known.get("rope_ref_grid")), rope, src)
-        if rope in ("eva02", "pe") else 0,
+        if rope in GRID_ROPES else 0,
         rope_grid_offset=float(args.get("rope_grid_offset", known.get("rope_grid_offset", 0.0)))
-        if rope in ("eva02", "pe") else 0.0,
+        if rope in GRID_ROPES else 0.0,
         pool_heads=_pool_heads(args.get("attn_pool_num_heads", known.get("pool_heads", 0)), base, width)
         if "attn_pool.latent" in s else 0,
         pool_mlp_ratio=_pool_mlp_ratio(s, src),
@@ -414,15 +412,14 @@ def _timm_facts(architecture: str) -> dict:
     pooling's heads and its rotation's reference grid and offset (ViTConfig's names), from timm's
     own registry, its model built on the meta device (no memory, no weights). Empty without timm, or for a
     name timm does not know."""
-    name = architecture.split(".")[0]  # "eva_giant_patch14_224.clip_ft_in1k": the tag names the weights
     try:
         import timm
 
-        if not name or not timm.is_model(name):
+        if not timm.is_model(architecture):
             return {}
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = timm.create_model(name, pretrained=False)
+            model = timm.create_model(architecture, pretrained=False)
     except Exception:  # an older timm, or a model that cannot be built on the meta device: the conventions
         return {}
     facts = {}
@@ -520,8 +517,7 @@ def _patches_without_positions(foreign: Foreign) -> int:
         side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
         return side * side
     proj = require(s, "patch_embed.proj.weight", foreign.path, "timm")
-    img = foreign.config.get("model_args", {}).get("img_size", 224)
-    h, w = (img, img) if isinstance(img, int) else img
+    h, w = to_2tuple(foreign.config.get("model_args", {}).get("img_size", 224))
     return (h // proj.shape[-2]) * (w // proj.shape[-1])
 
 
@@ -598,7 +594,7 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
                 ratio = (half + 0.5) / cfg.emb_size
             eva.update(mlp_ratio=ratio, swiglu_mlp=True, swiglu_align_to=1 if cfg.rope == "dinov3" else 0)
         eva.update(scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm)
-        if cfg.rope in ("eva02", "pe"):
+        if cfg.rope in GRID_ROPES:
             eva.update(use_rot_pos_emb=True, rope_type="cat", rope_temperature=10000.0, rope_rotate_half=False,
                        ref_feat_shape=[cfg.rope_ref_grid] * 2, rope_grid_offset=float(cfg.rope_grid_offset))
         if cfg.rope == "eva02":
