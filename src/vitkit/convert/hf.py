@@ -223,8 +223,8 @@ def _tower_key_map(family: str) -> KeyMap:
 
 def _dinov3_key_map() -> KeyMap:
     """DINOv3ViTModel (transformers 5 writes its in-memory names): q/k/v/o projections, LayerScale as
-    layer_scale{1,2}.lambda1, the MLP as up/down projections, registers, no absolute positions (read
-    as vitkit's zero table, ``_dinov3_as_vit``) and no classifier."""
+    layer_scale{1,2}.lambda1, the MLP as up/down projections, registers, no absolute positions (vitkit's
+    abs_pos=False) and no classifier."""
     prefix = PREFIX[DINOV3]
     layer = f"{prefix}.layer.{{i}}"
     return KeyMap(
@@ -233,7 +233,7 @@ def _dinov3_key_map() -> KeyMap:
             rule("patch_embed.projection.{p}", f"{prefix}.embeddings.patch_embeddings.{{p}}"),
             rule("patch_embed.cls_token", f"{prefix}.embeddings.cls_token"),
             rule("patch_embed.reg_token", f"{prefix}.embeddings.register_tokens"),
-            rule("patch_embed.positions", f"{prefix}.embeddings.position_embeddings"),  # zeros: see _dinov3_as_vit
+            rule("patch_embed.positions", f"{prefix}.embeddings.position_embeddings"),  # a model with abs_pos only
             rule("encoder.blocks.{i}.norm1.{p}", f"{layer}.norm1.{{p}}"),
             rule("encoder.blocks.{i}.attn.qkv.{p}",
                  tuple(f"{layer}.attention.{n}_proj.{{p}}" for n in ("q", "k", "v")), CONCAT_QKV),
