@@ -347,6 +347,62 @@ def test_the_k_bias_stays_out_as_dinov3_masks_it(precision, monkeypatch):
         assert torch.all(grad[64:128] == 0) and grad[:64].abs().sum() > 0 and grad[128:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("first", [0, 3])
+@pytest.mark.parametrize("queries", [None, 1, 2])
+def test_the_rotation_and_its_gradient_are_the_textbook_formula(first, queries):
+    """``_rotate_patches`` (a product and two in-place halves, its backward the rotation by -angle)
+    against x·cos + rotate_half(x)·sin written out, in float64: values and gradients, with prefix
+    tokens or none, and for only the first tokens (``num_queries``), where they may all be prefix."""
+    from vitkit.layers import _rotate_patches, rope_eva02
+
+    sin, cos = (t.double() for t in rope_eva02((3, 4), 16, ref_grid=4))
+    tokens = first + 12
+    x = torch.randn(2, 3, queries or tokens, 16, dtype=torch.float64, requires_grad=True)
+
+    def textbook(x):
+        patches = x[:, :, first:]
+        n = patches.shape[2]
+        rotated = torch.cat([-patches[..., 8:], patches[..., :8]], dim=-1)
+        return torch.cat([x[:, :, :first], patches * cos[:n] + rotated * sin[:n]], dim=2)
+
+    ours, theirs = _rotate_patches(x, (sin, cos), tokens), textbook(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    grad = torch.randn_like(theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
+                               atol=1e-12, rtol=0)
+    with torch.no_grad():  # inference takes the plain function, not the autograd one
+        torch.testing.assert_close(_rotate_patches(x, (sin, cos), tokens), theirs, atol=1e-12, rtol=0)
+    if x.shape[2] > first + 1:  # the first patch sits at angle 0: a rotation that did nothing would pass above
+        assert not torch.allclose(theirs[:, :, first:], x[:, :, first:])
+
+
+def test_bf16_rotation_rounds_once():
+    """In bf16 the rotation is computed in fp32 and rounded once: the float64 result rounded to bf16,
+    to one unit in the last place at most (a rounding of each product would add up to two more)."""
+    from vitkit.layers import _rotate_patches, rope_eva02
+
+    rope = rope_eva02((8, 8), 64, ref_grid=8)
+    x = torch.randn(4, 4, 65, 64).bfloat16()
+    exact = _rotate_patches(x.double(), tuple(t.double() for t in rope), 65)
+    ours = _rotate_patches(x, rope, 65)
+    assert ours.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-3)  # at the value's own scale
+    assert ((ours.double() - exact).abs() <= ulp).all()
+
+
+def test_a_compiled_rotary_model_trains_as_the_eager_one():
+    """torch.compile traces the rotation's autograd function (its backward written out) in one graph:
+    the same weight gradients as eager (EVA-02's layout: DINOv3's rotation is the same function)."""
+    model = _rope_model(**EVA02).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.arange(2)
+    grads = []
+    for run in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        F.cross_entropy(run(x), y).backward()
+        grads.append(model.encoder.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
 def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch, fields):
     """bf16 CPU training (the lean attention, its backward written out) gives the math path's gradients,
