@@ -86,6 +86,13 @@ def test_conv_stem(capsys):
     rows(out, ["vitkit NHWC", "vitkit NCHW", "timm"])
 
 
+def test_rotation_against_timms(capsys):
+    out = run_script("rotation", ["--model", "eva02_tiny_patch14_224", "--batch-size", "1", "--runs", "1",
+                                  "--no-compile"], capsys)
+    rows(out, ["eager"])
+    assert float(re.search(r"largest \|vitkit - timm\| (\S+)", out).group(1)) < 0.02  # bf16: an ulp or two
+
+
 def test_gpu_checks_on_cpu(capsys):
     out = run_script("gpu_checks", ["--model", "vit_digits", "--batch-size", "4"], capsys)
     assert re.search(r"parity vit_digits fp32: max \|vitkit - timm\| = \S+, .* same top-1 for 100%", out), out

@@ -360,9 +360,18 @@ def _rotate_patches(x: Tensor, rope: tuple[Tensor, Tensor], num_tokens: int) -> 
     if x.shape[2] <= first:
         return x
     n = x.shape[2] - first
+    sin, cos = sin[:n], cos[:n]
+    if torch.compiler.is_compiling():
+        # the formula as written, which inductor fuses into one kernel each way; _rotate's in-place
+        # slices stay several (with them, compiled DINOv3-B training ran at 0.91x timm on an H100).
+        # benchmarks/rotation.py times both libraries' rotations, eager and compiled.
+        patches = x[:, :, first:]
+        half = patches.shape[-1] // 2
+        rotated = torch.cat([-patches[..., half:], patches[..., :half]], dim=-1)  # rotate_half
+        return torch.cat([x[:, :, :first], (patches * cos + rotated * sin).to(x.dtype)], dim=2)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RotatePatches.apply(x, sin[:n], cos[:n], first)
-    return _rotate(x, sin[:n], cos[:n], first)
+        return _RotatePatches.apply(x, sin, cos, first)
+    return _rotate(x, sin, cos, first)
 
 
 # From this many tokens on, lean_training recomputes the attention probabilities in the backward
