@@ -390,6 +390,37 @@ def test_bf16_rotation_rounds_once():
     assert ((ours.double() - exact).abs() <= ulp).all()
 
 
+def test_the_rotation_serves_torch_func_forward_ad_and_tracing():
+    """The rotation's autograd Function takes part in what plain ops did: per-sample gradients
+    (torch.func.vmap over grad), forward-mode AD, and TorchScript's tracer with autograd on."""
+    model = _rope_model(**EVA02).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, one):
+        return torch.func.functional_call(model, p, (one[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    name = "encoder.blocks.0.attn.qkv.weight"
+    for i in range(2):
+        torch.testing.assert_close(per_sample[name][i], torch.func.grad(loss)(params, x[i])[name])
+
+    import torch.autograd.forward_ad as fwAD
+
+    model.set_fused_attention(False)  # the math path: SDPA on CPU has no forward-mode derivative
+    tangent = torch.randn_like(x)
+    with torch.no_grad(), fwAD.dual_level():
+        jvp = fwAD.unpack_dual(model(fwAD.make_dual(x, tangent))).tangent
+        eps = 1e-6
+        central = (model(x + eps * tangent) - model(x - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(jvp, central, atol=1e-6, rtol=1e-5)
+
+    model.set_fused_attention(True)
+    xg = x.clone().requires_grad_()
+    traced = torch.jit.trace(model, (xg,), check_trace=False)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 def test_a_compiled_rotary_model_trains_as_the_eager_one():
     """torch.compile traces the rotation's autograd function (its backward written out) in one graph:
     the same weight gradients as eager (EVA-02's layout: DINOv3's rotation is the same function)."""

@@ -335,7 +335,10 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, first: int) -> Tensor:
 class _RotatePatches(torch.autograd.Function):
     """``_rotate`` with its gradient written out: a rotation's transpose is the rotation by minus the
     angle, so the backward pass is the same three passes with -sin. Autograd through ``_rotate``'s
-    in-place slices would add a zero-filled gradient of all of q (or k) per slice."""
+    in-place slices would add a zero-filled gradient of all of q (or k) per slice. The tables never
+    take a gradient (``ViT.rope_embedding`` builds them from the grid)."""
+
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) runs forward and backward as written
 
     @staticmethod
     def forward(x: Tensor, sin: Tensor, cos: Tensor, first: int) -> Tensor:
@@ -345,11 +348,18 @@ class _RotatePatches(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, sin, cos, ctx.first = inputs
         ctx.save_for_backward(sin, cos)
+        ctx.save_for_forward(sin, cos)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         sin, cos = ctx.saved_tensors
         return _rotate(grad, -sin, cos, ctx.first), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor, *table_tangents) -> Tensor:
+        """Forward-mode AD (``torch.autograd.forward_ad``): a rotation is linear, its tangent rotated alike."""
+        sin, cos = ctx.saved_tensors
+        return _rotate(x_tangent, sin, cos, ctx.first)
 
 
 def _rotate_patches(x: Tensor, rope: tuple[Tensor, Tensor], num_tokens: int) -> Tensor:
@@ -361,10 +371,11 @@ def _rotate_patches(x: Tensor, rope: tuple[Tensor, Tensor], num_tokens: int) -> 
         return x
     n = x.shape[2] - first
     sin, cos = sin[:n], cos[:n]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # the formula as written, which inductor fuses into one kernel each way; _rotate's in-place
         # slices stay several (with them, compiled DINOv3-B training ran at 0.91x timm on an H100).
-        # benchmarks/rotation.py times both libraries' rotations, eager and compiled.
+        # benchmarks/rotation.py times both libraries' rotations, eager and compiled. (TorchScript's
+        # tracer, and the ONNX exporter built on it, cannot record an autograd Function.)
         patches = x[:, :, first:]
         half = patches.shape[-1] // 2
         rotated = torch.cat([-patches[..., half:], patches[..., :half]], dim=-1)  # rotate_half
