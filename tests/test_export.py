@@ -77,6 +77,21 @@ def test_torch_export_matches_pytorch(exported):
             program(torch.randn(2, 3, 20, 20))
 
 
+@pytest.mark.parametrize("class_token", [True, False], ids=["cls", "mean-pooled"])
+def test_onnx_opset_17_is_written_as_asked(tmp_path, class_token):
+    """Opset 17 (older runtimes) for a fixed-size model, class-token or mean-pooled: the file says 17
+    and runs as the model does. (Mean pooling's ReduceMean once failed the exporter's conversion,
+    which then wrote opset 18 and exited as if it had succeeded.)"""
+    import onnx
+
+    model = tiny(class_token=class_token)
+    path = save_onnx(model, tmp_path / "m.onnx", opset=17)
+    assert {o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")} == {17}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, x), model(x).numpy(), atol=1e-4, rtol=0)
+
+
 def test_onnx_external_data_and_opset_check(tmp_path):
     model = tiny()
     path = save_onnx(model, tmp_path / "big.onnx", opset=17, external_data=True)

@@ -78,6 +78,11 @@ def save_onnx(
         model, (example_input(model),), dynamo=True, dynamic_shapes=dynamic_shapes(model), opset_version=opset,
         input_names=["x"], output_names=["logits"], verbose=False,
     )
+    # the exporter writes its own opset when converting down fails, after printing why: refuse it
+    written = max(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ValueError(f"opset: asked for {opset}, but torch.onnx could only write {written} for this model "
+                           f"(its reasons are printed above); export with --opset {written}")
     path = Path(path)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT

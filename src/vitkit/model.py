@@ -82,7 +82,13 @@ class ClassificationHead(nn.Module):
         if self.attn_pool is not None:
             return self.attn_pool(x if self.pool_prefix else x[:, self.num_prefix_tokens:])  # (B, N, E) -> (B, E)
         # Mean over patch tokens only, as timm's global_pool="avg" (the seed also averaged the class token).
-        mean = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, N, E) -> (B, E)
+        patches = x[:, self.num_prefix_tokens:]
+        if torch.onnx.is_in_onnx_export():
+            # ReduceSum keeps its opset-13 form through opset 18; ReduceMean's changed at 18, and the
+            # exporter's conversion down to opset 17 fails on it (and then writes opset 18)
+            mean = patches.sum(dim=1) / patches.shape[1]  # (B, N, E) -> (B, E)
+        else:
+            mean = patches.mean(dim=1)  # (B, N, E) -> (B, E)
         if self.pool == "cls_mean":
             return torch.cat([x[:, 0], mean], dim=-1)  # -> (B, 2E)
         return mean
