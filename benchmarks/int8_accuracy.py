@@ -1,7 +1,7 @@
 """Does int8 inference pay? Accuracy and speed of a trained checkpoint in fp32, bf16 and int8.
 
-    python benchmarks/fashion_mnist.py                       # trains runs/fashion_mnist (26 min)
-    python benchmarks/int8_accuracy.py runs/fashion_mnist    # this script, about a minute
+    python benchmarks/fashion_mnist.py                       # trains runs/fashion-mnist (26 min)
+    python benchmarks/int8_accuracy.py runs/fashion-mnist    # this script, about a minute
 
 Accuracy: ``vitkit eval --precision P`` on the dataset's test split, for each precision.
 Speed: ``vitkit.bench`` with the checkpoint's architecture, each precision a contestant, in

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -49,6 +50,11 @@ def wrap_model(model: nn.Module, strategy: str, dist, device: torch.device) -> n
             fully_shard(block)
         fully_shard(model)
         return model
+    # A one-channel patch convolution (digits, Fashion-MNIST) gets its weight's gradient with strides that
+    # differ from the weight's only along its size-1 channel axis: the same memory order, so DDP's copy into
+    # its bucket costs nothing extra, but DDP warns on every rank. Only that case is silenced.
+    warnings.filterwarnings("ignore", message=r"(?s)Grad strides do not match bucket view strides.*"
+                            r"grad\.sizes\(\) = \[\d+, 1, ", category=UserWarning)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
