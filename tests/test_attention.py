@@ -285,6 +285,20 @@ def test_cli_attention_errors(tmp_path, capsys):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_attention_too_large_for_memory_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A map whose attention cannot fit (it grows with the square of the tokens) is refused before any
+    is computed, naming the size, the tokens and the memory, in place of the kernel's out-of-memory kill."""
+    ckpt = vitkit.save_pretrained(tiny(dynamic=True), tmp_path / "ckpt")
+    image = save_image(tmp_path / "img.png")
+    # 16x16 with patch 4: 16 patches + the class token; 1 image x (2 x 4 heads + 1) x 17^2 x 4 bytes = 10,404
+    monkeypatch.setattr(A, "_memory_of", lambda device: 10_404)
+    assert main(["attention", str(ckpt), str(image), "--out", str(tmp_path / "a.png")]) == 0  # just fits
+    assert main(["attention", str(ckpt), str(image), "--img-size", "20", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert "20x20 input: 26 tokens (patch 4)" in err and "--img-size" in err
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_cli_embed(tmp_path):
     model = tiny()
     ckpt = vitkit.save_pretrained(model, tmp_path / "ckpt")
