@@ -327,11 +327,21 @@ def test_timm_beit_goes_through_vitkit_into_transformers(tmp_path):
         torch.testing.assert_close(_hf_logits(hf, x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_beit_fine_tuned_at_another_size_resamples_its_tables_as_transformers_does(tmp_path):
-    """At 48x48 (a 6x6 grid from 4x4) vitkit's tables are HF's own, interpolated at run time."""
-    theirs = _hf_beit(tmp_path, use_relative_position_bias=True, num_labels=10)
-    ours = load(tmp_path / "hf", "hf", img_size=48).eval()
-    assert ours.encoder.blocks[0].attn.rel_pos_bias_table.shape == ((2 * 6 - 1) ** 2 + 3, 4)
-    x = torch.randn(2, 3, 48, 48)
+@pytest.mark.parametrize("size", [48, 24, (48, 32)], ids=["up", "down", "non-square"])
+def test_a_beit_fine_tuned_at_another_size_resamples_its_tables_as_timm_and_beit_do(tmp_path, size):
+    """Loaded at another size (32 -> 48, 24, 48x32: a 4x4 grid to 6x6, 3x3, 6x4), vitkit's tables and
+    absolute positions are the ones timm's checkpoint filter makes, BEiT's own fine-tuning recipe (the near
+    offsets keep their biases): the same logits as timm's model at that size. (Plain bilinear resizing of
+    the tables, Hugging Face's interpolate_pos_encoding at run time and vitkit's before, fails this.)"""
+    from timm.models.beit import checkpoint_filter_fn
+
+    theirs = _randomise(Beit(**SMALL, init_values=0.1, use_abs_pos_emb=True, use_rel_pos_bias=True))
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = load(_timm_file(tmp_path, theirs), "timm", num_heads=4, img_size=size).eval()
+    at_size = Beit(**{**SMALL, "img_size": size}, init_values=0.1, use_abs_pos_emb=True, use_rel_pos_bias=True)
+    at_size.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), at_size))
+    grid = (size // 8, size // 8) if isinstance(size, int) else (size[0] // 8, size[1] // 8)
+    assert ours.encoder.blocks[0].attn.rel_pos_bias_table.shape == ((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, 4)
+    x = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), _hf_logits(theirs, x, interpolate_pos_encoding=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(x), at_size.eval()(x), atol=1e-5, rtol=1e-5)

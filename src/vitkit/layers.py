@@ -251,17 +251,56 @@ def relative_position_index(grid: tuple[int, int]) -> Tensor:
     return index
 
 
+def _geometric_offsets(src: int, dst: int) -> Tensor:
+    """Where a table's ``src`` offsets (-(src//2) .. src//2) sit on an axis of ``dst`` offsets: 0 and ±1
+    where they were, the farther ones spread on a geometric progression out to about ±(dst//2). BEiT's
+    fine-tuning code (unilm beit/run_class_finetuning.py), as timm's resize_rel_pos_bias_table has it."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:  # the ratio whose progression of src//2 steps reaches dst//2
+        ratio = (left + right) / 2.0
+        if (1.0 - ratio ** (src // 2)) / (1.0 - ratio) > dst // 2:
+            right = ratio
+        else:
+            left = ratio
+    steps, at = [], 1.0
+    for i in range(src // 2):
+        steps.append(at)
+        at += ratio ** (i + 1)
+    return torch.tensor([-d for d in reversed(steps)] + [0.0] + steps)
+
+
+def _linear_weights(points: Tensor, targets: Tensor) -> Tensor:
+    """(targets, points): linear interpolation between the two points around each target, the nearest
+    point's value beyond the ends (timm's RegularGridInterpolator, one axis)."""
+    right = torch.bucketize(targets, points).clamp(max=len(points) - 1)
+    left = (right - 1).clamp(min=0)
+    to_left, to_right = (targets - points[left]).clamp(min=0), (points[right] - targets).clamp(min=0)
+    on_point = (to_left == 0) & (to_right == 0)
+    to_left, to_right = to_left.masked_fill(on_point, 1.0), to_right.masked_fill(on_point, 1.0)
+    weights = torch.zeros(len(targets), len(points))
+    rows = torch.arange(len(targets))
+    weights.index_put_((rows, left), to_right / (to_left + to_right), accumulate=True)
+    weights.index_put_((rows, right), to_left / (to_left + to_right), accumulate=True)
+    return weights
+
+
 def resample_rel_pos_table(table: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> Tensor:
-    """BEiT's relative position table for another patch grid: its (2h-1, 2w-1) patch-offset entries
-    resized bilinearly (as Hugging Face's BEiT does for interpolate_pos_encoding), the class token's
-    three entries kept. ``(entries, heads) -> (new entries, heads)``."""
+    """BEiT's relative position table for another patch grid, as BEiT's own fine-tuning at another size
+    (and timm's checkpoint filter) does it: each head's (2h-1, 2w-1) patch-offset entries interpolated
+    linearly from offsets placed on a geometric progression (``_geometric_offsets``), so the near offsets
+    keep their biases and the far ones spread out; the class token's three entries kept.
+    ``(entries, heads) -> (new entries, heads)``."""
     if tuple(old_grid) == tuple(new_grid):
         return table
     heads = table.shape[1]
     (h, w), (new_h, new_w) = old_grid, new_grid
-    offsets = table[:-3].reshape(2 * h - 1, 2 * w - 1, heads).permute(2, 0, 1)[None]  # -> (1, heads, 2h-1, 2w-1)
-    offsets = F.interpolate(offsets.float(), size=(2 * new_h - 1, 2 * new_w - 1), mode="bilinear").to(table.dtype)
-    return torch.cat([offsets[0].permute(1, 2, 0).reshape(-1, heads), table[-3:]])  # -> (new entries, heads)
+    src, dst = (2 * h - 1, 2 * w - 1), (2 * new_h - 1, 2 * new_w - 1)
+    rows, cols = (_linear_weights(_geometric_offsets(s, d), torch.arange(-(d // 2), d // 2 + 1, dtype=torch.float32))
+                  for s, d in zip(src, dst))  # (new rows, rows), (new columns, columns)
+    offsets = table[:-3].float().cpu().reshape(*src, heads).permute(2, 0, 1)  # -> (heads, 2h-1, 2w-1)
+    offsets = rows @ offsets @ cols.t()  # -> (heads, 2H-1, 2W-1)
+    offsets = offsets.permute(1, 2, 0).reshape(-1, heads).to(table.device, table.dtype)
+    return torch.cat([offsets, table[-3:]])  # -> (new entries, heads)
 
 
 # DINOv3's rotary positions: the periods' base (its RopePositionEmbedding's default, every published model's)
