@@ -282,6 +282,14 @@ def test_cli_attention_errors(tmp_path, capsys):
     assert "last-layer only" in capsys.readouterr().err
     assert main(["attention", str(ckpt), str(tmp_path / "missing.png"), "--out", str(tmp_path / "a.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
+    # --img-size is checked as a config's size, for a dynamic-size model too, and named by the flag
+    dynamic = vitkit.save_pretrained(tiny(dynamic=True), tmp_path / "dynamic")
+    for model in (ckpt, dynamic):
+        for size, expected in (("0", "height must be positive"), ("2", "smaller than patch_size 4"),
+                               ("18", "18 is not divisible by patch_size 4")):
+            assert main(["attention", str(model), str(image), f"--img-size={size}", "--out", str(tmp_path / "a.png")]) == 2
+            err = capsys.readouterr().err
+            assert f"--img-size {size}: " in err and expected in err, err
     assert not (tmp_path / "a.png").exists()
 
 

@@ -164,6 +164,11 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--pretrained {tmp_path / 'imagenet'} takes 1x224x224 images" in err and "has 1x8x8" in err
     assert "pass --img-size N to resize" in err
+    # a size the checkpoint's patches do not divide is the flag's fault, not the file's
+    assert main([*base, "--pretrained", str(tmp_path / "imagenet"), "--img-size", "70"]) == 2
+    err = capsys.readouterr().err
+    assert "--img-size 70: ViTConfig.img_size: height 70 is not divisible by patch_size 16" in err
+    assert "vitkit convert" not in err
     # an RGB model from scratch on grey digits: the channels are named before any image is resized
     assert main([*base, "--model", "vit_tiny_patch16_224", "--img-size", "32"]) == 2
     err = capsys.readouterr().err

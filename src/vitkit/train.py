@@ -915,12 +915,15 @@ class Trainer:
             return model_cfg, default_preprocess(model_cfg), None
         try:
             meta = read_config(_resolve(self.run.last if self.resume else cfg.pretrained)[1])
-            model_cfg = meta["config"].replace(**size)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if self.resume:  # last/'s own error names it
                 raise
             raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
                           "--from timm|hf|torchvision|jax` first)") from e
+        try:
+            model_cfg = meta["config"].replace(**size)
+        except ValueError as e:  # a size the checkpoint's patches do not divide: the flag's fault, not the file's
+            raise ValueError(f"--img-size {cfg.img_size}: {e}") from e
         if cfg.head_pool and not self.resume:  # (last/ holds the new head already)
             pool, final_norm = HEAD_POOLS[cfg.head_pool]
             try:

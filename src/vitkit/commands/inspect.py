@@ -50,9 +50,11 @@ def _load(checkpoint: str, img_size: list[int] | None = None):
     size = None if img_size is None else to_2tuple(img_size[0] if len(img_size) == 1 else img_size)
     model = load_pretrained(checkpoint)
     if size is not None and size != model.cfg.img_size:
+        try:  # the config's own checks (positive, at least a patch, divisible by it), named by the flag
+            model.cfg.replace(img_size=size)
+        except ValueError as e:
+            raise ValueError(f"--img-size {' '.join(map(str, img_size))}: {e}") from e
         if model.cfg.dynamic_img_size:  # the model resamples its positions per input
-            if size[0] % model.cfg.patch_size or size[1] % model.cfg.patch_size:
-                raise ValueError(f"--img-size: {size} is not divisible by patch size {model.cfg.patch_size}")
             model.preprocess = dict(model.preprocess, img_size=list(size))
         else:
             model = load_pretrained(checkpoint, img_size=size)
