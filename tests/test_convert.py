@@ -978,3 +978,32 @@ def test_a_bare_timm_state_dict_takes_its_normalisation_from_the_command(tmp_pat
     assert cli([*base[:2], str(tmp_path / "bad"), *base[2:], "--mean", "0.5", "0.5"]) == 2
     assert "--mean/--std: preprocess.mean: expected 1 or 3 numbers, got [0.5, 0.5]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("patch, img", [(4, 32), (16, 64), (4, 24)], ids=["smaller", "larger", "smaller-at-24"])
+def test_another_patch_size_resamples_the_kernels_as_timm_does(tmp_path, patch, img, capsys):
+    """``--patch-size`` (FlexiViT's pseudo-inverse resize of the kernels, the positions to the new grid):
+    vitkit's model gives the logits of timm's at that patch and image size through its checkpoint filter."""
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5).eval()
+    save_file(theirs.state_dict(), tmp_path / "p8.safetensors")
+    at = timm.create_model("vit_tiny_patch16_224", img_size=img, patch_size=patch, depth=2, num_classes=5).eval()
+    at.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), at))
+    out = tmp_path / f"p{patch}"
+    assert cli(["convert", str(tmp_path / "p8.safetensors"), str(out), "--from", "timm", "--num-heads", "3",
+                "--patch-size", str(patch), "--img-size", str(img)]) == 0
+    ours = load_pretrained(out).eval()
+    assert (ours.cfg.patch_size, ours.cfg.img_size) == (patch, (img, img))
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), at(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_conv_stem_is_not_resampled_to_another_patch_size(tmp_path):
+    model = create_model("vit_fmnist_convstem")
+    vitkit_dir = tmp_path / "convstem"
+    from vitkit import save_pretrained
+
+    save_pretrained(model, vitkit_dir)
+    with pytest.raises(ValueError, match="'conv' stem's convolutions cannot be resampled"):
+        load_pretrained(vitkit_dir, img_size=32, patch_size=model.cfg.patch_size * 2)

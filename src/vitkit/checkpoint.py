@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import ViTConfig, to_2tuple
-from .layers import adapt_input_channels, resample_positions, resample_rel_pos_table
+from .layers import adapt_input_channels, resample_patch_embed, resample_positions, resample_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -420,6 +420,12 @@ def build_with_state(
             )
         for key in [k for k in state if k.endswith(".attn.rel_pos_bias_table")]:  # BEiT's, one a block
             state[key] = resample_rel_pos_table(state[key], new_cfg.grid_size, cfg.grid_size)
+    if new_cfg.patch_size != cfg.patch_size:
+        if cfg.stem != "patch":
+            raise ValueError(f"patch_size: a {cfg.stem!r} stem's convolutions cannot be resampled to another patch "
+                             f"size (from {cfg.patch_size} to {new_cfg.patch_size}); only the plain patch projection can")
+        key = "patch_embed.projection.weight"
+        state[key] = resample_patch_embed(state[key], (new_cfg.patch_size, new_cfg.patch_size))
     if new_cfg.in_channels != cfg.in_channels:  # the stem's first convolution: the first 4-d weight
         first_conv = next(k for k, shape in expected.items() if k.startswith("patch_embed.") and len(shape) == 4)
         state[first_conv] = adapt_input_channels(state[first_conv], new_cfg.in_channels)

@@ -251,6 +251,21 @@ def relative_position_index(grid: tuple[int, int]) -> Tensor:
     return index
 
 
+def resample_patch_embed(weight: Tensor, new_size: tuple[int, int]) -> Tensor:
+    """The patch projection's kernels for another patch size, (E, C, p, p) -> (E, C, P, P): FlexiViT's
+    pseudo-inverse of resizing (Beyer et al. 2023; big_vision, and timm's resample_patch_embed), so that
+    a patch resized to the new size (bicubic, antialiased) gives the projection the old kernels gave."""
+    old_size = tuple(weight.shape[-2:])
+    if old_size == tuple(new_size):
+        return weight
+    old_total = old_size[0] * old_size[1]
+    basis = torch.eye(old_total, dtype=torch.float32).reshape(old_total, 1, *old_size)
+    resize = F.interpolate(basis, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+    resize = resize[:, 0].permute(1, 2, 0).reshape(-1, old_total)  # (new pixels, old pixels)
+    kernels = weight.float().cpu().reshape(*weight.shape[:2], -1) @ torch.linalg.pinv(resize)  # -> (E, C, P*P)
+    return kernels.reshape(*weight.shape[:2], *new_size).to(weight.device, weight.dtype)
+
+
 def _geometric_offsets(src: int, dst: int) -> Tensor:
     """Where a table's ``src`` offsets (-(src//2) .. src//2) sit on an axis of ``dst`` offsets: 0 and ±1
     where they were, the farther ones spread on a geometric progression out to about ±(dst//2). BEiT's
@@ -1163,6 +1178,7 @@ __all__ = [
     "TransformerEncoderBlock",
     "DropPath",
     "resample_positions",
+    "resample_patch_embed",
     "resample_rel_pos_table",
     "relative_position_index",
     "rope_dinov3",

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "say: quick_gelu for OpenAI's CLIP weights in a bare timm file")
     p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
                    help="resample the position table for this image size (one value: square)")
+    p.add_argument("--patch-size", type=int, help="another patch size: the patch projection's kernels resampled as "
+                   "FlexiViT and timm do, the positions to the new grid")
     p.add_argument("--num-classes", type=int, help="a new, freshly initialised classifier with N classes")
     p.add_argument("--mean", type=float, nargs="+", help="the input mean the weights were trained with, per channel "
                    "(where the file does not hold it: a bare timm state dict)")
@@ -46,7 +48,8 @@ def run_convert(args: argparse.Namespace) -> int:
         if len(args.img_size) > 2:
             raise ValueError(f"--img-size: expected H or H W, got {len(args.img_size)} values {args.img_size}")
         img_size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
-    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("mlp_act", args.mlp_act)) if v is not None}
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("mlp_act", args.mlp_act),
+                                   ("patch_size", args.patch_size)) if v is not None}
     # Warnings (assumed heads, a re-initialised head, dropped tensors) are part of the answer: print them plainly.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
