@@ -244,3 +244,54 @@ def test_conv_stem_runs_channels_last_on_request_with_the_same_outputs_gradients
     loaded = vitkit.load_pretrained(tmp_path / "ckpt").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), nhwc.eval()(x))
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.65])
+def test_timms_optimizer_factory_groups_a_vitkit_model_as_vitkit_trains_it(layer_decay):
+    """Code written for timm's ViT: timm's create_optimizer_v2 reads no_weight_decay() and group_matcher()
+    and gives every parameter the weight decay and lr scale of vitkit's own param_groups (tokens and
+    positions undecayed; the stem, each block, the head as BEiT's layer decay numbers them)."""
+    pytest.importorskip("timm")
+    from timm.optim import create_optimizer_v2
+
+    from vitkit.train import param_groups
+
+    model = create_model("vit_tiny_patch16_224", depth=3, reg_tokens=2)
+    opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=layer_decay)
+    theirs = {id(p): (g["weight_decay"], g.get("lr_scale", 1.0)) for g in opt.param_groups for p in g["params"]}
+    ours = {id(p): (g["weight_decay"], g.get("lr_scale", 1.0))
+            for g in param_groups(model, 0.05, layer_decay or 1.0) for p in g["params"]}
+    assert theirs.keys() == ours.keys()
+    for name, p in model.named_parameters():
+        assert theirs[id(p)] == pytest.approx(ours[id(p)]), name
+    assert model.no_weight_decay() == {"patch_embed.cls_token", "patch_embed.reg_token", "patch_embed.positions"}
+    assert len({scale for _, scale in ours.values()}) == (5 if layer_decay else 1)  # stem, 3 blocks, head
+
+
+def test_timms_model_level_names_and_input_description():
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+
+    ours, theirs = create_model("vit_tiny_patch16_224", depth=1), timm.create_model("vit_tiny_patch16_224", depth=1)
+    for name in ("num_features", "embed_dim", "num_prefix_tokens", "num_classes"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.get_classifier() is ours.head.fc
+    # timm reads the size and resizing from vitkit's model (the normalisation is vitkit's default, ImageNet's,
+    # where timm's tiny names its augreg weights' 0.5)
+    mine, timms = resolve_data_config(model=ours), resolve_data_config(model=theirs)
+    assert (mine["input_size"], mine["interpolation"]) == (timms["input_size"], timms["interpolation"])
+    assert mine["mean"] == pytest.approx((0.485, 0.456, 0.406)) and mine["crop_pct"] == 0.875
+    digits = create_model("vit_digits")  # a grey 8x8 model: not ImageNet's 3x224x224
+    assert resolve_data_config(model=digits) == {"input_size": (1, 8, 8), "interpolation": "bicubic", "mean": (0.5,),
+                                                 "std": (0.5,), "crop_pct": 1.0, "crop_mode": "center"}
+    digits.preprocess = dict(img_size=[8, 8], mean=[0.25], std=[0.75], interpolation="bilinear", crop_pct=1.0)
+    assert resolve_data_config(model=digits)["mean"] == (0.25,)  # a checkpoint's own normalisation
+    assert digits.default_cfg == digits.pretrained_cfg
+    # timm's spellings of "no weights" and of the pooling the model has
+    assert isinstance(create_model("vit_digits", pretrained=False), ViT)
+    with pytest.raises(ValueError, match="no weight hub"):
+        create_model("vit_digits", pretrained=True)
+    ours.reset_classifier(7, global_pool="token")
+    assert ours.get_classifier().out_features == 7 and ours.num_classes == 7
+    with pytest.raises(ValueError, match="global_pool='avg', but this model pools with 'cls'"):
+        ours.reset_classifier(7, global_pool="avg")

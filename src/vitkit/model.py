@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -18,6 +19,10 @@ from .layers import (
     rope_dinov3,
     rope_eva02,
 )
+
+# Parameters trained without weight decay besides biases and norms, by name (timm/DeiT/BEiT): the prefix
+# tokens, the position table, BEiT's relative position tables. train.param_groups and no_weight_decay read it.
+NO_DECAY_NAMES = ("cls_token", "dist_token", "reg_token", "positions", "rel_pos_bias_table")
 
 
 class TransformerEncoder(nn.Module):
@@ -139,6 +144,49 @@ class ViT(nn.Module):
     def num_classes(self) -> int:
         return self.cfg.num_classes
 
+    # --- timm's model-level names, so that code and tools written for timm's ViT work on this one ---
+    @property
+    def num_features(self) -> int:
+        """The width the classifier reads (timm's ``num_features``; 2E for cls_mean pooling)."""
+        return self.cfg.num_features
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.emb_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.cfg.num_prefix_tokens
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's description of the input (``timm.data.resolve_data_config(model=m)`` reads it): a loaded
+        checkpoint's own normalisation and size (``preprocess``), else the defaults for this config."""
+        from .checkpoint import default_preprocess
+
+        pre = getattr(self, "preprocess", None) or default_preprocess(self.cfg)
+        return {"input_size": (self.cfg.in_channels, *pre["img_size"]), "mean": tuple(pre["mean"]),
+                "std": tuple(pre["std"]), "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
+                "crop_mode": "center", "num_classes": self.cfg.num_classes, "classifier": "head.fc",
+                "first_conv": "patch_embed.projection"}
+
+    default_cfg = pretrained_cfg  # timm's older name
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def no_weight_decay(self) -> set[str]:
+        """The parameters trained without weight decay besides biases and norms (which timm's optimiser
+        factory leaves out by their shape): the prefix tokens, positions and BEiT's tables."""
+        return {name for name, _ in self.named_parameters() if name.endswith(NO_DECAY_NAMES)}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (``create_optimizer_v2(model, layer_decay=...)``): the stem, each block,
+        the final token norm with the last block; what matches nothing (the head) comes last."""
+        return {"stem": r"^patch_embed",
+                "blocks": r"^encoder\.blocks\.(\d+)" if coarse else
+                [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (self.cfg.depth - 1,))]}
+
     # --- the forward pass, split as timm splits it ---------------------------------------
     def rope_embedding(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """The rotary positions (sin, cos) of the patches of images shaped like ``x``, or None
@@ -224,8 +272,17 @@ class ViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new, freshly initialised classifier for ``num_classes`` classes."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` classes. ``global_pool`` (timm's
+        argument) may name the pooling the model has (timm's "token"/"avg"/"map" or vitkit's names);
+        another pooling changes the head's parts: ``load_pretrained(path, pool=..., final_norm=...)``."""
+        from .convert.timm import GLOBAL_POOL
+
+        vitkit_pool = {timm_name: ours for ours, timm_name in GLOBAL_POOL.items()}.get(global_pool, global_pool)
+        if global_pool is not None and vitkit_pool != self.cfg.pool:
+            raise ValueError(f"reset_classifier: global_pool={global_pool!r}, but this model pools with "
+                             f"{self.cfg.pool!r}; another pooling: load_pretrained(path, pool=..., final_norm=...) "
+                             f"or `vitkit train --head-pool`")
         self.cfg = self.cfg.replace(num_classes=num_classes)
         def fresh() -> nn.Module:
             fc = nn.Linear(self.cfg.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -241,14 +298,17 @@ def _bad_layer(i: int, depth: int) -> int:
     raise ValueError(f"layers: block index {i} is out of range for a model of depth {depth}")
 
 
-def create_model(name: str | ViTConfig, pretrained: str | None = None, **overrides) -> ViT:
+def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | None = None, **overrides) -> ViT:
     """Build a model from the variant table (``list_models()``) or a ViTConfig.
 
     ``pretrained`` is a vitkit checkpoint (directory or .safetensors file); when the
     overrides change the image size or the number of classes, positions are resampled and
     the classifier is re-initialised (see ``vitkit.checkpoint``).
     """
-    if pretrained is not None:
+    if pretrained is True:
+        raise ValueError("pretrained=True: vitkit has no weight hub; pass a vitkit checkpoint (directory or "
+                         ".safetensors), or read a timm/HF/torchvision/JAX file with vitkit.convert.load first")
+    if pretrained is not None and pretrained is not False:  # False: timm's spelling of "no weights"
         from .checkpoint import load_pretrained
 
         return load_pretrained(pretrained, **overrides)

@@ -74,7 +74,7 @@ from .distributed import (
 )
 from .fast import adamw, cpu_info, default_training_precision, set_num_threads, tune_cpu_allocator
 from .fast import autocast as fast_autocast
-from .model import ViT
+from .model import NO_DECAY_NAMES, ViT
 
 # --head-pool -> the (pool, final_norm) of the fine-tuned model
 HEAD_POOLS = {"mean": ("mean", "pooled"), "cls": ("cls", "tokens"), "map": ("map", "tokens"),
@@ -599,8 +599,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "reg_token", "positions",
-                                                     "rel_pos_bias_table")))
+        decay = not (p.ndim <= 1 or name.endswith(NO_DECAY_NAMES))
         layer = layer_of(name, depth) if layer_decay != 1.0 else 0
         group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0})
         if layer_decay != 1.0:
