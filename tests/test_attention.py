@@ -299,7 +299,7 @@ def test_attention_too_large_for_memory_is_refused_by_name(tmp_path, monkeypatch
     ckpt = vitkit.save_pretrained(tiny(dynamic=True), tmp_path / "ckpt")
     image = save_image(tmp_path / "img.png")
     # 16x16 with patch 4: 16 patches + the class token; 1 image x (2 x 4 heads + 1) x 17^2 x 4 bytes = 10,404
-    monkeypatch.setattr(A, "_memory_of", lambda device: 10_404)
+    monkeypatch.setattr(vitkit.fast, "device_memory", lambda device: 10_404)
     assert main(["attention", str(ckpt), str(image), "--out", str(tmp_path / "a.png")]) == 0  # just fits
     assert main(["attention", str(ckpt), str(image), "--img-size", "20", "--out", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err

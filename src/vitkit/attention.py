@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fast
+
 HEAD_FUSIONS = ("mean", "max", "min")
 METHODS = ("rollout", "last-layer")
 
@@ -114,16 +116,6 @@ def attention_rollout(model, x: Tensor, head: str | int = "mean", residual: floa
     return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 
 
-def _memory_of(device: torch.device) -> int | None:
-    """Bytes of memory the device has (a GPU: free now; the CPU: the machine's), or None where unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system
-        return None
-
-
 def check_attention_fits(model, x: Tensor) -> None:
     """A clear error, in place of the kernel's out-of-memory kill, when one layer's attention of x cannot
     fit: its (B, h, N, N) fp32 probabilities and logits, and rollout's (B, N, N) product, grow with the
@@ -131,7 +123,7 @@ def check_attention_fits(model, x: Tensor) -> None:
     gh, gw = patch_grid(model, x)
     tokens = model.cfg.num_prefix_tokens + gh * gw
     need = x.shape[0] * (2 * model.cfg.num_heads + 1) * tokens**2 * 4
-    have = _memory_of(x.device)
+    have = fast.device_memory(x.device)
     if have is not None and need > have:
         raise ValueError(f"attention maps of a {x.shape[-2]}x{x.shape[-1]} input: {tokens:,} tokens (patch "
                          f"{model.cfg.patch_size}), so each layer's attention takes about {need / 2**30:.1f} GiB, "

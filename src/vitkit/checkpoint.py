@@ -394,7 +394,7 @@ def build_with_state(
     **overrides,
 ) -> nn.Module:
     """A ViT of ``cfg`` holding ``state`` (vitkit keys), adapted to a new size or head."""
-    from .model import ViT
+    from .model import ViT, first_conv_weight
 
     # Check the weights against a model on the meta device (no memory) before building the real one:
     # a config.json claiming a huge model must not allocate it. Depth first, as meta still costs time per block.
@@ -427,7 +427,7 @@ def build_with_state(
         key = "patch_embed.projection.weight"
         state[key] = resample_patch_embed(state[key], (new_cfg.patch_size, new_cfg.patch_size))
     if new_cfg.in_channels != cfg.in_channels:  # the stem's first convolution: the first 4-d weight
-        first_conv = next(k for k, shape in expected.items() if k.startswith("patch_embed.") and len(shape) == 4)
+        first_conv = first_conv_weight(expected)
         state[first_conv] = adapt_input_channels(state[first_conv], new_cfg.in_channels)
     model = ViT(new_cfg)
     if (new_cfg.pool, new_cfg.final_norm) != (cfg.pool, cfg.final_norm):

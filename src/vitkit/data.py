@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .config import to_2tuple
+from .fast import device_memory
 from .images import ImageError, load_image, preprocess_image, resize_image
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -469,8 +470,8 @@ def _load_files(name: str, files: dict[str, list[tuple[Path, int]]], where: dict
     if loading == "auto":
         count = len(files["val"]) + (len(files["train"]) if with_train else 0)
         decoded = count * channels * img_size[0] * img_size[1]
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        stream = decoded > STREAM_ABOVE_RAM_FRACTION * ram
+        ram = device_memory("cpu")
+        stream = ram is not None and decoded > STREAM_ABOVE_RAM_FRACTION * ram
         if stream:
             print(f"{root}: {count} images would take {decoded / 2**30:.1f} GiB decoded, over "
                   f"{STREAM_ABOVE_RAM_FRACTION:.0%} of the {ram / 2**30:.0f} GiB of RAM: decoding each batch from "

@@ -106,6 +106,18 @@ def cpu_info() -> tuple[str, list[str]]:
     return model, flags
 
 
+def device_memory(device: str | torch.device = "cpu") -> int | None:
+    """Bytes of memory a device has: a GPU's free memory now, the machine's RAM for the CPU; None where
+    the system does not say (not POSIX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 # glibc malloc's mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).

@@ -25,6 +25,12 @@ from .layers import (
 NO_DECAY_NAMES = ("cls_token", "dist_token", "reg_token", "positions", "rel_pos_bias_table")
 
 
+def first_conv_weight(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The stem's first convolution's weight among a state dict's ``{name: shape}``: the first 4-d
+    one in the patch embedding (the projection, or a conv stem's first layer)."""
+    return next(name for name, shape in shapes.items() if name.startswith("patch_embed.") and len(shape) == 4)
+
+
 class TransformerEncoder(nn.Module):
     """``depth`` TransformerEncoderBlocks, then (final_norm="tokens") a LayerNorm on every token."""
 
@@ -168,7 +174,7 @@ class ViT(nn.Module):
         return {"input_size": (self.cfg.in_channels, *pre["img_size"]), "mean": tuple(pre["mean"]),
                 "std": tuple(pre["std"]), "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
                 "crop_mode": "center", "num_classes": self.cfg.num_classes, "classifier": "head.fc",
-                "first_conv": "patch_embed.projection"}
+                "first_conv": first_conv_weight({n: p.shape for n, p in self.named_parameters()}).removesuffix(".weight")}
 
     default_cfg = pretrained_cfg  # timm's older name
 
