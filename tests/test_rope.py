@@ -434,6 +434,37 @@ def test_a_compiled_rotary_model_trains_as_the_eager_one():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
+def test_compiled_graphs_read_the_kept_tables_at_the_configured_size(fields):
+    """At the configured size the rotary tables are the model's buffers, so a compiled graph reads them
+    (Inductor had folded sin and cos into the rotation kernels, evaluated for every element of q and k);
+    another size computes its own. The buffers stay fp32 and right through a dtype cast and to_empty."""
+    model = _rope_model(**fields).eval()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    with torch.no_grad():
+        for size in ((32, 32), (24, 40)):
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert ".sin()" not in graphs[0] and ".cos()" not in graphs[0]
+    assert ".sin()" in graphs[-1]  # the other grid's own tables
+    want = model._rope_tables(model.cfg.grid_size, "cpu")
+    model.to(torch.bfloat16)
+    with torch.device("meta"):
+        empty = ViT(model.cfg)
+    empty.to_empty(device="cpu")
+    for kept in (model, empty):
+        assert kept.rope_sin.dtype == torch.float32
+        torch.testing.assert_close((kept.rope_sin, kept.rope_cos), want, rtol=0, atol=0)
+    assert not any(name.startswith("rope_") for name in model.state_dict())
+
 @pytest.mark.parametrize("fields", [{}, EVA02], ids=["dinov3", "eva02"])
 def test_bf16_cpu_training_rotates_on_the_lean_path(monkeypatch, fields):
     """bf16 CPU training (the lean attention, its backward written out) gives the math path's gradients,
