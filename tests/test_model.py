@@ -210,6 +210,68 @@ def test_class_token_head_computes_one_token_in_the_last_block_with_equal_logits
         torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+class _LoRALinear(torch.nn.Linear):
+    """A Linear with a low-rank update, as LoRA libraries subclass it: only its own forward knows it."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int = 2):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.load_state_dict(linear.state_dict())
+        self.down = torch.nn.Parameter(torch.randn(rank, linear.in_features) * 0.3)
+        self.up = torch.nn.Parameter(torch.randn(linear.out_features, rank) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.t() @ self.up.t()
+
+    def merged(self) -> torch.nn.Linear:
+        plain = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.load_state_dict({"weight": self.weight + self.up @ self.down, **({"bias": self.bias} if self.bias is not None else {})})
+        return plain
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "eva02_tiny_patch14_224", "vit_small_patch16_dinov3_qkvb"])
+def test_a_hooked_or_subclassed_qkv_runs_as_itself(name):
+    """The class token's last block and the rotary models' masked k bias project q, k and v with the
+    qkv weight directly; a qkv with hooks, or a subclass (LoRA), must still run as itself: every hook
+    fires, and the logits are those of the same model with the update merged into plain weights."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=28 if "patch14" in name else 32, depth=2, num_classes=5).eval()
+    with torch.no_grad():  # every weight random: a k bias masked out shows if it is not, LayerScale no longer hides
+        for pname, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if pname.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    x = torch.randn(2, 3, *model.cfg.img_size)
+    calls = []
+    hooks = [block.attn.qkv.register_forward_hook(lambda *args, i=i: calls.append(i))
+             for i, block in enumerate(model.encoder.blocks)]
+    with torch.no_grad():
+        want = model(x)
+    assert calls == [0, 1]
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(model(x), want)
+
+    lora = copy.deepcopy(model)
+    for block in lora.encoder.blocks:
+        block.attn.qkv = _LoRALinear(block.attn.qkv)
+    merged = copy.deepcopy(lora)
+    for block in merged.encoder.blocks:
+        block.attn.qkv = block.attn.qkv.merged()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), merged(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lora(x), lora.forward_head(lora.forward_features(x)), atol=1e-5, rtol=1e-5)
+    assert (merged(x) - model(x)).abs().max() > 1e-3  # the update changes the logits
+
+    # torch's pruning recomputes the weight in a forward pre-hook: two training steps must run
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model.encoder.blocks[-1].attn.qkv, "weight", amount=0.5)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
 def test_convolutional_stem_makes_the_same_tokens_and_refuses_foreign_export(tmp_path):
     model = create_model("vit_fmnist_convstem")
     x = torch.randn(2, 1, 28, 28)

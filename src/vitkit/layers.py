@@ -739,6 +739,9 @@ def _linear(layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
     CPU inference where that pays, else the layer itself. ``bias``: used in place of a plain Linear's
     own (a masked copy of it)."""
     if bias is not None and isinstance(getattr(layer, "weight", None), Tensor):
+        if not _stock(layer, nn.Linear):  # hooked, pruned or subclassed (LoRA): the layer runs as itself,
+            out = layer(x)  # its own bias then swapped for the one asked for
+            return out + (bias - layer.bias).to(out.dtype)
         if x.requires_grad and torch.is_grad_enabled():
             if lean_linear_applies(layer, x):
                 return lean_linear(x, layer.weight, bias)
@@ -902,7 +905,8 @@ class MultiHeadAttention(nn.Module):
         the fused qkv weight, used as they are (contiguous slices, no copies)."""
         b, n, e = x.shape
         weight, bias = getattr(self.qkv, "weight", None), getattr(self.qkv, "bias", None)
-        if not isinstance(weight, Tensor):  # a quantised or otherwise swapped-in qkv: run it whole
+        if not isinstance(weight, Tensor) or not _stock(self.qkv, nn.Linear):
+            # a quantised, hooked, pruned or subclassed (LoRA) qkv: run it whole, as itself
             q, k, v = self._project_qkv(x)
             return q[:, :, :num_queries], k, v
         # split, not two slices: its gradient is one concatenation, where each slice's would be
