@@ -74,3 +74,14 @@ def test_convolutional_stem_is_counted():
     assert s_conv.macs - s_patch.macs == stem_macs - patch_macs
     assert [r.output_shape for r in s_conv.rows if r.name.startswith("Conv2d")] == [
         [1, 16, 28, 28], [1, 32, 14, 14], [1, 64, 7, 7], [1, 64, 7, 7]]
+
+
+def test_a_module_called_twice_owns_its_parameters_once():
+    """DeiT's pooled head norm runs on the class and the distillation token: two rows, one count, and
+    the rows still add up to the model's total (no negative '(other parameters)')."""
+    model = vitkit.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=1, final_norm="pooled")
+    result = vitkit.summary(model, print_table=False)
+    norm_rows = [r for r in result.rows if r.path == "head.norm"]
+    assert len(norm_rows) == 2 and sorted(r.params for r in norm_rows) == [0, 2 * 192]
+    assert sum(r.params for r in result.rows) == sum(p.numel() for p in model.parameters())
+    assert all(r.params >= 0 for r in result.rows)

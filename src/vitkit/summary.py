@@ -94,12 +94,14 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_s
     rows: list[SummaryRow] = []
     hooks = []
     names = {m: n for n, m in model.named_modules()}
+    counted: set[nn.Module] = set()  # a module called twice (DeiT's head norm) owns its parameters once
 
     def hook(module: nn.Module, _inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(out, Tensor):
             return
-        own = sum(p.numel() for p in module.parameters(recurse=False))
+        own = 0 if module in counted else sum(p.numel() for p in module.parameters(recurse=False))
+        counted.add(module)
         rows.append(SummaryRow(f"{type(module).__name__}-{len(rows) + 1}", names[module], list(out.shape), own))
 
     for module in model.modules():
