@@ -185,29 +185,47 @@ def test_public_api():
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_class_token_head_computes_one_token_in_the_last_block_with_equal_logits_and_gradients(grad_checkpointing):
     """``forward`` of a class-token model runs the last block on the class token alone; the logits
-    and every gradient equal those of the full path (all tokens, then pool)."""
+    and every gradient equal those of the full path (all tokens, then pool). A hook on the last block
+    (a feature extractor's) sees every token, as on timm's model: the shortcut is off while one watches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GeluRows(TorchDispatchMode):  # the tokens each MLP ran on (FlopCounterMode's global hooks would watch)
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.gelu, torch.ops.aten.gelu_):
+                self.rows.append(args[0].shape[1])
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(3)
     model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=7)
     model.set_grad_checkpointing(grad_checkpointing)
     x = torch.randn(4, 3, 32, 32)
-    seen = []
-    hook = model.encoder.blocks[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
 
     def logits_and_grads(full: bool):
         model.zero_grad(set_to_none=True)
-        logits = model.forward_head(model.forward_features(x)) if full else model(x)
+        with GeluRows() as mlp:
+            logits = model.forward_head(model.forward_features(x)) if full else model(x)
         (logits * torch.arange(7.0)).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, mlp.rows[:3]
 
-    fast_logits, fast_grads = logits_and_grads(full=False)
-    assert seen == [(4, 1, 192)]  # the last block's MLP saw one token per image
-    full_logits, full_grads = logits_and_grads(full=True)
-    assert seen[-1] == (4, 17, 192)
-    hook.remove()
+    fast_logits, fast_grads, fast_rows = logits_and_grads(full=False)
+    full_logits, full_grads, full_rows = logits_and_grads(full=True)
+    assert fast_rows == [17, 17, 1] and full_rows == [17, 17, 17]  # the last block's MLP on the class token
     torch.testing.assert_close(fast_logits, full_logits, atol=1e-5, rtol=1e-5)
     assert fast_grads.keys() == full_grads.keys()
     for name in full_grads:
         torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    seen = []
+    for watched in (model.encoder.blocks[-1], model.encoder.blocks[-1].mlp.fc2, model.encoder.norm):
+        hook = watched.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+        hooked_logits, _, hooked_rows = logits_and_grads(full=False)
+        hook.remove()
+        assert seen.pop() == (4, 17, 192) and hooked_rows == full_rows
+        torch.testing.assert_close(hooked_logits, full_logits, atol=1e-5, rtol=1e-5)
 
 
 class _LoRALinear(torch.nn.Linear):
@@ -357,3 +375,7 @@ def test_timms_model_level_names_and_input_description():
     assert ours.get_classifier().out_features == 7 and ours.num_classes == 7
     with pytest.raises(ValueError, match="global_pool='avg', but this model pools with 'cls'"):
         ours.reset_classifier(7, global_pool="avg")
+    half = create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=1).to(torch.bfloat16)
+    half.reset_classifier(4)  # the new classifiers take the model's dtype, as timm's do
+    assert half(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}

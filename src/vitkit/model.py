@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.nn.modules import module as nn_module
 
 from .config import GRID_ROPES, ViTConfig, get_config, pooled_width
 from .layers import (
@@ -245,11 +246,24 @@ class ViT(nn.Module):
         """(B, C, H, W) -> (B, num_classes). A class-token head reads one token (DeiT's, two), so the
         last block computes only those (their keys and values still come from every token): about 7% of
         ViT-B/16's work saved, logits unchanged. ``forward_features`` gives every token."""
-        if self.head.pool == "cls" and mask is None:
+        if self.head.pool == "cls" and mask is None and not self._last_block_watched():
             read = 1 + int(self.cfg.dist_token)  # registers, after these, are read by no head
             tokens = self.encoder(self.patch_embed(x), last_queries=read, rope=self.rope_embedding(x))  # (B, 1|2, E)
             return self.forward_head(tokens)  # -> (B, classes)
         return self.forward_head(self.forward_features(x, mask=mask))
+
+    def _last_block_watched(self) -> bool:
+        """Whether a forward hook would see the last block's or the final norm's tokens (a feature
+        extractor's hook on ``encoder.blocks[-1]``): they then get every token, as from timm's model."""
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        stack = [self.encoder.blocks[-1], self.encoder.norm]  # a walk by hand: Module.modules() costs 2.5x
+        while stack:
+            module = stack.pop()
+            if module._forward_hooks or module._forward_pre_hooks:
+                return True
+            stack.extend(module._modules.values())
+        return False
 
     # --- a look inside ------------------------------------------------------------------
     def forward_intermediates(
@@ -318,10 +332,12 @@ class ViT(nn.Module):
                              f"{self.cfg.pool!r}; another pooling: load_pretrained(path, pool=..., final_norm=...) "
                              f"or `vitkit train --head-pool`")
         self.cfg = self.cfg.replace(num_classes=num_classes)
+        like = next(self.patch_embed.parameters())  # the model's device and dtype (a bf16 model's head is bf16)
+
         def fresh() -> nn.Module:
             fc = nn.Linear(self.cfg.num_features, num_classes) if num_classes > 0 else nn.Identity()
             init_weights(fc)
-            return fc.to(next(self.patch_embed.parameters()).device)
+            return fc.to(device=like.device, dtype=like.dtype)
 
         self.head.fc = fresh()
         if self.head.fc_dist is not None:
