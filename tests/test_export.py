@@ -121,3 +121,20 @@ def test_cli_export(tmp_path, capsys):
     assert "opset" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad.onnx")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_exports_leave_a_training_model_training(tmp_path):
+    """An export runs the model in eval mode (no dropout in the graph) and gives it back as it was: a
+    checkpoint exported mid-training keeps training with its dropout on."""
+    model = tiny()
+    model.head.drop.p = 0.5
+    model.train()
+    program = torch.export.load(str(save_torch_export(model, tmp_path / "m.pt2"))).module()
+    assert model.training and all(m.training for m in model.modules())
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
+    model.train()
+    save_onnx(model, tmp_path / "m.onnx")
+    assert model.training and all(m.training for m in model.modules())

@@ -173,6 +173,10 @@ def test_forward_intermediates_by_name():
     torch.testing.assert_close(out["logits"], model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="block index 9 is out of range"):
         model.forward_intermediates(x, layers=[9])
+    assert {k for k in model.forward_intermediates(x, layers=4) if k.startswith("block")} == {f"block{i}" for i in range(4)}
+    for n in (0, -1, 5):  # a count of last blocks: 1 to depth, as timm asks (0 and -1 had returned none, 5 all)
+        with pytest.raises(ValueError, match=f"layers: expected the number of last blocks, 1 to 4, .* got {n}"):
+            model.forward_intermediates(x, layers=n)
 
 
 def test_public_api():

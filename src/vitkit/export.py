@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,10 +48,21 @@ def dynamic_shapes(model: nn.Module) -> dict:
     return {"x": dims}
 
 
+@contextmanager
+def _evaluating(model: nn.Module):
+    """The model in eval mode for an export, then back in the mode it was in (a model being trained stays so)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def export_program(model: nn.Module) -> torch.export.ExportedProgram:
     """``torch.export`` the model in eval mode, input ``x`` of shape (B, C, H, W)."""
-    model.eval()
-    return torch.export.export(model, (example_input(model),), dynamic_shapes=dynamic_shapes(model), strict=False)
+    with _evaluating(model):
+        return torch.export.export(model, (example_input(model),), dynamic_shapes=dynamic_shapes(model), strict=False)
 
 
 def save_torch_export(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -73,11 +85,11 @@ def save_onnx(
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
     if opset < 18 and model.cfg.dynamic_img_size:
         raise ValueError(f"opset: a dynamic_img_size model needs opset >= 18 (antialiased Resize), got {opset}")
-    model.eval()
-    program = torch.onnx.export(
-        model, (example_input(model),), dynamo=True, dynamic_shapes=dynamic_shapes(model), opset_version=opset,
-        input_names=["x"], output_names=["logits"], verbose=False,
-    )
+    with _evaluating(model):
+        program = torch.onnx.export(
+            model, (example_input(model),), dynamo=True, dynamic_shapes=dynamic_shapes(model), opset_version=opset,
+            input_names=["x"], output_names=["logits"], verbose=False,
+        )
     # the exporter writes its own opset when converting down fails, after printing why: refuse it
     written = max(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
     if written != opset:

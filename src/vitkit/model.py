@@ -288,6 +288,8 @@ class ViT(nn.Module):
         if layers is None:
             chosen = set(range(depth))
         elif isinstance(layers, int):
+            if not 1 <= layers <= depth:
+                raise ValueError(f"layers: expected the number of last blocks, 1 to {depth}, or block indices; got {layers}")
             chosen = set(range(depth - layers, depth))
         else:
             chosen = {i % depth if -depth <= i < depth else _bad_layer(i, depth) for i in layers}
