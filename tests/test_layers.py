@@ -363,6 +363,22 @@ def test_mask_with_wrong_shape_or_dtype_is_rejected():
         mha(x, mask=torch.ones(2, 7, dtype=torch.bool))
 
 
+def test_a_key_mask_means_the_same_whatever_the_batch_size():
+    """A (B, 1, N) key mask, batched, gives each image's own result; a 2-d mask with B = N, which could
+    be a key mask or a query x key mask, is refused (it had been read as (N, N) at that one batch size)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4).eval()
+    n = 6
+    x = torch.randn(n, n, 32)
+    keep = torch.arange(n)[None] < (1 + torch.arange(n))[:, None]  # image i sees its first i + 1 tokens
+    with torch.no_grad():
+        batched = mha(x, mask=keep[:, None, :])
+        one_by_one = torch.cat([mha(x[i:i + 1], mask=keep[i:i + 1]) for i in range(n)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"mask: shape \(6, 6\) is both \(B, N\) and \(N, N\) with B = N = 6"):
+        mha(x, mask=keep)
+
+
 def test_residual_add_is_out_of_place_and_differentiable():
     lin = nn.Linear(8, 8)
     res = ResidualAdd(lin)

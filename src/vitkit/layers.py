@@ -212,16 +212,20 @@ class PatchEmbedding(nn.Module):
 def expand_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
     """Bring a boolean attention mask (True = may attend) to a shape that broadcasts to (B, h, N, N).
 
-    Accepted: (B, N) key mask, (N, N) or (B, N, N) query x key masks, or (B, h, N, N).
+    Accepted: (B, N) or (B, 1, N) key masks, (N, N) or (B, N, N) query x key masks, or (B, h, N, N).
+    When the batch has as many images as there are tokens, a 2-d mask could be either: refused.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask: expected a boolean tensor (True = may attend), got dtype {mask.dtype}")
-    if mask.ndim == 2 and mask.shape == (batch, num_tokens) and mask.shape != (num_tokens, num_tokens):
+    if mask.ndim == 2 and batch == num_tokens and mask.shape == (batch, num_tokens):
+        raise ValueError(f"mask: shape {tuple(mask.shape)} is both (B, N) and (N, N) with B = N = {batch}; "
+                         f"pass a key mask as (B, 1, N) and a query x key mask as (1, N, N)")
+    if mask.ndim == 2 and mask.shape == (batch, num_tokens):
         return mask[:, None, None, :]  # (B, 1, 1, N): which keys each query may see
     if mask.ndim == 2 and mask.shape == (num_tokens, num_tokens):
         return mask[None, None]  # (1, 1, N, N)
-    if mask.ndim == 3 and mask.shape[-2:] == (num_tokens, num_tokens):
-        return mask[:, None]  # (B, 1, N, N)
+    if mask.ndim == 3 and mask.shape[-2:] in ((num_tokens, num_tokens), (1, num_tokens)):
+        return mask[:, None]  # (B, 1, N|1, N)
     if mask.ndim == 4 and mask.shape[-2:] == (num_tokens, num_tokens):
         return mask
     raise ValueError(
