@@ -12,7 +12,6 @@ turns run by run. It prints images/s, the ratio to plain timm and the extra memo
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for library, model in models.items():
         for layout in ("NHWC", "NCHW"):
             runners[f"{library} {layout}"] = fast.optimize_for_inference(
-                copy.deepcopy(model), "bf16", compile=False, device=device, channels_last=layout == "NHWC")
+                model, "bf16", compile=False, device=device, channels_last=layout == "NHWC")
         runners[f"{library} plain"] = model.to(device).eval().requires_grad_(False).to(torch.bfloat16)
     x = torch.randn(args.batch_size, cfg.in_channels, *cfg.img_size, device=device, dtype=torch.bfloat16)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vitkit import create_model, get_config
+from vitkit import ViT, create_model, get_config
 from vitkit.bench import build_contestant, gpu_peak_tflops, parse_contestant, run_benchmark, timm_model, timm_twin
 from vitkit.cli import main
 from vitkit.fast import adamw, default_precision, has_native_bf16, optimize_for_inference, optimize_for_training
@@ -95,13 +96,13 @@ def test_optimize_for_inference_matches_eager_within_bf16_tolerance():
         ref = model(x)
     fast_model = optimize_for_inference(model, precision="bf16", compile=True)
     out = fast_model(x)
-    assert out.dtype == torch.bfloat16 and not model.training
+    assert out.dtype == torch.bfloat16 and not any(m.training for m in fast_model.modules() if isinstance(m, ViT))
     if has_native_bf16("cpu"):
         assert_runs_prepacked_linears(lambda: fast_model(x))
     import torch._inductor.config as inductor_config
 
     assert not inductor_config.freezing  # switched on around the model's calls only
-    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in fast_model.parameters())
     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings deep.
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     assert (out.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
@@ -130,6 +131,27 @@ def test_int8_inference_stays_close_to_fp32():
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
     with pytest.raises(ValueError, match="int8"):
         optimize_for_inference(model, precision="int8", compile=True)
+
+
+def test_optimize_for_inference_leaves_the_callers_model_as_it_was():
+    """The inference model is a copy (the caller's keeps its mode, gradients, dtype and weights, and
+    trains on); inplace=True converts the model itself. A half-precision model runs in fp32 or autocast."""
+    model = create_model("vit_digits_gap", depth=1).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, 8, 8)
+    for precision in ("bf16", "fp32", "int8"):
+        fast = optimize_for_inference(model, precision=precision, compile=False)
+        assert fast(x).shape == (2, 10)
+        assert model.training and all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model(x).sum().backward()  # still trains
+    with torch.no_grad():
+        want = model.eval()(x)
+    for precision in ("fp32", "bf16-autocast"):
+        fast = optimize_for_inference(copy.deepcopy(model).half(), precision=precision, compile=False)
+        torch.testing.assert_close(fast(x).float(), want, atol=0.05 * want.abs().max().item(), rtol=0)
+    fast = optimize_for_inference(model.train(), precision="bf16", compile=False, inplace=True)
+    assert not model.training and next(model.parameters()).dtype == torch.bfloat16
 
 
 def test_contestant_specs_override_precision_and_compile():

@@ -253,7 +253,7 @@ def build_contestant(name: str, cfg: ViTConfig, mode: str, precision: str, compi
     x = torch.randn(batch_size, cfg.in_channels, *cfg.img_size, device=device)
     if mode == "infer":
         if uses_recipe:
-            run = fast.optimize_for_inference(model, precision, compile=compile, device=device)
+            run = fast.optimize_for_inference(model, precision, compile=compile, device=device, inplace=True)
         elif precision == "int8":  # what a timm user writes: torch's dynamic quantisation, defaults
             from torch.ao.quantization import quantize_dynamic
 

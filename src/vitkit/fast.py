@@ -39,6 +39,7 @@ What is not default, and why:
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import os
 from contextlib import AbstractContextManager
@@ -69,14 +70,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     Activations stay float and are quantised per batch inside each Linear; everything else
     (patch conv, LayerNorm, attention) stays fp32. Returns a new module; ``model`` is unchanged.
     """
-    import copy
+    return _quantize_int8_inplace(copy.deepcopy(model))
+
+
+def _quantize_int8_inplace(model: nn.Module) -> nn.Module:
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's deprecation notice for its quantized tensors
-        return quantize_dynamic(copy.deepcopy(model).eval().float(), {nn.Linear: per_channel_dynamic_qconfig})
+        return quantize_dynamic(model.eval().float(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def has_native_bf16(device: str | torch.device = "cpu") -> bool:
@@ -290,8 +294,13 @@ def optimize_for_inference(
     freezing: bool | None = None,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
+    inplace: bool = False,
 ) -> InferenceModel:
     """Eval mode, frozen weights, bf16 where it pays, ``torch.compile``: the fastest forward pass.
+
+    ``model`` is left as it was (its mode, dtype, device, gradients): the inference model is a copy.
+    ``inplace=True`` makes ``model`` itself the inference model instead, for a model too big to hold
+    twice.
 
     ``precision`` defaults to ``default_precision(device)``. ``freezing`` (default: on for CPU)
     turns the weights into compile-time constants so Inductor can prepack them for oneDNN and
@@ -305,13 +314,16 @@ def optimize_for_inference(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = check_precision(precision or default_precision(device), inference=True)
+    if precision == "int8" and (device.type != "cpu" or compile):
+        raise ValueError("precision 'int8': CPU inference in eager mode only (use compile=False on a CPU model)")
+    if not inplace:
+        model = copy.deepcopy(model)
     model = model.eval().requires_grad_(False).to(device)
+    # bf16 weights for "bf16"; fp32 for the rest, a .half() or .bfloat16() model's included (autocast
+    # and int8 take fp32 weights)
+    model = model.to(torch.bfloat16) if precision == "bf16" else model.float()
     if precision == "int8":
-        if device.type != "cpu" or compile:
-            raise ValueError("precision 'int8': CPU inference in eager mode only (use compile=False on a CPU model)")
-        model = quantize_int8(model)
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
+        model = _quantize_int8_inplace(model)
     if channels_last is None:
         channels_last = device.type == "cuda"
     channels_last = channels_last and _patch_conv(model) is not None
