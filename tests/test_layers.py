@@ -36,6 +36,23 @@ def test_seed_walkthrough_shapes():
     assert out.shape == (2, 197, 768)
 
 
+def test_the_seeds_keyword_names_build_what_they_say():
+    """The seed's calls, with its own keywords: TransformerEncoderBlock(forward_expansion, forward_drop_p,
+    and MultiHeadAttention's dropout through **kwargs), TransformerEncoder(depth, **kwargs), ViT(**kwargs)."""
+    block = TransformerEncoderBlock(64, num_heads=4, forward_expansion=2, forward_drop_p=0.1, dropout=0.2)
+    assert (block.mlp.fc1.out_features, block.mlp.drop1.p, block.attn.att_drop.p) == (128, 0.1, 0.2)
+    encoder = vitkit.TransformerEncoder(3, emb_size=64, num_heads=4, forward_expansion=2, drop_p=0.1)
+    assert len(encoder.blocks) == 3 and encoder.blocks[2].mlp.fc1.out_features == 128
+    assert encoder(torch.randn(2, 5, 64)).shape == (2, 5, 64)
+    model = vitkit.ViT(img_size=32, depth=2, emb_size=64, num_heads=4, n_classes=3, forward_expansion=2,
+                       drop_p=0.1, forward_drop_p=0.1, dropout=0.05)
+    assert (model.cfg.num_classes, model.cfg.mlp_ratio, model.cfg.drop_rate, model.cfg.attn_drop_rate) == (3, 2, 0.1, 0.05)
+    for build in (lambda: vitkit.ViT(drop_p=0.1, forward_drop_p=0.2),
+                  lambda: TransformerEncoderBlock(64, num_heads=4, drop_p=0.1, forward_drop_p=0.2)):
+        with pytest.raises(ValueError, match="one rate"):
+            build()
+
+
 def seed_attention_fixed(mha: MultiHeadAttention, x, mask=None):
     """The seed's einsum attention written out by hand, with the fixes applied."""
     q, k, v = rearrange(mha.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=mha.num_heads)

@@ -457,6 +457,26 @@ def _table() -> dict[str, dict]:
 VARIANTS: dict[str, dict] = _table()
 
 
+# The seed notebook's keyword names -> ViTConfig's. Its ViT passes **kwargs through TransformerEncoder and
+# TransformerEncoderBlock down to MultiHeadAttention. Its drop_p (after each branch) and forward_drop_p
+# (inside the MLP) are one rate in vitkit, as in timm (proj_drop_rate).
+SEED_NAMES = {"n_classes": "num_classes", "forward_expansion": "mlp_ratio", "drop_p": "drop_rate",
+              "forward_drop_p": "drop_rate", "dropout": "attn_drop_rate"}
+
+
+def from_seed_names(kwargs: dict) -> dict:
+    """``kwargs`` with the seed's names (``SEED_NAMES``) as ViTConfig's; two names for one field must agree."""
+    out: dict = {}
+    given: dict = {}
+    for name, value in kwargs.items():
+        field = SEED_NAMES.get(name, name)
+        if field in out and out[field] != value:
+            raise ValueError(f"{name}={value!r} and {given[field]}={out[field]!r}: both set ViTConfig.{field} "
+                             f"(vitkit has one rate where the seed has drop_p and forward_drop_p); give one value")
+        out[field], given[field] = value, name
+    return out
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names in the variant table, filtered by a shell-style ``pattern`` (``"vit_base*"``)."""
     return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
@@ -489,4 +509,4 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-__all__ = ["ViTConfig", "VARIANTS", "SIZES", "list_models", "get_config", "to_2tuple"]
+__all__ = ["ViTConfig", "VARIANTS", "SIZES", "SEED_NAMES", "from_seed_names", "list_models", "get_config", "to_2tuple"]

@@ -1126,8 +1126,23 @@ class TransformerEncoderBlock(nn.Module):
         mask_k_bias: bool = False,
         mlp_norm: bool = False,
         attn_norm: bool = False,
+        *,
+        forward_expansion: float | None = None,
+        forward_drop_p: float | None = None,
+        dropout: float | None = None,
     ):
+        """``forward_expansion``, ``forward_drop_p`` and ``dropout`` (its MultiHeadAttention's) are the
+        seed's names for ``mlp_ratio``, ``drop_p`` (one rate here, as timm's proj_drop) and ``attn_drop_p``."""
         super().__init__()
+        if forward_expansion is not None:
+            mlp_ratio = forward_expansion
+        if forward_drop_p is not None:
+            if drop_p and drop_p != forward_drop_p:
+                raise ValueError(f"drop_p={drop_p} and forward_drop_p={forward_drop_p}: vitkit has one rate for both "
+                                 f"(after the attention and inside the MLP); give one value")
+            drop_p = forward_drop_p
+        if dropout is not None:
+            attn_drop_p = dropout
         self.norm1 = nn.LayerNorm(emb_size, eps=norm_eps)
         self.attn = MultiHeadAttention(emb_size, num_heads, attn_drop_p, qkv_bias=qkv_bias, proj_drop=drop_p,
                                        rel_pos_grid=rel_pos_grid, mask_k_bias=mask_k_bias, norm=attn_norm,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.modules import module as nn_module
 
-from .config import GRID_ROPES, ViTConfig, get_config, pooled_width
+from .config import GRID_ROPES, ViTConfig, from_seed_names, get_config, pooled_width
 from .layers import (
     AttentionPool,
     PatchEmbedding,
@@ -34,10 +34,17 @@ def first_conv_weight(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 class TransformerEncoder(nn.Module):
-    """``depth`` TransformerEncoderBlocks, then (final_norm="tokens") a LayerNorm on every token."""
+    """``depth`` TransformerEncoderBlocks, then (final_norm="tokens") a LayerNorm on every token.
 
-    def __init__(self, cfg: ViTConfig):
+    ``TransformerEncoder(cfg)``, or as the seed builds it: ``TransformerEncoder(depth, emb_size=..., **kwargs)``
+    (ViTConfig's fields or the seed's names, ``config.SEED_NAMES``)."""
+
+    def __init__(self, cfg: ViTConfig | int = 12, **kwargs):
         super().__init__()
+        if not isinstance(cfg, ViTConfig):  # the seed's call: a depth and the blocks' keywords
+            cfg = ViTConfig(**{**from_seed_names(kwargs), "depth": cfg})
+        elif kwargs:
+            cfg = cfg.replace(**from_seed_names(kwargs))
         # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -123,13 +130,14 @@ class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2020), as the seed builds it.
 
     ``ViT()`` is the seed's model; ``ViT(cfg)`` or ``ViT(emb_size=192, ...)`` any other.
-    The seed's own argument names ``n_classes`` and ``**kwargs`` are accepted as aliases.
+    The seed's own keyword names (``n_classes``, and what its ``**kwargs`` carried down to the blocks:
+    ``forward_expansion``, ``drop_p``, ``forward_drop_p``, ``num_heads``, ``dropout``) are accepted
+    (``config.SEED_NAMES``).
     """
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
         super().__init__()
-        if "n_classes" in overrides:  # the seed's name for num_classes
-            overrides["num_classes"] = overrides.pop("n_classes")
+        overrides = from_seed_names(overrides)
         cfg = (cfg or ViTConfig()).replace(**overrides) if overrides else (cfg or ViTConfig())
         self.cfg = cfg
         self.patch_embed = PatchEmbedding(
