@@ -144,6 +144,22 @@ def test_run_folder_contents(tmp_path):
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 1
 
 
+def test_overwrite_keeps_the_old_run_when_setup_fails(tmp_path, capsys):
+    """--overwrite clears the old run only once the new one's data and flags have been checked."""
+    run = tmp_path / "run"
+    assert main(["train", *flags(tiny(run, epochs=1, train_subset=64))]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert {Path("metrics.csv"), Path("curves.png"), Path("config.yaml")} <= set(before)
+    assert any(p.parts[0] == "best" for p in before) and any(p.parts[0] == "last" for p in before)
+    typo = tiny(run, epochs=1, dataset=f"folder:{tmp_path / 'typo'}")
+    assert main(["train", *flags(typo), "--overwrite"]) == 2
+    assert main(["train", *flags(tiny(run, epochs=1, train_subset=64, batch_size=128)), "--overwrite"]) == 2
+    assert "--batch-size 128: larger than the 64 training images" in capsys.readouterr().err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # every file of the old run, byte for byte
+    assert main(["train", *flags(tiny(run, epochs=2, train_subset=64)), "--overwrite"]) == 0
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2"]
+
 def flags(cfg: dict) -> list[str]:
     return [x for k, v in cfg.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 

@@ -796,13 +796,13 @@ class Trainer:
             if source == run or run in source.parents:  # --overwrite would delete it; best/ is rewritten anyway
                 raise ValueError(f"--pretrained {cfg.pretrained}: inside the run folder {self.run.path}, which this "
                                  "run writes over; copy the checkpoint elsewhere, or pick another --name/--out")
+        overwrite = False
         if not self.resume and self.run.last.exists():
             if not cfg.overwrite:
                 raise ValueError(f"{self.run.path}: already holds a run; continue it with "
                                  f"`vitkit train --resume {self.run.path}`, pick another --name/--out, "
                                  "or pass --overwrite to start afresh")
-            if dist.is_main:
-                self.run.clear()
+            overwrite = True  # the old run is cleared below, once the data, model and flags have been checked
 
         model_cfg, preprocess, pretrained = self._architecture()
         # a pretrained first convolution is adapted to the data's channels; a size must match
@@ -901,6 +901,10 @@ class Trainer:
         if self.resume:
             self._load_last()
         elif dist.is_main:
+            # --overwrite: the old run goes only now, when setup has succeeded; a typo'd --dataset
+            # or a too-large --batch-size above leaves it whole
+            if overwrite:
+                self.run.clear()
             self.run.write_config(cfg)
 
     def _architecture(self) -> tuple[ViTConfig, dict, dict | None]:
