@@ -127,3 +127,49 @@ def test_a_reader_that_stops_early_is_not_an_error(run, tmp_path):
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def digit_folder(root, names=None):
+    """The digits' 360 test images as a folder dataset ``root/{train,val}/CLASS/i.png`` (only val/ is
+    scored by `vitkit eval`); ``names``: the folder of each digit, "0".."9" unless given."""
+    data = load_digits()
+    names = names or [str(d) for d in range(10)]
+    for split in ("train", "val"):
+        for i, (img, label) in enumerate(zip(data.val.images, data.val.labels)):
+            folder = root / split / names[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0].numpy(), mode="L").save(folder / f"{i}.png")
+    return root
+
+
+def test_eval_on_a_folder_matches_its_classes_by_name(run, tmp_path, capsys):
+    """A folder's classes are matched to the model's by name: the same names in another order have their
+    labels mapped (the scores are those of the same images in the model's order); other names are refused."""
+    from vitkit.checkpoint import save_pretrained
+    from vitkit.evaluate import evaluate_checkpoint
+
+    folder = digit_folder(tmp_path / "digits")
+    reference = evaluate_checkpoint(run, confusion_png=tmp_path / "ref.png")  # the built-in digits
+    on_folder = evaluate_checkpoint(run, f"folder:{folder}", confusion_png=tmp_path / "folder.png")
+    assert on_folder["images"] == reference["images"] == 360
+    assert on_folder["top1"] == pytest.approx(reference["top1"]) and on_folder["loss"] == pytest.approx(reference["loss"])
+    # the same model with its classes numbered in another order: each name keeps its own weights
+    model = load_pretrained(run / "best")
+    order = [3, 7, 0, 9, 1, 8, 2, 6, 4, 5]
+    with torch.no_grad():
+        model.head.fc.weight.copy_(model.head.fc.weight[order].clone())
+        model.head.fc.bias.copy_(model.head.fc.bias[order].clone())
+    names = [model.class_names[i] for i in order]
+    save_pretrained(model, tmp_path / "shuffled", class_names=names,
+                    extra={"train": json.loads((run / "best" / "config.json").read_text()).get("train")})
+    capsys.readouterr()
+    shuffled = evaluate_checkpoint(tmp_path / "shuffled", f"folder:{folder}", confusion_png=tmp_path / "s.png")
+    assert "are the model's ['3', '7', '0'" in capsys.readouterr().err  # said, not silent
+    assert shuffled["top1"] == pytest.approx(reference["top1"]) and shuffled["loss"] == pytest.approx(reference["loss"])
+    assert list(shuffled["per_class"]) == names
+    assert shuffled["per_class"] == pytest.approx(reference["per_class"])  # a dict: each class's own accuracy
+    # other names: refused, both lists named
+    other = digit_folder(tmp_path / "letters", names=list("abcdefghij"))
+    assert main(["eval", str(run), "--dataset", f"folder:{other}"]) == 2
+    err = capsys.readouterr().err
+    assert "['0', '1', '2'" in err and "['a', 'b', 'c'" in err and "trained on the classes" in err

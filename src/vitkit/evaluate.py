@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import atomic_file, load_pretrained, read_config, resolve_checkpoint
-from .data import Split, load_dataset, normalize, prefetch
+from .data import Dataset, Split, load_dataset, normalize, prefetch
 from .fast import quantize_int8
 
 EVAL_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -98,6 +100,34 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | os.Pat
     return Path(path)
 
 
+def match_classes(model: nn.Module, data: Dataset, source: str, dataset: str) -> Dataset:
+    """``data`` with its labels numbered as the model numbers its classes: a model that names its
+    classes (``class_names``) is scored on a dataset of the same names only; the same names in another
+    order (a folder's sorted names against a table's, say) have their labels mapped, and a note says so.
+    A model without names is checked for the number of classes alone."""
+    names = getattr(model, "class_names", None)
+    if names is None:
+        if model.cfg.num_classes != data.num_classes:
+            raise ValueError(f"{source}: the model has {model.cfg.num_classes} classes but --dataset {dataset} "
+                             f"has {data.num_classes} {data.class_names}")
+        return data
+    if names == data.class_names:
+        return data
+    if sorted(names) != sorted(data.class_names) or len(set(names)) != len(names):
+        missing = [n for n in names if n not in data.class_names]
+        extra = [n for n in data.class_names if n not in names]
+        raise ValueError(f"{source}: the model was trained on the classes {names} but --dataset {dataset} has "
+                         f"{data.class_names} (not in the data: {missing}; not the model's: {extra}); "
+                         "a model is scored only on the classes it was trained on")
+    print(f"--dataset {dataset}: its classes {data.class_names} are the model's {names} in another order; "
+          "its labels are mapped to the model's", file=sys.stderr, flush=True)
+    to_model = torch.tensor([names.index(n) for n in data.class_names], dtype=torch.long)
+    def remap(split: Split) -> Split:
+        return Split(split.images, to_model[split.labels])
+
+    return replace(data, train=remap(data.train), val=remap(data.val), class_names=list(names))
+
+
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         batch_size: int = 512, device: str = "cpu", precision: str = "fp32",
                         confusion_png: str | os.PathLike | None = None, skip_bad_images: bool = False,
@@ -125,10 +155,8 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     data = load_dataset(dataset, data_dir, img_size=model.cfg.img_size, channels=model.cfg.in_channels,
                         preprocess=model.preprocess, skip_bad_images=skip_bad_images, with_train=False,
                         folder_loading=folder_loading, val_fraction=val_fraction)
+    data = match_classes(model, data, f"{ckpt}", dataset)
     class_names = model.class_names or data.class_names
-    if model.cfg.num_classes != data.num_classes:
-        raise ValueError(f"{ckpt}: the model has {model.cfg.num_classes} classes but {dataset} has "
-                         f"{data.num_classes}")
     want = (model.cfg.in_channels, *model.cfg.img_size)
     if tuple(data.val.images.shape[1:]) != want:
         raise ValueError(f"{ckpt}: the model takes {want} images but {dataset} has {tuple(data.val.images.shape[1:])}")
@@ -147,4 +175,4 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     }
 
 
-__all__ = ["EVAL_PRECISIONS", "evaluate", "evaluate_checkpoint", "plot_confusion"]
+__all__ = ["EVAL_PRECISIONS", "evaluate", "evaluate_checkpoint", "match_classes", "plot_confusion"]
