@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import write_photo_folder
+from vitkit.cli import main
 from vitkit.data import (
     FASHION_MNIST_DIR,
     BatchAugment,
@@ -414,3 +415,40 @@ def test_a_csv_table_holds_out_sorts_numbers_and_names_what_is_wrong(tmp_path, c
         assert (len(kept.train), len(kept.val), len(kept.skipped)) == (1, 1, 1)
     with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
         load_dataset(f"csv:{tmp_path / 'nope.csv'}", **spec)
+
+
+def test_folder_classes_skip_hidden_folders_and_refuse_empty_or_lone_ones(tmp_path, capsys):
+    """A hidden folder (a notebook's .ipynb_checkpoints) is no class; an empty class folder is named; a
+    lone class (a wrapper DIR/images/CLASS/*) cannot be trained on, and the message names the inner
+    folders; `vitkit eval` (val only) still reads a folder of one class."""
+    root = write_photo_folder(tmp_path / "w", {"images": 3}) / "images"  # images/{astronaut,cat,coffee}/*.png
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "scratch.png")
+    spec = dict(img_size=(8, 8), channels=3)
+    data = load_dataset(f"folder:{root}", **spec)
+    assert data.class_names == ["astronaut", "cat", "coffee"] and len(data.train) + len(data.val) == 9
+    (root / "dog").mkdir()  # a class folder with nothing in it (a notes file is no image)
+    (root / "dog" / "notes.txt").write_text("todo")
+    with pytest.raises(ValueError, match=r"class folder\(s\) .*/images/dog hold no image files"):
+        load_dataset(f"folder:{root}", **spec)
+    (root / "dog" / "notes.txt").unlink()
+    (root / "dog").rmdir()
+    wrapper = tmp_path / "w"  # w/images/CLASS/*: one class, "images", of every photo
+    with pytest.raises(ValueError, match=r"one class folder, 'images'; training needs two or more.*"
+                                         r"subfolders \['astronaut', 'cat', 'coffee'\].*--dataset folder:.*/w/images"):
+        load_dataset(f"folder:{wrapper}", **spec)
+    assert main(["train", "--dataset", f"folder:{wrapper}", "--model", "vit_digits", "--img-size", "8",
+                 "--out", str(tmp_path / "run"), "--threads", "1", "--progress", "off"]) == 2
+    assert "one class folder, 'images'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last").exists()
+    assert load_dataset(f"folder:{wrapper}", **spec, with_train=False).class_names == ["images"]  # eval's read
+    split = tmp_path / "split"  # the train/ val/ layout: the same checks on train/
+    for part in ("train", "val"):
+        (split / part / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(split / part / "only" / "0.png")
+    (split / "train" / ".hidden").mkdir()
+    with pytest.raises(ValueError, match="one class folder, 'only'"):
+        load_dataset(f"folder:{split}", **spec)
+    (split / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"train/empty hold no image files"):
+        load_dataset(f"folder:{split}", **spec)

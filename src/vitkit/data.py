@@ -350,7 +350,28 @@ def _held_out_note(source: Path, files: dict[str, list], val_fraction: float, wh
 
 
 def _subfolders(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.is_dir())
+    """The class folders of ``directory``, sorted: its subfolders but hidden ones (``.ipynb_checkpoints``,
+    ``.git``), which hold no class."""
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_classes(root: Path, class_names: list[str], files: list[tuple[Path, int]], training: bool) -> None:
+    """Every class folder of ``root`` holds images (``files``: the (path, label) listed under them), and
+    ``training`` needs two classes or more: a lone folder is most often a wrapper (``DIR/images/CLASS/*``),
+    named in the message, as is an empty one."""
+    counts = torch.bincount(torch.tensor([label for _, label in files], dtype=torch.long),
+                            minlength=len(class_names))
+    empty = [name for name, n in zip(class_names, counts.tolist()) if n == 0]
+    if empty:
+        raise ValueError(f"{root}: the class folder(s) {', '.join(str(root / name) for name in empty)} hold no image "
+                         f"files ({', '.join(IMAGE_EXTENSIONS)}); add their images, or move the folder(s) out")
+    if training and len(class_names) < 2:
+        only = root / class_names[0]
+        inner = _subfolders(only)
+        hint = (f"; its images are in the subfolders {inner}: if those are the classes, pass --dataset folder:{only}"
+                if inner else "")
+        raise ValueError(f"{root}: one class folder, {class_names[0]!r}; training needs two or more "
+                         f"({root}/CLASS/*.png|jpg|..., or {root}/train/CLASS/... and {root}/val/CLASS/...){hint}")
 
 
 def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: int,
@@ -379,12 +400,15 @@ def load_folder(root: str | os.PathLike, img_size: tuple[int, int], channels: in
             raise ValueError(f"{root / 'val'}: classes {extra} do not appear in {root / 'train'}")
         where = {"train": root / "train", "val": root / "val"}
         files = {split: _class_files(where[split], class_names) for split in where}
+        _check_classes(root / "train", class_names, files["train"], with_train)  # val/ may lack a class
     else:
         class_names = _subfolders(root)
         if not class_names:
             raise ValueError(f"{root}: no class subfolders (expected {root}/CLASS/*.png|jpg|..., or "
                              f"{root}/train/CLASS/... and {root}/val/CLASS/...)")
-        files = dict(zip(("train", "val"), hold_out(_class_files(root, class_names), val_fraction)))
+        listed = _class_files(root, class_names)
+        _check_classes(root, class_names, listed, with_train)
+        files = dict(zip(("train", "val"), hold_out(listed, val_fraction)))
         where = {"train": root, "val": root}
         _held_out_note(root, files, val_fraction, "no train/ and val/ folders")
     where = {split: f"{where[split]} (expected {where[split]}/CLASS/*.png|jpg|...)" for split in where}
