@@ -173,3 +173,29 @@ def test_eval_on_a_folder_matches_its_classes_by_name(run, tmp_path, capsys):
     assert main(["eval", str(run), "--dataset", f"folder:{other}"]) == 2
     err = capsys.readouterr().err
     assert "['0', '1', '2'" in err and "['a', 'b', 'c'" in err and "trained on the classes" in err
+
+
+def test_a_16bit_image_reads_as_the_8bit_image_of_the_same_picture(tmp_path):
+    """16-bit samples are scaled by the mode's full range: v * 257 reads back as v (the 8-bit file of the
+    same picture), a uniform white 16-bit image is white, a dim one stays dim; mode I (32-bit ints) the same,
+    its values outside 0..65535 clipped."""
+    from vitkit.images import load_image
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "deep.tif")
+    Image.fromarray((eight.astype(np.uint16) * 257).astype(">u2")).save(tmp_path / "deep-big-endian.tif")
+    Image.fromarray(eight.astype(np.int32) * 257).save(tmp_path / "wide.tif")  # mode I
+    want = np.asarray(load_image(tmp_path / "eight.png", 1))
+    assert np.array_equal(want, eight)
+    for name in ("deep.png", "deep.tif", "deep-big-endian.tif", "wide.tif"):
+        for channels in (1, 3):
+            got = np.asarray(load_image(tmp_path / name, channels))
+            assert np.array_equal(got if channels == 1 else got[..., 0], eight), name
+    for value, expected in ((65535, 255), (1000, 4), (0, 0)):  # uniform: no stretch to black or white
+        Image.fromarray(np.full((5, 5), value, dtype=np.uint16)).save(tmp_path / f"u{value}.png")
+        assert np.unique(np.asarray(load_image(tmp_path / f"u{value}.png", 1))).tolist() == [expected]
+    Image.fromarray(np.array([[-5, 70000, 32768]], dtype=np.int32)).save(tmp_path / "out-of-range.tif")
+    assert np.asarray(load_image(tmp_path / "out-of-range.tif", 1)).tolist() == [[0, 255, 128]]

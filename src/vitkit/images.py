@@ -1,8 +1,9 @@
 """Reading user images safely, and the preprocessing a checkpoint asks for.
 
 Every image vitkit reads goes through ``load_image``: any mode (RGB, grayscale, RGBA,
-palette, 16-bit), any size; Pillow's decompression-bomb limit stays on; a file that is not
-an image gets an error that names it.
+palette, 16-bit: scaled by the full 16-bit range, so an image keeps its brightness), any
+size; Pillow's decompression-bomb limit stays on; a file that is not an image gets an
+error that names it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     return img
 
 
+SIXTEEN_BIT_MAX = 65535
+
+
+def _deep_to_8bit(arr: np.ndarray) -> np.ndarray:
+    """16-bit samples (``I;16*``) -> 8-bit by the mode's full range, ``v * 255 / 65535`` rounded, as an
+    8-bit file of the same image holds them (65535 -> 255, 257 * v -> v): the absolute brightness is
+    kept, where a per-image min-max stretch turned a uniform white image black. Mode ``I`` (32-bit
+    ints: a 16-bit PNG in some Pillow versions, 32-bit TIFFs) is read as 16-bit samples too; values
+    outside 0..65535 are clipped to it (below 0 is black, above 65535 white)."""
+    arr = np.clip(arr.astype(np.float64), 0, SIXTEEN_BIT_MAX)
+    return np.rint(arr * (255.0 / SIXTEEN_BIT_MAX)).astype(np.uint8)
+
+
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparency on white rather than dropping alpha (which shows hidden pixels).
@@ -54,9 +68,7 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        img = Image.fromarray(_deep_to_8bit(np.asarray(img)), mode="L")
     return img.convert("L" if channels == 1 else "RGB")
 
 
