@@ -448,6 +448,30 @@ def digit_folder(root: Path, n_train: int, n_val: int) -> Path:
     return root
 
 
+def test_train_subset_is_a_seeded_draw_from_every_class(tmp_path):
+    """--train-subset N draws N images with the run's seed, not the first N: a folder lists its files class
+    by class, so those were a class or two. The same seed draws the same files (resume, every rank), a
+    streamed folder the same files as one held in memory, each with its own folder's label."""
+    root = digit_folder(tmp_path / "digits", 200, 30)
+    n = 40
+
+    def subset(name, **kw):
+        trainer = Trainer(resolve_config(None, tiny(tmp_path / name, dataset=f"folder:{root}", model="vit_digits_gap",
+                                                    train_subset=n, batch_size=16, **kw)))
+        trainer.run.unlock()
+        return trainer.data.train
+
+    held, streamed, again, other = (subset("a"), subset("b", folder_loading="stream"), subset("c"),
+                                    subset("d", seed=1))
+    assert len(held) == len(streamed) == n
+    classes = set(held.labels.tolist())
+    assert len(classes) >= 7  # the first 40 of 180 files, class by class, are the digits 0 to 2 alone
+    assert [int(p.parent.name) for p in streamed.images.paths] == streamed.labels.tolist()  # a folder's own label
+    assert torch.equal(held.images, streamed.images[torch.arange(n)]) and torch.equal(held.labels, streamed.labels)
+    assert torch.equal(again.images, held.images) and torch.equal(again.labels, held.labels)  # seed 0 again
+    assert not torch.equal(other.images, held.images)  # --seed 1
+
+
 def test_a_streamed_folder_trains_to_the_weights_of_one_held_in_memory(tmp_path, capsys):
     """--folder-loading stream decodes each batch from the files (the next one in the background): the
     same batches, pixels and weights as the folder decoded once, with gradient accumulation, and

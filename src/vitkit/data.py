@@ -65,8 +65,19 @@ class Split:
         return self.images.shape[0]
 
     def subset(self, n: int) -> Split:
-        """The first ``n`` examples (tests and quick runs)."""
+        """The first ``n`` examples."""
         return Split(self.images[:n], self.labels[:n])
+
+    def sample(self, n: int, seed: int) -> Split:
+        """``n`` examples drawn at random (without replacement) by a generator seeded with ``seed``, kept in
+        their order: the same ones for the same seed, on every rank and on resume. (A folder's or a table's
+        files are listed class by class: its first ``n`` could miss whole classes.)"""
+        if n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n].sort().values
+        images = self.images.take(idx.tolist()) if isinstance(self.images, FileImages) else self.images[idx]
+        return Split(images, self.labels[idx])
 
 
 @dataclass
@@ -258,6 +269,11 @@ class FileImages:
         if not futures:
             return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
         return torch.stack([f.result() for f in futures])  # re-raises a file's ImageError here
+
+    def take(self, indices: list[int]) -> FileImages:
+        """These files only, still decoded at each use (``images[tensor]`` would decode them)."""
+        sizes = None if self.sizes is None else self.sizes[indices].tolist()
+        return FileImages([self.paths[i] for i in indices], self.channels, self.to_unit, self.threads, sizes)
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):

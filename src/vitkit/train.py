@@ -102,7 +102,7 @@ class TrainConfig:
     folder_loading: str = "auto"
     loader_threads: int = 0  # a streamed folder's decoder threads (timm: --workers; 0: as many as cores, up to 4)
     val_fraction: float = 0.1  # a folder of class folders only (no train/, val/), or a csv without a split column: each class's share held out
-    train_subset: int = 0  # train on the first N images only (0: all); quick runs and tests
+    train_subset: int = 0  # train on N of the images only (0: all), drawn at random with --seed; quick runs and tests
     # model
     model: str = "vit_digits_gap"  # a variant name (`vitkit models`); num_classes comes from the data
     # fine-tuning: the checkpoint's architecture and weights replace --model's; its classifier is kept
@@ -828,8 +828,10 @@ class Trainer:
                 data = dataclasses.replace(data, preprocess=dict(data.preprocess, mean=stats["mean"], std=stats["std"]))
         self.data = data
         if cfg.train_subset:
-            # a copy: a Dataset the caller passed in stays whole for its next run
-            self.data = dataclasses.replace(self.data, train=self.data.train.subset(cfg.train_subset))
+            # a copy: a Dataset the caller passed in stays whole for its next run; drawn with the run's
+            # seed (the same images on every rank and on resume), not the first N, which a folder lists
+            # class by class
+            self.data = dataclasses.replace(self.data, train=self.data.train.sample(cfg.train_subset, cfg.seed))
         for split in (self.data.train, self.data.val):  # the splits the run reads, subset included
             if isinstance(split.images, FileImages):
                 if cfg.loader_threads:
