@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,6 +194,30 @@ def test_resume_refuses_to_change_the_recipe(tmp_path):
         train(resolve_config(None, tiny(tmp_path / "r", epochs=2, stop_after_epoch=1)))
     with pytest.raises(ValueError, match=r"cannot change \['lr'\]"):
         resume(tmp_path / "r", {"lr": "0.5"})
+
+
+def test_resume_with_other_epochs_refuses_fewer_than_done_and_says_how_the_lr_moves(tmp_path, capsys):
+    """--epochs below the epochs done is refused, leaving config.yaml, last/ and metrics.csv as they were;
+    extending a finished run re-lays the cosine over the new length, from the step reached, and says so:
+    its epochs 3 and 4 get the lr of a straight 4-epoch run's."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    train(resolve_config(None, tiny(run, epochs=2)))
+    train(resolve_config(None, tiny(straight, epochs=4)))
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv", "last/model.safetensors")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "--epochs 1: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--epochs 1: .*run has already trained 2 epoch\(s\) of its 2; pass --epochs 2"):
+        resume(run, {"epochs": 1})
+    assert {name: (run / name).read_bytes() for name in before} == before
+    resume(run, {"epochs": 4})
+    err = capsys.readouterr().err
+    rows = {name: list(csv.DictReader(open(r / "metrics.csv"))) for name, r in (("run", run), ("straight", straight))}
+    was, now = (float(x) for x in re.search(r"--epochs 4 \(was 2\).* the lr goes from (\S+) to (\S+)", err).groups())
+    assert was == pytest.approx(float(rows["run"][1]["lr"]), rel=1e-2) == 1e-5  # where the 2-epoch cosine ended
+    assert now == pytest.approx(float(rows["straight"][1]["lr"]), rel=1e-2) and now > 100 * was
+    assert [r["lr"] for r in rows["run"][2:]] == [r["lr"] for r in rows["straight"][2:]]
+    assert resolve_config(str(run / "config.yaml")).epochs == 4 and len(rows["run"]) == 4
 
 
 @pytest.mark.parametrize("log_every", [0, 3], ids=["read-every-step", "read-every-3-steps"])

@@ -875,9 +875,9 @@ class Trainer:
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         total = cfg.epochs * self.steps_per_epoch
         warmup = max(1, round(cfg.warmup_epochs * self.steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup, total, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
-        )
+        # the schedule's (warmup steps, min factor): a resume with another --epochs re-lays it (_load_last)
+        self.schedule = (warmup, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warmup, total, self.schedule[1]))
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self.augment = make_augment(cfg, self.data)
         self.teacher = self._teacher() if cfg.teacher else None
@@ -1049,11 +1049,37 @@ class Trainer:
         self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
         self.history, self.running = list(state["history"]), state["running"].clone()
         self.step_losses = state["step_losses"].tolist()
+        self._check_epochs()
         rng = state["rng"]
         if self.dist.rank == 0:
             set_rng_state(rng)
         else:  # other ranks' streams are not saved: reseed them from (seed, epoch, step, rank)
             torch.manual_seed(self.cfg.seed * 7919 + self.global_step * 31 + self.dist.rank)
+
+    def _check_epochs(self) -> None:
+        """A resume with another --epochs than config.yaml's (what last/ was trained towards): fewer than
+        the epochs done, or begun, would leave config.yaml, last/ and metrics.csv disagreeing, and is
+        refused; otherwise the cosine schedule is laid over the new length from the step reached, and the
+        lr change is printed (extending a finished run restarts it part-way: 1e-5 can become 2e-3)."""
+        cfg = self.cfg
+        saved = read_run_config(self.run.path).epochs  # the new value is written only after setup
+        if cfg.epochs == saved:
+            return
+        begun = self.epoch + (1 if self.step_in_epoch else 0)
+        if cfg.epochs < begun:
+            raise ValueError(f"--epochs {cfg.epochs}: {self.run.path} has already trained {self.epoch} epoch(s)"
+                             f"{f' and part of epoch {begun}' if begun > self.epoch else ''} of its {saved}; pass "
+                             f"--epochs {begun} or more, or start a new run")
+        step, (warmup, min_factor) = self.scheduler.last_epoch, self.schedule
+        was = warmup_cosine(warmup, saved * self.steps_per_epoch, min_factor)(step)
+        now = warmup_cosine(warmup, cfg.epochs * self.steps_per_epoch, min_factor)(step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * now  # the new schedule from this step on, not one step late
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.dist.is_main:
+            print(f"--epochs {cfg.epochs} (was {saved}): the learning-rate schedule now runs over {cfg.epochs} "
+                  f"epochs; at step {step} (epoch {self.epoch}) the lr goes from {cfg.lr * was:.2e} to "
+                  f"{cfg.lr * now:.2e}", file=sys.stderr, flush=True)
 
     @property
     def eval_model(self) -> nn.Module:
