@@ -199,3 +199,31 @@ def test_a_16bit_image_reads_as_the_8bit_image_of_the_same_picture(tmp_path):
         assert np.unique(np.asarray(load_image(tmp_path / f"u{value}.png", 1))).tolist() == [expected]
     Image.fromarray(np.array([[-5, 70000, 32768]], dtype=np.int32)).save(tmp_path / "out-of-range.tif")
     assert np.asarray(load_image(tmp_path / "out-of-range.tif", 1)).tolist() == [[0, 255, 128]]
+
+
+def test_bad_device_batch_size_and_topk_are_named_and_eval_takes_the_weights_file(run, tmp_path, capsys):
+    """predict and eval resolve --device as train does (an error naming it, no traceback), eval takes a
+    checkpoint's model.safetensors as predict does, and a batch size or top-k below 1 is refused."""
+    files, _ = digit_files(tmp_path, n=1)
+    image = str(files["L"][0])
+    cases = [(["predict", str(run), image, "--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N"),
+             (["eval", str(run), "--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N"),
+             (["eval", str(run), "--batch-size", "0"], "--batch-size: expected a positive number"),
+             (["eval", str(run), "--batch-size", "-1"], "--batch-size: expected a positive number"),
+             (["predict", str(run), image, "--topk", "0"], "--topk: expected a positive number"),
+             (["predict", str(run), image, "--topk", "-2"], "--topk: expected a positive number")]
+    if not torch.cuda.is_available():
+        cases += [([command, str(run), *extra, "--device", "cuda"], "--device cuda: CUDA is not available")
+                  for command, extra in (("predict", [image]), ("eval", []))]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"vitkit {argv[0]}: error: {message}" in err and "Traceback" not in err, (argv, err)
+    assert main(["eval", str(run), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run / "best" / "model.safetensors"), "--json", "--device", "auto"]) == 0
+    weights_file = json.loads(capsys.readouterr().out)
+    assert weights_file["checkpoint"] == str(run / "best") and weights_file["confusion_png"] == str(run / "confusion-best.png")
+    assert (weights_file["top1"], weights_file["loss"], weights_file["images"]) == (whole["top1"], whole["loss"], 360)
+    assert main(["predict", str(run), image, "--topk", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == 1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import atomic_file, load_pretrained, read_config, resolve_checkpoint
+from .checkpoint import _resolve, atomic_file, load_pretrained, read_config
 from .data import Dataset, Split, load_dataset, normalize, prefetch
 from .fast import quantize_int8
 
@@ -137,13 +137,21 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     ``precision``: ``fp32``, ``bf16`` or ``fp16`` (autocast), or ``int8`` (every Linear dynamically quantised,
     ``vitkit.fast.quantize_int8``; CPU only): how much accuracy a faster inference path costs.
     """
+    from .train import DistInfo, resolve_device
+
     if precision not in EVAL_PRECISIONS:
         raise ValueError(f"precision: expected one of {EVAL_PRECISIONS}, got {precision!r}")
-    if precision == "int8" and torch.device(device).type != "cpu":
-        raise ValueError(f"precision 'int8': CPU only, got device {device!r}")
-    ckpt = resolve_checkpoint(path)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive number of images a batch, got {batch_size}")
+    if precision == "int8":
+        if str(device) not in ("cpu", "auto"):
+            raise ValueError(f"precision 'int8': CPU only, got device {device!r}")
+        device = "cpu"
+    device = resolve_device(device, DistInfo())  # a clean error for cuda on a machine without it
+    # a run folder (its best/), a checkpoint directory or its model.safetensors, as predict and embed take
+    ckpt = _resolve(path)[1]
     meta = read_config(ckpt)
-    model = load_pretrained(ckpt, map_location=device)
+    model = load_pretrained(path, map_location=device)
     if precision == "int8":
         model, precision = quantize_int8(model), "fp32"  # int8 Linears take float activations
     dataset = dataset or (meta.get("train") or {}).get("dataset")
@@ -163,8 +171,9 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     result = evaluate(model, data.val, model.preprocess, data.num_classes, batch_size=batch_size,
                       device=device, precision=precision)
     if confusion_png is None:
-        run = Path(path)
-        confusion_png = run / "confusion.png" if ckpt != run else ckpt.parent / f"confusion-{ckpt.name}.png"
+        run = Path(path)  # a run folder: run/confusion.png; a checkpoint (or its weights file): beside it
+        confusion_png = (run / "confusion.png" if run.is_dir() and ckpt != run
+                         else ckpt.parent / f"confusion-{ckpt.name}.png")
     plot_confusion(result["confusion"], class_names, confusion_png,
                    title=f"{dataset}: top-1 {result['top1']:.2f}%")
     return {

@@ -40,9 +40,11 @@ def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, bat
 
     An unreadable file raises ``ImageError`` naming it; with ``skip_bad_images`` it gets
     ``{"image": path, "error": why}`` instead, in its place, and the others are still classified."""
+    if topk < 1:
+        raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
     model.eval()
     names = getattr(model, "class_names", None)
-    k = max(1, min(topk, model.cfg.num_classes))
+    k = min(topk, model.cfg.num_classes)
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(paths), batch_size):
@@ -73,7 +75,11 @@ def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, bat
 def predict_files(checkpoint: str | os.PathLike, paths: list[str | os.PathLike], topk: int = 5,
                   device: str = "cpu", skip_bad_images: bool = False) -> list[dict]:
     """``predict`` with a checkpoint (a run folder means its best/) on files and directories of them."""
-    model = load_pretrained(checkpoint, map_location=device)
+    from .train import DistInfo, resolve_device
+
+    if topk < 1:  # before the model loads
+        raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
+    model = load_pretrained(checkpoint, map_location=resolve_device(device, DistInfo()))
     return predict(model, image_paths(paths), topk=topk, skip_bad_images=skip_bad_images)
 
 

@@ -388,13 +388,18 @@ def init_distributed(device: str) -> DistInfo:
 
 # --- hardware --------------------------------------------------------------------------------
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    """``--device auto|cpu|cuda|cuda:N``: a torch.device this machine has, or a ValueError naming the flag."""
+    name = str(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and dist.distributed:
         name = f"cuda:{dist.local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N ({e})") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

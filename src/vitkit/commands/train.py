@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run folder (uses best/) or a checkpoint directory")
     p.add_argument("--dataset", help="digits | fashion-mnist | folder:PATH | csv:FILE (default: the one it was trained on)")
     p.add_argument("--data-dir", help="where the dataset's files are")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=512, help="images a batch (memory only: no effect on the scores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda where there is one)")
     p.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS,
                    help="bf16: autocast; int8: dynamically quantised Linear layers (CPU)")
     p.add_argument("--confusion", metavar="PNG", help="where to write the confusion matrix")
@@ -57,10 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory, or a run folder (uses best/)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or directories of them (searched to any depth)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="how many of the likeliest classes to list (at least 1)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="report an unreadable file and go on with the others (exit status 1 if any)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda where there is one)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run_predict)
 
