@@ -452,3 +452,22 @@ def test_folder_classes_skip_hidden_folders_and_refuse_empty_or_lone_ones(tmp_pa
     (split / "train" / "empty").mkdir()
     with pytest.raises(ValueError, match=r"train/empty hold no image files"):
         load_dataset(f"folder:{split}", **spec)
+
+
+def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path):
+    """A class folder's symlinked subfolder is read (Python 3.11's rglob skipped it), by a folder dataset
+    and by `vitkit predict DIR`; a link back up the tree is read once, not forever."""
+    from vitkit.predict import image_paths
+
+    root = write_photo_folder(tmp_path / "w", {"photos": 2}) / "photos"  # photos/{astronaut,cat,coffee}/*.png
+    extra = write_photo_folder(tmp_path / "x", {"more": 3}) / "more"
+    (root / "cat" / "linked").symlink_to(extra / "cat", target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)  # photos/cat/loop -> photos/cat
+    (root / "coffee" / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
+    data = load_dataset(f"folder:{root}", img_size=(8, 8), channels=3, val_fraction=0.5)
+    labels = torch.cat([data.train.labels, data.val.labels])
+    assert torch.bincount(labels).tolist() == [2, 5, 2]  # cat: its own 2 and the linked folder's 3, once each
+    found = image_paths([root / "cat"])
+    assert found == sorted([root / "cat" / f"{i}.png" for i in range(2)]
+                           + [root / "cat" / "linked" / f"{i}.png" for i in range(3)])
+

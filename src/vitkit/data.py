@@ -291,8 +291,25 @@ def prefetch(images, idx: Tensor, boxes: Tensor | None = None) -> None:
 
 
 def image_files(directory: Path) -> list[Path]:
-    """The image files under ``directory`` (any depth; by extension, IMAGE_EXTENSIONS), sorted."""
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files under ``directory`` (any depth; by extension, IMAGE_EXTENSIONS), sorted. Symlinked
+    folders are followed (Python 3.11's ``rglob`` skipped them), each real folder read once, so a link
+    back up the tree (``loop -> ..``) ends there."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(directory, followlinks=True):
+        here = os.stat(folder)
+        seen.add((here.st_dev, here.st_ino))
+        keep = []
+        for name in sorted(subfolders):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:  # a dangling link
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(name)
+        subfolders[:] = keep  # os.walk descends into these only
+        found += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def _class_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
