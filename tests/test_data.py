@@ -471,3 +471,20 @@ def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path):
     assert found == sorted([root / "cat" / f"{i}.png" for i in range(2)]
                            + [root / "cat" / "linked" / f"{i}.png" for i in range(3)])
 
+
+def test_a_colour_keyed_png_is_composited_on_white(tmp_path):
+    """An L, RGB or 16-bit PNG whose tRNS chunk makes one colour transparent reads as that colour on white,
+    as an RGBA or palette image with the same transparent pixels does."""
+    ink = load_digits().val.images[0, 0].numpy()  # white ink on a black (0) ground
+    on_white = np.where(ink == 0, 255, ink).astype(np.uint8)
+    Image.fromarray(ink).save(tmp_path / "l.png", transparency=0)
+    Image.fromarray(ink).convert("RGB").save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    Image.fromarray(ink.astype(np.uint16) * 257).save(tmp_path / "deep.png", transparency=0)
+    rgba = np.stack([ink] * 3 + [np.where(ink == 0, 0, 255).astype(np.uint8)], axis=-1)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    for name in ("l.png", "rgb.png", "deep.png", "rgba.png"):
+        assert Image.open(tmp_path / name).info.get("transparency") is not None or name == "rgba.png"
+        assert np.array_equal(np.asarray(load_image(tmp_path / name, 1)), on_white), name
+        assert np.array_equal(np.asarray(load_image(tmp_path / name, 3))[..., 1], on_white), name
+    Image.fromarray(ink).save(tmp_path / "opaque.png")  # no key: black stays black
+    assert np.array_equal(np.asarray(load_image(tmp_path / "opaque.png", 1)), ink)

@@ -62,13 +62,18 @@ def _deep_to_8bit(arr: np.ndarray) -> np.ndarray:
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    key = img.info.get("transparency")  # a palette's transparent entries, or an L/RGB/16-bit PNG's colour key
+    if img.mode in ("RGBA", "LA", "PA") or (key is not None and img.mode in ("P", "L", "RGB", "1")):
         # Composite transparency on white rather than dropping alpha (which shows hidden pixels).
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray(_deep_to_8bit(np.asarray(img)), mode="L")
+        arr = np.asarray(img)
+        gray = _deep_to_8bit(arr)
+        if isinstance(key, int):
+            gray[arr == key] = 255  # the colour-keyed pixels, composited on white as above
+        img = Image.fromarray(gray, mode="L")
     return img.convert("L" if channels == 1 else "RGB")
 
 
