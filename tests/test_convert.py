@@ -615,6 +615,55 @@ def test_hf_vit_msn_and_ijepa_are_read(tmp_path, family):
                            run(theirs, x))
 
 
+HF_FAMILY_DEFAULTS = {  # a tiny model of each family, and what its config class fills where config.json is silent
+    "clip": (transformers.CLIPModel, lambda v, t: transformers.CLIPConfig(vision_config=v, text_config=t),
+             dict(patch_size=32, image_size=64)),
+    "siglip": (transformers.SiglipModel, lambda v, t: transformers.SiglipConfig(vision_config=v, text_config=t),
+               dict(patch_size=16, image_size=32)),
+    "dinov2": (transformers.Dinov2Model, lambda v, t: transformers.Dinov2Config(**v), dict(patch_size=14, image_size=28)),
+    "vit_msn": (transformers.ViTMSNModel, lambda v, t: transformers.ViTMSNConfig(**v),
+                dict(patch_size=16, image_size=32, intermediate_size=128)),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILY_DEFAULTS))
+def test_hf_config_without_act_or_eps_is_read_with_the_familys_defaults(tmp_path, family):
+    """A config.json (or a whole model's vision_config) without hidden_act, layer_norm_eps or patch_size:
+    transformers builds the family's defaults (CLIP QuickGELU, 1e-5, patch 32; SigLIP GELU-tanh, 1e-6;
+    DINOv2 1e-6, patch 14; ViT-MSN 1e-6), and so does vitkit, not ViT's GELU, 1e-12 and 16. The
+    embeddings are scaled down so that the LayerNorms' eps shows in the outputs."""
+    cls, make_config, sizes = HF_FAMILY_DEFAULTS[family]
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **sizes)
+    if family in ("clip", "siglip"):
+        vision["intermediate_size"] = 128
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    theirs = cls(make_config(vision, text)).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "embedding" in name:
+                p.mul_(1e-3)
+    theirs.save_pretrained(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    vision_config = config.get("vision_config", config)
+    for name in ("hidden_act", "layer_norm_eps", "patch_size"):
+        del vision_config[name]
+    config_file.write_text(json.dumps(config))
+    x = torch.randn(2, 3, sizes["image_size"], sizes["image_size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the text tower, the pooler, the mask token: not read
+        ours = vc.load(tmp_path / "hf", "hf").eval()
+    again = cls.from_pretrained(tmp_path / "hf").eval()  # transformers' own reading of the same directory
+    vision_cfg = getattr(again.config, "vision_config", again.config)
+    assert ours.cfg.norm_eps == vision_cfg.layer_norm_eps and ours.cfg.patch_size == vision_cfg.patch_size
+    with torch.no_grad():
+        if family in ("clip", "siglip"):
+            expected = again.get_image_features(pixel_values=x).pooler_output
+            assert_same_logits(ours(x), expected)
+        else:
+            assert_same_logits(ours.forward_features(x), again(x).last_hidden_state)
+
+
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
     base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
     base.save_pretrained(tmp_path / "base")

@@ -87,6 +87,21 @@ PREFIX[DINOV3] = "model"  # its base_model_prefix; DINOv3ViTModel's own files ha
 # BEiT's tables, one a block, or one for all (its pretraining's), under the family's prefix
 BEIT_TABLE = "{prefix}.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table"
 BEIT_SHARED_TABLE = "{prefix}.encoder.relative_position_bias.relative_position_bias_table"
+# What transformers' config classes fill in where a config.json (or a vision_config) leaves a field out:
+# each family's own defaults (transformers 5's configuration_*.py), not ViT's; read() applies them, so
+# infer_config reads every field as transformers would. Keyed by the config's model_type (ViT-MSN's
+# and MAE's, whose layouts are ViT's, have their own).
+_VIT_DEFAULTS = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16,
+                 "num_channels": 3, "intermediate_size": 3072}
+HF_DEFAULTS = {
+    **{family: _VIT_DEFAULTS for family in ("vit", "deit", "vit_mae", "ijepa", "beit", "data2vec-vision")},
+    "vit_msn": {**_VIT_DEFAULTS, "layer_norm_eps": 1e-6},
+    "dinov2": {**_VIT_DEFAULTS, "layer_norm_eps": 1e-6, "patch_size": 14},  # mlp_ratio, no intermediate_size
+    "dinov2_with_registers": {**_VIT_DEFAULTS, "layer_norm_eps": 1e-6},
+    "clip_vision_model": {**_VIT_DEFAULTS, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "patch_size": 32},
+    "siglip_vision_model": {**_VIT_DEFAULTS, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
+    "dinov3_vit": {**_VIT_DEFAULTS, "layer_norm_eps": 1e-5, "intermediate_size": 1536},
+}
 # HF's activation names -> vitkit's mlp_act
 HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 # CLIP: (E,) class embedding and (N, E) position table, an nn.Embedding's weight <-> vitkit's (1, 1, E), (1, N, E)
@@ -292,6 +307,8 @@ def read(path: Path) -> Foreign:
         if text:
             warnings.warn(f"{path}: a whole {whole} model; its vision tower is read, its text tower and logit "
                           f"scale ({len(text)} tensors) are not", stacklevel=3)
+    # the fields the file leaves out, as the family's config class fills them (a tower's: its vision config's)
+    config = {**HF_DEFAULTS.get(TOWERS.get(family, family), {}), **config}
     if family == "vit_mae":  # MAE's pretraining: a plain ViT encoder, and a decoder only pretraining uses
         family, decoder = "vit", [k for k in state if k.startswith("decoder.")]
         state = {k: v for k, v in state.items() if k not in decoder}
@@ -303,7 +320,7 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{cfg_file}: model_type is {family!r}; expected one of "
                               f"{', '.join(map(repr, [*KEYS, *SAME_LAYOUT, 'vit_mae']))}")
     gated = config.get("use_swiglu_ffn") or (family == DINOV3 and config.get("use_gated_mlp"))
-    if config.get("hidden_act", "gelu") not in HF_ACTS and not gated:  # SwiGLU's: DINOv2 ignores it, DINOv3 checks it
+    if config["hidden_act"] not in HF_ACTS and not gated:  # SwiGLU's: DINOv2 ignores it, DINOv3 checks it
         raise CheckpointError(f"{cfg_file}: hidden_act {config['hidden_act']!r}; vitkit's MLP takes one of "
                               f"{tuple(HF_ACTS)}")
     prefix = PREFIX[family]
@@ -379,8 +396,8 @@ def _dinov3_as_vit(state: dict, config: dict, src: str) -> dict:
     wrong = {k: config[k] for k, v in unsupported.items() if k in config and config[k] != v}
     if config.get("query_bias", True) != config.get("value_bias", True):
         wrong.update(query_bias=config.get("query_bias"), value_bias=config.get("value_bias"))
-    if config.get("use_gated_mlp") and config.get("hidden_act", "gelu") != "silu":
-        wrong.update(use_gated_mlp=True, hidden_act=config.get("hidden_act", "gelu"))
+    if config.get("use_gated_mlp") and config["hidden_act"] != "silu":
+        wrong.update(use_gated_mlp=True, hidden_act=config["hidden_act"])
     if wrong:
         raise CheckpointError(f"{src}: a DINOv3 vitkit does not read: {wrong} (vitkit's DINOv3: {unsupported}, "
                               "query and value biases both or neither, a gated MLP's activation silu: SwiGLU)")
@@ -401,16 +418,16 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     try:
         width = int(c["hidden_size"])
         fields = dict(
-            img_size=c.get("image_size", 224),
-            patch_size=int(c.get("patch_size", 16)),
-            in_channels=int(c.get("num_channels", 3)),
+            img_size=c["image_size"],  # these: the file's, else its family's defaults (HF_DEFAULTS, read)
+            patch_size=int(c["patch_size"]),
+            in_channels=int(c["num_channels"]),
             emb_size=width,
             depth=int(c["num_hidden_layers"]),
             num_heads=int(c["num_attention_heads"]),
             mlp_ratio=(float(c.get("mlp_ratio", 4)) if foreign.layout in DINOV2
-                       else mlp_ratio_of(int(c.get("intermediate_size", 4 * width)), width, foreign.path)),
+                       else mlp_ratio_of(int(c["intermediate_size"]), width, foreign.path)),
             qkv_bias=bool(c.get("query_bias", True) if foreign.layout == DINOV3 else c.get("qkv_bias", True)),
-            norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+            norm_eps=float(c["layer_norm_eps"]),
         )
     except KeyError as e:
         raise CheckpointError(f"{foreign.path}: config.json has no {e.args[0]!r}") from e
@@ -419,7 +436,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     swiglu = bool(c.get("use_swiglu_ffn"))
     if family == DINOV3 and c.get("use_gated_mlp"):  # intermediate_size: each of the two layers vitkit's fc1 packs
         swiglu = True
-        fields["mlp_ratio"] = mlp_ratio_of(2 * int(c.get("intermediate_size", 4 * width)), width, foreign.path)
+        fields["mlp_ratio"] = mlp_ratio_of(2 * int(c["intermediate_size"]), width, foreign.path)
     elif swiglu:  # DINOv2's giant: its mlp_ratio gives the width before SwiGLU's rounding; fc1's packed width is vitkit's
         fc1 = s.get(f"{family}.encoder.layer.0.mlp.fc1.weight")
         if fc1 is None:
@@ -455,7 +472,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         abs_pos=f"{PREFIX[family]}.embeddings.position_embeddings" in s if family in (*BEIT, DINOV3) else True,
         dynamic_img_size=family == DINOV3,  # rotary positions: any image size
         pre_norm=tower == CLIP,
-        mlp_act="swiglu" if swiglu else HF_ACTS[c.get("hidden_act", "gelu")],
+        mlp_act="swiglu" if swiglu else HF_ACTS[c["hidden_act"]],
         class_token=tower not in (SIGLIP, "ijepa"),
         pool=pool,
         # CLIP: post_layernorm on the pooled token only, and not at all in its image classifier
