@@ -853,6 +853,16 @@ def test_jax_npz_written_by_vitkit_loads_in_timm_and_back(tmp_path, kw):
 
 
 
+def test_jax_export_refuses_mean_pooling_beside_a_class_token(tmp_path):
+    """Google's layout pools the class token ("token") or, without one, the tokens' mean ("gap"): a model
+    with a class token and pool="mean" would be read back (by vitkit and by timm's npz loader, which
+    reads the file into a class-token model) as one that classifies the class token. Refused by name."""
+    ours = tiny_vitkit(pool="mean")
+    with pytest.raises(ValueError, match=r"class_token=True and pool='mean'.*export to timm, hf or vitkit"):
+        vc.export(ours, tmp_path / "vit.npz", "jax")
+    assert not (tmp_path / "vit.npz").exists()
+
+
 def test_jax_weights_run_as_jax_did_with_gelu_tanh(tmp_path):
     """mlp_act="gelu_tanh" (--mlp-act): GELU's tanh form, which Google's JAX ViTs were trained with;
     the oracle is timm with act_layer="gelu_tanh", through its own npz loader."""

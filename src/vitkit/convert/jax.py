@@ -220,6 +220,12 @@ def export(model: nn.Module, out: Path) -> Path:
     if cfg.pool not in ("cls", "mean"):
         raise ValueError(f"jax export: the vision_transformer layout's classifier reads the class token or the "
                          f"patch tokens' mean (pool='cls' or 'mean'); this model has pool={cfg.pool!r}")
+    if cfg.pool == "mean" and cfg.class_token:
+        # Google's classifier is "token" (the class token) or, in a model without one, "gap"; an .npz does
+        # not say which, and readers (vitkit's, timm's) tell them apart by the class token alone
+        raise ValueError("jax export: the vision_transformer layout has no classifier on the patch tokens' mean "
+                         "beside a class token (a file with a class token is read as pool='cls'); this model has "
+                         "class_token=True and pool='mean': export to timm, hf or vitkit instead")
     if cfg.final_norm == "pooled":
         raise ValueError(
             "jax export: the vision_transformer layout has no norm after pooling (final_norm='pooled'); "
