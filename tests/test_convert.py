@@ -694,6 +694,26 @@ def test_torchvision_vit_b_32(tmp_path):
     assert_same_logits(run(fresh, x), run(theirs, x))
 
 
+def test_torchvision_heads_by_width_are_torchvisions_own(tmp_path):
+    """Heads are not in a torchvision file: without --model, torchvision's own ViTs' heads at that width
+    (vit_h_14: 16 at width 1280, where width / 64 says 20), checked against torchvision's builders, and
+    vit_h_14's width and heads (one block, a small MLP, to stay fast) give torchvision's logits."""
+    theirs = torchvision.models.VisionTransformer(image_size=28, patch_size=14, num_layers=1, num_heads=16,
+                                                  hidden_dim=1280, mlp_dim=256, num_classes=5).eval()
+    torch.save(theirs.state_dict(), tmp_path / "vit_h.pth")
+    with pytest.warns(UserWarning, match="torchvision's own ViTs' 16 heads at width 1280"):
+        ours = vc.load(tmp_path / "vit_h.pth", "torchvision")
+    assert ours.cfg.num_heads == 16
+    x = torch.randn(2, 3, 28, 28)
+    assert_same_logits(run(ours, x), run(theirs, x))
+    from vitkit.convert.torchvision import TORCHVISION_HEADS
+
+    with torch.device("meta"):
+        for build in (torchvision.models.vit_b_16, torchvision.models.vit_l_16, torchvision.models.vit_h_14):
+            model = build()
+            assert TORCHVISION_HEADS[model.hidden_dim] == model.encoder.layers[0].self_attention.num_heads
+
+
 def test_torchvision_full_vit_b_32(tmp_path):
     """The real torchvision.models.vit_b_32() (12 layers, 1000 classes), random weights, into vitkit."""
     theirs = torchvision.models.vit_b_32().eval()

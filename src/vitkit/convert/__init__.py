@@ -204,10 +204,20 @@ def mlp_ratio_of(hidden: int, width: int, source: str) -> float:
     return ratio
 
 
-def resolve_heads(width: int, base: dict, source: str) -> int:
-    """Heads from the caller (model name / num_heads) or the published convention: head width 64."""
+def resolve_heads(width: int, base: dict, source: str, by_width: dict[int, int] | None = None,
+                  family: str = "") -> int:
+    """Heads from the caller (model name / num_heads), the format's own models of this width
+    (``by_width``, ``family``'s), or the published convention: head width 64."""
     if "num_heads" in base:
         return int(base["num_heads"])
+    if by_width and width in by_width:
+        heads = by_width[width]
+        warnings.warn(
+            f"{source}: heads are not stored in this format; assuming {family}'s own ViTs' {heads} heads at "
+            f"width {width}. Pass model=NAME or num_heads=N if the model differs.",
+            stacklevel=4,
+        )
+        return heads
     if width % 64:
         raise CheckpointError(
             f"{source}: the number of attention heads is not stored in this format and width {width} is not "

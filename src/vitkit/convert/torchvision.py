@@ -3,8 +3,9 @@
 torchvision's ``nn.MultiheadAttention`` keeps q, k, v fused in ``in_proj_weight`` in the
 same (qkv, h, d) order as vitkit, so the table is renames only. LayerNorm eps is 1e-6,
 the classifier reads the class token, GELU is exact. Heads are not stored: they come from
-``model=NAME`` / ``num_heads=N`` or the convention heads = width / 64 (true for every
-torchvision ViT). A ``heads.pre_logits`` layer (``representation_size``) is not supported.
+``model=NAME`` / ``num_heads=N``, else torchvision's own ViTs' (``TORCHVISION_HEADS``: 12 at width
+768, 16 at 1024 and at 1280, vit_h_14's, where width / 64 would say 20), else the convention
+heads = width / 64. A ``heads.pre_logits`` layer (``representation_size``) is not supported.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..config import ViTConfig
 from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
 
 LAYER = "encoder.layers.encoder_layer_{i}"
+# torchvision's own ViTs' heads by width (vit_b_16/32, vit_l_16/32, vit_h_14), as torchvision.models builds them
+TORCHVISION_HEADS = {768: 12, 1024: 16, 1280: 16}
 KEYS = KeyMap(
     "torchvision",
     [
@@ -61,7 +64,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         in_channels=proj.shape[1],
         emb_size=width,
         depth=count_blocks(s, r"encoder\.layers\.encoder_layer_(\d+)\."),
-        num_heads=resolve_heads(width, base, src),
+        num_heads=resolve_heads(width, base, src, TORCHVISION_HEADS, "torchvision"),
         mlp_ratio=mlp_ratio_of(fc1.shape[0], width, src),
         qkv_bias=True,  # nn.MultiheadAttention always has in_proj_bias here
         class_token=True,
