@@ -235,6 +235,52 @@ def test_timm_clip_image_tower_both_ways(tmp_path):
             vc.export(create_model("vit_tiny_patch16_224", mlp_act="quick_gelu"), tmp_path / f"out-{fmt}", fmt)
 
 
+BARE_POOLINGS = {
+    "cls-pooled": dict(pool="cls", final_norm="pooled"),
+    "mean-tokens": dict(pool="mean", final_norm="tokens"),
+    "mean-none": dict(pool="mean", final_norm="none"),
+    "dinov3-cls": dict(pool="cls", final_norm="tokens", rope="dinov3", abs_pos=False, reg_tokens=2, layer_scale=0.1,
+                       norm_eps=1e-5, dynamic_img_size=True),
+}
+
+
+@pytest.mark.parametrize("fields", list(BARE_POOLINGS.values()), ids=list(BARE_POOLINGS))
+def test_a_bare_timm_file_that_cannot_say_its_pooling_is_exported_with_a_warning(tmp_path, fields):
+    """A bare state dict holds no global_pool: its reader takes the mean where there is an fc_norm (or, for
+    DINOv3, always), else the class token. A model pooled otherwise is written with a warning saying so;
+    load(..., pool=) reads it as timm's model of that pooling (model_args) runs it. A hub dir keeps it."""
+    from vitkit.convert.timm import TIMM_ARCHITECTURE, architecture_key, model_args
+
+    cfg = ViTConfig(**{**dict(img_size=32, patch_size=8, emb_size=64, depth=1, num_heads=4, num_classes=5,
+                              norm_eps=1e-6), **fields})
+    ours = create_model(cfg).eval()
+    with torch.no_grad():  # LayerNorms off their init, so that a norm read in the wrong place would show
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    file = tmp_path / "bare.safetensors"
+    with pytest.warns(UserWarning, match=rf"does not hold the pooling.*pool={cfg.pool!r}"):
+        vc.export(ours, file, "timm")
+    theirs = timm.create_model(TIMM_ARCHITECTURE[architecture_key(cfg)][0], pretrained=False,
+                               **model_args(cfg)).eval()
+    theirs.load_state_dict(load_state_dict_file(file), strict=True)
+    assert_same_logits(run(theirs, x), run(ours, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the normalisation, the heads: not this test's concern
+        back = vc.load(file, "timm", num_heads=4, pool=cfg.pool)
+    assert (back.cfg.pool, back.cfg.final_norm) == (cfg.pool, cfg.final_norm)
+    assert_same_logits(run(back, x), run(theirs, x))
+    vc.export(ours, tmp_path / "hub", "timm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hub dir says its pooling: no warning
+        assert vc.load(tmp_path / "hub", "timm").cfg.pool == cfg.pool
+    with warnings.catch_warnings():  # a bare file whose pooling its reader infers: no warning either
+        warnings.simplefilter("error")
+        plain = cfg.replace(pool="mean" if cfg.rope == "dinov3" or cfg.final_norm == "pooled" else "cls")
+        vc.export(create_model(plain), tmp_path / "plain.safetensors", "timm")
+
+
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
     theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
     path = save_timm(theirs, tmp_path / "w.safetensors")

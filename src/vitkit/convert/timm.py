@@ -351,10 +351,6 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         warnings.warn(f"{src}: a pre-norm and attention pooling, as timm's Perception Encoder has (no CLIP tower); "
                       "read as a plain ViT, without the rotary positions that are not in the file: for a PE, pass "
                       "model=vit_pe_core_* (--model) or its timm hub dir", stacklevel=4)
-    if rope == "dinov3" and global_pool is None:
-        # timm's DINOv3 architectures pool the patch tokens' mean unless told otherwise, with no fc_norm
-        # (EVA-02's mean has one; without it, its CLIP towers, the class token, as for any ViT)
-        global_pool = "avg"
     if "pool" not in base and global_pool in ("token", "avg"):
         base["pool"] = {timm: ours for ours, timm in GLOBAL_POOL.items()}[global_pool]
     return config_with(
@@ -372,9 +368,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         dist_token=dist_token,
         reg_tokens=reg_tokens,
         layer_scale=float(args.get("init_values") or LAYER_SCALE_INIT) if "blocks.0.ls1.gamma" in s else 0.0,
-        # fc_norm exists only with average pooling (timm's default for global_pool="avg");
-        # without a class token there is nothing else to pool.
-        pool="map" if "attn_pool.latent" in s else "mean" if fc_norm or not class_token else "cls",
+        pool=implied_pool(s, rope, global_pool),  # where neither the caller nor a hub config says it (above)
         final_norm="pooled" if fc_norm else "tokens" if "norm.weight" in s else "none",
         pre_norm=pre_norm,
         mlp_act=act,
@@ -486,6 +480,20 @@ def _ref_grid(ref_feat_shape, rope: str, src: str) -> int:
         raise CheckpointError(f"{src}: ref_feat_shape {ref_feat_shape} in its config is not square; vitkit's "
                               "rope_ref_grid is one side")
     return int(h)
+
+
+def implied_pool(state: dict, rope: str, global_pool: str | None = None) -> str:
+    """The pooling a timm state dict is read with where neither the caller (pool=) nor a hub config's
+    global_pool ("token", "avg") says it, for the file cannot: attention pooling where it holds ``attn_pool``;
+    timm's DINOv3 architectures' default, the patch tokens' mean (no fc_norm), where no global_pool is given;
+    else the mean where it holds ``fc_norm`` (timm's norm after average pooling) or no class token (nothing
+    else to pool), else the class token. ``export`` warns where a bare file would be read back so and the
+    model pools otherwise."""
+    if "attn_pool.latent" in state:
+        return "map"
+    if rope == "dinov3" and global_pool is None:
+        return "mean"
+    return "mean" if "fc_norm.weight" in state or "cls_token" not in state else "cls"
 
 
 def _prefix_tokens(state: dict) -> int:
@@ -651,6 +659,17 @@ def export(model: nn.Module, out: Path) -> Path:
     cfg = model.cfg
     state = state_from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
     args = model_args(cfg, abs_pos="pos_embed" in state)
+    bare = out.suffix in (".pth", ".pt", ".bin", ".safetensors")
+    if bare and implied_pool(state, cfg.rope) != cfg.pool:
+        # the final norm is told by the tensors (fc_norm, norm, neither); the pooling is not
+        warnings.warn(
+            f"timm export: {out}: a bare state dict does not hold the pooling, and this one would be read back "
+            f"(by vitkit, as timm's default for these tensors) as pool={implied_pool(state, cfg.rope)!r}, while the "
+            f"model has pool={cfg.pool!r} (final_norm={cfg.final_norm!r}): export a hub dir (OUT without a suffix) "
+            f"to keep it, or pass the pooling when loading: vitkit.convert.load(..., pool={cfg.pool!r}), "
+            f"timm.create_model(..., global_pool={args['global_pool']!r})",
+            stacklevel=3,
+        )
     if out.suffix in (".pth", ".pt", ".bin"):
         with atomic_file(out) as f:
             torch.save(state, f)
