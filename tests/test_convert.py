@@ -948,6 +948,42 @@ def test_jax_weights_run_as_jax_did_with_gelu_tanh(tmp_path):
     assert same < 1e-6 < 2e-5 < gap, (same, gap)
 
 
+@pytest.mark.parametrize("fmt", ["torchvision", "jax"])
+def test_torchvision_and_jax_exports_warn_of_another_layernorm_eps(tmp_path, fmt):
+    """torchvision's and Google's ViTs fix LayerNorm's eps at 1e-6; a model of another (vitkit's default 1e-5)
+    is written with timm's export's warning, which says how to tell the reader: so told, the peer gives the
+    model's logits. The LayerNorms' inputs are scaled down so that eps shows. At 1e-6, no warning."""
+    from functools import partial
+
+    ours = create_model(tiny_vitkit(norm_eps=1e-5).cfg).eval()
+    with torch.no_grad():
+        ours.patch_embed.projection.weight.mul_(1e-3)
+        ours.patch_embed.projection.bias.mul_(1e-3)
+        ours.patch_embed.cls_token.mul_(1e-3)
+        ours.patch_embed.positions.mul_(1e-3)
+    out = tmp_path / ("vit.npz" if fmt == "jax" else "vit.pth")
+    with pytest.warns(UserWarning, match=rf"{fmt} export: the model's LayerNorm eps is 1e-05, {fmt}'s uses 1e-06"):
+        vc.export(ours, out, fmt)
+    x = torch.randn(2, 3, 32, 32)
+    norm = partial(torch.nn.LayerNorm, eps=1e-5)
+    if fmt == "jax":
+        told = timm_like(ours, norm_layer=norm)
+        told.load_pretrained(str(out))
+        untold = vc.load(out, "jax")
+        assert_same_logits(run(vc.load(out, "jax", norm_eps=1e-5), x), run(ours, x))
+    else:
+        kw = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256, num_classes=7)
+        told = torchvision.models.VisionTransformer(**kw, norm_layer=norm).eval()
+        told.load_state_dict(torch.load(out, weights_only=True))
+        untold = torchvision.models.VisionTransformer(**kw).eval()
+        untold.load_state_dict(torch.load(out, weights_only=True))
+    assert_same_logits(run(told, x), run(ours, x))
+    assert (run(untold, x) - run(ours, x)).abs().max() > 1e-3  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vc.export(create_model(ours.cfg.replace(norm_eps=1e-6)), tmp_path / ("same" + out.suffix), fmt)
+
+
 def to_big_vision(npz_in, npz_out, scanned=False, keep_class_position=False):
     """Rename a vision_transformer-layout npz into big_vision's layout (big_vision/models/vit.py):
     ``params/`` prefix; block parts LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,

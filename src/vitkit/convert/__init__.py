@@ -232,6 +232,14 @@ def resolve_heads(width: int, base: dict, source: str, by_width: dict[int, int] 
     return heads
 
 
+def warn_norm_eps(fmt: str, norm_eps: float, theirs: float, unless: str) -> None:
+    """Every exporter's one wording for a format whose models fix LayerNorm's eps (``theirs``) where the
+    model has another: written all the same, with a warning of how the reader can be told (``unless``)."""
+    if norm_eps != theirs:
+        warnings.warn(f"{fmt} export: the model's LayerNorm eps is {norm_eps}, {fmt}'s uses {theirs}; outputs will "
+                      f"differ slightly unless {unless}", stacklevel=4)
+
+
 def base_fields(model: str | None, overrides: dict) -> dict:
     """Source fields no shape reveals: from a variant name (``model``) and SOURCE_FIELDS overrides.
 

@@ -41,7 +41,10 @@ from . import (
     require,
     rule,
     square_grid,
+    warn_norm_eps,
 )
+
+NORM_EPS = 1e-6  # Flax LayerNorm's default epsilon, which Google's ViTs (and timm's npz loader) run with
 
 # --- transforms between Flax and PyTorch layouts ---------------------------------------------
 # Conv kernel (p, p, C, E) <-> Conv2d weight (E, C, p, p).
@@ -205,7 +208,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         # Google's "token" classifier reads the class token; without one it is "gap" (mean of all tokens).
         pool="cls" if class_token else "mean",
         final_norm="tokens" if "Transformer/encoder_norm/scale" in s else "none",
-        norm_eps=1e-6,  # Flax LayerNorm default
+        norm_eps=NORM_EPS,
         num_classes=s["head/kernel"].shape[1] if "head/kernel" in s else 0,
     )
 
@@ -233,6 +236,8 @@ def export(model: nn.Module, out: Path) -> Path:
         )
     if not re.fullmatch(r".+\.npz", out.name):
         raise ValueError(f"jax export: {out}: the output must be a .npz file")
+    warn_norm_eps("jax", cfg.norm_eps, NORM_EPS, f"the reader is told (vitkit.convert.load(..., norm_eps="
+                  f"{cfg.norm_eps}); timm: norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps}))")
     state = KEYS["vision_transformer"].from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
     arrays = {k: v.float().numpy() for k, v in state.items()}
     with atomic_file(out) as f:

@@ -37,6 +37,7 @@ from . import (
     resolve_heads,
     rule,
     square_grid,
+    warn_norm_eps,
 )
 
 
@@ -568,12 +569,8 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
                          f"the mean, and normalises before or after pooling; this model has mlp_act={cfg.mlp_act!r}, "
                          f"pool={cfg.pool!r}, final_norm={cfg.final_norm!r}")
     eps = TIMM_ARCHITECTURE[architecture_key(cfg)][1]
-    if cfg.norm_eps != eps:
-        warnings.warn(
-            f"timm export: the model's LayerNorm eps is {cfg.norm_eps}, timm's uses {eps}; outputs will differ "
-            f"slightly unless timm is given norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})",
-            stacklevel=3,
-        )
+    warn_norm_eps("timm", cfg.norm_eps, eps,
+                  f"timm is given norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})")
     shared = dict(
         img_size=list(cfg.img_size), patch_size=cfg.patch_size, in_chans=cfg.in_channels,
         num_classes=cfg.num_classes, global_pool=GLOBAL_POOL[cfg.pool], embed_dim=cfg.emb_size, depth=cfg.depth,

@@ -17,7 +17,20 @@ from torch import nn
 
 from ..checkpoint import atomic_file, load_state_dict_file
 from ..config import ViTConfig
-from . import Foreign, KeyMap, config_with, count_blocks, mlp_ratio_of, require, resolve_heads, rule, square_grid
+from . import (
+    Foreign,
+    KeyMap,
+    config_with,
+    count_blocks,
+    mlp_ratio_of,
+    require,
+    resolve_heads,
+    rule,
+    square_grid,
+    warn_norm_eps,
+)
+
+NORM_EPS = 1e-6  # every torchvision ViT's LayerNorm (VisionTransformer's norm_layer)
 
 LAYER = "encoder.layers.encoder_layer_{i}"
 # torchvision's own ViTs' heads by width (vit_b_16/32, vit_l_16/32, vit_h_14), as torchvision.models builds them
@@ -70,7 +83,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
         class_token=True,
         pool="cls",
         final_norm="tokens",
-        norm_eps=1e-6,
+        norm_eps=NORM_EPS,
         num_classes=s["heads.head.weight"].shape[0] if "heads.head.weight" in s else 0,
     )
 
@@ -91,6 +104,8 @@ def export(model: nn.Module, out: Path) -> Path:
         problems.append("needs a classifier and 3 input channels")
     if problems:
         raise ValueError("torchvision export: " + "; ".join(problems))
+    warn_norm_eps("torchvision", cfg.norm_eps, NORM_EPS, "torchvision's VisionTransformer is given "
+                  f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps})")
     state = KEYS.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
     with atomic_file(out) as f:
         torch.save(state, f)
