@@ -281,6 +281,24 @@ def test_a_bare_timm_file_that_cannot_say_its_pooling_is_exported_with_a_warning
         vc.export(create_model(plain), tmp_path / "plain.safetensors", "timm")
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "beit_base_patch16_224", "vit_small_patch16_dinov3"])
+def test_a_timm_hub_dir_at_a_non_square_size_is_read_at_its_configs_size(tmp_path, name):
+    """A timm hub dir written by timm's own save_for_hf at 32x48: its config's model_args.img_size gives the
+    grid that neither a position table (6 patches: not a square), BEiT's relative position tables
+    ((2h-1)(2w-1)+3 entries) nor DINOv3's rotary positions (none) can tell; timm's logits."""
+    from timm.models._hub import save_for_hf
+
+    theirs = timm.create_model(name, pretrained=False, img_size=(32, 48), patch_size=8, embed_dim=64, depth=1,
+                               num_heads=4, num_classes=5).eval()
+    save_for_hf(theirs, tmp_path / "hub", safe_serialization=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's config names a normalisation, heads: nothing to warn, but be quiet
+        ours = vc.load(tmp_path / "hub", "timm").eval()
+    assert ours.cfg.img_size == (32, 48)
+    x = torch.randn(2, 3, 32, 48)
+    assert_same_logits(run(ours, x), run(theirs, x))
+
+
 def test_timm_at_another_resolution_matches_timms_own_resampling(tmp_path):
     theirs = timm_vit("vit_tiny_patch16_224", num_classes=10)
     path = save_timm(theirs, tmp_path / "w.safetensors")

@@ -304,7 +304,7 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     class_token = "cls_token" in s
     dist_token = "dist_token" in s  # timm's VisionTransformerDistilled (DeiT): a second prefix token and head
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
-    num_patches = patch_positions(foreign)
+    num_patches, grid = patch_positions(foreign), _config_grid(foreign)
     pre_norm = "norm_pre.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -357,7 +357,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     return config_with(
         base,
         src,
-        img_size=tuple(g * patch for g in square_grid(num_patches, src)),
+        # the grid: the hub config's image size where it has as many patches, else a square of them
+        img_size=tuple(g * patch for g in (grid if grid and grid[0] * grid[1] == num_patches
+                                           else square_grid(num_patches, src))),
         patch_size=patch,
         in_channels=in_channels,
         emb_size=width,
@@ -504,13 +506,16 @@ def _prefix_tokens(state: dict) -> int:
 def patch_positions(foreign: Foreign) -> int:
     """The number of patch positions in the file's ``pos_embed``. timm's ``no_embed_class=True``
     (DeiT-III, DINOv2 with registers) gives positions to the patches only: the table then holds no
-    entries for the prefix tokens (told by the file's config, or by a table that is a square grid
-    only without them)."""
+    entries for the prefix tokens (told by the file's config, its no_embed_class or the grid of its image
+    size, or else by a table that is a square grid only without them)."""
     s = foreign.state
     if "pos_embed" not in s:  # no absolute positions: the grid from elsewhere
         return _patches_without_positions(foreign)
     held, prefix = s["pos_embed"].shape[1], _prefix_tokens(s)
     no_embed_class = foreign.config.get("model_args", {}).get("no_embed_class")
+    grid = _config_grid(foreign)
+    if no_embed_class is None and grid and grid[0] * grid[1] in (held, held - prefix):  # the config's grid tells
+        no_embed_class = prefix > 0 and grid[0] * grid[1] == held
     if no_embed_class is None:
         no_embed_class = prefix > 0 and round((held - prefix) ** 0.5) ** 2 != held - prefix and round(held**0.5) ** 2 == held
     return held if no_embed_class else held - prefix
@@ -522,12 +527,25 @@ def _patches_without_positions(foreign: Foreign) -> int:
     file's config, else timm's default 224."""
     s = foreign.state
     table = s.get("blocks.0.attn.relative_position_bias_table")
+    grid = _config_grid(foreign)
     if table is not None:
+        if grid and (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3 == table.shape[0]:  # the config's grid, if it fits
+            return grid[0] * grid[1]
         side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
         return side * side
-    proj = require(s, "patch_embed.proj.weight", foreign.path, "timm")
-    h, w = to_2tuple(foreign.config.get("model_args", {}).get("img_size", 224))
-    return (h // proj.shape[-2]) * (w // proj.shape[-1])
+    h, w = grid or _config_grid(foreign, 224)
+    return h * w
+
+
+def _config_grid(foreign: Foreign, default: int | None = None) -> tuple[int, int] | None:
+    """The patch grid of the image size the file's hub config gives (``model_args.img_size``, which timm
+    builds the model at, square or not), else of ``default``; None without either."""
+    size = foreign.config.get("model_args", {}).get("img_size", default)
+    if size is None:
+        return None
+    proj = require(foreign.state, "patch_embed.proj.weight", foreign.path, "timm")
+    h, w = to_2tuple(size)
+    return h // proj.shape[-2], w // proj.shape[-1]
 
 
 def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
