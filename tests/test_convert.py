@@ -947,6 +947,18 @@ def test_jax_export_refuses_mean_pooling_beside_a_class_token(tmp_path):
     assert not (tmp_path / "vit.npz").exists()
 
 
+def test_jax_export_refuses_a_non_square_model(tmp_path):
+    """An .npz holds no image size, and vitkit's reader takes its positions for a square grid: a 32x48 model
+    was written, then refused by vitkit's own reader. Refused at export, by name; at a square size it goes."""
+    ours = tiny_vitkit(img_size=(32, 48))
+    with pytest.raises(ValueError, match=r"jax export: an .npz holds no image size.*this model is 32x48"):
+        vc.export(ours, tmp_path / "vit.npz", "jax")
+    assert not (tmp_path / "vit.npz").exists()
+    square = tiny_vitkit()
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_logits(run(vc.load(vc.export(square, tmp_path / "square.npz", "jax"), "jax"), x), run(square, x))
+
+
 def test_jax_weights_run_as_jax_did_with_gelu_tanh(tmp_path):
     """mlp_act="gelu_tanh" (--mlp-act): GELU's tanh form, which Google's JAX ViTs were trained with;
     the oracle is timm with act_layer="gelu_tanh", through its own npz loader."""

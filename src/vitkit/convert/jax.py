@@ -223,6 +223,11 @@ def export(model: nn.Module, out: Path) -> Path:
     if cfg.pool not in ("cls", "mean"):
         raise ValueError(f"jax export: the vision_transformer layout's classifier reads the class token or the "
                          f"patch tokens' mean (pool='cls' or 'mean'); this model has pool={cfg.pool!r}")
+    if cfg.img_size[0] != cfg.img_size[1]:
+        # an .npz holds no image size: its readers (vitkit's, big_vision's) take the positions for a square grid
+        raise ValueError(f"jax export: an .npz holds no image size, and its position table is read as a square "
+                         f"grid; this model is {cfg.img_size[0]}x{cfg.img_size[1]}: export to timm, hf or vitkit, "
+                         "or load it at a square size first (img_size=S)")
     if cfg.pool == "mean" and cfg.class_token:
         # Google's classifier is "token" (the class token) or, in a model without one, "gap"; an .npz does
         # not say which, and readers (vitkit's, timm's) tell them apart by the class token alone
