@@ -728,6 +728,24 @@ def test_hf_config_without_act_or_eps_is_read_with_the_familys_defaults(tmp_path
             assert_same_logits(ours.forward_features(x), again(x).last_hidden_state)
 
 
+@pytest.mark.parametrize("family", ["dinov2", "beit"])
+def test_hf_export_refuses_a_non_square_dinov2_or_beit(tmp_path, family):
+    """transformers' DINOv2 reads its position table as a square grid in every forward pass (a 32x48 model's
+    directory was written, then failed in transformers' forward), and its BEiT lays a non-square grid's
+    relative positions out transposed (other logits): refused by name. timm holds them, with timm's logits."""
+    fields = dict(img_size=(32, 48), patch_size=8, emb_size=64, depth=1, num_heads=4, layer_scale=0.1, norm_eps=1e-6)
+    fields.update(dict(num_classes=0, pool="cls", final_norm="tokens") if family == "dinov2" else
+                  dict(num_classes=5, pool="mean", final_norm="pooled", rel_pos_bias=True))
+    ours = create_model(ViTConfig(**fields)).eval()
+    with pytest.raises(ValueError, match=r"hf export: HF's .* takes square images only .*this model is 32x48"):
+        vc.export(ours, tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()
+    vc.export(ours, tmp_path / "timm", "timm")
+    x = torch.randn(2, 3, 32, 48)
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert_same_logits(run(theirs, x), run(ours, x))
+
+
 def test_hf_vitmodel_pooler_is_dropped_and_features_match(tmp_path):
     base = transformers.ViTModel(hf_vit().config).eval()  # has a pooler, no classifier
     base.save_pretrained(tmp_path / "base")

@@ -580,10 +580,17 @@ def hf_config(cfg: ViTConfig, class_names: list[str] | None = None, abs_pos: boo
                             f"({cfg.mlp_hidden} wide{', SwiGLU' if swiglu else ''}): export to timm")
     elif cfg.mlp_act == "swiglu" and family != DINOV3:
         problems.append(f"HF's {ARCHITECTURE[family]} has no SwiGLU MLP (DINOv2's and DINOv3's have): export to timm")
+    h, w = cfg.img_size
+    if h != w and family in (*DINOV2, "beit"):
+        # DINOv2 resamples its position table as a square grid in every forward pass (it fails at another
+        # shape); BEiT lays a non-square grid's relative positions out transposed (other logits)
+        problems.append(f"HF's {ARCHITECTURE[family]} takes square images only (its "
+                        f"{'position table is read' if family in DINOV2 else 'relative position tables are laid out'}"
+                        f" for a square grid); this model is {h}x{w}: export to timm, or load it at a square size "
+                        "first (img_size=S)")
     if problems:
         raise ValueError("hf export: " + "; ".join(problems))
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(cfg.num_classes)]
-    h, w = cfg.img_size
     act = next((hf for hf, ours in HF_ACTS.items() if ours == cfg.mlp_act), "silu")  # SwiGLU's: DINOv2 ignores it, DINOv3 reads it
     labels = {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
     if tower in (CLIP, SIGLIP):  # CLIPVisionConfig's and SiglipVisionConfig's own fields
