@@ -185,6 +185,38 @@ def test_timm_layer_scale_and_registers_both_ways(tmp_path, name):
             vc.export(ours, tmp_path / f"out-{fmt}", fmt)
 
 
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_positions_without_prefix_rows_go_back_into_timms_own_architecture(tmp_path, name):
+    """timm's no_embed_class=True (DeiT-III, DINOv2 reg4): positions for the patches only, which vitkit reads as
+    zero rows for the prefix tokens. Written back while they are zero, the table goes without them, so that
+    the bare file loads strictly into the architecture it came from (it failed: 17 rows, not 16), and a hub
+    dir says no_embed_class; the same logits. Rows that training moved are written (no_embed_class=False)."""
+    img = {} if name.startswith("deit3") else {"img_size": 56}
+    theirs = timm_vit(name, num_classes=7, **img)
+    x = torch.randn(2, 3, *theirs.patch_embed.img_size)
+    expected = run(theirs, x)
+    ours = vc.load(save_timm(theirs, tmp_path / "w.safetensors"), "timm", model=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorm eps of vitkit's table: not this test's concern
+        vc.export(ours, tmp_path / "back.safetensors", "timm")
+        vc.export(ours, tmp_path / "hub", "timm")
+    fresh = timm_vit(name, num_classes=7, **img)
+    fresh.load_state_dict(load_state_dict_file(tmp_path / "back.safetensors"), strict=True)
+    assert_same_logits(run(fresh, x), expected)
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_args"]["no_embed_class"] is True
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True), x), expected)
+    back = vc.load(tmp_path / "back.safetensors", "timm", model=name)
+    assert_same_logits(run(back, x), expected)
+    with torch.no_grad():
+        ours.patch_embed.positions[:, :1].normal_()  # as training would move them: a table timm's class holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vc.export(ours, tmp_path / "trained", "timm")
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_args"]["no_embed_class"] is False
+    assert_same_logits(run(timm.create_model(f"local-dir:{tmp_path / 'trained'}", pretrained=True), x),
+                       run(ours, x))
+
+
 def test_timm_clip_image_tower_both_ways(tmp_path):
     """CLIP's tower (timm's pre_norm: a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5):
     timm's logits from a bare file and back through a hub dir and into transformers; a QuickGELU tower

@@ -558,11 +558,12 @@ def to_vitkit(foreign: Foreign, cfg: ViTConfig) -> dict:
     return KEYS.to_vitkit(state, cfg, foreign.path)
 
 
-def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
+def model_args(cfg: ViTConfig, abs_pos: bool | None = None, no_embed_class: bool = False) -> dict:
     """The ``timm.create_model(...)`` keyword arguments that build the same network, given the
     architecture ``TIMM_ARCHITECTURE`` names for it (a SwiGLU model: vit_giant_patch14_dinov2's).
     ``abs_pos``: whether timm's model holds absolute positions; by default ``cfg.abs_pos`` (False also for
-    a BEiT or DINOv3 model whose table holds zeros: one read by vitkit before ``abs_pos`` existed)."""
+    a BEiT or DINOv3 model whose table holds zeros: one read by vitkit before ``abs_pos`` existed).
+    ``no_embed_class``: a VisionTransformer whose table has no rows for the prefix tokens (``export``)."""
     abs_pos = cfg.abs_pos if abs_pos is None else abs_pos
     if cfg.pool not in GLOBAL_POOL:
         raise ValueError(f"timm export: no timm ViT pools as pool={cfg.pool!r} does; timm's global_pool takes "
@@ -651,7 +652,7 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
         # timm's names are vitkit's ("gelu", "quick_gelu", "gelu_tanh"); SwiGLU's gate is SiLU, in an MLP
         # layer (SwiGLUPacked) that only the architecture can name: TIMM_ARCHITECTURE
         act_layer="silu" if cfg.mlp_act == "swiglu" else cfg.mlp_act,
-        no_embed_class=False,  # vitkit's table always holds the prefix tokens' positions (zero if imported so)
+        no_embed_class=no_embed_class,  # vitkit's table holds the prefix tokens' positions: zero, left out
     )
     if not abs_pos:  # only then: older timm versions may not take the argument
         plain["pos_embed"] = "none"
@@ -660,6 +661,22 @@ def model_args(cfg: ViTConfig, abs_pos: bool | None = None) -> dict:
     if cfg.attn_norm:  # ... and before the attention's projection (attn.norm)
         plain["scale_attn_norm"] = True
     return plain
+
+
+def _positionless_prefix(state: dict, cfg: ViTConfig, out: str, bare: bool) -> bool:
+    """Whether to write a VisionTransformer's position table without its prefix tokens' rows, as timm's
+    ``no_embed_class=True`` (DeiT-III, DINOv2 with registers, big_vision's class token) holds it: where those
+    rows are all zero (a table read from such a file, untrained since), which is the same network, and the
+    file then loads strictly into the architecture it came from. A bare file, which cannot say so, only
+    where its reader (``patch_positions``) would tell it from the table's length."""
+    pos = state.get("pos_embed")
+    if (pos is None or not cfg.num_prefix_tokens or cfg.rope != "none" or cfg.rel_pos_bias
+            or pos[:, :cfg.num_prefix_tokens].any()):
+        return False
+    if bare:
+        trimmed = dict(state, pos_embed=pos[:, cfg.num_prefix_tokens:])
+        return patch_positions(Foreign(out, trimmed)) == cfg.num_patches
+    return True
 
 
 def export(model: nn.Module, out: Path) -> Path:
@@ -673,8 +690,11 @@ def export(model: nn.Module, out: Path) -> Path:
 
     cfg = model.cfg
     state = state_from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
-    args = model_args(cfg, abs_pos="pos_embed" in state)
     bare = out.suffix in (".pth", ".pt", ".bin", ".safetensors")
+    no_embed_class = _positionless_prefix(state, cfg, str(out), bare)
+    if no_embed_class:
+        state["pos_embed"] = state["pos_embed"][:, cfg.num_prefix_tokens:].contiguous()
+    args = model_args(cfg, abs_pos="pos_embed" in state, no_embed_class=no_embed_class)
     if bare and implied_pool(state, cfg.rope) != cfg.pool:
         # the final norm is told by the tensors (fc_norm, norm, neither); the pooling is not
         warnings.warn(
