@@ -1009,6 +1009,25 @@ def test_jax_export_refuses_a_non_square_model(tmp_path):
     assert_same_logits(run(vc.load(vc.export(square, tmp_path / "square.npz", "jax"), "jax"), x), run(square, x))
 
 
+def test_a_file_of_another_format_read_as_jax_or_torchvision_says_what_it_is(tmp_path, capsys):
+    """A torchvision .pth read as JAX (np.load opens any zip: it ended in a TypeError) and a directory read
+    as torchvision (it said 'no such file') are named for what they are and what was expected."""
+    theirs = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                  hidden_dim=32, mlp_dim=64, num_classes=3)
+    torch.save(theirs.state_dict(), tmp_path / "tv.pth")
+    assert cli(["convert", str(tmp_path / "tv.pth"), str(tmp_path / "o"), "--from", "jax"]) == 2
+    err = capsys.readouterr().err
+    assert "not a JAX .npz" in err and "a PyTorch checkpoint" in err and "--from torchvision" in err
+    np.savez(tmp_path / "text.npz", labels=np.array([b"cat", b"dog"]))
+    with pytest.raises(CheckpointError, match=r"not a JAX .npz: expected numeric arrays, found 1 .*'labels'"):
+        vc.load(tmp_path / "text.npz", "jax")
+    (tmp_path / "somedir").mkdir()
+    assert cli(["convert", str(tmp_path / "somedir"), str(tmp_path / "o"), "--from", "torchvision"]) == 2
+    err = capsys.readouterr().err
+    assert "a directory; a torchvision checkpoint is one .pth file" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_jax_weights_run_as_jax_did_with_gelu_tanh(tmp_path):
     """mlp_act="gelu_tanh" (--mlp-act): GELU's tanh form, which Google's JAX ViTs were trained with;
     the oracle is timm with act_layer="gelu_tanh", through its own npz loader."""

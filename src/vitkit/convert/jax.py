@@ -139,9 +139,19 @@ def read(path: Path) -> Foreign:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"a single {type(loaded).__name__}, not an archive of named arrays")
         with loaded as npz:
-            arrays = {k: np.asarray(npz[k]) for k in npz.files}
+            names = list(npz.files)
+            arrays = {} if any(n.endswith("data.pkl") for n in names) else {k: np.asarray(npz[k]) for k in names}
     except (ValueError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable .npz of arrays ({e})") from e
+    pickles = [n for n in names if n.endswith("data.pkl")]
+    if pickles:  # np.load opens any zip archive, and torch.save writes one
+        raise CheckpointError(f"{path}: not a JAX .npz: expected an archive of .npy arrays, found a PyTorch "
+                              f"checkpoint (torch.save's zip, with {pickles[0]!r}); read it as --from timm or "
+                              "--from torchvision")
+    other = sorted(k for k, v in arrays.items() if v.dtype.kind not in "biuf")  # a zip's raw members: bytes
+    if other:
+        raise CheckpointError(f"{path}: not a JAX .npz: expected numeric arrays, found {len(other)} entries of "
+                              f"other data ({', '.join(repr(k) for k in other[:3])}{', ...' if len(other) > 3 else ''})")
     prefix = next((p for p in PREFIXES if any(k.startswith(p + "embedding/") for k in arrays)), "")
     state = {k[len(prefix):]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()
              if k.startswith(prefix)}

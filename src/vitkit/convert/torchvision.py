@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_file, load_state_dict_file
+from ..checkpoint import CheckpointError, atomic_file, load_state_dict_file
 from ..config import ViTConfig
 from . import (
     Foreign,
@@ -55,6 +55,9 @@ KEYS = KeyMap(
 
 
 def read(path: Path) -> Foreign:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory; a torchvision checkpoint is one .pth file "
+                              "(torch.save of VisionTransformer.state_dict())")
     foreign = Foreign(str(path), load_state_dict_file(path))
     # torchvision's ImageNet recipe: resize 256 (bilinear), centre crop 224, ImageNet statistics.
     foreign.preprocess = dict(
