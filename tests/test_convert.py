@@ -1009,6 +1009,18 @@ def test_jax_export_refuses_a_non_square_model(tmp_path):
     assert_same_logits(run(vc.load(vc.export(square, tmp_path / "square.npz", "jax"), "jax"), x), run(square, x))
 
 
+def test_jax_export_without_qkv_bias_writes_zero_biases_that_timm_reads(tmp_path):
+    """Google's attention always has q, k and v biases, and timm's npz loader reads them: a model without
+    (qkv_bias=False) is written with zero biases (it crashed timm's loader), the same network."""
+    ours = tiny_vitkit(qkv_bias=False)
+    npz = vc.export(ours, tmp_path / "vit.npz", "jax")
+    x = torch.randn(2, 3, 32, 32)
+    theirs = timm_like(ours)
+    theirs.load_pretrained(str(npz))
+    assert_same_logits(run(theirs, x), run(ours, x))
+    assert_same_logits(run(vc.load(npz, "jax"), x), run(ours, x))
+
+
 def test_a_file_of_another_format_read_as_jax_or_torchvision_says_what_it_is(tmp_path, capsys):
     """A torchvision .pth read as JAX (np.load opens any zip: it ended in a TypeError) and a directory read
     as torchvision (it said 'no such file') are named for what they are and what was expected."""

@@ -253,7 +253,12 @@ def export(model: nn.Module, out: Path) -> Path:
         raise ValueError(f"jax export: {out}: the output must be a .npz file")
     warn_norm_eps("jax", cfg.norm_eps, NORM_EPS, f"the reader is told (vitkit.convert.load(..., norm_eps="
                   f"{cfg.norm_eps}); timm: norm_layer=functools.partial(torch.nn.LayerNorm, eps={cfg.norm_eps}))")
-    state = KEYS["vision_transformer"].from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    keys = KEYS["vision_transformer"]
+    state = keys.from_vitkit({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    if not cfg.qkv_bias:  # Google's attention always has q, k, v biases (timm's loader reads them): zeros, the same
+        for i in range(cfg.depth):
+            for name in keys.foreign_names(f"encoder.blocks.{i}.attn.qkv.bias")[1]:
+                state[name] = torch.zeros(cfg.num_heads, cfg.head_dim)
     arrays = {k: v.float().numpy() for k, v in state.items()}
     with atomic_file(out) as f:
         np.savez(f, **arrays)
