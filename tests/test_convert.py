@@ -303,6 +303,10 @@ def test_a_bare_timm_file_that_cannot_say_its_pooling_is_exported_with_a_warning
         back = vc.load(file, "timm", num_heads=4, pool=cfg.pool)
     assert (back.cfg.pool, back.cfg.final_norm) == (cfg.pool, cfg.final_norm)
     assert_same_logits(run(back, x), run(theirs, x))
+    # the same through `vitkit convert --pool`
+    assert cli(["convert", str(file), str(tmp_path / "cli"), "--from", "timm", "--num-heads", "4",
+                 "--pool", cfg.pool]) == 0
+    assert_same_logits(run(load_pretrained(tmp_path / "cli"), x), run(theirs, x))
     vc.export(ours, tmp_path / "hub", "timm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a hub dir says its pooling: no warning

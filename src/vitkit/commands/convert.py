@@ -8,7 +8,7 @@ import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..config import MLP_ACTS
+    from ..config import MLP_ACTS, POOLS
     from ..convert import EXPORT_FORMATS, IMPORT_FORMATS
 
     p = sub.add_parser(
@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-heads", type=int, help="the number of attention heads of the source model")
     p.add_argument("--mlp-act", choices=MLP_ACTS, help="the source model's MLP activation, where its file does not "
                    "say: quick_gelu for OpenAI's CLIP weights in a bare timm file")
+    p.add_argument("--pool", choices=POOLS, help="the source model's pooling, where its file does not say: a bare "
+                   "timm state dict is read as timm's default for its tensors (the mean with fc_norm or for DINOv3, else "
+                   "the class token)")
     p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
                    help="resample the position table for this image size (one value: square)")
     p.add_argument("--patch-size", type=int, help="another patch size: the patch projection's kernels resampled as "
@@ -48,7 +51,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if len(args.img_size) > 2:
             raise ValueError(f"--img-size: expected H or H W, got {len(args.img_size)} values {args.img_size}")
         img_size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
-    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("mlp_act", args.mlp_act),
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("mlp_act", args.mlp_act), ("pool", args.pool),
                                    ("patch_size", args.patch_size)) if v is not None}
     # Warnings (assumed heads, a re-initialised head, dropped tensors) are part of the answer: print them plainly.
     with warnings.catch_warnings(record=True) as caught:
