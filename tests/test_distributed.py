@@ -117,3 +117,17 @@ def test_distillation_under_two_gloo_processes_matches_one_process(tmp_path):
     out = torchrun_train(dict(distil, out=str(tmp_path / "ddp")))
     assert out.stdout.count("distilling from") == 1  # rank 0 says it
     assert_same_run(final(tmp_path / "one"), final(tmp_path / "ddp"))
+
+
+def test_a_resumed_two_process_run_with_random_augmentation_draws_what_the_uninterrupted_one_did(tmp_path):
+    """Shifted images, flips and drop path draw from each rank's RNG, and a checkpoint holds rank 0's
+    stream alone: the ranks reseed from (seed, step, rank) at every step, so a 2-process run stopped
+    after epoch 1 and resumed by 2 processes ends exactly where the uninterrupted one does."""
+    noisy = dict(CFG, translate=1, hflip=0.5, drop_path_rate=0.1)
+    torchrun_train(dict(noisy, out=str(tmp_path / "straight")))
+    torchrun_train(dict(noisy, out=str(tmp_path / "resumed"), stop_after_epoch=1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitkit", "train", "--resume", str(tmp_path / "resumed"), "--stop-after-epoch", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert_same_run(final(tmp_path / "straight"), final(tmp_path / "resumed"), tol=0.0)
