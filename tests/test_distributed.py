@@ -125,7 +125,8 @@ def test_a_resumed_two_process_run_with_random_augmentation_draws_what_the_unint
     after epoch 1 and resumed by 2 processes ends exactly where the uninterrupted one does."""
     noisy = dict(CFG, translate=1, hflip=0.5, drop_path_rate=0.1)
     torchrun_train(dict(noisy, out=str(tmp_path / "straight")))
-    torchrun_train(dict(noisy, out=str(tmp_path / "resumed"), stop_after_epoch=1))
+    stopped = torchrun_train(dict(noisy, out=str(tmp_path / "resumed"), stop_after_epoch=1))
+    assert stopped.stderr.count("stopped after epoch 1") == 1  # said by rank 0 alone
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vitkit", "train", "--resume", str(tmp_path / "resumed"), "--stop-after-epoch", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -85,7 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
             dist.barrier()  # every rank is done with its collectives before any tears its group down
         code = 0
     except Interrupted as e:
-        print(str(e), file=sys.stderr, flush=True)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):  # said once, by rank 0
+            print(str(e), file=sys.stderr, flush=True)
         code = 128 + e.signum if e.signum else 0
     finally:
         distributed = dist.is_available() and dist.is_initialized()
