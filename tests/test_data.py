@@ -425,6 +425,10 @@ def test_folder_classes_skip_hidden_folders_and_refuse_empty_or_lone_ones(tmp_pa
     (root / ".ipynb_checkpoints").mkdir()
     Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "scratch.png")
     spec = dict(img_size=(8, 8), channels=3)
+    # ... nor are hidden folders and files inside a class: a notebook's copies, macOS's ._NAME files
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "cat" / ".ipynb_checkpoints" / "copy-checkpoint.png")
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, no image")
     data = load_dataset(f"folder:{root}", **spec)
     assert data.class_names == ["astronaut", "cat", "coffee"] and len(data.train) + len(data.val) == 9
     (root / "dog").mkdir()  # a class folder with nothing in it (a notes file is no image)

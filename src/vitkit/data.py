@@ -293,13 +293,16 @@ def prefetch(images, idx: Tensor, boxes: Tensor | None = None) -> None:
 def image_files(directory: Path) -> list[Path]:
     """The image files under ``directory`` (any depth; by extension, IMAGE_EXTENSIONS), sorted. Symlinked
     folders are followed (Python 3.11's ``rglob`` skipped them), each real folder read once, so a link
-    back up the tree (``loop -> ..``) ends there."""
+    back up the tree (``loop -> ..``) ends there. Hidden folders and files are not read: a notebook's
+    ``.ipynb_checkpoints`` holds copies of the images beside it, macOS's ``._NAME`` files are not images."""
     found, seen = [], set()
     for folder, subfolders, names in os.walk(directory, followlinks=True):
         here = os.stat(folder)
         seen.add((here.st_dev, here.st_ino))
         keep = []
         for name in sorted(subfolders):
+            if name.startswith("."):
+                continue
             try:
                 st = os.stat(os.path.join(folder, name))
             except OSError:  # a dangling link
@@ -308,7 +311,8 @@ def image_files(directory: Path) -> list[Path]:
                 seen.add((st.st_dev, st.st_ino))
                 keep.append(name)
         subfolders[:] = keep  # os.walk descends into these only
-        found += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(folder) / name for name in names
+                  if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
     return sorted(p for p in found if p.is_file())
 
 
