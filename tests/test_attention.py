@@ -7,6 +7,10 @@ behaviour: a ViT trained on digits placed anywhere on a blank canvas looks at th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -298,13 +302,79 @@ def test_attention_too_large_for_memory_is_refused_by_name(tmp_path, monkeypatch
     is computed, naming the size, the tokens and the memory, in place of the kernel's out-of-memory kill."""
     ckpt = vitkit.save_pretrained(tiny(dynamic=True), tmp_path / "ckpt")
     image = save_image(tmp_path / "img.png")
-    # 16x16 with patch 4: 16 patches + the class token; 1 image x (2 x 4 heads + 1) x 17^2 x 4 bytes = 10,404
-    monkeypatch.setattr(vitkit.fast, "device_memory", lambda device: 10_404)
+    # 16x16 with patch 4: 16 patches + the class token; 1 image x (2 x 4 heads + 1) x 17^2 x 4 bytes = 10,404,
+    # compared with the memory available now (the RAM, 10x more here, is not what can be allocated)
+    monkeypatch.setattr(vitkit.fast, "device_memory", lambda device, available=False: 10_404 if available else 104_040)
     assert main(["attention", str(ckpt), str(image), "--out", str(tmp_path / "a.png")]) == 0  # just fits
     assert main(["attention", str(ckpt), str(image), "--img-size", "20", "--out", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err
-    assert "20x20 input: 26 tokens (patch 4)" in err and "--img-size" in err
+    assert "20x20 input: 26 tokens (patch 4)" in err and "--img-size" in err and "available" in err
     assert not (tmp_path / "b.png").exists()
+
+
+_PEAK_SCRIPT = """
+import sys, torch, vitkit
+from vitkit.attention import attention_map, attention_bytes
+def peak():  # this process's resident high-water mark (ru_maxrss starts from the parent's, pytest's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+torch.set_num_threads(1)
+heads, method = int(sys.argv[1]), sys.argv[2]
+cfg = vitkit.ViTConfig(img_size=16, patch_size=4, emb_size=8 * heads, depth=3, num_heads=heads, num_classes=5,
+                       dynamic_img_size=True)
+model = vitkit.ViT(cfg).eval()
+with torch.no_grad():
+    model(torch.randn(1, 3, 16, 16))  # kernels and their buffers, before the baseline
+x = torch.randn(1, 3, 160, 160)
+before = peak()
+attention_map(model, x, method=method)
+print((peak() - before) / attention_bytes(model, x, method))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM and glibc's malloc")
+@pytest.mark.parametrize("heads, method", [(4, "rollout"), (4, "last-layer"), (1, "rollout")])
+def test_attention_memory_estimate_matches_the_measured_peak(heads, method):
+    """The estimate the memory check uses is what the maps really hold: peak RSS growth of a fresh process
+    (every (N, N) tensor mmapped, so a freed one leaves RSS) over the estimate, 1,601 tokens (10 MiB a
+    tensor). Rollout used to keep the previous layer's attention while the next was computed, and built
+    the residual from several (N, N) temporaries: 1.50x this estimate at 4 heads, 1.86x at 1."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(heads), method], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert 0.95 <= float(out) <= 1.15, out
+
+
+def test_rollout_step_leaves_its_inputs_and_matches_the_written_out_residual():
+    """The residual is mixed in place: a head picked out of fp32 attention (a view of it) must not change,
+    and the step equals r * I + (1 - r) * A renormalised, fused in fp32 for a bf16 layer too."""
+    torch.manual_seed(0)
+    att = torch.rand(2, 3, 7, 7).softmax(dim=-1)
+    joint = torch.rand(2, 7, 7)
+    kept, kept_joint = att.clone(), joint.clone()
+    for head in ("mean", "max", "min", 1, -1):
+        for r in (0.0, 0.5, 0.9):
+            a = A.fuse_heads(att, head)
+            a = a / a.sum(dim=-1, keepdim=True)
+            a = r * torch.eye(7) + (1 - r) * a
+            want = (a / a.sum(dim=-1, keepdim=True)) @ joint
+            torch.testing.assert_close(A.rollout_step(joint, att, head, r), want, atol=1e-6, rtol=0)
+            assert torch.equal(att, kept) and torch.equal(joint, kept_joint)
+    bf16 = att.to(torch.bfloat16)
+    got = A.rollout_step(joint, bf16, "mean")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, A.rollout_step(joint, bf16.float(), "mean"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's /proc/meminfo")
+def test_device_memory_available_reads_memavailable():
+    """The CPU's available memory is /proc/meminfo's MemAvailable (at most the RAM); without ``available``
+    it stays the RAM, which the folder loader's stream-or-decode choice reads."""
+    with open("/proc/meminfo") as f:
+        meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    available, ram = vitkit.fast.device_memory("cpu", available=True), vitkit.fast.device_memory("cpu")
+    assert ram == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert available <= ram and abs(available - meminfo["MemAvailable"]) < 256 * 2**20
 
 
 def test_cli_embed(tmp_path):

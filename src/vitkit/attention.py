@@ -89,13 +89,18 @@ def last_layer_map(model, x: Tensor, head: str | int = "mean", per_head: bool = 
 
 
 def rollout_step(joint: Tensor | None, att: Tensor, head: str | int = "mean", residual: float = 0.5) -> Tensor:
-    """Fold one layer's (B, h, N, N) attention into the joint attention (B, N, N) of the layers below."""
-    a = fuse_heads(att.float(), head)  # (B, N, N)
-    # max/min fusions are not row-stochastic: renormalise before mixing in the residual
+    """Fold one layer's (B, h, N, N) attention into the joint attention (B, N, N) of the layers below.
+
+    Holds, besides ``att`` and ``joint``, two (B, N, N) fp32 tensors at most: the mixed layer and the new
+    product (``rollout_bytes`` counts them); ``att`` and ``joint`` are left as they are.
+    """
+    # fused in fp32 (a bf16 mean would round), without an fp32 copy of every head
+    a = att.mean(dim=1, dtype=torch.float32) if head == "mean" else fuse_heads(att, head).float()  # (B, N, N)
+    # max/min fusions are not row-stochastic: renormalise before mixing in the residual. A new tensor:
+    # one head of fp32 attention is a view of att, which the in-place steps below must not change
     a = a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    a = residual * eye + (1.0 - residual) * a  # the residual stream carries each token's own value
-    a = a / a.sum(dim=-1, keepdim=True)
+    a.mul_(1.0 - residual).diagonal(dim1=-2, dim2=-1).add_(residual)  # the residual stream: r * I + (1 - r) * A
+    a.div_(a.sum(dim=-1, keepdim=True))
     return a if joint is None else a @ joint  # layer l's mixing applied after layers < l
 
 
@@ -113,28 +118,47 @@ def attention_rollout(model, x: Tensor, head: str | int = "mean", residual: floa
     for block in model.encoder.blocks:
         tokens, att = block(tokens, return_attention=True, rope=rope)  # att: (B, h, N, N)
         joint = rollout_step(joint, att, head, residual)
+        del att  # not held while the next block computes its own
     return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 
 
-def check_attention_fits(model, x: Tensor) -> None:
-    """A clear error, in place of the kernel's out-of-memory kill, when one layer's attention of x cannot
-    fit: its (B, h, N, N) fp32 probabilities and logits, and rollout's (B, N, N) product, grow with the
-    square of the tokens (a 4-head patch-2 model at 320x480 has 38,400: about 49 GiB a layer)."""
+def attention_bytes(model, x: Tensor, method: str = "rollout") -> int:
+    """Bytes the attention maps of x hold at their peak, counted in (B, N, N) fp32 tensors (N: the tokens).
+
+    One block's math-path attention holds its logits and its probabilities, 2h tensors (3h with BEiT's
+    relative position bias, which is added to the logits as one more); rollout keeps its running product
+    beside them (2h + 1), and folding a layer into it holds the layer's h, the product, the fused layer and
+    the new product (h + 3). Measured as peak RSS growth on the CPU (a 4-head patch-4 model at 256x256:
+    4,097 tokens, 9 tensors, 576 MiB), the rest of the network adds a few MiB.
+    """
     gh, gw = patch_grid(model, x)
     tokens = model.cfg.num_prefix_tokens + gh * gw
-    need = x.shape[0] * (2 * model.cfg.num_heads + 1) * tokens**2 * 4
-    have = fast.device_memory(x.device)
+    h = model.cfg.num_heads
+    block = (3 if model.cfg.rel_pos_bias else 2) * h
+    tensors = max(block + 1, h + 3) if method == "rollout" else block
+    return x.shape[0] * tensors * tokens**2 * 4
+
+
+def check_attention_fits(model, x: Tensor, method: str = "rollout") -> None:
+    """A clear error, in place of the kernel's out-of-memory kill, when the attention maps of x cannot
+    fit in the memory the device has free now (``attention_bytes``: they grow with the square of the
+    tokens; a 4-head patch-2 model at 320x480 has 38,400: about 49 GiB a layer)."""
+    gh, gw = patch_grid(model, x)
+    tokens = model.cfg.num_prefix_tokens + gh * gw
+    need = attention_bytes(model, x, method)
+    have = fast.device_memory(x.device, available=True)
     if have is not None and need > have:
+        where = "free on this GPU" if x.device.type == "cuda" else f"available on this {x.device.type}"
         raise ValueError(f"attention maps of a {x.shape[-2]}x{x.shape[-1]} input: {tokens:,} tokens (patch "
-                         f"{model.cfg.patch_size}), so each layer's attention takes about {need / 2**30:.1f} GiB, "
-                         f"more than the {have / 2**30:.1f} GiB this {x.device.type} has; use a smaller --img-size "
-                         f"or batch")
+                         f"{model.cfg.patch_size}), so {method} takes about {need / 2**30:.1f} GiB, more than the "
+                         f"{have / 2**30:.1f} GiB {where}; use a smaller --img-size or batch")
 
 
 def attention_map(model, x: Tensor, method: str = "rollout", head: str | int = "mean",
                   per_head: bool = False) -> Tensor:
     """One entry point for both methods: (B, gh, gw), or (B, h, gh, gw) for per-head last-layer maps."""
-    check_attention_fits(model, x)
+    if method in METHODS:
+        check_attention_fits(model, x, method)
     if method == "rollout":
         if per_head:
             # Head i of one layer and head i of the next are unrelated: a per-head rollout means nothing.

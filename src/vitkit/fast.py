@@ -110,12 +110,22 @@ def cpu_info() -> tuple[str, list[str]]:
     return model, flags
 
 
-def device_memory(device: str | torch.device = "cpu") -> int | None:
+def device_memory(device: str | torch.device = "cpu", available: bool = False) -> int | None:
     """Bytes of memory a device has: a GPU's free memory now, the machine's RAM for the CPU; None where
-    the system does not say (not POSIX)."""
+    the system does not say (not POSIX). ``available``: for the CPU, what can be allocated now without
+    swapping (Linux's MemAvailable: free memory plus reclaimable caches), the RAM where that is unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if available:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key == "MemAvailable" and value.split()[1:] == ["kB"]:
+                        return int(value.split()[0]) * 1024
+        except (OSError, ValueError):
+            pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
