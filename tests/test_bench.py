@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -210,6 +211,43 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert [r["contestant"] for r in report["results"]] == ["vitkit", "timm"]
     assert "img/s" in capsys.readouterr().out
     assert main(["bench", "--model", "vit_nope", "--runs", "1"]) == 2
+
+
+def test_cli_bench_bad_flags_are_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """Every flag is checked up front, each error naming it: a bad device (no CUDA here, or no such
+    device: tracebacks from .to(device) once), threads under 1 (0 was silently ignored, -2 a traceback),
+    a --json no file can be written at (found only after the whole benchmark), a bogus contestant after
+    a good one (built and warmed up first)."""
+    import vitkit.bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("a contestant was built before the flags were checked")
+
+    monkeypatch.setattr(vitkit.bench, "build_contestant", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    (tmp_path / "adir").mkdir()
+    base = ["bench", "--model", "vit_digits", "--batch-size", "2", "--runs", "1", "--warmup", "0"]
+    for flags, expected in [
+        (["--device", "cuda"], "--device cuda: CUDA is not available"),
+        (["--device", "cuda:1"], "--device cuda:1: CUDA is not available"),
+        (["--device", "nonsense"], "--device nonsense: expected"),
+        (["--device", "meta"], "--device meta: expected cpu, cuda or cuda:N"),
+        (["--threads", "-2"], "--threads: expected a positive number of threads, got -2"),
+        (["--threads", "0"], "--threads: expected a positive number of threads, got 0"),
+        (["--json", str(tmp_path / "adir")], "is a directory"),
+        (["--contestants", "vitkit,bogus"], "unknown contestant 'bogus'"),
+        (["--contestants", "vitkit,timm:fp9"], "fp9"),
+    ] + ([(["--json", "/proc/r.json"], "--json /proc/r.json: cannot write a file in /proc")]
+         if sys.platform.startswith("linux") else []):
+        assert main(base + ["--device", "cpu"] + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (flags, err)
+    assert torch.get_num_threads() == threads
+    # a --json in folders still to be made is fine: atomic_file makes them (checked, then built: the stub)
+    with pytest.raises(AssertionError, match="built"):
+        main(base + ["--device", "cpu", "--json", str(tmp_path / "new" / "sub" / "b.json")])
+    assert not (tmp_path / "new").exists()
 
 
 ALLOCATOR_CHURN = """

@@ -447,16 +447,22 @@ def run_benchmark(
     contestants = list(dict.fromkeys(contestants))  # drop repeats, keep order
     if not contestants:
         raise ValueError("contestants: expected at least one")
-    device = torch.device(device)
+    device = check_device(device)
     cfg = model if isinstance(model, ViTConfig) else get_config(model)
     name = model if isinstance(model, str) else "custom ViTConfig"
 
-    torch.manual_seed(seed)
-    built = []
+    specs = []  # every spec read before any contestant is built: a typo in the last costs no warm-up
     for spec in contestants:
         who, prec, comp = parse_contestant(spec, precision, compile)
+        if who not in CONTESTANTS:
+            where = "" if who == spec else f" in {spec!r}"
+            raise ValueError(f"contestants: unknown contestant {who!r}{where}; expected some of {CONTESTANTS}")
         if prec == "int8" and (comp or device.type != "cpu" or mode != "infer"):
             raise ValueError(f"contestants: {spec!r}: int8 is for CPU inference in eager mode only")
+        specs.append((spec, who, prec, comp))
+    torch.manual_seed(seed)
+    built = []
+    for spec, who, prec, comp in specs:
         c = build_contestant(who, cfg, mode, prec, comp, batch_size, device)
         c.name = spec
         built.append(c)
@@ -511,8 +517,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N that this machine has (``auto`` too), or a ValueError naming the flag."""
+    from .train import DistInfo, resolve_device
+
+    resolved = resolve_device(str(device), DistInfo())
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N (the benchmark times those)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return resolved
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """A ValueError naming ``flag`` unless a file can be written at ``path``: not a directory, and its folder
+    (or the nearest one that exists, under which the missing ones will be made) one this process can
+    create a file in: tried with a temporary file, so a read-only mount or /proc is caught too."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; expected the name of a file to write")
+    folder = target.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a directory; expected a file in a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write a file in {folder} ({e.strerror or e})") from None
+
+
 def run_from_args(args: argparse.Namespace) -> Report:
-    if args.threads:
+    # every flag checked before anything is built or timed: a bad one never costs the benchmark
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive number of threads, got {args.threads}")
+    if args.json and args.json != "-":
+        check_output_file(args.json, "--json")
+    check_device(args.device)
+    if args.threads is not None:
         fast.set_num_threads(args.threads)
     report = run_benchmark(
         args.model, args.batch_size, args.mode, args.precision, args.compile,
@@ -536,6 +584,8 @@ __all__ = [
     "Report",
     "Result",
     "add_arguments",
+    "check_device",
+    "check_output_file",
     "gpu_peak_tflops",
     "machine_info",
     "machine_line",
