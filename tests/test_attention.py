@@ -279,6 +279,61 @@ def test_cli_attention_writes_a_png(tmp_path, class_token, capsys):
         assert per_head.width > single.width
 
 
+def test_cli_attention_writes_the_format_of_its_suffix(tmp_path, capsys):
+    """--out a.jpg was PNG bytes under a JPEG name (and a.pdf too): the format is the suffix's, and a
+    suffix matplotlib cannot write, or none, is refused by name before the model runs."""
+    ckpt = vitkit.save_pretrained(tiny(), tmp_path / "ckpt")
+    image = save_image(tmp_path / "img.png")
+    for name, magic in [("a.jpg", b"\xff\xd8\xff"), ("a.JPEG", b"\xff\xd8\xff"), ("a.pdf", b"%PDF"),
+                        ("a.svg", b"<?xml"), ("a.png", b"\x89PNG"), ("a.tif", b"II*\x00"), ("a.webp", b"RIFF")]:
+        assert main(["attention", str(ckpt), str(image), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    with Image.open(tmp_path / "a.jpg") as jpg:
+        assert jpg.format == "JPEG" and jpg.width > 100
+    capsys.readouterr()
+    for name, found in [("a.gif", "found its suffix .gif"), ("a", "found no suffix"), ("a.npy", ".npy")]:
+        assert main(["attention", str(ckpt), str(image), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path / name}: " in err and ".png, .jpg" in err and found in err, err
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="--out"):
+        A.save_attention_figure(tmp_path / "b.bmp", np.zeros((16, 16, 3)), torch.rand(4, 4))
+
+
+def test_cli_attention_bad_flags_are_named_before_the_model_runs(tmp_path, monkeypatch, capsys):
+    """--cmap nope was a KeyError traceback after the model ran; --alpha 2 or -1 drew a clipped picture;
+    --head with --per-head was silently ignored: each is now refused by name (--head with --per-head
+    too: every head is drawn apart), before any attention is computed."""
+    ckpt = vitkit.save_pretrained(tiny(), tmp_path / "ckpt")
+    image = save_image(tmp_path / "img.png")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran before the flags were checked")
+
+    monkeypatch.setattr(A, "attention_map", never)
+    for flags, expected in [
+        (["--cmap", "nope"], "--cmap nope: not a matplotlib colormap"),
+        (["--cmap", "Jet"], "did you mean jet?"),
+        (["--alpha", "2"], "--alpha: expected an opacity from 0 (the image only) to 1 (the map only), got 2.0"),
+        (["--alpha", "-1"], "got -1.0"),
+        (["--alpha", "nan"], "got nan"),
+        (["--method", "last-layer", "--per-head", "--head", "max"], "--head max: --per-head draws every head"),
+        (["--method", "last-layer", "--per-head", "--head", "mean"], "--head mean: --per-head"),
+    ]:
+        assert main(["attention", str(ckpt), str(image), *flags, "--out", str(tmp_path / "a.png")]) == 2, flags
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "a.png").exists()
+    with pytest.raises(ValueError, match="--cmap"):
+        A.overlay(np.zeros((16, 16, 3)), torch.rand(4, 4), cmap="nope")
+    with pytest.raises(ValueError, match="--alpha"):
+        A.overlay(np.zeros((16, 16, 3)), torch.rand(4, 4), alpha=1.5)
+    # the edges are opacities too
+    monkeypatch.undo()
+    for alpha in ("0", "1"):
+        assert main(["attention", str(ckpt), str(image), "--alpha", alpha, "--out", str(tmp_path / "a.png")]) == 0
+
+
 def test_cli_attention_errors(tmp_path, capsys):
     ckpt = vitkit.save_pretrained(tiny(), tmp_path / "ckpt")
     image = save_image(tmp_path / "img.png")

@@ -170,6 +170,43 @@ def attention_map(model, x: Tensor, method: str = "rollout", head: str | int = "
 
 
 # --- pictures ---------------------------------------------------------------------------
+# What save_attention_figure writes, by the file's suffix: matplotlib's Agg canvas formats (JPEG and
+# WebP through Pillow), less its raw buffers and pgf, which needs LaTeX.
+FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg", "svgz", "eps", "ps", "tif", "tiff", "webp")
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure at ``path`` is written in, from its suffix (``a.JPG`` -> ``"jpg"``), or a
+    ValueError naming the file and the suffixes taken."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        found = f"its suffix .{suffix}" if suffix else "no suffix"
+        raise ValueError(f"--out {os.fspath(path)}: the picture's format is taken from the file's suffix, expected one "
+                         f"of {', '.join('.' + f for f in FIGURE_FORMATS)}; found {found}")
+    return suffix
+
+
+def check_cmap(cmap: str) -> str:
+    """``cmap`` if matplotlib has a colormap of that name, else a ValueError naming it and a few it has."""
+    from matplotlib import colormaps
+
+    if cmap not in colormaps:
+        import difflib
+
+        close = difflib.get_close_matches(cmap, list(colormaps), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"--cmap {cmap}: not a matplotlib colormap{hint}; expected one such as jet, viridis, magma, gray "
+                         f"(matplotlib.colormaps lists all {len(colormaps)})")
+    return cmap
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha``, the map's opacity, if it is in [0, 1] (matplotlib would clip the blend), else a ValueError."""
+    if not 0.0 <= alpha <= 1.0:  # NaN too
+        raise ValueError(f"--alpha: expected an opacity from 0 (the image only) to 1 (the map only), got {alpha}")
+    return alpha
+
+
 def denormalize(x: Tensor, preprocess: dict) -> np.ndarray:
     """A preprocessed (C, H, W) tensor back to an (H, W, 3) float image in [0, 1] for display."""
     c = x.shape[0]
@@ -191,7 +228,8 @@ def overlay(image: np.ndarray, amap: Tensor, alpha: float = 0.5, cmap: str = "je
     """Blend a (gh, gw) map, upsampled and coloured, over an (H, W, 3) image in [0, 1]."""
     from matplotlib import colormaps
 
-    heat = colormaps[cmap](upsample_map(amap, image.shape[:2]))[..., :3]  # (H, W, 3)
+    check_alpha(alpha)
+    heat = colormaps[check_cmap(cmap)](upsample_map(amap, image.shape[:2]))[..., :3]  # (H, W, 3)
     return (1.0 - alpha) * image + alpha * heat
 
 
@@ -204,7 +242,8 @@ def save_attention_figure(
     cmap: str = "jet",
     dpi: int = 100,
 ) -> None:
-    """Write a PNG: the image, then one overlay per map ((gh, gw) one map, (h, gh, gw) one per head).
+    """Write a picture: the image, then one overlay per map ((gh, gw) one map, (h, gh, gw) one per head),
+    in the format of the file's suffix (``FIGURE_FORMATS``: PNG, JPEG, PDF, SVG, ...).
 
     Drawn with matplotlib's Agg canvas (no display, no global pyplot state) and written atomically.
     """
@@ -213,6 +252,9 @@ def save_attention_figure(
 
     from .checkpoint import atomic_file
 
+    fmt = figure_format(path)
+    check_alpha(alpha)
+    check_cmap(cmap)
     maps = maps[None] if maps.ndim == 2 else maps  # (P, gh, gw)
     panels = [("input", image)] + [
         ("attention" if len(maps) == 1 else f"head {i}", overlay(image, m, alpha, cmap)) for i, m in enumerate(maps)
@@ -231,10 +273,14 @@ def save_attention_figure(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as f:
-        fig.savefig(f, format="png")
+        fig.savefig(f, format=fmt)
 
 
 __all__ = [
+    "FIGURE_FORMATS",
+    "check_alpha",
+    "check_cmap",
+    "figure_format",
     "attention_map",
     "attention_rollout",
     "last_layer_map",

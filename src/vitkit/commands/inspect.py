@@ -14,13 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: attention flow through all blocks (Abnar & Zuidema 2020); "
                         "last-layer: the last block's class-token (or mean-token) attention")
-    p.add_argument("--head", default="mean", help=f"fuse heads by {'|'.join(HEAD_FUSIONS)}, or pick head N")
+    p.add_argument("--head", help=f"fuse heads by {'|'.join(HEAD_FUSIONS)} (default mean), or pick head N; "
+                                  "not with --per-head, which draws every head")
     p.add_argument("--per-head", action="store_true", help="one panel per head of the last block (last-layer)")
     p.add_argument("--img-size", type=int, nargs="+", metavar="PX",
                    help="run at this size (H [W]) instead of the checkpoint's; positions are resampled")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map over the image")
-    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map over the image, 0 to 1 (default 0.5)")
+    p.add_argument("--out", required=True,
+                   help="the picture to write, in the format of its suffix: .png, .jpg, .pdf, .svg, .tif, .webp, ...")
     p.set_defaults(func=run_attention)
 
     p = sub.add_parser("embed", help="pooled pre-logits embeddings of images, saved as an (n, features) .npy")
@@ -62,10 +64,24 @@ def _load(checkpoint: str, img_size: list[int] | None = None):
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from ..attention import attention_map, denormalize, parse_head, save_attention_figure
+    from ..attention import (
+        attention_map,
+        check_alpha,
+        check_cmap,
+        denormalize,
+        figure_format,
+        parse_head,
+        save_attention_figure,
+    )
     from ..images import load_image, preprocess_image
 
-    head = parse_head(args.head)
+    # the flags first: a bad one is named before the model runs
+    if args.per_head and args.head is not None:
+        raise ValueError(f"--head {args.head}: --per-head draws every head of the block apart; give one or the other")
+    head = parse_head("mean" if args.head is None else args.head)
+    figure_format(args.out)
+    check_cmap(args.cmap)
+    check_alpha(args.alpha)
     model = _load(args.checkpoint, args.img_size)
     x = preprocess_image(load_image(args.image, model.cfg.in_channels), model.preprocess)[None]  # (1, C, H, W)
     maps = attention_map(model, x, method=args.method, head=head, per_head=args.per_head)[0]  # ([h,] gh, gw)
