@@ -432,6 +432,39 @@ def test_device_memory_available_reads_memavailable():
     assert available <= ram and abs(available - meminfo["MemAvailable"]) < 256 * 2**20
 
 
+def test_out_that_is_a_directory_is_refused_before_the_model_runs(tmp_path, monkeypatch, capsys):
+    """--out an existing directory failed only at the end, naming a temporary file ('[Errno 21] Is a
+    directory: .dd.tmp-... -> dd'): attention, embed and export now refuse it before the checkpoint is
+    loaded, and atomic_file refuses it for every writer before anything is written. An image given as
+    a directory is named as one (it said 'no such image file')."""
+    import vitkit.commands.inspect as inspect_command
+    from vitkit.checkpoint import atomic_file
+
+    ckpt = vitkit.save_pretrained(tiny(), tmp_path / "ckpt")
+    image = save_image(tmp_path / "img.png")
+    target = tmp_path / "dd.png"
+    target.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(inspect_command, "_load", never)
+    for command in (["attention", str(ckpt), str(image)], ["embed", str(ckpt), str(image)], ["export", str(ckpt)]):
+        assert main([*command, "--out", str(target)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"--out {target}: is a directory; expected the name of a file to write" in err, err
+    with pytest.raises(IsADirectoryError, match=f"{target}: is a directory; expected the name of a file"):
+        with atomic_file(target) as f:
+            f.write(b"never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any(target.iterdir())  # no temporaries
+    monkeypatch.undo()
+    for command in (["attention", str(ckpt), str(tmp_path)], ["embed", str(ckpt), str(image), str(tmp_path)]):
+        assert main([*command, "--out", str(tmp_path / "out.png")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path}: is a directory; expected an image file" in err, err
+
+
 def test_cli_embed(tmp_path):
     model = tiny()
     ckpt = vitkit.save_pretrained(model, tmp_path / "ckpt")

@@ -82,8 +82,10 @@ def test_damaged_images_raise_image_error_naming_the_file(tmp_path, good_checkpo
 
 
 def test_missing_and_directory_paths_are_image_errors(tmp_path):
-    for path in (tmp_path / "nope.png", tmp_path):
-        with pytest.raises(ImageError, match="no such image file") as info:
+    """A directory exists: it is named as one (it was 'no such image file'), with what is expected."""
+    for path, expected in ((tmp_path / "nope.png", "no such image file"),
+                           (tmp_path, "is a directory; expected an image file")):
+        with pytest.raises(ImageError, match=expected) as info:
             load_image(path)
         assert str(path) in str(info.value)
 

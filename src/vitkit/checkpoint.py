@@ -124,8 +124,11 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``final``; on success fsync it and rename it into place."""
+    """Open a temporary file beside ``final``; on success fsync it and rename it into place. A ``final``
+    that is a directory is refused before anything is written (the rename would fail only at the end)."""
     final = Path(final)
+    if final.is_dir():
+        raise IsADirectoryError(f"{final}: is a directory; expected the name of a file to write")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(final)
     try:

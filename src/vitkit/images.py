@@ -28,6 +28,8 @@ class ImageError(ValueError):
 def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     """Open ``path`` fully (so truncation is caught here) as RGB (channels=3) or L (channels=1)."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory; expected an image file (any format Pillow reads)")
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
     if path.stat().st_size == 0:

@@ -73,12 +73,14 @@ def run_attention(args: argparse.Namespace) -> int:
         parse_head,
         save_attention_figure,
     )
+    from ..bench import check_output_file
     from ..images import load_image, preprocess_image
 
     # the flags first: a bad one is named before the model runs
     if args.per_head and args.head is not None:
         raise ValueError(f"--head {args.head}: --per-head draws every head of the block apart; give one or the other")
     head = parse_head("mean" if args.head is None else args.head)
+    check_output_file(args.out, "--out")  # a directory, or a folder no file can be made in
     figure_format(args.out)
     check_cmap(args.cmap)
     check_alpha(args.alpha)
@@ -97,11 +99,13 @@ def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ..bench import check_output_file
     from ..checkpoint import atomic_file
     from ..images import load_image, preprocess_image
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive int, got {args.batch_size}")
+    check_output_file(args.out, "--out")  # before the model runs: a directory failed only at the end
     model = _load(args.checkpoint)
     rows = []
     with torch.inference_mode():
@@ -117,8 +121,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..bench import check_output_file
     from ..export import export_model
 
+    check_output_file(args.out, "--out")  # before the export runs: a directory failed only at the end
     model = _load(args.checkpoint)
     export_model(model, args.out, args.format, opset=args.opset)
     sizes = "any size divisible by the patch size" if model.cfg.dynamic_img_size else \
