@@ -85,3 +85,26 @@ def test_a_module_called_twice_owns_its_parameters_once():
     assert len(norm_rows) == 2 and sorted(r.params for r in norm_rows) == [0, 2 * 192]
     assert sum(r.params for r in result.rows) == sum(p.numel() for p in model.parameters())
     assert all(r.params >= 0 for r in result.rows)
+
+
+def test_summary_cli_of_a_checkpoint_at_another_input_size(tmp_path, capsys):
+    """`vitkit summary CKPT --input C H W` refused any size but the checkpoint's ('expected image size
+    16x16 ... build the model with img_size=') where `vitkit summary NAME --input ...` builds the variant
+    at it: the checkpoint is now loaded at that size (positions resampled), channels adapted likewise;
+    a size the config refuses is named by the flag, for a variant and a checkpoint alike."""
+    from vitkit.cli import main
+
+    cfg = vitkit.ViTConfig(img_size=16, patch_size=4, emb_size=32, depth=2, num_heads=4, num_classes=5)
+    ckpt = vitkit.save_pretrained(vitkit.ViT(cfg), tmp_path / "ckpt")
+    for c, h, w in ((3, 24, 32), (1, 16, 16), (3, 16, 16)):
+        assert main(["summary", str(ckpt), "--input", str(c), str(h), str(w)]) == 0
+        printed = capsys.readouterr().out
+        vitkit.summary(vitkit.load_pretrained(ckpt, img_size=(h, w), in_channels=c), (c, h, w))
+        assert printed == capsys.readouterr().out
+        assert f"[-1, {1 + h // 4 * w // 4}, 32]" in printed  # the tokens of that size
+    for model in (str(ckpt), "vit_digits"):
+        for size, expected in ((("3", "9", "12"), "not divisible by patch_size"), (("3", "0", "16"), "positive"),
+                               (("0", "16", "16"), "in_channels")):
+            assert main(["summary", model, "--input", *size]) == 2
+            err = capsys.readouterr().err
+            assert f"--input {' '.join(size)}: ViTConfig." in err and expected in err, (model, err)

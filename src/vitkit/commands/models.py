@@ -39,11 +39,18 @@ def run_summary(args: argparse.Namespace) -> int:
     from ..summary import summary
 
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    if Path(args.model).exists():
-        model = load_pretrained(args.model, **overrides)
-    else:  # shapes alone: on the meta device, no weights are made, so any size is instant (the giant: 4 GB)
-        img = {"img_size": tuple(args.input[1:]), "in_channels": args.input[0]} if args.input else {}
-        with torch.device("meta"):
-            model = create_model(args.model, **img, **overrides)
+    img = {"img_size": tuple(args.input[1:]), "in_channels": args.input[0]} if args.input else {}
+    try:
+        if Path(args.model).exists():
+            # at another size the positions are resampled (and other channels adapt the first layer), as a
+            # variant is built at it: the checkpoint's own size would refuse the input
+            model = load_pretrained(args.model, **img, **overrides)
+        else:  # shapes alone: on the meta device, no weights are made, so any size is instant (the giant: 4 GB)
+            with torch.device("meta"):
+                model = create_model(args.model, **img, **overrides)
+    except ValueError as e:  # the config's checks of the size (positive, divisible by the patch), named by the flag
+        if args.input and str(e).startswith(("ViTConfig.img_size", "ViTConfig.in_channels")):
+            raise ValueError(f"--input {' '.join(map(str, args.input))}: {e}") from e
+        raise
     summary(model, tuple(args.input) if args.input else None)
     return 0
