@@ -108,3 +108,19 @@ def test_summary_cli_of_a_checkpoint_at_another_input_size(tmp_path, capsys):
             assert main(["summary", model, "--input", *size]) == 2
             err = capsys.readouterr().err
             assert f"--input {' '.join(size)}: ViTConfig." in err and expected in err, (model, err)
+
+
+def test_models_cli_matches_any_case_and_says_when_nothing_matches(capsys):
+    """'VIT_DIGITS*' and 'nomatch*' both printed nothing and exited 0 (fnmatch is case-sensitive on POSIX):
+    the pattern now matches whatever the case, and one that matches nothing is an error naming it."""
+    from vitkit.cli import main
+
+    assert vitkit.list_models("VIT_DIGITS*") == vitkit.list_models("vit_digits*") == ["vit_digits", "vit_digits_gap"]
+    assert vitkit.list_models("Vit_Digits_GAP") == ["vit_digits_gap"]
+    for pattern in ("VIT_DIGITS*", "vit_digits*", "*_DIGITS_gap"):
+        assert main(["models", pattern]) == 0
+        names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+        assert names == vitkit.list_models(pattern) and names, pattern
+    assert main(["models", "nomatch*"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no model matches 'nomatch*'" in captured.err

@@ -478,8 +478,10 @@ def from_seed_names(kwargs: dict) -> dict:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Names in the variant table, filtered by a shell-style ``pattern`` (``"vit_base*"``)."""
-    return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
+    """Names in the variant table, filtered by a shell-style ``pattern`` (``"vit_base*"``), matched whatever
+    the case (``"VIT_BASE*"`` too; fnmatch's own case rule is the operating system's)."""
+    pattern = pattern.lower()
+    return sorted(n for n in VARIANTS if fnmatch.fnmatchcase(n.lower(), pattern))
 
 
 # what belongs to attention pooling (pool="map"), and its value without it

@@ -7,7 +7,8 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model variants")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'vit_base*'")
+    p.add_argument("pattern", nargs="?", default="*",
+                   help="shell-style filter, any case, e.g. 'vit_base*' (none matching is an error)")
     p.set_defaults(func=run_models)
 
     p = sub.add_parser("summary", help="layer table, true parameter totals, sizes and GMACs")
@@ -21,6 +22,8 @@ def run_models(args: argparse.Namespace) -> int:
     from ..config import VARIANTS, list_models
 
     names = list_models(args.pattern)
+    if not names:  # an empty table and exit 0 read as success: say it, as a name no command knows is said
+        raise ValueError(f"no model matches {args.pattern!r}; `vitkit models` lists all {len(VARIANTS)}")
     column = max(map(len, names), default=0)
     for name in names:
         v = VARIANTS[name]
