@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast
+from .checkpoint import check_output_file
 from .config import ViTConfig, get_config
 from .layers import conv_stem
 from .model import ViT
@@ -530,29 +531,6 @@ def check_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """A ValueError naming ``flag`` unless a file can be written at ``path``: not a directory, and its folder
-    (or the nearest one that exists, under which the missing ones will be made) one this process can
-    create a file in: tried with a temporary file, so a read-only mount or /proc is caught too."""
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory; expected the name of a file to write")
-    folder = target.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{flag} {path}: {folder} is not a directory; expected a file in a writable folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".vitkit-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write a file in {folder} ({e.strerror or e})") from None
-
-
 def run_from_args(args: argparse.Namespace) -> Report:
     # every flag checked before anything is built or timed: a bad one never costs the benchmark
     if args.threads is not None and args.threads < 1:
@@ -585,7 +563,6 @@ __all__ = [
     "Result",
     "add_arguments",
     "check_device",
-    "check_output_file",
     "gpu_peak_tflops",
     "machine_info",
     "machine_line",

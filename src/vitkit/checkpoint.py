@@ -18,6 +18,7 @@ import pickle
 import re
 import secrets
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,26 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """A ValueError naming ``flag`` unless a file can be written at ``path``: not a directory, and its folder
+    (or the nearest one that exists, under which the missing ones will be made) one this process can
+    create a file in: tried with a temporary file, so a read-only mount or /proc is caught too."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; expected the name of a file to write")
+    folder = target.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a directory; expected a file in a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write a file in {folder} ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager

@@ -73,7 +73,7 @@ def run_attention(args: argparse.Namespace) -> int:
         parse_head,
         save_attention_figure,
     )
-    from ..bench import check_output_file
+    from ..checkpoint import check_output_file
     from ..images import load_image, preprocess_image
 
     # the flags first: a bad one is named before the model runs
@@ -99,8 +99,7 @@ def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ..bench import check_output_file
-    from ..checkpoint import atomic_file
+    from ..checkpoint import atomic_file, check_output_file
     from ..images import load_image, preprocess_image
 
     if args.batch_size < 1:
@@ -121,7 +120,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..bench import check_output_file
+    from ..checkpoint import check_output_file
     from ..export import export_model
 
     check_output_file(args.out, "--out")  # before the export runs: a directory failed only at the end
