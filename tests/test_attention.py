@@ -397,7 +397,9 @@ def test_attention_memory_estimate_matches_the_measured_peak(heads, method):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(heads), method], env=env, capture_output=True,
                          text=True, check=True).stdout
-    assert 0.95 <= float(out) <= 1.15, out
+    # 1.04-1.15 here (a 1-head rollout's few tensors leave the rest of the network a larger share); the
+    # old rollout's 1.50 and 1.86 fail, an under-count of a single (N, N) tensor (1.33 at 1 head) too
+    assert 0.95 <= float(out) <= 1.3, out
 
 
 def test_rollout_step_leaves_its_inputs_and_matches_the_written_out_residual():
