@@ -235,7 +235,9 @@ def test_frozen_blocks_stay_as_pretrained_and_the_rest_trains(tmp_path, capsys, 
     after = load_file(tmp_path / "full" / "last" / "model.safetensors")
     for name, tensor in after.items():
         block = int(name.split(".")[2]) if name.startswith("encoder.blocks.") else None
-        kept = name.startswith("patch_embed.") or (block is not None and block < frozen)
+        # at every block (a linear probe) the final norm, after pooling here (head.norm), stays too
+        kept = (name.startswith("patch_embed.") or (block is not None and block < frozen)
+                or (frozen == 4 and name.startswith("head.norm.")))
         assert torch.equal(tensor, before[name]) == kept, name
     assert not torch.equal(after["head.fc.weight"], before["head.fc.weight"])
     with pytest.raises(Interrupted):

@@ -581,13 +581,17 @@ def layer_of(name: str, depth: int) -> int:
 
 def freeze_blocks(model: nn.Module, blocks: int) -> int:
     """Stop training the stem and the first ``blocks`` blocks (``layer_of`` <= blocks: with every block,
-    the final token norm too, leaving the head, a linear probe). Autograd then records nothing before
+    the final norm too, leaving the classifier, a linear probe). Autograd then records nothing before
     the first trained layer. Returns the number of parameters that still train."""
     depth = len(model.encoder.blocks)
     if not 0 <= blocks <= depth:
         raise ValueError(f"--freeze-blocks {blocks}: the model has {depth} blocks")
     for name, p in model.named_parameters():
-        if layer_of(name, depth) <= blocks:
+        # the final norm after pooling (head.norm: a mean-pooled model's, or the encoder's moved there by
+        # --head-pool mean) is the last block's output norm here, as encoder.norm is; layer decay counts it
+        # with the head, as timm does (layer_of)
+        layer = depth if name.startswith("head.norm.") else layer_of(name, depth)
+        if layer <= blocks:
             p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
