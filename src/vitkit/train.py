@@ -675,7 +675,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
 
 
 class ModelEma(torch.optim.swa_utils.AveragedModel):
-    """Exponential moving average of the weights, with timm's warm-up: decay = min(decay, (1+n)/(10+n)).
+    """Exponential moving average of the weights, warmed up as TensorFlow's ExponentialMovingAverage with
+    num_updates: decay = min(decay, (1+n)/(10+n)) at update n (timm's ModelEmaV3 keeps the decay constant by
+    default), so 0.9995 is reached only after about 18,000 updates.
 
     One in-place ``_foreach_lerp_`` over all floating tensors per step (timm's ModelEmaV3 does the
     same); integer buffers are copied. The update count ``n`` is kept on the host: torch's
