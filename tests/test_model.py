@@ -383,3 +383,23 @@ def test_timms_model_level_names_and_input_description():
     half.reset_classifier(4)  # the new classifiers take the model's dtype, as timm's do
     assert half(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_every_variant_timm_also_names_has_timms_defaults():
+    """Each variant whose name timm knows is built as timm builds it by default: image size, classes (0
+    where the weights were published without a classifier, CLIP's embedding width), width, depth, heads,
+    prefix tokens; and LayerScale's first value (timm's init) where the model has it."""
+    timm = pytest.importorskip("timm")
+    names = sorted(set(vitkit.list_models()) & set(timm.list_models()))
+    assert len(names) >= 70
+    for name in names:
+        with torch.device("meta"):
+            theirs, ours = timm.create_model(name), create_model(name)
+        assert (tuple(theirs.patch_embed.img_size), theirs.num_classes, theirs.embed_dim, len(theirs.blocks),
+                theirs.blocks[0].attn.num_heads, theirs.num_prefix_tokens) == (
+            ours.cfg.img_size, ours.cfg.num_classes, ours.cfg.emb_size, ours.cfg.depth, ours.cfg.num_heads,
+            ours.cfg.num_prefix_tokens), name
+        if ours.cfg.layer_scale and ours.cfg.emb_size <= 1024:  # one real block of each: LayerScale's init
+            block = dict(timm.create_model(name, depth=1).blocks[0].named_parameters())
+            gamma = next(p for n, p in block.items() if n in ("ls1.gamma", "gamma_1"))
+            assert gamma[0].item() == pytest.approx(create_model(name, depth=1).encoder.blocks[0].ls1.gamma[0].item()), name

@@ -328,12 +328,14 @@ def _table() -> dict[str, dict]:
     for size, dims in SIZES.items():
         for patch in PATCH_SIZES:
             for img in IMG_SIZES:
-                if img % patch:
-                    # 224 and 384 are not multiples of 14; the published /14 models use 224 -> 224 and 518
+                if img % patch:  # 384 is no multiple of 14: the /14 grid is built at 378
                     img = img // patch * patch
                 table[f"vit_{size}_patch{patch}_{img}"] = dict(
                     **dims, **TIMM_STYLE, patch_size=patch, img_size=img
                 )
+    # published without a classifier (timm's: in21k features, DINO's): features only
+    for name in ("vit_huge_patch14_224", "vit_large_patch32_224", "vit_small_patch8_224"):
+        table[name]["num_classes"] = 0
     # DeiT's distilled models (Touvron et al. 2021; timm's deit_*_distilled_*): a distillation token
     # after the class token, with a classifier of its own, the two heads' logits averaged.
     for size in ("tiny", "small", "base"):
@@ -362,7 +364,8 @@ def _table() -> dict[str, dict]:
                                                           patch_size=patch, img_size=224, pre_norm=True)
         # OpenAI's own weights: QuickGELU
         table[f"vit_{size}_patch{patch}_clip_quickgelu_224"] = dict(table[f"vit_{size}_patch{patch}_clip_224"],
-                                                                    mlp_act="quick_gelu")
+                                                                    mlp_act="quick_gelu",  # the image embedding
+                                                                    num_classes=768 if size == "large" else 512)
     # SigLIP's towers (Zhai et al. 2023; timm's *_siglip_*): no class token, attention pooling; timm runs
     # them with exact GELU (transformers with its tanh form, which their HF files then say)
     siglip = dict(class_token=False, pool="map", final_norm="tokens", norm_eps=1e-6, num_classes=0)
@@ -376,7 +379,7 @@ def _table() -> dict[str, dict]:
     for size in ("base", "large"):
         for img in IMG_SIZES:
             table[f"beit_{size}_patch16_{img}"] = dict(**SIZES[size], **beit, patch_size=16, img_size=img,
-                                                       layer_scale=0.1)
+                                                       layer_scale=0.1 if size == "base" else 1e-5)  # timm's inits
         table[f"beitv2_{size}_patch16_224"] = dict(**SIZES[size], **beit, patch_size=16, img_size=224,
                                                    layer_scale=1e-5)
     # DINOv3 (Siméoni et al. 2025; timm's vit_*_patch16_dinov3, its Eva class): rotary positions, no
@@ -385,7 +388,7 @@ def _table() -> dict[str, dict]:
     # reference code, the class token: --head-pool cls); self-supervised: no classifier
     for size in ("small", "base", "large"):
         table[f"vit_{size}_patch16_dinov3"] = dict(
-            **SIZES[size], patch_size=16, img_size=224, dynamic_img_size=True, rope="dinov3", abs_pos=False, reg_tokens=4,
+            **SIZES[size], patch_size=16, img_size=256, dynamic_img_size=True, rope="dinov3", abs_pos=False, reg_tokens=4,
             layer_scale=1e-5, norm_eps=1e-5, qkv_bias=False, class_token=True, pool="mean", final_norm="tokens",
             num_classes=0)
         table[f"vit_{size}_patch16_dinov3_qkvb"] = dict(table[f"vit_{size}_patch16_dinov3"], qkv_bias=True)
