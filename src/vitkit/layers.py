@@ -709,11 +709,21 @@ def lean_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
     return _lean_linear(x.to(compute_dtype(x)), weight, bias, activation)
 
 
+def _global_hooks() -> bool:
+    """Whether a forward hook is registered for every module (``nn.modules.module.register_module_forward_hook``,
+    FlopCounterMode's module tracker): every call is watched."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def _watched(module: nn.Module) -> bool:
+    """Whether a forward hook would see ``module``'s call: one of its own, or one on every module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or _global_hooks()
+
+
 def _stock(module: nn.Module, cls: type) -> bool:
     """A plain ``cls`` (nn.Linear, nn.GELU) with no hooks: one that vitkit may run through another
     function (a hook would not see the call; a subclass or a quantised layer computes something else)."""
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
+    return type(module) is cls and not _watched(module)
 
 
 def lean_linear_applies(layer: nn.Module, x: Tensor) -> bool:

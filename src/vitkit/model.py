@@ -9,7 +9,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.nn.modules import module as nn_module
 
 from .config import GRID_ROPES, ViTConfig, from_seed_names, get_config, pooled_width
 from .layers import (
@@ -17,6 +16,7 @@ from .layers import (
     PatchEmbedding,
     TransformerEncoderBlock,
     _dropout,
+    _global_hooks,
     init_weights,
     rope_dinov3,
     rope_eva02,
@@ -263,10 +263,10 @@ class ViT(nn.Module):
     def _last_block_watched(self) -> bool:
         """Whether a forward hook would see the last block's or the final norm's tokens (a feature
         extractor's hook on ``encoder.blocks[-1]``): they then get every token, as from timm's model."""
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        if _global_hooks():
             return True
-        stack = [self.encoder.blocks[-1], self.encoder.norm]  # a walk by hand: Module.modules() costs 2.5x
-        while stack:
+        stack = [self.encoder.blocks[-1], self.encoder.norm]  # a walk by hand: Module.modules() costs 2.5x,
+        while stack:  # and a call per module (layers._watched) 1.2x
             module = stack.pop()
             if module._forward_hooks or module._forward_pre_hooks:
                 return True
