@@ -92,7 +92,7 @@ def rollout_step(joint: Tensor | None, att: Tensor, head: str | int = "mean", re
     """Fold one layer's (B, h, N, N) attention into the joint attention (B, N, N) of the layers below.
 
     Holds, besides ``att`` and ``joint``, two (B, N, N) fp32 tensors at most: the mixed layer and the new
-    product (``rollout_bytes`` counts them); ``att`` and ``joint`` are left as they are.
+    product (``attention_bytes`` counts them); ``att`` and ``joint`` are left as they are.
     """
     # fused in fp32 (a bf16 mean would round), without an fp32 copy of every head
     a = att.mean(dim=1, dtype=torch.float32) if head == "mean" else fuse_heads(att, head).float()  # (B, N, N)
@@ -122,6 +122,12 @@ def attention_rollout(model, x: Tensor, head: str | int = "mean", residual: floa
     return token_map(joint, model.cfg.num_prefix_tokens, patch_grid(model, x), model.cfg.class_token)
 
 
+def _tokens(model, x: Tensor) -> int:
+    """N, the tokens of x's attention: the prefix tokens and x's patches."""
+    gh, gw = patch_grid(model, x)
+    return model.cfg.num_prefix_tokens + gh * gw
+
+
 def attention_bytes(model, x: Tensor, method: str = "rollout") -> int:
     """Bytes the attention maps of x hold at their peak, counted in (B, N, N) fp32 tensors (N: the tokens).
 
@@ -131,8 +137,7 @@ def attention_bytes(model, x: Tensor, method: str = "rollout") -> int:
     the new product (h + 3). Measured as peak RSS growth on the CPU (a 4-head patch-4 model at 256x256:
     4,097 tokens, 9 tensors, 576 MiB), the rest of the network adds a few MiB.
     """
-    gh, gw = patch_grid(model, x)
-    tokens = model.cfg.num_prefix_tokens + gh * gw
+    tokens = _tokens(model, x)
     h = model.cfg.num_heads
     block = (3 if model.cfg.rel_pos_bias else 2) * h
     tensors = max(block + 1, h + 3) if method == "rollout" else block
@@ -143,8 +148,7 @@ def check_attention_fits(model, x: Tensor, method: str = "rollout") -> None:
     """A clear error, in place of the kernel's out-of-memory kill, when the attention maps of x cannot
     fit in the memory the device has free now (``attention_bytes``: they grow with the square of the
     tokens; a 4-head patch-2 model at 320x480 has 38,400: about 49 GiB a layer)."""
-    gh, gw = patch_grid(model, x)
-    tokens = model.cfg.num_prefix_tokens + gh * gw
+    tokens = _tokens(model, x)
     need = attention_bytes(model, x, method)
     have = fast.device_memory(x.device, available=True)
     if have is not None and need > have:

@@ -277,8 +277,7 @@ class FileImages:
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
-            sizes = None if self.sizes is None else self.sizes[idx].tolist()
-            return FileImages(self.paths[idx], self.channels, self.to_unit, self.threads, sizes)
+            return self.take(list(range(len(self.paths)))[idx])
         if isinstance(idx, int):
             return _decode(self.paths[idx], self.channels, self.to_unit)
         return self.load(idx)
@@ -630,10 +629,19 @@ def save_samples(data: Dataset, directory: str | os.PathLike, n: int = 6) -> lis
 
 
 # --- batches -----------------------------------------------------------------------------
+def seed_of(*parts: int) -> int:
+    """One seed from several integers ((seed, epoch), (seed, step, rank), ...): each folded in by a prime,
+    so that a draw is a function of where it happens, never of the RNG's history."""
+    folded = 0
+    for part in parts:
+        folded = folded * 1_000_003 + part
+    return folded
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     """The order of epoch ``epoch``: a function of (seed, epoch) only, never of the RNG's history,
     so a resumed run, and every rank of a distributed one, sees the same order."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(seed_of(seed, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -774,5 +782,5 @@ class BatchAugment:
 
 __all__ = [
     "Split", "Dataset", "FileImages", "prefetch", "hold_out", "load_dataset", "resize_dataset", "load_digits", "load_fashion_mnist", "load_folder", "normalize",
-    "gray_preprocess", "save_samples", "epoch_permutation", "global_batches", "BatchAugment",
+    "gray_preprocess", "save_samples", "seed_of", "epoch_permutation", "global_batches", "BatchAugment",
 ]

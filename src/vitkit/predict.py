@@ -34,14 +34,18 @@ def image_paths(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 @torch.no_grad()
+def _check_topk(topk: int) -> None:
+    if topk < 1:
+        raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
+
+
 def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, batch_size: int = 64,
             skip_bad_images: bool = False) -> list[dict]:
     """``[{"image": path, "predictions": [{"label", "index", "probability"}, ...]}, ...]``, best first.
 
     An unreadable file raises ``ImageError`` naming it; with ``skip_bad_images`` it gets
     ``{"image": path, "error": why}`` instead, in its place, and the others are still classified."""
-    if topk < 1:
-        raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
+    _check_topk(topk)
     model.eval()
     names = getattr(model, "class_names", None)
     k = min(topk, model.cfg.num_classes)
@@ -77,8 +81,7 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str | os.PathLike],
     """``predict`` with a checkpoint (a run folder means its best/) on files and directories of them."""
     from .train import DistInfo, resolve_device
 
-    if topk < 1:  # before the model loads
-        raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
+    _check_topk(topk)  # before the model loads
     model = load_pretrained(checkpoint, map_location=resolve_device(device, DistInfo()))
     return predict(model, image_paths(paths), topk=topk, skip_bad_images=skip_bad_images)
 

@@ -61,6 +61,7 @@ from .data import (
     normalize,
     prefetch,
     resize_dataset,
+    seed_of,
 )
 from .distributed import (
     STRATEGIES,
@@ -1106,7 +1107,7 @@ class Trainer:
         images = self.data.train.images
         if self.cfg.crop_scale <= 0 or not isinstance(images, FileImages):
             return None
-        seed = ((self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + int(micro[0])) * 1_000_003 + len(micro)
+        seed = seed_of(self.cfg.seed, self.epoch, int(micro[0]), len(micro))
         sizes = images.sizes[micro]  # (B, 2): height, width
         return self.augment.crop_boxes(len(micro), sizes[:, 0], sizes[:, 1],
                                        generator=torch.Generator().manual_seed(seed % 2**63))
@@ -1130,7 +1131,7 @@ class Trainer:
             # Each rank's augmentation and dropout draws, from (seed, step, rank): the checkpoint holds
             # rank 0's stream alone, so without this a resumed run's other ranks drew otherwise than the
             # uninterrupted run's (a 2-process run with shifted images ended 3.8e-3 away from it)
-            torch.manual_seed(((cfg.seed * 1_000_003 + self.global_step) * 1_000_003 + dist.rank) % 2**63)
+            torch.manual_seed(seed_of(cfg.seed, self.global_step, dist.rank) % 2**63)
         self.optimizer.zero_grad(set_to_none=True)
         # The metrics stay on the device until the step's one all_reduce: no host sync per
         # micro-batch, and a tensor that NCCL (which reduces CUDA tensors only) can reduce.
