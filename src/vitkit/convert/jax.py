@@ -139,11 +139,10 @@ def read(path: Path) -> Foreign:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ValueError(f"a single {type(loaded).__name__}, not an archive of named arrays")
         with loaded as npz:
-            names = list(npz.files)
-            arrays = {} if any(n.endswith("data.pkl") for n in names) else {k: np.asarray(npz[k]) for k in names}
+            pickles = [n for n in npz.files if n.endswith("data.pkl")]
+            arrays = {} if pickles else {k: np.asarray(npz[k]) for k in npz.files}
     except (ValueError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable .npz of arrays ({e})") from e
-    pickles = [n for n in names if n.endswith("data.pkl")]
     if pickles:  # np.load opens any zip archive, and torch.save writes one
         raise CheckpointError(f"{path}: not a JAX .npz: expected an archive of .npy arrays, found a PyTorch "
                               f"checkpoint (torch.save's zip, with {pickles[0]!r}); read it as --from timm or "

@@ -695,11 +695,12 @@ def export(model: nn.Module, out: Path) -> Path:
     if no_embed_class:
         state["pos_embed"] = state["pos_embed"][:, cfg.num_prefix_tokens:].contiguous()
     args = model_args(cfg, abs_pos="pos_embed" in state, no_embed_class=no_embed_class)
-    if bare and implied_pool(state, cfg.rope) != cfg.pool:
+    read_back = implied_pool(state, cfg.rope)
+    if bare and read_back != cfg.pool:
         # the final norm is told by the tensors (fc_norm, norm, neither); the pooling is not
         warnings.warn(
             f"timm export: {out}: a bare state dict does not hold the pooling, and this one would be read back "
-            f"(by vitkit, as timm's default for these tensors) as pool={implied_pool(state, cfg.rope)!r}, while the "
+            f"(by vitkit, as timm's default for these tensors) as pool={read_back!r}, while the "
             f"model has pool={cfg.pool!r} (final_norm={cfg.final_norm!r}): export a hub dir (OUT without a suffix) "
             f"to keep it, or pass the pooling when loading: vitkit.convert.load(..., pool={cfg.pool!r}), "
             f"timm.create_model(..., global_pool={args['global_pool']!r})",
