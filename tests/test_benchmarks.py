@@ -140,3 +140,10 @@ def test_finetune_on_a_run_of_its_own(tmp_path, capsys):  # its own source run: 
     out = run_script("finetune", ["--pretrained", str(tmp_path / "source"), "--subsets", "20", "--steps", "2",
                                   "--threads", "1", "--out", str(tmp_path / "runs")], capsys)
     rows(out, ["20"])
+
+
+def test_compiled_profile(capsys):  # both libraries compiled, on the CPU: ops rather than kernels
+    out = run_script("compiled_profile", ["--model", "vit_digits_gap", "--batch-size", "4", "--contestants",
+                                          "vitkit,timm", "--runs", "1", "--top", "3"], capsys)
+    rows(out, ["vitkit", "timm"])
+    assert out.count("-- vitkit: 2 steps") == 1 and out.count("-- timm: 2 steps") == 1
