@@ -29,11 +29,12 @@ What is not default, and why:
 * Pure bf16 training (``model.to(torch.bfloat16)``) loses precision in the weight update; train
   with ``precision="bf16-autocast"`` (fp32 master weights, bf16 matmuls) instead.
 * ``precision="int8"`` (CPU inference only): dynamic int8 quantisation of every Linear layer
-  (weights int8 per output channel, activations quantised on the fly). On an AVX512-VNNI CPU it
-  ran ViT-B/16 at 1.5x bf16's images/s, and the Fashion-MNIST model scored 92.07% in int8 against
-  92.06% in fp32 (``benchmarks/int8_accuracy.py``; ``vitkit eval --precision int8``). It is opt-in all
-  the same: it moves logits ~5x more than bf16 does, gains nothing on tiny models (0.96x bf16 at
-  vit_fmnist), and rests on torch's ``quantize_dynamic``, which torch has deprecated.
+  (weights int8 per output channel, activations quantised on the fly). On an AVX512-VNNI CPU
+  without AMX it ran ViT-B/16 at 1.5x bf16's images/s, and the Fashion-MNIST model scored 92.07% in
+  int8 against 92.06% in fp32 (``benchmarks/int8_accuracy.py``; ``vitkit eval --precision int8``).
+  It is opt-in all the same: it moves logits ~5x more than bf16 does, gains nothing on tiny models
+  (0.96x bf16 at vit_fmnist), loses to bf16 on CPUs with AMX (0.6x; it warns there), and rests on
+  torch's ``quantize_dynamic``, which torch has deprecated.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 # the autocast precisions -> the dtype their matmuls run in
 AUTOCAST_DTYPES = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
 # int8: Linear weights in int8, for inference on CPU only (``quantize_int8``).
+# Where AMX multiplies bf16 tiles it is the slower choice: ViT-B/16, batch 8, on 2 cores of an AMX
+# Xeon (torch 2.11, `benchmarks/throughput.py --device cpu --threads 2 --contestants
+# timm:bf16:eager,vitkit:bf16:eager,vitkit:int8:eager`): int8 15.7 images/s, bf16 26.1.
+INT8_ON_AMX = ("precision 'int8' on a CPU with AMX: bf16 is faster there (ViT-B/16 on 2 cores of an AMX Xeon: "
+               "int8 at 0.60x bf16's images/s); int8 pays on CPUs with AVX512-VNNI and no AMX")
 INFERENCE_PRECISIONS = PRECISIONS + ("int8",)
 
 
@@ -326,6 +332,10 @@ def optimize_for_inference(
     precision = check_precision(precision or default_precision(device), inference=True)
     if precision == "int8" and (device.type != "cpu" or compile):
         raise ValueError("precision 'int8': CPU inference in eager mode only (use compile=False on a CPU model)")
+    if precision == "int8" and "amx_bf16" in cpu_info()[1]:
+        import warnings
+
+        warnings.warn(INT8_ON_AMX, stacklevel=2)
     if not inplace:
         model = copy.deepcopy(model)
     model = model.eval().requires_grad_(False).to(device)
