@@ -407,12 +407,17 @@ def test_a_csv_table_holds_out_sorts_numbers_and_names_what_is_wrong(tmp_path, c
         load_dataset(f"csv:{_csv(tmp_path / 'c.csv', [('', 'a', 'train')])}", **spec)
     with pytest.raises(ValueError, match=r"classes \['b'\] of val rows appear in no train row"):
         load_dataset(f"csv:{_csv(tmp_path / 'd.csv', [(files[0], 'a', 'train'), (files[1], 'b', 'val')])}", **spec)
-    missing = _csv(tmp_path / "e.csv", [(files[0], "a", "train"), ("gone.png", "a", "train"), (files[1], "a", "val")])
+    missing = _csv(tmp_path / "e.csv", [(files[0], "a", "train"), ("gone.png", "a", "train"), (files[1], "a", "val"),
+                                        (files[2], "b", "train"), (files[3], "b", "val")])
     for loading in ("memory", "stream"):
         with pytest.raises(ImageError, match=f"{tmp_path / 'gone.png'}: no such image file.*--skip-bad-images"):
             load_dataset(f"csv:{missing}", folder_loading=loading, **spec)
         kept = load_dataset(f"csv:{missing}", folder_loading=loading, skip_bad_images=True, **spec)
-        assert (len(kept.train), len(kept.val), len(kept.skipped)) == (1, 1, 1)
+        assert (len(kept.train), len(kept.val), len(kept.skipped)) == (2, 2, 1)
+    lone = _csv(tmp_path / "f.csv", [(files[0], "a", "train"), (files[1], "a", "val")])
+    with pytest.raises(ValueError, match=r"f.csv: one class, 'a', in its train rows; training needs two or more"):
+        load_dataset(f"csv:{lone}", **spec)
+    assert load_dataset(f"csv:{lone}", with_train=False, **spec).class_names == ["a"]  # `vitkit eval` reads it
     with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
         load_dataset(f"csv:{tmp_path / 'nope.csv'}", **spec)
 

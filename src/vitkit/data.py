@@ -506,6 +506,9 @@ def load_csv(table: str | os.PathLike, img_size: tuple[int, int], channels: int,
     else:
         files = dict(zip(CSV_SPLITS, hold_out([(path, index[label]) for path, label, _ in rows], val_fraction)))
         _held_out_note(table, files, val_fraction, "no split column")
+    if with_train and len(class_names) < 2:  # as for a folder of one class: nothing to tell apart
+        raise ValueError(f"{table}: one class, {class_names[0]!r}, in its train rows; training needs two or more "
+                         f"(column {label_column!r})")
     where = {name: f"{table} ({name} rows)" for name in CSV_SPLITS}
     return _load_files(f"csv:{table}", files, where, class_names, img_size, channels, preprocess,
                        skip_bad_images, with_train, loading)
