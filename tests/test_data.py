@@ -266,6 +266,28 @@ def test_full_augment_gives_soft_targets_and_is_fast():
     assert rate > 5000  # far above the ~1-2k images/s the model trains at on this CPU
 
 
+def test_random_erasing_fills_with_noise_as_timm_or_with_the_mean_colour():
+    """erasing_mode="pixel" (the default) fills each erased box with standard normal noise, as timm's
+    RandomErasing(mode="pixel") does after normalising; "const" with 0, the mean colour."""
+    from timm.data.random_erasing import RandomErasing
+
+    images = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    pre = dict(mean=[0.5] * 3, std=[0.25] * 3)
+    flat = normalize(images, pre)  # (200/255 - 0.5) / 0.25 everywhere
+    for mode, want_std in (("pixel", 1.0), ("const", 0.0)):
+        x, _ = BatchAugment(pre, 10, random_erasing=1.0, erasing_mode=mode)(images, torch.zeros(64, dtype=torch.long))
+        erased = x != flat
+        assert erased.any(), mode
+        if mode == "const":
+            erased = x == 0
+            assert erased.any() and ((x == flat) | erased).all()
+        assert x[erased].std().item() == pytest.approx(want_std, abs=0.05), mode
+    theirs = RandomErasing(probability=1.0, mode="pixel", device="cpu")(flat.clone())
+    assert theirs[theirs != flat].std().item() == pytest.approx(1.0, abs=0.05)  # the oracle's fill, the same law
+    with pytest.raises(ValueError, match=r"erasing_mode: expected one of \('pixel', 'const'\), got 'noise'"):
+        BatchAugment(pre, 10, random_erasing=0.5, erasing_mode="noise")
+
+
 def _photo_batch(size: int = 48) -> torch.Tensor:
     """Three real photos (scikit-image) as a uint8 (3, 3, size, size) batch."""
     from skimage import data as photos

@@ -189,6 +189,22 @@ def test_config_file_then_flags_typed(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_run_from_before_the_erasing_mode_resumes_erasing_as_it_began(tmp_path):
+    """A config.yaml without random_erasing_mode was written when erasing filled boxes with zeros:
+    resumed, the run goes on with zeros ("const"), to the weights of a straight "const" run."""
+    small = dict(FULL_RECIPE, train_subset=128, batch_size=32, epochs=2, random_erasing=1.0,
+                 random_erasing_mode="const")
+    train(resolve_config(None, tiny(tmp_path / "full", **small)))
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, tiny(tmp_path / "cut", stop_after_epoch=1, **small)))
+    config = tmp_path / "cut" / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("random_erasing_mode:")))
+    resume(tmp_path / "cut", {"stop_after_epoch": 0})
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert resolve_config(None, {}).random_erasing_mode == "pixel"  # a new run erases as timm does
+
+
 def test_resume_refuses_to_change_the_recipe(tmp_path):
     with pytest.raises(Interrupted):
         train(resolve_config(None, tiny(tmp_path / "r", epochs=2, stop_after_epoch=1)))

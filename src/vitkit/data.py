@@ -656,6 +656,10 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tenso
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
+# what random erasing fills a box with (BatchAugment's erasing_mode)
+ERASING_MODES = ("pixel", "const")
+
+
 class BatchAugment:
     """Training augmentation of a uint8 (B, C, H, W) batch -> normalised float batch (+ soft targets).
 
@@ -673,7 +677,8 @@ class BatchAugment:
     def __init__(self, preprocess: dict, num_classes: int, translate: int = 0, hflip: float = 0.0,
                  auto_augment: str = "none", ra_num_ops: int = 2, ra_magnitude: int = 9,
                  random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 mixup_prob: float = 1.0, crop_scale: float = 0.0, crop_ratio: float = 4 / 3):
+                 mixup_prob: float = 1.0, crop_scale: float = 0.0, crop_ratio: float = 4 / 3,
+                 erasing_mode: str = "pixel"):
         from torchvision.transforms import v2
 
         if not 0.0 <= crop_scale <= 1.0:
@@ -694,7 +699,12 @@ class BatchAugment:
             self.auto = None
         else:
             raise ValueError(f"auto_augment: expected 'none', 'randaugment' or 'trivialaugment', got {auto_augment!r}")
-        self.erase = v2.RandomErasing(p=random_erasing, value=0) if random_erasing > 0 else None
+        if erasing_mode not in ERASING_MODES:
+            raise ValueError(f"erasing_mode: expected one of {ERASING_MODES}, got {erasing_mode!r}")
+        # after normalising: "pixel" fills the box with standard normal noise (timm's default, its
+        # mode="pixel"; torchvision's value="random"), "const" with 0, the dataset's mean colour
+        fill = "random" if erasing_mode == "pixel" else 0
+        self.erase = v2.RandomErasing(p=random_erasing, value=fill) if random_erasing > 0 else None
         mixes = []
         if mixup_alpha > 0:
             mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))

@@ -51,6 +51,7 @@ from .checkpoint import (
 )
 from .config import ViTConfig, get_config
 from .data import (
+    ERASING_MODES,
     FOLDER_LOADING,
     BatchAugment,
     Dataset,
@@ -142,6 +143,7 @@ class TrainConfig:
     ra_num_ops: int = 2  # randaugment: operations per image
     ra_magnitude: int = 9  # randaugment: their strength, 0 to 30 (torchvision's scale)
     random_erasing: float = 0.0  # probability
+    random_erasing_mode: str = "pixel"  # what an erased box holds: pixel (normal noise, timm's default) | const (0)
     mixup_alpha: float = 0.0  # 0: off
     cutmix_alpha: float = 0.0  # 0: off
     mixup_prob: float = 1.0  # probability a batch is mixed (when mixup or cutmix is on)
@@ -181,6 +183,7 @@ class TrainConfig:
         choices = {
             "precision": ("auto", *TRAINING_AUTOCAST),
             "auto_augment": ("none", "randaugment", "trivialaugment"),
+            "random_erasing_mode": ERASING_MODES,
             "progress": ("auto", "on", "off"),
             "folder_loading": FOLDER_LOADING,
             "strategy": STRATEGIES,
@@ -542,7 +545,10 @@ def read_run_config(run: str | os.PathLike) -> TrainConfig:
     path = Path(run) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {run} a vitkit run folder (runs/NAME)?")
-    return resolve_config(str(path))
+    values = read_config_file(path)
+    # a run begun before the option existed erased with zeros (the mean colour, once normalised)
+    values.setdefault("random_erasing_mode", "const")
+    return TrainConfig(**values)
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -742,7 +748,7 @@ def make_augment(cfg: TrainConfig, data: Dataset) -> BatchAugment:
     return BatchAugment(
         data.preprocess, data.num_classes, translate=cfg.translate, hflip=cfg.hflip,
         auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
-        random_erasing=cfg.random_erasing, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+        random_erasing=cfg.random_erasing, erasing_mode=cfg.random_erasing_mode, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
         mixup_prob=cfg.mixup_prob, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
     )
 
