@@ -7,6 +7,7 @@ import torch
 
 import vitkit
 from vitkit import ViT, ViTConfig, create_model, list_models
+from vitkit.checkpoint import default_preprocess
 
 PUBLISHED_PARAMS = {
     "vit_tiny_patch16_224": 5_717_416,
@@ -360,11 +361,13 @@ def test_timms_model_level_names_and_input_description():
     for name in ("num_features", "embed_dim", "num_prefix_tokens", "num_classes"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.get_classifier() is ours.head.fc
-    # timm reads the size and resizing from vitkit's model (the normalisation is vitkit's default, ImageNet's,
-    # where timm's tiny names its augreg weights' 0.5)
-    mine, timms = resolve_data_config(model=ours), resolve_data_config(model=theirs)
-    assert (mine["input_size"], mine["interpolation"]) == (timms["input_size"], timms["interpolation"])
-    assert mine["mean"] == pytest.approx((0.485, 0.456, 0.406)) and mine["crop_pct"] == 0.875
+    # timm reads the size, resizing and normalisation from vitkit's model: its augreg weights' 0.5, cropped 0.9
+    assert resolve_data_config(model=ours) == resolve_data_config(model=theirs)
+    # a model of a bare config, of a name timm has no weights for, or grey, keeps vitkit's defaults
+    for model in (create_model(ours.cfg), create_model("vit_seed_patch16_224"), create_model("vit_tiny_patch16_224",
+                                                                                             depth=1, in_channels=1)):
+        assert model.pretrained_cfg["crop_pct"] == (1.0 if model.cfg.in_channels == 1 else 0.875)
+        assert model.pretrained_cfg["mean"] == ((0.5,) if model.cfg.in_channels == 1 else (0.485, 0.456, 0.406))
     digits = create_model("vit_digits")  # a grey 8x8 model: not ImageNet's 3x224x224
     assert resolve_data_config(model=digits) == {"input_size": (1, 8, 8), "interpolation": "bicubic", "mean": (0.5,),
                                                  "std": (0.5,), "crop_pct": 1.0, "crop_mode": "center"}
@@ -403,3 +406,30 @@ def test_every_variant_timm_also_names_has_timms_defaults():
             block = dict(timm.create_model(name, depth=1).blocks[0].named_parameters())
             gamma = next(p for n, p in block.items() if n in ("ls1.gamma", "gamma_1"))
             assert gamma[0].item() == pytest.approx(create_model(name, depth=1).encoder.blocks[0].ls1.gamma[0].item()), name
+
+
+def test_every_variant_timm_also_names_reads_images_as_timms_weights_do(tmp_path):
+    """A variant's model reads images (pretrained_cfg, predict, its checkpoints) as the weights timm names it for:
+    their mean, std, interpolation and crop (CLIP's statistics, SigLIP's 0.5, DINOv2's uncropped...), at the
+    model's size, an override's too; a name timm does not know keeps vitkit's defaults (ImageNet's, 0.875)."""
+    timm = pytest.importorskip("timm")
+    names = set(vitkit.list_models()) & set(timm.list_models())
+    assert len(names) >= 70
+    for name in sorted(names):
+        with torch.device("meta"):
+            theirs, ours = timm.create_model(name, pretrained=False).pretrained_cfg, create_model(name).pretrained_cfg
+        assert (ours["mean"], ours["std"]) == (pytest.approx(theirs["mean"]), pytest.approx(theirs["std"])), name
+        assert (ours["interpolation"], ours["crop_pct"], ours["input_size"]) == (
+            theirs["interpolation"], theirs["crop_pct"], theirs["input_size"]), name
+    for name in sorted(set(vitkit.list_models()) - names):
+        with torch.device("meta"):
+            model = create_model(name)
+        assert model.preprocess == default_preprocess(model.cfg), name
+    with torch.device("meta"):
+        clip = create_model("vit_base_patch16_clip_224", img_size=112)
+    assert clip.pretrained_cfg["input_size"] == (3, 112, 112) and clip.pretrained_cfg["crop_pct"] == 0.95
+    assert clip.preprocess["mean"] == list(timm.data.OPENAI_CLIP_MEAN)
+    small = create_model("vit_base_patch16_siglip_224", img_size=32, depth=1)
+    vitkit.save_pretrained(small, tmp_path / "siglip")
+    assert vitkit.load_pretrained(tmp_path / "siglip").preprocess == dict(img_size=[32, 32], mean=[0.5] * 3, std=[0.5] * 3,
+                                                                   interpolation="bicubic", crop_pct=0.9)

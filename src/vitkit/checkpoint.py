@@ -28,15 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import ViTConfig, to_2tuple
+from .config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, to_2tuple, variant_preprocess
 from .layers import adapt_input_channels, resample_patch_embed, resample_positions, resample_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "vitkit"
-# ImageNet statistics: what timm/torchvision checkpoints expect unless told otherwise.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CheckpointError(ValueError):
@@ -229,7 +226,24 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], so
 
 
 # --- the vitkit format ------------------------------------------------------------------
-def default_preprocess(cfg: ViTConfig) -> dict:
+def named_preprocess(cfg: ViTConfig, variant: str | None) -> dict | None:
+    """How the weights timm names ``variant`` for read an image (``config.VARIANT_PREPROCESS``; timm's
+    pretrained_cfg), at ``cfg``'s size; None for a name of no known family, or a ``cfg`` whose channels
+    are not the weights' three."""
+    named = variant_preprocess(variant) if variant is not None and cfg.in_channels == 3 else None
+    if named is None:
+        return None
+    return dict(img_size=list(cfg.img_size), mean=list(named["mean"]), std=list(named["std"]),
+                interpolation=named["interpolation"], crop_pct=named["crop_pct"])
+
+
+def default_preprocess(cfg: ViTConfig, variant: str | None = None) -> dict:
+    """How a model of ``cfg`` reads an image when no checkpoint says: as ``variant``'s weights do
+    (``named_preprocess``), else with ImageNet's statistics (0.5 for a grey model), bicubic, cropped
+    0.875 (grey: not cropped)."""
+    named = named_preprocess(cfg, variant)
+    if named is not None:
+        return named
     gray = cfg.in_channels == 1
     return dict(
         img_size=list(cfg.img_size),

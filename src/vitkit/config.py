@@ -460,6 +460,65 @@ def _table() -> dict[str, dict]:
 VARIANTS: dict[str, dict] = _table()
 
 
+# --- each variant's input preprocessing ---------------------------------------------------
+# timm's normalisation constants (timm.data.constants), and the three its ViT weights use
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
+HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")  # [-1, 1]: timm's "inception"
+OPENAI_CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, interpolation="bicubic")
+
+# How the weights timm gives a name by default (its pretrained_cfg) want their inputs: mean, std, interpolation
+# and crop_pct (the size is the config's). Rows are (fnmatch patterns, preprocessing), the first match wins, so
+# a family's later names fall into its row. A name matching none (vit_digits, the seed, the sizes timm has no
+# weights for) keeps default_preprocess's ImageNet statistics. Most families crop 0.9 at 224 and nothing above.
+VARIANT_PREPROCESS: list[tuple[tuple[str, ...], dict]] = [
+    # DINO's ViT-S/8 (Caron et al. 2021)
+    (("vit_small_patch8_224",), dict(IMAGENET, crop_pct=0.9)),
+    # the original ViTs and AugReg's (Steiner et al. 2021), trained in JAX on [-1, 1]: the names timm has them for
+    (("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_224", "vit_base_patch8_224",
+      "vit_base_patch16_224", "vit_base_patch32_224", "vit_large_patch14_224", "vit_large_patch16_224",
+      "vit_large_patch32_224", "vit_huge_patch14_224"), dict(HALF, crop_pct=0.9)),
+    (("vit_tiny_patch16_384", "vit_small_patch16_384", "vit_small_patch32_384", "vit_base_patch16_384",
+      "vit_base_patch32_384", "vit_large_patch16_384", "vit_large_patch32_384"), dict(HALF, crop_pct=1.0)),
+    # CLIP towers: OpenAI's statistics, uncropped, but where timm's default weights are another's: its ImageNet
+    # fine-tunes of LAION-2B's L/14 (at [-1, 1]) and B/16 (crop 0.95), the LAION /32 towers and TinyCLIP's (0.9)
+    (("vit_large_patch14_clip_[0-9]*",), dict(HALF, crop_pct=1.0)),
+    (("vit_base_patch16_clip_224",), dict(OPENAI_CLIP, crop_pct=0.95)),
+    (("vit_*_patch32_clip*_224", "vit_xsmall_patch16_clip_224", "vit_medium_patch16_clip_224"),
+     dict(OPENAI_CLIP, crop_pct=0.9)),
+    (("vit_*_clip_*",), dict(OPENAI_CLIP, crop_pct=1.0)),
+    # EVA-02 (its MIM, fine-tuned and CLIP weights alike: OpenAI's statistics)
+    (("eva02_*_224",), dict(OPENAI_CLIP, crop_pct=0.9)),
+    (("eva02_*",), dict(OPENAI_CLIP, crop_pct=1.0)),
+    # SigLIP (big_vision's [-1, 1], cropped 0.9 but for the so400m/14 weights PaliGemma's came from) and the
+    # Perception Encoder
+    (("vit_so400m_patch14_siglip_gap_384", "vit_so400m_patch14_siglip_gap_448", "vit_so400m_patch14_siglip_gap_896"),
+     dict(HALF, crop_pct=1.0)),
+    (("vit_*_siglip_*",), dict(HALF, crop_pct=0.9)),
+    (("vit_pe_*",), dict(HALF, crop_pct=1.0)),
+    # DINOv2 and DINOv3: ImageNet's statistics, uncropped
+    (("vit_*_dinov2", "vit_*_dinov3*"), dict(IMAGENET, crop_pct=1.0)),
+    # BEiT: [-1, 1]; BEiT v2 and DeiT (I, III): ImageNet's statistics
+    (("beit_*_224",), dict(HALF, crop_pct=0.9)),
+    (("beit_*",), dict(HALF, crop_pct=1.0)),
+    (("beitv2_large_*",), dict(IMAGENET, crop_pct=0.95)),
+    (("beitv2_*", "deit*_224"), dict(IMAGENET, crop_pct=0.9)),
+    (("deit*",), dict(IMAGENET, crop_pct=1.0)),
+]
+
+
+def variant_preprocess(name: str) -> dict | None:
+    """The mean, std, interpolation and crop_pct the weights timm names ``name`` for take
+    (``VARIANT_PREPROCESS``), or None for a name of no known family."""
+    for patterns, preprocess in VARIANT_PREPROCESS:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            return dict(preprocess)
+    return None
+
+
 # The seed notebook's keyword names -> ViTConfig's. Its ViT passes **kwargs through TransformerEncoder and
 # TransformerEncoderBlock down to MultiHeadAttention. Its drop_p (after each branch) and forward_drop_p
 # (inside the MLP) are one rate in vitkit, as in timm (proj_drop_rate).
@@ -514,4 +573,5 @@ def get_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
-__all__ = ["ViTConfig", "VARIANTS", "SIZES", "SEED_NAMES", "from_seed_names", "list_models", "get_config", "to_2tuple"]
+__all__ = ["ViTConfig", "VARIANTS", "VARIANT_PREPROCESS", "variant_preprocess", "SIZES", "SEED_NAMES", "from_seed_names",
+           "list_models", "get_config", "to_2tuple"]

@@ -361,6 +361,8 @@ def _bad_layer(i: int, depth: int) -> int:
 def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | None = None, **overrides) -> ViT:
     """Build a model from the variant table (``list_models()``) or a ViTConfig.
 
+    A variant's model reads images as the weights timm names it for do (``preprocess``, what
+    ``pretrained_cfg``, ``vitkit predict`` and its saved checkpoints follow: ``checkpoint.default_preprocess``).
     ``pretrained`` is a vitkit checkpoint (directory or .safetensors file); when the
     overrides change the image size or the number of classes, positions are resampled and
     the classifier is re-initialised (see ``vitkit.checkpoint``).
@@ -372,8 +374,15 @@ def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | N
         from .checkpoint import load_pretrained
 
         return load_pretrained(pretrained, **overrides)
-    cfg = name.replace(**overrides) if isinstance(name, ViTConfig) else get_config(name, **overrides)
-    return ViT(cfg)
+    from .checkpoint import default_preprocess
+
+    if isinstance(name, ViTConfig):
+        cfg, variant = name.replace(**overrides), None
+    else:
+        cfg, variant = get_config(name, **overrides), name
+    model = ViT(cfg)
+    model.preprocess = default_preprocess(cfg, variant)
+    return model
 
 
 __all__ = ["TransformerEncoder", "ClassificationHead", "ViT", "create_model"]
