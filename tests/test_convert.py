@@ -1236,24 +1236,46 @@ def test_cli_refuses_a_malicious_pickle(tmp_path, capsys):
 
 
 def test_a_bare_timm_state_dict_takes_its_normalisation_from_the_command(tmp_path, capsys):
-    """A timm state dict does not hold its mean/std: the converter says so and takes --mean/--std,
-    here the values timm's own pretrained_cfg gives for these weights."""
+    """A timm state dict does not hold its mean/std: the converter takes --mean/--std, else those of the weights
+    timm names the --model for (its pretrained_cfg), else assumes ImageNet's and says so."""
     peer = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=3)
     save_file(peer.state_dict(), tmp_path / "w.safetensors")
-    base = ["convert", str(tmp_path / "w.safetensors"), "--from", "timm", "--model", "vit_tiny_patch16_224"]
-    assert cli([*base[:2], str(tmp_path / "guessed"), *base[2:]]) == 0
+    src, named = ["convert", str(tmp_path / "w.safetensors")], ["--from", "timm", "--model", "vit_tiny_patch16_224"]
+    assert cli([*src, str(tmp_path / "guessed"), "--from", "timm"]) == 0
     assert "holds no input normalisation; ImageNet's mean/std are assumed" in capsys.readouterr().err
     assert load_pretrained(tmp_path / "guessed").preprocess["mean"] == [0.485, 0.456, 0.406]
     mean, std = (list(peer.pretrained_cfg[k]) for k in ("mean", "std"))
     assert mean != [0.485, 0.456, 0.406]  # these weights are not normalised like ImageNet's
-    given = ["--mean", *map(str, mean), "--std", *map(str, std)]
-    assert cli([*base[:2], str(tmp_path / "given"), *base[2:], *given]) == 0
+    assert cli([*src, str(tmp_path / "named"), *named]) == 0
+    assert "normalisation" not in capsys.readouterr().err
+    pre = load_pretrained(tmp_path / "named").preprocess
+    assert (pre["mean"], pre["std"], pre["crop_pct"]) == (mean, std, peer.pretrained_cfg["crop_pct"])
+    given = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]  # the command's win over the name's
+    assert cli([*src, str(tmp_path / "given"), *named, *given]) == 0
     assert "normalisation" not in capsys.readouterr().err
     pre = load_pretrained(tmp_path / "given").preprocess
-    assert (pre["mean"], pre["std"]) == (mean, std)
-    assert cli([*base[:2], str(tmp_path / "bad"), *base[2:], "--mean", "0.5", "0.5"]) == 2
+    assert (pre["mean"], pre["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert cli([*src, str(tmp_path / "bad"), *named, "--mean", "0.5", "0.5"]) == 2
     assert "--mean/--std: preprocess.mean: expected 1 or 3 numbers, got [0.5, 0.5]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_bare_clip_state_dict_named_converts_with_clips_normalisation(tmp_path):
+    """A bare timm state dict of a CLIP tower read as the variant named: OpenAI's mean and std and the crop timm's
+    pretrained_cfg gives the name, nothing assumed and nothing warned of; unnamed, ImageNet's, with the warning."""
+    peer = timm.create_model("vit_base_patch16_clip_224", pretrained=False, depth=1, img_size=32)
+    save_file(peer.state_dict(), tmp_path / "clip.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = vc.load(tmp_path / "clip.safetensors", "timm", model="vit_base_patch16_clip_224")
+    # (the one warning left: a bare CLIP tower's activation, which the name does not settle)
+    assert not [w for w in caught if "normalisation" in str(w.message)]
+    assert ours.preprocess == dict(img_size=[32, 32], mean=list(timm.data.OPENAI_CLIP_MEAN),
+                                   std=list(timm.data.OPENAI_CLIP_STD), interpolation="bicubic",
+                                   crop_pct=peer.pretrained_cfg["crop_pct"])
+    with pytest.warns(UserWarning, match="ImageNet's mean/std are assumed"):
+        unnamed = vc.load(tmp_path / "clip.safetensors", "timm", num_heads=12)
+    assert unnamed.preprocess["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN)
 
 
 @pytest.mark.parametrize("patch, img", [(4, 32), (16, 64), (4, 24)], ids=["smaller", "larger", "smaller-at-24"])

@@ -229,8 +229,10 @@ def test_timm_perception_encoder_converts_both_ways(tmp_path, architecture):
         torch.testing.assert_close(got[key], value, msg=key)
     assert load(out, "timm").cfg == cfg
     save_file(dict(theirs.state_dict()), tmp_path / "pe.safetensors")  # the bare file: no config beside it
-    with pytest.warns(UserWarning, match="normalisation"):  # named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: PE's own normalisation (timm's pretrained_cfg), nothing assumed
         named = load(tmp_path / "pe.safetensors", "timm", model=architecture, img_size=img).eval()
+    assert (named.preprocess["mean"], named.preprocess["crop_pct"]) == ([0.5] * 3, 1.0)
     with torch.no_grad():
         torch.testing.assert_close(named(x), want, atol=1e-5 * scale, rtol=0)
     with pytest.raises(CheckpointError, match="attn_pool"):  # told it pools otherwise: its pooling weights don't fit

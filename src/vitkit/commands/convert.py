@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="where to write: a directory (vitkit, hf, timm) or a file (.safetensors/.pth, .npz)")
     p.add_argument("--from", dest="src_fmt", required=True, choices=IMPORT_FORMATS, help="the source format")
     p.add_argument("--to", dest="dst_fmt", default="vitkit", choices=EXPORT_FORMATS, help="the target format")
-    p.add_argument("--model", help="a vitkit variant name (see `vitkit models`) giving the number of heads")
+    p.add_argument("--model", help="a vitkit variant name (see `vitkit models`) giving the number of heads, and the "
+                   "input normalisation where the file does not hold it (timm's pretrained_cfg for the name)")
     p.add_argument("--num-heads", type=int, help="the number of attention heads of the source model")
     p.add_argument("--mlp-act", choices=MLP_ACTS, help="the source model's MLP activation, where its file does not "
                    "say: quick_gelu for OpenAI's CLIP weights in a bare timm file")
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "FlexiViT and timm do, the positions to the new grid")
     p.add_argument("--num-classes", type=int, help="a new, freshly initialised classifier with N classes")
     p.add_argument("--mean", type=float, nargs="+", help="the input mean the weights were trained with, per channel "
-                   "(where the file does not hold it: a bare timm state dict)")
+                   "(where the file does not hold it, a bare timm state dict: else --model's, else ImageNet's)")
     p.add_argument("--std", type=float, nargs="+", help="the input standard deviation, per channel")
     p.set_defaults(func=run_convert)
 

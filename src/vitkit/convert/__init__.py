@@ -35,6 +35,7 @@ from ..checkpoint import (
     check_state_dict,
     default_preprocess,
     load_pretrained,
+    named_preprocess,
     save_pretrained,
 )
 from ..config import POOLING_FIELDS, ViTConfig, get_config
@@ -303,7 +304,8 @@ def load(
     ``img_size`` resamples the positions, ``num_classes`` re-initialises the classifier,
     other overrides (``dynamic_img_size=True``, dropouts) apply to the loaded model.
     ``mean``/``std``: the input normalisation the weights were trained with, where the file does
-    not say it or says it wrongly (one value per channel, or one for all).
+    not say it or says it wrongly (one value per channel, or one for all). A file that does not say
+    is read with ``model``'s (timm's pretrained_cfg for the name), else ImageNet's, with a warning.
     """
     vit, unknown_normalisation = _load(path, fmt, model, img_size, num_classes, **overrides)
     given = {k: [float(x) for x in v] for k, v in (("mean", mean), ("std", std)) if v is not None}
@@ -332,13 +334,15 @@ def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, 
     vit = build_with_state(cfg, state, source, img_size=img_size, num_classes=num_classes, **overrides)
     # What the file says about its inputs (mean/std...), at the size the model now has; statistics
     # for another channel count (a 3-channel processor config beside a 1-channel model) are not used.
+    # A file that says nothing is read as timm reads the variant the user named: with its weights' own.
     pre = foreign.preprocess
     fits = pre and len(pre.get("mean", ())) in (1, vit.cfg.in_channels) and len(pre.get("std", ())) in (1, vit.cfg.in_channels)
-    vit.preprocess = dict(pre) if fits else default_preprocess(vit.cfg)
+    named = None if fits else named_preprocess(vit.cfg, model)
+    vit.preprocess = dict(pre) if fits else named or default_preprocess(vit.cfg)
     vit.preprocess["img_size"] = list(vit.cfg.img_size)
     changed_head = num_classes is not None and num_classes != cfg.num_classes
     vit.class_names = None if changed_head else foreign.class_names
-    return vit, "" if fits else getattr(module, "UNKNOWN_NORMALISATION", "")
+    return vit, "" if fits or named else getattr(module, "UNKNOWN_NORMALISATION", "")
 
 
 def export(model, out: str | os.PathLike, fmt: str) -> Path:

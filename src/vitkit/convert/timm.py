@@ -94,7 +94,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mod
 # A bare timm state dict does not say how its inputs were normalised, and timm's ViTs differ: the
 # augreg and original JAX-trained weights use 0.5, DeiT's use ImageNet's statistics.
 UNKNOWN_NORMALISATION = ("timm's ViT weights use mean = std = 0.5 (augreg, JAX-trained) or ImageNet's "
-                         "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg)")
+                         "statistics (DeiT); pass --mean/--std with the weights' own (timm: pretrained_cfg), or "
+                         "--model with their timm name")
 # vitkit pool -> timm global_pool
 GLOBAL_POOL = {"cls": "token", "mean": "avg", "map": "map"}
 # (dist_token, pre_norm, SwiGLU, rel_pos_bias, rope) -> a timm architecture of the right class (Beit for
