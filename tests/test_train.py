@@ -372,6 +372,30 @@ def test_folder_dataset_cli_reports_then_skips_a_corrupt_image(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["images"] == 8
 
 
+def test_a_variant_timm_names_trains_on_image_files_normalised_as_timm_trains_it(tmp_path):
+    """From scratch on a folder, a variant timm names reads its images with the mean and std timm's training
+    resolves for it (its pretrained_cfg: AugReg's 0.5 for ViT-Ti/16), not ImageNet's; a resumed run goes on
+    as it began, as its last/ checkpoint records, whatever the variant's statistics are now."""
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    for split, n in (("train", 4), ("val", 2)):
+        for c, color in {"dark": 30, "light": 220}.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 18), (color, color + i, color)).save(root / split / c / f"{i}.png")
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(resolve_config(None, tiny(run, dataset=f"folder:{root}", model="vit_tiny_patch16_224", img_size=16,
+                                        train_subset=0, batch_size=4, epochs=2, warmup_epochs=0, stop_after_epoch=1)))
+    assert load_pretrained(run / "last").preprocess["mean"] == [0.5, 0.5, 0.5]
+    config = json.loads((run / "last" / "config.json").read_text())  # as a run begun before vitkit knew them
+    config["preprocess"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    (run / "last" / "config.json").write_text(json.dumps(config))
+    resume(run, {"stop_after_epoch": 0})
+    assert load_pretrained(run / "last").preprocess["std"] == [0.229, 0.224, 0.225]
+
+
 def test_train_and_eval_on_a_csv_table(tmp_path, capsys):
     """`--dataset csv:FILE` end to end: a table of real photos with a split column trains, names the
     run's classes, and `vitkit eval` reads the table's val rows back, by default and when named."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import (
+    CONFIG_NAME,
     CheckpointError,
     _resolve,
     atomic_directory,
@@ -935,7 +936,13 @@ class Trainer:
         size = {"img_size": cfg.img_size} if cfg.img_size else {}
         if cfg.pretrained is None:
             model_cfg = get_config(cfg.model, **size)
-            return model_cfg, default_preprocess(model_cfg), None
+            # folder images normalised as timm trains the variant (its weights' own mean and std, timm's
+            # pretrained_cfg); a resumed run as it began, which last/ records, whatever vitkit now says
+            preprocess = default_preprocess(model_cfg, cfg.model)
+            if self.resume and (self.run.last / CONFIG_NAME).is_file():
+                saved = read_config(self.run.last).get("preprocess")
+                preprocess = dict(saved, img_size=list(model_cfg.img_size)) if saved else preprocess
+            return model_cfg, preprocess, None
         try:
             meta = read_config(_resolve(self.run.last if self.resume else cfg.pretrained)[1])
         except (CheckpointError, FileNotFoundError, ValueError) as e:
