@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, to_2tuple, variant_preprocess
+from .config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, to_2tuple, to_config_fields, variant_preprocess
 from .layers import adapt_input_channels, resample_patch_embed, resample_positions, resample_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
@@ -379,13 +379,15 @@ def load_pretrained(
     ``img_size`` resamples the position table (bicubic, antialiased, class token apart);
     a different ``num_classes`` re-initialises the classifier with a warning; another
     ``in_channels`` adapts the first convolution as timm does (``layers.adapt_input_channels``).
-    Other overrides (dropouts, ``dynamic_img_size``...) change the config before the weights load.
+    Other overrides (dropouts, ``dynamic_img_size``...) change the config before the weights load; timm's
+    names for them are read too (``config.TIMM_NAMES``: ``in_chans``, ``global_pool``...).
     """
     from .model import ViT
 
     weights, directory = _resolve(path)
     meta = read_config(directory)
     cfg: ViTConfig = meta["config"]
+    overrides = to_config_fields(overrides, cfg)
     state = load_state_dict_file(weights)
     model = build_with_state(cfg, state, str(weights), img_size=img_size, num_classes=num_classes, **overrides)
     model.preprocess = meta.get("preprocess") or default_preprocess(cfg)

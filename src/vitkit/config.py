@@ -539,6 +539,224 @@ def from_seed_names(kwargs: dict) -> dict:
     return out
 
 
+# --- timm's keyword names ----------------------------------------------------------------
+# timm's global_pool -> vitkit's pool (convert.timm.GLOBAL_POOL is the other direction)
+TIMM_POOLS = {"token": "cls", "avg": "mean", "map": "map"}
+# timm's global_pool values vitkit has no pooling for -> why
+TIMM_POOLS_REFUSED = {
+    "": "timm's global_pool='' pools nothing, its classifier reads every token ((B, N, classes) logits); vitkit's "
+        "head pools (model.forward_features gives every token)",
+    "avgmax": "vitkit has no max pooling", "max": "vitkit has no max pooling",
+    "prr": "vitkit has no PRR attention pooling (timm's AttentionPoolPrr)",
+}
+
+
+def _as_is(name: str, value):
+    return value
+
+
+def _timm_pool(name: str, value) -> str:
+    if isinstance(value, str) and value in TIMM_POOLS:
+        return TIMM_POOLS[value]
+    why = TIMM_POOLS_REFUSED.get(value, "not one of timm's pools") if isinstance(value, str) else "not a str"
+    raise ValueError(f"{name}={value!r}: {why}; vitkit pools as timm's 'token' (pool='cls'), 'avg' (pool='mean') "
+                     f"or 'map' (pool='map')")
+
+
+def _timm_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def _timm_square(name: str, value):
+    """timm's (p, p) patch size as vitkit's p (its patches are square); anything else as it is, for ViTConfig to judge."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    if isinstance(value, (tuple, list)):
+        raise ValueError(f"{name}={value!r}: vitkit's patches are square; expected an int or (p, p)")
+    return value
+
+
+def _timm_pos_embed(name: str, value) -> bool:
+    if value in ("learn", "", "none"):
+        return value == "learn"
+    raise ValueError(f"{name}={value!r}: vitkit's positions are learned ('learn', abs_pos=True) or absent ('none' "
+                     "or '', abs_pos=False)")
+
+
+def _timm_act(name: str, value) -> str:
+    if value in ("gelu", "quick_gelu", "gelu_tanh"):  # timm's names are vitkit's mlp_act
+        return value
+    raise ValueError(f"{name}={value!r}: vitkit's MLP activations by timm's names are 'gelu', 'quick_gelu' and "
+                     "'gelu_tanh' (a layer class is not read: pass its name)")
+
+
+def _timm_only(default, why: str):
+    """A timm argument vitkit has no field for: its default (timm's) accepted, anything else refused."""
+    def read(name: str, value):
+        if value != default:
+            raise ValueError(f"{name}={value!r}: {why}; vitkit accepts only {default!r}")
+        return value
+    return read
+
+
+def _timm_layer(name: str, value):
+    raise ValueError(f"{name}={value!r}: vitkit builds its own layers and does not take timm's; leave {name} out "
+                     "(the ViTConfig fields mlp_act, norm_eps, pre_norm, mlp_norm, attn_norm choose what vitkit has)")
+
+
+# timm's VisionTransformer keyword names -> ViTConfig's, so that ``timm.create_model(name, **kwargs)`` ports as
+# ``vitkit.create_model(name, **kwargs)`` (ViT(**kwargs) and load_pretrained too: to_config_fields). Each name:
+# (the field it sets, None for none; how its value reads, returning the field's value or raising ValueError
+# with what vitkit expects). None for one of these (not a ViTConfig field) is dropped, as timm.create_model drops
+# it: the model's own stands.
+# Names that are ViTConfig fields too mean the same in both (img_size, patch_size, num_classes, depth,
+# num_heads, mlp_ratio, qkv_bias, class_token, reg_tokens, pre_norm, pos_drop_rate, attn_drop_rate,
+# drop_path_rate, dynamic_img_size), except:
+#   drop_rate: vitkit's is the dropout after the attention and MLP projections (timm's proj_drop_rate), timm's
+#     the head's (vitkit's head_drop_rate). Beside timm's own names it is read as timm's, and only 0 is taken.
+#   final_norm: a bool is timm's (whether there is a final LayerNorm), a str vitkit's (where it is).
+# What reads more than its own value (to_config_fields):
+#   global_pool also places the final norm as timm does where fc_norm does not say: after pooling for 'avg', on
+#     the tokens otherwise (the model's own placement where its pooling is unchanged).
+#   attention pooling ('map') in a call with timm's own names pools the patch tokens alone (pool_prefix=False)
+#     in a model with a class token or registers, as timm's VisionTransformer does unless pool_include_prefix
+#     (timm's Eva, vitkit's rope models, pools them all), where the model's own pool_prefix does not say.
+#   fc_norm (after pooling) and final_norm (bool) are vitkit's final_norm="pooled", "tokens" or "none".
+#   no_embed_class: timm's position table without rows for the prefix tokens; vitkit's has them (a prefix token
+#     plus a learned position is the same learned vector), and holds zeros there for timm's weights (convert).
+TIMM_NAMES: dict[str, tuple] = {
+    "in_chans": ("in_channels", _as_is),
+    "embed_dim": ("emb_size", _as_is),
+    "patch_size": ("patch_size", _timm_square),
+    "global_pool": ("pool", _timm_pool),
+    "fc_norm": ("final_norm", _timm_bool),
+    "final_norm": ("final_norm", _timm_bool),  # a bool; a str is ViTConfig's own
+    "pool_include_prefix": ("pool_prefix", _timm_bool),
+    "init_values": ("layer_scale", _as_is),  # LayerScale's init; 0 (or None, the default) is none
+    "proj_drop_rate": ("drop_rate", _as_is),
+    "drop_rate": ("head_drop_rate", _as_is),  # beside timm's own names only (above)
+    "pos_embed": ("abs_pos", _timm_pos_embed),
+    "scale_attn_norm": ("attn_norm", _as_is),
+    "scale_mlp_norm": ("mlp_norm", _as_is),
+    "act_layer": ("mlp_act", _timm_act),
+    "no_embed_class": (None, _timm_bool),  # accepted (above)
+    "qk_norm": (None, _timm_only(False, "vitkit's attention has no q/k LayerNorm")),
+    "proj_bias": (None, _timm_only(True, "vitkit's attention projection always has a bias")),
+    "patch_drop_rate": (None, _timm_only(0.0, "vitkit has no patch dropout")),
+    "dynamic_img_pad": (None, _timm_only(False, "vitkit does not pad images to a multiple of the patch size")),
+    "weight_init": (None, _timm_only("", "vitkit initialises weights its own way")),
+    "fix_init": (None, _timm_only(False, "vitkit does not rescale the projections by depth")),
+    **{name: (None, _timm_layer) for name in ("embed_layer", "embed_norm_layer", "norm_layer", "block_fn",
+                                               "mlp_layer", "attn_layer")},
+    **{name: (None, _timm_only(None, "vitkit builds on the default device in fp32; move the model with "
+                                     ".to(device, dtype)")) for name in ("device", "dtype")},
+}
+
+
+class ConfigFields(dict):
+    """ViTConfig fields, with ``given``: the name each was given by where that was another's (seed, timm)."""
+
+    given: dict[str, str]
+
+
+def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None) -> ConfigFields:
+    """``kwargs`` with the seed's (``SEED_NAMES``) and timm's (``TIMM_NAMES``) names as ViTConfig's, for a model
+    that is otherwise ``base`` (a ViTConfig or a variant's fields; the seed's model by default), which timm's
+    global_pool, fc_norm and final_norm read (the final norm's place, what attention pooling reads). None for
+    one of timm's own names is dropped, as timm.create_model drops it (the model's own stands); a value vitkit
+    cannot build is refused, and two names for one field must agree."""
+    base = base if isinstance(base, ViTConfig) else ViTConfig(**(base or {}))
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    # timm's own names, not ViTConfig's (final_norm as a bool is timm's): drop_rate is then read as timm's
+    timm_call = any(value is not None and (name in TIMM_NAMES and name not in known
+                                           or name == "final_norm" and isinstance(value, bool))
+                    for name, value in kwargs.items())
+    # None for one of timm's own names is dropped, as timm.create_model drops it; ViTConfig's fields refuse it
+    kwargs = {name: value for name, value in kwargs.items()
+              if value is not None or name not in TIMM_NAMES or name in known and not (name == "drop_rate" and timm_call)}
+    out, given, timm = ConfigFields(), {}, {}
+
+    def put(field: str, value, name: str) -> None:
+        if field in out and out[field] != value:
+            other = given[field]
+            seed = name in SEED_NAMES and other in SEED_NAMES
+            raise ValueError(f"{name}={kwargs[name]!r} and {other}={kwargs[other]!r}: both set ViTConfig.{field}"
+                             + (f" (to {value!r} and {out[field]!r})"
+                                if (value, out[field]) != (kwargs[name], kwargs[other]) else "")
+                             + (" (vitkit has one rate where the seed has drop_p and forward_drop_p)" if seed else "")
+                             + "; give one value")
+        out[field], given[field] = value, name
+
+    for name, value in kwargs.items():
+        if not (name in TIMM_NAMES and (name not in known or name == "patch_size"
+                                        or name == "final_norm" and isinstance(value, bool)
+                                        or name == "drop_rate" and timm_call)):
+            put(SEED_NAMES.get(name, name), value, name)
+            continue
+        field, read = TIMM_NAMES[name]
+        value = read(name, value)
+        if name == "drop_rate" and value:
+            raise ValueError(f"drop_rate={value!r} beside timm's names: timm's drop_rate is the head's dropout "
+                             "(vitkit's head_drop_rate), vitkit's the dropout after the attention and MLP "
+                             "projections (timm's proj_drop_rate); pass head_drop_rate or proj_drop_rate instead")
+        if field in ("final_norm", "pool_prefix"):  # read with global_pool, below
+            timm[name] = value
+        elif field is not None:
+            put(field, value, name)
+    pool = out.get("pool", base.pool)
+    _timm_final_norm(timm, "global_pool" in kwargs, out, base, pool, put)
+    if "pool_include_prefix" in timm or timm_call and "pool_prefix" not in out:
+        _timm_pool_prefix(timm.get("pool_include_prefix"), out, base, pool, put)
+    out.given = {field: name for field, name in given.items() if name != field}
+    return out
+
+
+def _timm_final_norm(timm: dict, global_pool: bool, out: dict, base: ViTConfig, pool: str, put) -> None:
+    """vitkit's final_norm from timm's fc_norm, final_norm (a bool) and global_pool."""
+    fc_norm, has_norm = timm.get("fc_norm"), timm.get("final_norm")
+    place = out.get("final_norm")  # vitkit's own (a str): it stands, and must agree with fc_norm and final_norm
+    if fc_norm is None and has_norm is None:
+        if global_pool and place is None and pool != base.pool and base.final_norm != "none":
+            # timm's fc_norm defaults to global_pool == 'avg'; an unchanged pooling keeps the model's own place
+            put("final_norm", "pooled" if pool == "mean" else "tokens", "global_pool")
+        return
+    if has_norm is None:
+        has_norm = (place or base.final_norm) != "none"
+    if fc_norm is None:
+        fc_norm = (place == "pooled" if place else base.final_norm == "pooled" if pool == base.pool
+                   else pool == "mean")
+    value = "pooled" if has_norm and fc_norm else "tokens" if has_norm else "none"
+    if place is not None and place != value:
+        names = " and ".join(f"{n}={timm[n]!r}" for n in ("fc_norm", "final_norm") if n in timm)
+        raise ValueError(f"{names} (final_norm={value!r}, timm's names) and final_norm={place!r} disagree; give one")
+    put("final_norm", value, "fc_norm" if "fc_norm" in timm else "final_norm")
+
+
+def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: str, put) -> None:
+    """vitkit's pool_prefix from timm's pool_include_prefix, and what attention pooling reads by default."""
+    if pool != "map":
+        if include and pool == "mean":
+            raise ValueError("pool_include_prefix=True with average pooling averages the prefix tokens with the "
+                             "patches; vitkit's mean (global_pool='avg') pools the patch tokens alone")
+        return  # the class token (global_pool='token') is read as it is
+    prefix = sum((out.get("class_token", base.class_token), out.get("dist_token", base.dist_token),
+                  out.get("reg_tokens", base.reg_tokens)))
+    given = include is not None
+    if not given:
+        if base.pool == "map" and base.num_prefix_tokens:  # the model's own choice stands
+            return
+        # timm's VisionTransformer pools the patch tokens alone unless pool_include_prefix; its Eva (vitkit's
+        # rotary models) and Beit read them all
+        include = base.rope != "none" or base.rel_pos_bias
+    value = bool(include) or not prefix  # without prefix tokens there is nothing to leave out: True
+    if given:
+        put("pool_prefix", value, "pool_include_prefix")
+    else:
+        out["pool_prefix"] = value
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names in the variant table, filtered by a shell-style ``pattern`` (``"vit_base*"``), matched whatever
     the case (``"VIT_BASE*"`` too; fnmatch's own case rule is the operating system's)."""
@@ -565,13 +783,27 @@ def get_config(name: str, **overrides) -> ViTConfig:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitkit models`"
         raise ValueError(f"unknown model name {name!r}{hint}")
     fields = dict(VARIANTS[name])
+    overrides = to_config_fields(overrides, fields)
     fields.update(_without_pool_heads(overrides))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown ViTConfig field(s) {unknown} for model {name!r}; known fields are {sorted(known)}")
-    return ViTConfig(**fields)
+        raise ValueError(f"unknown ViTConfig field(s) {unknown} for model {name!r}; known fields are {sorted(known)} "
+                         "(and the seed's and timm's names: SEED_NAMES, TIMM_NAMES)")
+    try:
+        return ViTConfig(**fields)
+    except ValueError as e:
+        raise named_error(e, overrides) from None
 
 
-__all__ = ["ViTConfig", "VARIANTS", "VARIANT_PREPROCESS", "variant_preprocess", "SIZES", "SEED_NAMES", "from_seed_names",
-           "list_models", "get_config", "to_2tuple"]
+def named_error(error: ValueError, fields: dict) -> ValueError:
+    """``error``, ViTConfig's about a field ``to_config_fields`` was given by another name (timm's init_values for
+    layer_scale), with that name in front."""
+    for field, name in getattr(fields, "given", {}).items():
+        if str(error).startswith(f"ViTConfig.{field}:"):
+            return ValueError(f"{name}: {error}")
+    return error
+
+
+__all__ = ["ViTConfig", "VARIANTS", "VARIANT_PREPROCESS", "variant_preprocess", "SIZES", "SEED_NAMES",
+           "from_seed_names", "TIMM_NAMES", "to_config_fields", "list_models", "get_config", "to_2tuple"]

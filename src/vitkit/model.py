@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .config import GRID_ROPES, ViTConfig, from_seed_names, get_config, pooled_width
+from .config import GRID_ROPES, ViTConfig, from_seed_names, get_config, named_error, pooled_width, to_config_fields
 from .layers import (
     AttentionPool,
     PatchEmbedding,
@@ -132,13 +132,19 @@ class ViT(nn.Module):
     ``ViT()`` is the seed's model; ``ViT(cfg)`` or ``ViT(emb_size=192, ...)`` any other.
     The seed's own keyword names (``n_classes``, and what its ``**kwargs`` carried down to the blocks:
     ``forward_expansion``, ``drop_p``, ``forward_drop_p``, ``num_heads``, ``dropout``) are accepted
-    (``config.SEED_NAMES``).
+    (``config.SEED_NAMES``), and so are timm VisionTransformer's (``in_chans``, ``embed_dim``, ``global_pool``,
+    ``init_values``...: ``config.TIMM_NAMES``), over the seed's defaults.
     """
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
         super().__init__()
-        overrides = from_seed_names(overrides)
-        cfg = (cfg or ViTConfig()).replace(**overrides) if overrides else (cfg or ViTConfig())
+        cfg = cfg or ViTConfig()
+        if overrides:
+            overrides = to_config_fields(overrides, cfg)
+            try:
+                cfg = cfg.replace(**overrides)
+            except ValueError as e:
+                raise named_error(e, overrides) from None
         self.cfg = cfg
         self.patch_embed = PatchEmbedding(
             cfg.in_channels, cfg.patch_size, cfg.emb_size, cfg.img_size,
@@ -366,6 +372,10 @@ def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | N
     ``pretrained`` is a vitkit checkpoint (directory or .safetensors file); when the
     overrides change the image size or the number of classes, positions are resampled and
     the classifier is re-initialised (see ``vitkit.checkpoint``).
+
+    ``overrides`` are ViTConfig's fields, or the seed's or timm's names for them (``config.SEED_NAMES``,
+    ``config.TIMM_NAMES``): ``timm.create_model(name, num_classes=10, in_chans=1, global_pool="avg",
+    init_values=1e-5)`` builds the same network here.
     """
     if pretrained is True:
         raise ValueError("pretrained=True: vitkit has no weight hub; pass a vitkit checkpoint (directory or "
@@ -377,11 +387,12 @@ def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | N
     from .checkpoint import default_preprocess
 
     if isinstance(name, ViTConfig):
-        cfg, variant = name.replace(**overrides), None
-    else:
-        cfg, variant = get_config(name, **overrides), name
+        model = ViT(name, **overrides)
+        model.preprocess = default_preprocess(model.cfg)
+        return model
+    cfg = get_config(name, **overrides)
     model = ViT(cfg)
-    model.preprocess = default_preprocess(cfg, variant)
+    model.preprocess = default_preprocess(cfg, name)
     return model
 
 
