@@ -325,6 +325,26 @@ TIMM_STYLE = dict(class_token=True, pool="cls", final_norm="tokens", norm_eps=1e
 
 def _table() -> dict[str, dict]:
     table: dict[str, dict] = {}
+    # timm's widths beside the paper's (SIZES), as its vision_transformer.py builds them, each MLP ratio written as
+    # timm writes it (the MLP's width is int(emb_size * mlp_ratio) in both): the narrow ones of "Searching for
+    # better ViT baselines" (timm's SBB series: wee to betwixt) and of the CLIP towers (xsmall, medium), ViT-B/16+
+    # (base_plus), the shape-optimised SoViT-150M (two) and SoViT-400M, the "optimised" giant of SigLIP 2
+    # (giantopt), and the ViT-g and ViT-G of "Scaling Vision Transformers" (giant, gigantic: timm's vit_giant_* is
+    # this 1408-wide g, where its vit_giant_*_dinov2 is DINOv2's 1536-wide SwiGLU model, below)
+    widths = {**SIZES,
+              "wee": dict(emb_size=256, depth=14, num_heads=4, mlp_ratio=5.0),
+              "little": dict(emb_size=320, depth=14, num_heads=5, mlp_ratio=5.6),
+              "xsmall": dict(emb_size=256, depth=10, num_heads=4),
+              "medium": dict(emb_size=512, depth=12, num_heads=8),
+              "mediumd": dict(emb_size=512, depth=20, num_heads=8),
+              "betwixt": dict(emb_size=640, depth=12, num_heads=10),
+              "base_plus": dict(emb_size=896, depth=12, num_heads=14),
+              "so150m": dict(emb_size=896, depth=18, num_heads=14, mlp_ratio=2.572),
+              "so150m2": dict(emb_size=832, depth=21, num_heads=13, mlp_ratio=34 / 13),
+              "so400m": dict(emb_size=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152),
+              "giantopt": dict(emb_size=1536, depth=40, num_heads=16),
+              "giant": dict(emb_size=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),
+              "gigantic": dict(emb_size=1664, depth=48, num_heads=16, mlp_ratio=64 / 13)}
     for size, dims in SIZES.items():
         for patch in PATCH_SIZES:
             for img in IMG_SIZES:
@@ -336,19 +356,21 @@ def _table() -> dict[str, dict]:
     # published without a classifier (timm's: in21k features, DINO's): features only
     for name in ("vit_huge_patch14_224", "vit_large_patch32_224", "vit_small_patch8_224"):
         table[name]["num_classes"] = 0
-    # DeiT's distilled models (Touvron et al. 2021; timm's deit_*_distilled_*): a distillation token
-    # after the class token, with a classifier of its own, the two heads' logits averaged.
+    # DeiT (Touvron et al. 2021; timm's deit_*): the paper's ViT, trained on ImageNet-1k alone. Its distilled
+    # models (deit_*_distilled_*): a distillation token after the class token, with a classifier of its own, the
+    # two heads' logits averaged.
     for size in ("tiny", "small", "base"):
         for img in IMG_SIZES if size == "base" else (224,):
-            table[f"deit_{size}_distilled_patch16_{img}"] = dict(
-                **SIZES[size], **TIMM_STYLE, patch_size=16, img_size=img, dist_token=True
-            )
+            table[f"deit_{size}_patch16_{img}"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=16, img_size=img)
+            table[f"deit_{size}_distilled_patch16_{img}"] = dict(table[f"deit_{size}_patch16_{img}"], dist_token=True)
     # LayerScale models: DeiT-III (Touvron et al. 2022; timm's deit3_*, init 1e-6) and DINOv2 (Oquab et
     # al. 2023; init 1e-5, patch 14 at 518, no classifier), with 4 registers in the reg4 ones. Where timm gives the
     # prefix tokens no positions (no_embed_class: DeiT-III, reg4), vitkit's table holds zeros for them.
-    for size in ("small", "base"):
-        table[f"deit3_{size}_patch16_224"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=16, img_size=224,
-                                                  layer_scale=1e-6)
+    for size, patch, imgs in (("small", 16, IMG_SIZES), ("medium", 16, (224,)), ("base", 16, IMG_SIZES),
+                              ("large", 16, IMG_SIZES), ("huge", 14, (224,))):
+        for img in imgs:
+            table[f"deit3_{size}_patch{patch}_{img}"] = dict(**widths[size], **TIMM_STYLE, patch_size=patch,
+                                                             img_size=img, layer_scale=1e-6)
     for size in ("small", "base", "large"):
         table[f"vit_{size}_patch14_dinov2"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=14, img_size=518,
                                                    layer_scale=1e-5, num_classes=0)  # self-supervised: features
@@ -357,27 +379,125 @@ def _table() -> dict[str, dict]:
     giant = dict(emb_size=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_act="swiglu")
     table["vit_giant_patch14_dinov2"] = dict(table["vit_large_patch14_dinov2"], **giant)
     table["vit_giant_patch14_reg4_dinov2"] = dict(table["vit_giant_patch14_dinov2"], reg_tokens=4)
-    # CLIP's image towers (Radford et al. 2021; timm's *_clip_*, the LAION/DFN/DataComp weights and their
-    # ImageNet fine-tunes): a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5.
-    for size, patch in (("base", 32), ("base", 16), ("large", 14)):
-        table[f"vit_{size}_patch{patch}_clip_224"] = dict(**SIZES[size], **dict(TIMM_STYLE, norm_eps=1e-5),
-                                                          patch_size=patch, img_size=224, pre_norm=True)
-        # OpenAI's own weights: QuickGELU
-        table[f"vit_{size}_patch{patch}_clip_quickgelu_224"] = dict(table[f"vit_{size}_patch{patch}_clip_224"],
-                                                                    mlp_act="quick_gelu",  # the image embedding
-                                                                    num_classes=768 if size == "large" else 512)
-    # SigLIP's towers (Zhai et al. 2023; timm's *_siglip_*): no class token, attention pooling; timm runs
-    # them with exact GELU (transformers with its tanh form, which their HF files then say)
+    # CLIP's image towers (Radford et al. 2021; timm's *_clip_*, the LAION/DFN/DataComp/MetaCLIP weights and their
+    # ImageNet fine-tunes): a LayerNorm before the blocks, no patch bias, LayerNorm eps 1e-5. timm's classes: 1000
+    # for the fine-tunes, else the width of the image embedding (CLIP's projection into the image-text space).
+    clip = dict(TIMM_STYLE, norm_eps=1e-5, pre_norm=True)
+    for size, patch, img, classes in (
+            ("base", 32, 224, 1000), ("base", 16, 224, 1000), ("large", 14, 224, 1000), ("base", 32, 256, 512),
+            ("base", 32, 384, 1000), ("base", 32, 448, 1000), ("base", 16, 384, 1000), ("large", 14, 336, 1000),
+            ("huge", 14, 224, 1000), ("huge", 14, 336, 1000), ("huge", 14, 378, 1024), ("giant", 14, 224, 1024),
+            ("gigantic", 14, 224, 1280), ("gigantic", 14, 378, 1280), ("xsmall", 16, 224, 512),
+            ("medium", 16, 224, 512), ("medium", 32, 224, 512), ("betwixt", 32, 224, 512)):
+        table[f"vit_{size}_patch{patch}_clip_{img}"] = dict(**widths[size], **clip, patch_size=patch, img_size=img,
+                                                            num_classes=classes)
+    table["vit_base_patch16_plus_clip_240"] = dict(**widths["base_plus"], **clip, patch_size=16, img_size=240,
+                                                   num_classes=640)
+    # OpenAI's own weights (and MetaCLIP's): QuickGELU; the classifier, the image embedding
+    for size, patch, img, classes in (("base", 32, 224, 512), ("base", 16, 224, 512), ("large", 14, 224, 768),
+                                      ("large", 14, 336, 768), ("huge", 14, 224, 1024), ("huge", 14, 378, 1024),
+                                      ("gigantic", 14, 224, 1280)):
+        table[f"vit_{size}_patch{patch}_clip_quickgelu_{img}"] = dict(table[f"vit_{size}_patch{patch}_clip_{img}"],
+                                                                      mlp_act="quick_gelu", num_classes=classes)
+    # SigLIP's towers (Zhai et al. 2023, and SigLIP 2's, Tschannen et al. 2025; timm's *_siglip_*): no class token,
+    # attention pooling; the _gap_ ones pool the normalised patch tokens' mean instead. timm runs the first sizes
+    # with exact GELU (transformers with its tanh form, which their HF files then say), and the later ones (B/32,
+    # L/16 at 512, so400m/16, giantopt: SigLIP 2's, and the i18n so400m/16) with GELU's tanh form (act_layer)
     siglip = dict(class_token=False, pool="map", final_norm="tokens", norm_eps=1e-6, num_classes=0)
-    table["vit_base_patch16_siglip_224"] = dict(**SIZES["base"], **siglip, patch_size=16, img_size=224)
-    table["vit_so400m_patch14_siglip_224"] = dict(emb_size=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152,
-                                                  **siglip, patch_size=14, img_size=224)
+    # (size, patch, attention-pooled image sizes, mean-pooled ones, activation)
+    for size, patch, maps, gaps, act in (("base", 16, (224, 256, 384, 512), (224, 256, 384, 512), "gelu"),
+                                         ("large", 16, (256, 384), (256, 384), "gelu"),
+                                         # (timm's so400m_patch14 at 384 crops its input to 378: not here)
+                                         ("so400m", 14, (224, 378), (224, 378, 448, 896), "gelu"),
+                                         ("base", 32, (256,), (256,), "gelu_tanh"),
+                                         ("large", 16, (512,), (512,), "gelu_tanh"),
+                                         ("so400m", 16, (256, 384, 512), (256, 384, 512), "gelu_tanh"),
+                                         ("giantopt", 16, (256, 384), (256, 384), "gelu_tanh")):
+        tower = dict(**widths[size], **siglip, patch_size=patch, mlp_act=act)
+        for img in maps:
+            table[f"vit_{size}_patch{patch}_siglip_{img}"] = dict(tower, img_size=img)
+        for img in gaps:
+            table[f"vit_{size}_patch{patch}_siglip_gap_{img}"] = dict(tower, img_size=img, pool="mean")
+    # timm's SBB series ("Searching for better ViT baselines"; Wightman 2024): no class token, 1 or 4 registers
+    # (no positions for them in timm but in the so150m ones: zeros), the patch tokens' mean normalised after
+    # pooling, LayerScale (init 1e-5; none in base and so150m); so150m normalises every token, so150m2 has no
+    # qkv bias
+    sbb = dict(class_token=False, pool="mean", final_norm="pooled", norm_eps=1e-6, layer_scale=1e-5, patch_size=16)
+    for size, registers, imgs in (("wee", 1, (256,)), ("little", 1, (256,)), ("little", 4, (256,)),
+                                  ("medium", 1, (256,)), ("medium", 4, (256,)), ("mediumd", 4, (256, 384)),
+                                  ("betwixt", 1, (256,)), ("betwixt", 4, (256, 384)), ("base", 4, (256,)),
+                                  ("so150m2", 1, (256, 384, 448)), ("so150m", 4, (256, 384))):
+        for img in imgs:
+            table[f"vit_{size}_patch16_reg{registers}_gap_{img}"] = dict(**widths[size], **sbb, reg_tokens=registers,
+                                                                         img_size=img)
+    table["vit_base_patch16_reg4_gap_256"]["layer_scale"] = 0.0
+    for name in ("vit_so150m2_patch16_reg1_gap_256", "vit_so150m2_patch16_reg1_gap_384",
+                 "vit_so150m2_patch16_reg1_gap_448"):
+        table[name]["qkv_bias"] = False
+    for img in (256, 384):
+        table[f"vit_so150m_patch16_reg4_gap_{img}"].update(layer_scale=0.0, final_norm="tokens")
+    # ... and pooled by attention, which reads the patch tokens alone (timm's pool_include_prefix=False)
+    table["vit_so150m_patch16_reg4_map_256"] = dict(table["vit_so150m_patch16_reg4_gap_256"], pool="map",
+                                                    pool_prefix=False)
+    # timm's _gap_ models without registers: no class token, every token normalised, then their mean; medium and
+    # betwixt (the SBB series' first) without qkv bias, with LayerScale (init 1e-6); timm's ViT-B/16 gap has 16 heads
+    gap = dict(TIMM_STYLE, class_token=False, pool="mean")
+    for size, patch, img, classes in (("base", 16, 224, 1000), ("huge", 14, 224, 0), ("huge", 16, 448, 0),
+                                      ("giant", 16, 224, 0), ("medium", 16, 240, 11821), ("medium", 16, 256, 1000),
+                                      ("medium", 16, 384, 1000), ("betwixt", 16, 256, 1000)):
+        table[f"vit_{size}_patch{patch}_gap_{img}"] = dict(**widths[size], **gap, patch_size=patch, img_size=img,
+                                                           num_classes=classes)
+        if size in ("medium", "betwixt"):
+            table[f"vit_{size}_patch{patch}_gap_{img}"].update(qkv_bias=False, layer_scale=1e-6)
+    table["vit_base_patch16_gap_224"]["num_heads"] = 16
+    # More of timm's plain ViTs: ViT-g and ViT-G ("Scaling Vision Transformers"), ViT-B+ (LayerScale 1e-5), a
+    # 36-block ViT-S with LayerScale ("Three things everyone should know about Vision Transformers"), MIIL's
+    # ImageNet-21k ViT-B (no qkv bias, 11221 classes), FlexiViT (Beyer et al. 2023) at its default 240 and
+    # patch 16 (no positions for the class token in timm: zeros), and EVA-01's ViT-L (the class token, the
+    # patch tokens' mean normalised after pooling)
+    for size, patch in (("giant", 14), ("gigantic", 14)):
+        table[f"vit_{size}_patch{patch}_224"] = dict(**widths[size], **TIMM_STYLE, patch_size=patch, img_size=224)
+    for patch, img in ((16, 240), (32, 256)):
+        table[f"vit_base_patch{patch}_plus_{img}"] = dict(**widths["base_plus"], **TIMM_STYLE, patch_size=patch,
+                                                          img_size=img, layer_scale=1e-5)
+    table["vit_small_patch16_36x1_224"] = dict(table["vit_small_patch16_224"], depth=36, layer_scale=1e-5)
+    table["vit_base_patch16_224_miil"] = dict(table["vit_base_patch16_224"], qkv_bias=False, num_classes=11221)
+    for size in ("small", "base", "large"):
+        table[f"flexivit_{size}"] = dict(**SIZES[size], **TIMM_STYLE, patch_size=16, img_size=240)
+    eva01 = dict(TIMM_STYLE, pool="mean", final_norm="pooled")
+    for img in (196, 336):
+        table[f"eva_large_patch14_{img}"] = dict(**SIZES["large"], **eva01, patch_size=14, img_size=img)
+    # ... and EVA-01's ViT-g (timm's Eva class, BEiT's names, no rotary positions: a plain ViT; its k bias,
+    # which Eva has none of, zero), and its CLIP tower (the class token, normalised with every token)
+    for img in (224, 336, 560):
+        table[f"eva_giant_patch14_{img}"] = dict(**widths["giant"], **eva01, patch_size=14, img_size=img)
+    table["eva_giant_patch14_clip_224"] = dict(table["eva_giant_patch14_224"], pool="cls", final_norm="tokens",
+                                               num_classes=1024)
+    # InternVL's InternViT-300M (timm's vit_intern300m_*): LayerScale (init 0.1), no final LayerNorm, any image
+    # size; features
+    table["vit_intern300m_patch14_448"] = dict(**SIZES["large"], **dict(TIMM_STYLE, final_norm="none"), patch_size=14,
+                                               img_size=448, layer_scale=0.1, dynamic_img_size=True, num_classes=0)
+    # NVIDIA's RADIO v3 and v4 (timm's *_radio_*): 7 or 9 registers after the class token (their positions,
+    # none in timm: zeros), no final LayerNorm, LayerScale (1e-5) in B and L; features. RADIO's g: DINOv2's
+    # giant's width, depth and heads, with a GELU MLP
+    radio = dict(TIMM_STYLE, final_norm="none", num_classes=0, patch_size=16, img_size=512)
+    radio_giant = {k: giant[k] for k in ("emb_size", "depth", "num_heads")}
+    for size, dims, registers, version in (("base", SIZES["base"], 7, 3), ("large", SIZES["large"], 7, 3),
+                                           ("huge", SIZES["huge"], 7, 3), ("giant", radio_giant, 7, 3),
+                                           ("huge", SIZES["huge"], 9, 4), ("so400m", widths["so400m"], 9, 4)):
+        table[f"vit_{size}_patch16_radio_v{version}"] = dict(**dims, **radio, reg_tokens=registers,
+                                                             layer_scale=1e-5 if size in ("base", "large") else 0.0)
+    # TIPSv2 (timm's *_reg1_tipsv2): one register after the class token (no positions in timm: zeros),
+    # LayerScale (init 1.0); features
+    for size in ("base", "large", "so400m"):
+        table[f"vit_{size}_patch14_reg1_tipsv2"] = dict(**widths[size], **TIMM_STYLE, patch_size=14, img_size=448,
+                                                        reg_tokens=1, layer_scale=1.0, num_classes=0)
     # BEiT (Bao et al. 2021; timm's beit_*) and BEiT v2 (Peng et al. 2022; beitv2_*): relative position
     # bias in every block, no absolute positions, LayerScale, the patch tokens'
     # mean normalised after pooling
     beit = dict(rel_pos_bias=True, abs_pos=False, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
     for size in ("base", "large"):
-        for img in IMG_SIZES:
+        for img in IMG_SIZES + ((512,) if size == "large" else ()):
             table[f"beit_{size}_patch16_{img}"] = dict(**SIZES[size], **beit, patch_size=16, img_size=img,
                                                        layer_scale=0.1 if size == "base" else 1e-5)  # timm's inits
         table[f"beitv2_{size}_patch16_224"] = dict(**SIZES[size], **beit, patch_size=16, img_size=224,
@@ -392,6 +512,8 @@ def _table() -> dict[str, dict]:
             layer_scale=1e-5, norm_eps=1e-5, qkv_bias=False, class_token=True, pool="mean", final_norm="tokens",
             num_classes=0)
         table[f"vit_{size}_patch16_dinov3_qkvb"] = dict(table[f"vit_{size}_patch16_dinov3"], qkv_bias=True)
+    # the tiny one timm names (the EUPE weights), with qkv bias
+    table["vit_tiny_patch16_dinov3_qkvb"] = dict(table["vit_small_patch16_dinov3_qkvb"], **SIZES["tiny"])
     # DINOv3's S+, H+ and 7B: a SwiGLU MLP, vitkit's fc1 packing its two layers (timm's fc1_g and fc1_x, each
     # 4x the width, 2x at 7B; HF's gate_proj and up_proj)
     small_plus = dict(emb_size=384, depth=12, num_heads=6, mlp_ratio=8.0, mlp_act="swiglu")
@@ -437,6 +559,17 @@ def _table() -> dict[str, dict]:
     table["vit_pe_core_gigantic_patch14_448"] = dict(
         pe, emb_size=1536, depth=50, num_heads=16, mlp_ratio=8960 / 1536, pool_mlp_ratio=4.0, class_token=False,
         rope_grid_offset=0.0, patch_size=14, img_size=448, rope_ref_grid=32, num_classes=1280)
+    # PE's spatial and language towers (timm's vit_pe_spatial_*, vit_pe_lang_*): features, the patch tokens' mean
+    # without a LayerNorm after the blocks, positions scaled to a 32 x 32 grid; LayerScale (init 0.1) in the
+    # gigantic ones and the language ones (L: 23 blocks, G: 47)
+    features = dict(pool="mean", pool_heads=0, pool_mlp_ratio=0.0, final_norm="none", num_classes=0, rope_ref_grid=32)
+    for size, patch, img in (("tiny", 16, 512), ("small", 16, 512), ("base", 16, 512), ("large", 14, 448)):
+        table[f"vit_pe_spatial_{size}_patch{patch}_{img}"] = dict(**SIZES[size], **dict(pe, **features),
+                                                                  patch_size=patch, img_size=img)
+    table["vit_pe_spatial_gigantic_patch14_448"] = dict(table["vit_pe_core_gigantic_patch14_448"], **features,
+                                                        layer_scale=0.1)
+    table["vit_pe_lang_large_patch14_448"] = dict(table["vit_pe_spatial_large_patch14_448"], depth=23, layer_scale=0.1)
+    table["vit_pe_lang_gigantic_patch14_448"] = dict(table["vit_pe_spatial_gigantic_patch14_448"], depth=47)
     # The seed tutorial's model, exactly: 8 heads, mean pooling, LayerNorm after pooling.
     table["vit_seed_patch16_224"] = dict(dataclasses.asdict(ViTConfig()))
     # Small models for the embedded real datasets (1-channel images).
