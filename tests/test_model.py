@@ -38,6 +38,36 @@ PUBLISHED_PARAMS = {
     # the Perception Encoder: timm's exactly (its k bias is a real one)
     "vit_pe_core_base_patch16_224": 93_673_984,
     "vit_pe_core_gigantic_patch14_448": 1_882_033_920,
+    # The families taken from timm later: timm's counts, plus what vitkit holds at zero where timm has none: the
+    # prefix tokens' positions (no_embed_class: DeiT-III, FlexiViT, the SBB registers, RADIO, TIPSv2), the k bias
+    # of timm's Eva and Beit classes (EVA-01, BEiT, DINOv3)
+    "deit_base_patch16_384": 86_859_496,
+    "deit3_large_patch16_384": 304_763_880 + 1024,
+    "deit3_huge_patch14_224": 632_126_440 + 1280,
+    "vit_huge_patch14_clip_378": 632_683_264,
+    "vit_gigantic_patch14_clip_224": 1_844_908_544,
+    "vit_giant_patch14_224": 1_012_611_432,
+    "vit_gigantic_patch14_224": 1_844_440_680,
+    "vit_so400m_patch16_siglip_384": 428_256_704,
+    "vit_giantopt_patch16_siglip_256": 1_163_168_256,
+    "vit_large_patch16_siglip_gap_512": 304_147_456,
+    "vit_little_patch16_reg4_gap_256": 22_516_008 + 4 * 320,
+    "vit_mediumd_patch16_reg4_gap_384": 64_272_872 + 4 * 512,
+    "vit_so150m_patch16_reg4_map_256": 141_481_064,
+    "vit_so150m2_patch16_reg1_gap_448": 136_498_856,
+    "vit_medium_patch16_gap_240": 44_396_589,
+    "vit_base_patch16_224_miil": 94_399_957,
+    "flexivit_large": 304_355_304 + 1024,
+    "eva_large_patch14_336": 304_531_432,
+    "eva_giant_patch14_560": 1_014_447_464 + 40 * 1408,
+    "vit_intern300m_patch14_448": 304_012_288,
+    "vit_giant_patch16_radio_v3": 1_136_027_136 + 8 * 1536,
+    "vit_so400m_patch16_radio_v4": 413_543_664 + 10 * 1152,
+    "vit_so400m_patch14_reg1_tipsv2": 413_391_600 + 2 * 1152,
+    "beit_large_patch16_512": 305_674_728 + 24 * 1024,
+    "vit_tiny_patch16_dinov3_qkvb": 5_489_664 + 12 * 192,
+    "vit_pe_spatial_gigantic_patch14_448": 1_851_887_104,
+    "vit_pe_lang_large_patch14_448": 291_415_040,
 }
 
 
@@ -391,17 +421,20 @@ def test_timms_model_level_names_and_input_description():
 def test_every_variant_timm_also_names_has_timms_defaults():
     """Each variant whose name timm knows is built as timm builds it by default: image size, classes (0
     where the weights were published without a classifier, CLIP's embedding width), width, depth, heads,
-    prefix tokens; and LayerScale's first value (timm's init) where the model has it."""
+    prefix tokens, the MLP's width (a SwiGLU's two layers together); and LayerScale's first value (timm's init)
+    where the model has it."""
     timm = pytest.importorskip("timm")
     names = sorted(set(vitkit.list_models()) & set(timm.list_models()))
-    assert len(names) >= 70
+    assert len(names) >= 190
     for name in names:
         with torch.device("meta"):
             theirs, ours = timm.create_model(name), create_model(name)
+        mlp = theirs.blocks[0].mlp  # Eva's SwiGLU: two layers, fc1_g and fc1_x, where vitkit packs one fc1
+        hidden = mlp.fc1.out_features if hasattr(mlp, "fc1") else mlp.fc1_g.out_features + mlp.fc1_x.out_features
         assert (tuple(theirs.patch_embed.img_size), theirs.num_classes, theirs.embed_dim, len(theirs.blocks),
-                theirs.blocks[0].attn.num_heads, theirs.num_prefix_tokens) == (
+                theirs.blocks[0].attn.num_heads, theirs.num_prefix_tokens, hidden) == (
             ours.cfg.img_size, ours.cfg.num_classes, ours.cfg.emb_size, ours.cfg.depth, ours.cfg.num_heads,
-            ours.cfg.num_prefix_tokens), name
+            ours.cfg.num_prefix_tokens, ours.cfg.mlp_hidden), name
         if ours.cfg.layer_scale and ours.cfg.emb_size <= 1024:  # one real block of each: LayerScale's init
             block = dict(timm.create_model(name, depth=1).blocks[0].named_parameters())
             gamma = next(p for n, p in block.items() if n in ("ls1.gamma", "gamma_1"))
