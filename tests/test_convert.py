@@ -25,6 +25,7 @@ from vitkit import ViT, ViTConfig, create_model, load_pretrained
 from vitkit.bench import timm_twin
 from vitkit.checkpoint import CheckpointError, load_state_dict_file
 from vitkit.cli import main as cli
+from vitkit.config import VARIANTS
 
 ATOL = 1e-4
 
@@ -938,12 +939,14 @@ def test_attention_pooling_with_heads_of_its_own_goes_to_timm_alone(tmp_path):
 
 @pytest.mark.parametrize("architecture, img", [("vit_so400m_patch16_siglip_256", 64), ("eva_giant_patch14_224", 56),
                                                ("vit_so150m_patch16_reg4_map_256", 64)])
-def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_builds_it(tmp_path, architecture, img):
+def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_builds_it(tmp_path, monkeypatch,
+                                                                                       architecture, img):
     """timm's own hub configs name the architecture and give no model_args. For one not in vitkit's table,
     timm's registry tells the heads (16 for the first two, where the width / 64 convention says 18 and 22) and the MLP's
     activation (SigLIP's newer towers: GELU's tanh form; 2e-3 apart from exact GELU at these weights).
     EVA-01 (timm's Eva, BEiT's names, no rotation) is read as the plain ViT it is; so150m's attention pooling
-    reads the patch tokens alone, not its 4 registers (pool_prefix=False)."""
+    reads the patch tokens alone, not its 4 registers (pool_prefix=False). The table now names all three: they are
+    taken out of it here, and read with it, the same model."""
     theirs = timm.create_model(architecture, pretrained=False, depth=2, img_size=img).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -953,7 +956,11 @@ def test_a_hub_dir_naming_only_an_architecture_vitkit_lacks_is_read_as_timm_buil
     (tmp_path / "hub" / "config.json").write_text(json.dumps({"architecture": f"{architecture}.some_tag",
                                                               "model_args": {"img_size": img}}))
     with pytest.warns(UserWarning, match="normalisation"):
-        ours = vc.load(tmp_path / "hub", "timm")
+        named = vc.load(tmp_path / "hub", "timm")  # the variant table's entry
+    monkeypatch.delitem(VARIANTS, architecture)
+    with pytest.warns(UserWarning, match="normalisation"):
+        ours = vc.load(tmp_path / "hub", "timm")  # timm's registry
+    assert ours.cfg == named.cfg
     assert ours.cfg.num_heads == theirs.blocks[0].attn.num_heads
     assert ours.cfg.pool_prefix == ("reg4_map" not in architecture)
     x = torch.randn(2, 3, img, img)
