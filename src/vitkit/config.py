@@ -602,6 +602,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
 HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")  # [-1, 1]: timm's "inception"
 OPENAI_CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, interpolation="bicubic")
+UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bicubic")  # [0, 1], as read
 
 # How the weights timm gives a name by default (its pretrained_cfg) want their inputs: mean, std, interpolation
 # and crop_pct (the size is the config's). Rows are (fnmatch patterns, preprocessing), the first match wins, so
@@ -613,7 +614,10 @@ VARIANT_PREPROCESS: list[tuple[tuple[str, ...], dict]] = [
     # the original ViTs and AugReg's (Steiner et al. 2021), trained in JAX on [-1, 1]: the names timm has them for
     (("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_224", "vit_base_patch8_224",
       "vit_base_patch16_224", "vit_base_patch32_224", "vit_large_patch14_224", "vit_large_patch16_224",
-      "vit_large_patch32_224", "vit_huge_patch14_224"), dict(HALF, crop_pct=0.9)),
+      "vit_large_patch32_224", "vit_huge_patch14_224",
+      # and the names timm has no weights for, which its default pretrained_cfg reads the same way
+      "vit_base_patch16_gap_224", "vit_base_patch16_reg4_gap_256", "vit_giant_patch14_224", "vit_gigantic_patch14_224",
+      "vit_small_patch16_36x1_224", "vit_so150m_patch16_reg4_map_256"), dict(HALF, crop_pct=0.9)),
     (("vit_tiny_patch16_384", "vit_small_patch16_384", "vit_small_patch32_384", "vit_base_patch16_384",
       "vit_base_patch32_384", "vit_large_patch16_384", "vit_large_patch32_384"), dict(HALF, crop_pct=1.0)),
     # CLIP towers: OpenAI's statistics, uncropped, but where timm's default weights are another's: its ImageNet
@@ -623,17 +627,28 @@ VARIANT_PREPROCESS: list[tuple[tuple[str, ...], dict]] = [
     (("vit_*_patch32_clip*_224", "vit_xsmall_patch16_clip_224", "vit_medium_patch16_clip_224"),
      dict(OPENAI_CLIP, crop_pct=0.9)),
     (("vit_*_clip_*",), dict(OPENAI_CLIP, crop_pct=1.0)),
-    # EVA-02 (its MIM, fine-tuned and CLIP weights alike: OpenAI's statistics)
-    (("eva02_*_224",), dict(OPENAI_CLIP, crop_pct=0.9)),
-    (("eva02_*",), dict(OPENAI_CLIP, crop_pct=1.0)),
+    # EVA-01 and EVA-02 (MIM, fine-tuned and CLIP weights alike: OpenAI's statistics, but for EVA-01's giant at
+    # 560, fine-tuned on ImageNet-22k's labels), and RADIO's distilled towers
+    (("eva_giant_patch14_560",), dict(IMAGENET, crop_pct=1.0)),
+    (("eva02_*_224", "eva_giant_patch14_224", "eva_giant_patch14_clip_224"), dict(OPENAI_CLIP, crop_pct=0.9)),
+    (("eva02_*", "eva_*", "vit_*_radio_*"), dict(OPENAI_CLIP, crop_pct=1.0)),
     # SigLIP (big_vision's [-1, 1], cropped 0.9 but for the so400m/14 weights PaliGemma's came from) and the
     # Perception Encoder
     (("vit_so400m_patch14_siglip_gap_384", "vit_so400m_patch14_siglip_gap_448", "vit_so400m_patch14_siglip_gap_896"),
      dict(HALF, crop_pct=1.0)),
     (("vit_*_siglip_*",), dict(HALF, crop_pct=0.9)),
     (("vit_pe_*",), dict(HALF, crop_pct=1.0)),
-    # DINOv2 and DINOv3: ImageNet's statistics, uncropped
-    (("vit_*_dinov2", "vit_*_dinov3*"), dict(IMAGENET, crop_pct=1.0)),
+    # DINOv2, DINOv3 and InternViT: ImageNet's statistics, uncropped; I-JEPA's: cropped 0.9 at 224
+    (("vit_*_dinov2", "vit_*_dinov3*", "vit_intern300m_*", "vit_huge_patch16_gap_448"), dict(IMAGENET, crop_pct=1.0)),
+    (("vit_huge_patch14_gap_224", "vit_giant_patch16_gap_224"), dict(IMAGENET, crop_pct=0.9)),
+    # timm's own (searching for better baselines, "sbb") ViTs with registers and the medium/betwixt/so150m
+    # sizes, FlexiViT and the "plus" sizes: [-1, 1], cropped 0.95 up to 256, uncropped above
+    (("vit_so150m2_*", "vit_*_reg*_gap_384", "vit_*_reg*_gap_448"), dict(HALF, crop_pct=1.0)),
+    (("vit_*_reg*_gap_256", "vit_medium_patch16_gap_*", "vit_betwixt_patch16_gap_256", "vit_*_plus_2[0-9][0-9]",
+      "flexivit_*"), dict(HALF, crop_pct=0.95)),
+    # TIPSv2 and the MIIL ImageNet-21k weights read pixels in [0, 1], unnormalised
+    (("vit_*_tipsv2",), dict(UNIT, crop_pct=1.0)),
+    (("vit_base_patch16_224_miil",), dict(UNIT, interpolation="bilinear", crop_pct=0.875)),
     # BEiT: [-1, 1]; BEiT v2 and DeiT (I, III): ImageNet's statistics
     (("beit_*_224",), dict(HALF, crop_pct=0.9)),
     (("beit_*",), dict(HALF, crop_pct=1.0)),
