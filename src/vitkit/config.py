@@ -722,7 +722,7 @@ def _timm_square(name: str, value):
     if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
         return value[0]
     if isinstance(value, (tuple, list)):
-        raise ValueError(f"{name}={value!r}: vitkit's patches are square; expected an int or (p, p)")
+        raise ValueError(f"ViTConfig.patch_size: {name}={value!r}: vitkit's patches are square; expected an int or (p, p)")
     return value
 
 
