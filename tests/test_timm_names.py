@@ -8,6 +8,8 @@ timm key map, strictly (no tensor left over on either side), and the two models'
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,8 +96,31 @@ def test_the_dropouts_land_where_timms_do():
                        pos_drop_rate=0.05, drop_path_rate=0.3).cfg
     assert (cfg.drop_rate, cfg.attn_drop_rate, cfg.pos_drop_rate, cfg.head_drop_rate, cfg.drop_path_rate) == \
         (0.1, 0.2, 0.05, 0.0, 0.3)
-    # without timm's own names, drop_rate is ViTConfig's (the projections'), as it always was
-    assert create_model("vit_tiny_patch16_224", depth=1, drop_rate=0.1).cfg.drop_rate == 0.1
+    # without timm's own names, drop_rate is ViTConfig's (the projections'), as it always was; for a name timm
+    # has, where the call may have been ported from timm.create_model (the head's dropout there), with a warning
+    with pytest.warns(UserWarning, match="drop_rate=0.1: vitkit's drop_rate is the dropout after the attention"):
+        assert create_model("vit_tiny_patch16_224", depth=1, drop_rate=0.1).cfg.drop_rate == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert create_model("vit_digits", depth=1, drop_rate=0.1).cfg.drop_rate == 0.1  # not a timm name
+        assert create_model("vit_tiny_patch16_224", depth=1, proj_drop_rate=0.1).cfg.drop_rate == 0.1
+
+
+def test_what_attention_pooling_reads_does_not_hang_on_unrelated_names():
+    """vitkit's pool="map" keeps vitkit's pool_prefix whatever else the call names (a do-nothing in_chans=3
+    once changed it); timm's global_pool="map" pools as timm's class for the name does."""
+    for kw in (dict(), dict(in_chans=3), dict(drop_path_rate=0.1)):
+        assert create_model("vit_tiny_patch16_224", depth=1, pool="map", **kw).cfg.pool_prefix, kw
+        assert not create_model("vit_tiny_patch16_224", depth=1, global_pool="map", **kw).cfg.pool_prefix, kw
+    assert create_model("eva_giant_patch14_224", depth=1, global_pool="map").cfg.pool_prefix  # timm's Eva
+
+
+@pytest.mark.parametrize("kw, why", [(dict(act_layer="gelu"), "timm keeps the gated MLP"),
+                                     (dict(global_pool="map"), "timm's attention pool has a plain MLP")])
+@pytest.mark.parametrize("name", ["vit_giant_patch14_dinov2", "eva02_tiny_patch14_224"])
+def test_timm_names_that_would_build_another_mlp_on_swiglu_models_are_refused(name, kw, why):
+    with pytest.raises(ValueError, match=why):
+        create_model(name, depth=1, **kw)
 
 
 def test_final_norm_and_fc_norm_place_the_norm():
@@ -181,3 +206,24 @@ def test_every_timm_name_is_an_argument_of_timms_vision_transformer():
     from timm.models.vision_transformer import VisionTransformer
 
     assert set(vitkit.config.TIMM_NAMES) <= set(inspect.signature(VisionTransformer).parameters)
+
+
+def test_eva01_attention_pooling_reads_every_token_as_timms_eva(tmp_path):
+    """timm builds EVA-01 with its Eva class, whose attention pooling reads the class token too (TIMM_EVA);
+    its weights, read through a hub dir naming the architecture, give timm's logits (float64: the pooling's
+    softmax over tokens of width 1408 leaves float32 noise of the order of the tolerance)."""
+    name, kw = "eva_giant_patch14_224", dict(depth=1, img_size=28, num_classes=7, global_pool="map")
+    torch.manual_seed(0)
+    theirs = timm.create_model(name, pretrained=False, **kw).eval()
+    with torch.no_grad():
+        for pname, p in theirs.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1 if "norm" in pname and pname.endswith("weight") else 0))
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": name, "model_args": kw}))
+    ours = create_model(name, **kw).eval()
+    assert ours.cfg.pool_prefix
+    ours.load_state_dict(to_vitkit(read(tmp_path), ours.cfg), strict=True)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        mine, peer = ours.double()(x), theirs.double()(x)
+    torch.testing.assert_close(mine, peer, atol=1e-6 * peer.abs().max().item(), rtol=1e-6)

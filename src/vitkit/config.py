@@ -688,6 +688,9 @@ def from_seed_names(kwargs: dict) -> dict:
 
 
 # --- timm's keyword names ----------------------------------------------------------------
+# The names timm builds with its Eva class though they have no rotary positions (EVA-01): its attention pooling
+# reads every token, where VisionTransformer's reads the patch tokens alone (the rotary models are Eva's too)
+TIMM_EVA = "eva_*"
 # timm's global_pool -> vitkit's pool (convert.timm.GLOBAL_POOL is the other direction)
 TIMM_POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 # timm's global_pool values vitkit has no pooling for -> why
@@ -768,9 +771,10 @@ def _timm_layer(name: str, value):
 # What reads more than its own value (to_config_fields):
 #   global_pool also places the final norm as timm does where fc_norm does not say: after pooling for 'avg', on
 #     the tokens otherwise (the model's own placement where its pooling is unchanged).
-#   attention pooling ('map') in a call with timm's own names pools the patch tokens alone (pool_prefix=False)
+#   global_pool='map' pools the patch tokens alone (pool_prefix=False)
 #     in a model with a class token or registers, as timm's VisionTransformer does unless pool_include_prefix
-#     (timm's Eva, vitkit's rope models, pools them all), where the model's own pool_prefix does not say.
+#     (timm's Eva, vitkit's rope models and EVA-01: TIMM_EVA, pools them all), where the model's own
+#     pool_prefix does not say; vitkit's pool='map' keeps vitkit's pool_prefix (True unless given).
 #   fc_norm (after pooling) and final_norm (bool) are vitkit's final_norm="pooled", "tokens" or "none".
 #   no_embed_class: timm's position table without rows for the prefix tokens; vitkit's has them (a prefix token
 #     plus a learned position is the same learned vector), and holds zeros there for timm's weights (convert).
@@ -809,12 +813,13 @@ class ConfigFields(dict):
     given: dict[str, str]
 
 
-def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None) -> ConfigFields:
+def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, every_token: bool = False) -> ConfigFields:
     """``kwargs`` with the seed's (``SEED_NAMES``) and timm's (``TIMM_NAMES``) names as ViTConfig's, for a model
     that is otherwise ``base`` (a ViTConfig or a variant's fields; the seed's model by default), which timm's
     global_pool, fc_norm and final_norm read (the final norm's place, what attention pooling reads). None for
     one of timm's own names is dropped, as timm.create_model drops it (the model's own stands); a value vitkit
-    cannot build is refused, and two names for one field must agree."""
+    cannot build is refused, and two names for one field must agree. ``every_token``: timm builds the model with
+    its Eva class, whose attention pooling reads the prefix tokens too (``TIMM_EVA``)."""
     base = base if isinstance(base, ViTConfig) else ViTConfig(**(base or {}))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     # timm's own names, not ViTConfig's (final_norm as a bool is timm's): drop_rate is then read as timm's
@@ -855,8 +860,10 @@ def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None) -> Conf
             put(field, value, name)
     pool = out.get("pool", base.pool)
     _timm_final_norm(timm, "global_pool" in kwargs, out, base, pool, put)
-    if "pool_include_prefix" in timm or timm_call and "pool_prefix" not in out:
-        _timm_pool_prefix(timm.get("pool_include_prefix"), out, base, pool, put)
+    if "pool_include_prefix" in timm or "global_pool" in kwargs and "pool_prefix" not in out:
+        _timm_pool_prefix(timm.get("pool_include_prefix"), out, base, pool, put, every_token)
+    if "swiglu" in (base.mlp_act, out.get("mlp_act", base.mlp_act)):
+        _refuse_timm_on_swiglu(kwargs, base, pool)
     out.given = {field: name for field, name in given.items() if name != field}
     return out
 
@@ -882,7 +889,18 @@ def _timm_final_norm(timm: dict, global_pool: bool, out: dict, base: ViTConfig, 
     put("final_norm", value, "fc_norm" if "fc_norm" in timm else "final_norm")
 
 
-def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: str, put) -> None:
+def _refuse_timm_on_swiglu(kwargs: dict, base: ViTConfig, pool: str) -> None:
+    """timm's names that build another network than timm's on a SwiGLU model: refused, not misread."""
+    if "act_layer" in kwargs:
+        raise ValueError(f"act_layer={kwargs['act_layer']!r} on a SwiGLU model: timm keeps the gated MLP "
+                         "(GluMlp with that activation) or refuses it; vitkit would drop the gate. Leave it out")
+    if "global_pool" in kwargs and pool == "map" and base.pool != "map":
+        raise ValueError("global_pool='map' on a SwiGLU model: timm's attention pool has a plain MLP, vitkit's "
+                         "takes the blocks' SwiGLU; not the same network")
+
+
+def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: str, put,
+                      every_token: bool = False) -> None:
     """vitkit's pool_prefix from timm's pool_include_prefix, and what attention pooling reads by default."""
     if pool != "map":
         if include and pool == "mean":
@@ -897,7 +915,7 @@ def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: st
             return
         # timm's VisionTransformer pools the patch tokens alone unless pool_include_prefix; its Eva (vitkit's
         # rotary models) and Beit read them all
-        include = base.rope != "none" or base.rel_pos_bias
+        include = base.rope != "none" or base.rel_pos_bias or every_token
     value = bool(include) or not prefix  # without prefix tokens there is nothing to leave out: True
     if given:
         put("pool_prefix", value, "pool_include_prefix")
@@ -931,7 +949,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitkit models`"
         raise ValueError(f"unknown model name {name!r}{hint}")
     fields = dict(VARIANTS[name])
-    overrides = to_config_fields(overrides, fields)
+    overrides = to_config_fields(overrides, fields, every_token=fnmatch.fnmatchcase(name, TIMM_EVA))
     fields.update(_without_pool_heads(overrides))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(fields) - known)

@@ -10,7 +10,16 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .config import GRID_ROPES, ViTConfig, from_seed_names, get_config, named_error, pooled_width, to_config_fields
+from .config import (
+    GRID_ROPES,
+    ViTConfig,
+    from_seed_names,
+    get_config,
+    named_error,
+    pooled_width,
+    to_config_fields,
+    variant_preprocess,
+)
 from .layers import (
     AttentionPool,
     PatchEmbedding,
@@ -391,6 +400,14 @@ def create_model(name: str | ViTConfig, pretrained: str | os.PathLike | bool | N
         model.preprocess = default_preprocess(model.cfg)
         return model
     cfg = get_config(name, **overrides)
+    if overrides.get("drop_rate") and variant_preprocess(name) is not None:  # a name timm has (its rows name only those)
+        import warnings
+
+        # code ported from timm.create_model(name, drop_rate=...) means the head's dropout; beside timm's own names
+        # get_config refuses it, alone it cannot tell
+        warnings.warn(f"drop_rate={overrides['drop_rate']!r}: vitkit's drop_rate is the dropout after the attention "
+                      "and MLP projections (timm's proj_drop_rate); timm.create_model's is the head's (vitkit's "
+                      "head_drop_rate). Pass proj_drop_rate or head_drop_rate to say which", stacklevel=2)
     model = ViT(cfg)
     model.preprocess = default_preprocess(cfg, name)
     return model
