@@ -1285,6 +1285,23 @@ def test_a_bare_clip_state_dict_named_converts_with_clips_normalisation(tmp_path
     assert unnamed.preprocess["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN)
 
 
+def test_a_name_whose_timm_weights_read_images_differently_still_warns(tmp_path):
+    """Under vit_large_patch14_clip_224 timm holds LAION's weights (0.5, its default) and OpenAI's (CLIP's
+    statistics): a bare file converted under that name takes the default's, and says which others there are."""
+    peer = timm.create_model("vit_large_patch14_clip_224", pretrained=False, depth=1, img_size=28)
+    save_file(peer.state_dict(), tmp_path / "l14.safetensors")
+    with pytest.warns(UserWarning, match=r"vit_large_patch14_clip_224's default weights' mean/std in timm are "
+                                         r"assumed \(\[0.5, 0.5, 0.5\].*\.openai.*pass --mean/--std"):
+        ours = vc.load(tmp_path / "l14.safetensors", "timm", model="vit_large_patch14_clip_224")
+    assert ours.preprocess["mean"] == [0.5, 0.5, 0.5] == list(peer.pretrained_cfg["mean"])
+    with warnings.catch_warnings(record=True) as caught:  # told: no guess left to warn of
+        warnings.simplefilter("always")
+        told = vc.load(tmp_path / "l14.safetensors", "timm", model="vit_large_patch14_clip_224",
+                       mean=list(timm.data.OPENAI_CLIP_MEAN), std=list(timm.data.OPENAI_CLIP_STD))
+    assert told.preprocess["mean"] == list(timm.data.OPENAI_CLIP_MEAN)
+    assert not [w for w in caught if "normalisation" in str(w.message)]
+
+
 @pytest.mark.parametrize("patch, img", [(4, 32), (16, 64), (4, 24)], ids=["smaller", "larger", "smaller-at-24"])
 def test_another_patch_size_resamples_the_kernels_as_timm_does(tmp_path, patch, img, capsys):
     """``--patch-size`` (FlexiViT's pseudo-inverse resize of the kernels, the positions to the new grid):

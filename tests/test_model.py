@@ -418,6 +418,23 @@ def test_timms_model_level_names_and_input_description():
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
+def test_the_names_whose_timm_weights_read_images_differently_are_the_ones_flagged():
+    """config.MIXED_NORMALISATION: the table's names under which timm holds weights of more than one mean/std
+    (by tag), so that converting a bare file under one still warns."""
+    timm = pytest.importorskip("timm")
+    from timm.models import get_pretrained_cfg
+
+    from vitkit.config import MIXED_NORMALISATION
+
+    mixed = set()
+    for name in set(vitkit.list_models()) & set(timm.list_models()):
+        stats = {tuple(round(x, 4) for x in (*cfg.mean, *cfg.std)) for tag in timm.list_pretrained(f"{name}.*")
+                 if (cfg := get_pretrained_cfg(tag)) is not None}
+        if len(stats) > 1:
+            mixed.add(name)
+    assert mixed == set(MIXED_NORMALISATION)
+
+
 def test_every_variant_timm_also_names_has_timms_defaults():
     """Each variant whose name timm knows is built as timm builds it by default: image size, classes (0
     where the weights were published without a classifier, CLIP's embedding width), width, depth, heads,

@@ -658,6 +658,21 @@ VARIANT_PREPROCESS: list[tuple[tuple[str, ...], dict]] = [
 ]
 
 
+# The names under which timm holds weights that read images differently (told apart by their tag): their default
+# weights' statistics above are then a guess for a file that does not say, and a conversion says so. Each: the
+# other weights and theirs (tests/test_model.py checks the names against timm's tags).
+MIXED_NORMALISATION: dict[str, str] = {
+    **dict.fromkeys(("vit_small_patch16_224", "vit_base_patch8_224"), "timm's .dino weights use ImageNet's"),
+    "vit_base_patch16_224": "timm's .dino and .mae weights use ImageNet's, .bamboo OpenAI CLIP's",
+    **dict.fromkeys(("vit_large_patch16_224", "vit_huge_patch14_224"), "timm's .mae weights use ImageNet's"),
+    "vit_large_patch14_clip_224": "timm's .openai, .dfn2b and .datacompxl weights use OpenAI CLIP's",
+    "vit_large_patch14_clip_336": "timm's .openai weights use OpenAI CLIP's",
+    "eva_giant_patch14_336": "timm's .m30m_ft_in22k_in1k weights use ImageNet's",
+    **dict.fromkeys(("vit_large_patch16_dinov3", "vit_large_patch16_dinov3_qkvb", "vit_7b_patch16_dinov3"),
+                    "timm's .sat493m (satellite) weights use their own (0.430, 0.411, 0.296)"),
+}
+
+
 def variant_preprocess(name: str) -> dict | None:
     """The mean, std, interpolation and crop_pct the weights timm names ``name`` for take
     (``VARIANT_PREPROCESS``), or None for a name of no known family."""
@@ -971,5 +986,5 @@ def named_error(error: ValueError, fields: dict) -> ValueError:
     return error
 
 
-__all__ = ["ViTConfig", "VARIANTS", "VARIANT_PREPROCESS", "variant_preprocess", "SIZES", "SEED_NAMES",
+__all__ = ["ViTConfig", "VARIANTS", "VARIANT_PREPROCESS", "MIXED_NORMALISATION", "variant_preprocess", "SIZES", "SEED_NAMES",
            "from_seed_names", "TIMM_NAMES", "to_config_fields", "list_models", "get_config", "to_2tuple"]

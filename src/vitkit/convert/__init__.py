@@ -38,7 +38,7 @@ from ..checkpoint import (
     named_preprocess,
     save_pretrained,
 )
-from ..config import POOLING_FIELDS, ViTConfig, get_config
+from ..config import MIXED_NORMALISATION, POOLING_FIELDS, ViTConfig, get_config
 
 IMPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
 EXPORT_FORMATS = ("vitkit", "timm", "hf", "torchvision", "jax")
@@ -315,14 +315,13 @@ def load(
         preprocess = dict(vit.preprocess, **given)
         check_preprocess(preprocess, vit.cfg.in_channels, "--mean/--std")
         vit.preprocess = preprocess
-    elif unknown_normalisation:  # the file did not say, and this format's weights differ
-        warnings.warn(f"{path}: holds no input normalisation; ImageNet's mean/std are assumed. "
-                      f"{unknown_normalisation}", stacklevel=2)
+    elif unknown_normalisation:  # the file did not say, and this format's (or this name's) weights differ
+        warnings.warn(f"{path}: holds no input normalisation; {unknown_normalisation}", stacklevel=2)
     return vit
 
 
 def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, **overrides) -> tuple[nn.Module, str]:
-    """``load`` but the normalisation: the model, and why its mean/std are a guess (or "")."""
+    """``load`` but the normalisation: the model, and which mean/std are assumed and why they are a guess (or "")."""
     if fmt == "vitkit":
         return load_pretrained(path, img_size=img_size, num_classes=num_classes, **overrides), ""
     module = _format_module(fmt, IMPORT_FORMATS, "source")
@@ -342,7 +341,13 @@ def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, 
     vit.preprocess["img_size"] = list(vit.cfg.img_size)
     changed_head = num_classes is not None and num_classes != cfg.num_classes
     vit.class_names = None if changed_head else foreign.class_names
-    return vit, "" if fits or named else getattr(module, "UNKNOWN_NORMALISATION", "")
+    if fits or named and model not in MIXED_NORMALISATION:
+        return vit, ""
+    if named:  # timm's weights under this name differ by tag: the default's are a guess too
+        return vit, (f"{model}'s default weights' mean/std in timm are assumed ({named['mean']}, {named['std']}); "
+                     f"{MIXED_NORMALISATION[model]}: pass --mean/--std if yours are those")
+    unknown = getattr(module, "UNKNOWN_NORMALISATION", "")
+    return vit, unknown and f"ImageNet's mean/std are assumed. {unknown}"
 
 
 def export(model, out: str | os.PathLike, fmt: str) -> Path:
