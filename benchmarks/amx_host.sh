@@ -4,7 +4,7 @@
 #
 #   OUT=/tmp/amx bash benchmarks/amx_host.sh
 #
-# The lent GPU machines' hosts are AMX Xeons; there: PYTHONPATH=build/gpu_pkgs for timm. The eager
+# The lent H100 machine's host is an AMX Xeon; there: PYTHONPATH=build/gpu_pkgs for timm. The eager
 # runs are pinned to two distinct cores (taskset); the compiled runs are not, so that inductor's
 # compile workers may use every core (the timed steps still run on 2 intra-op threads). Steps run
 # in order of importance, each under its own time limit; everything is appended to $OUT/amx.log and
