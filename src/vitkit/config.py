@@ -837,13 +837,19 @@ def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, every_t
     its Eva class, whose attention pooling reads the prefix tokens too (``TIMM_EVA``)."""
     base = base if isinstance(base, ViTConfig) else ViTConfig(**(base or {}))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
-    # timm's own names, not ViTConfig's (final_norm as a bool is timm's): drop_rate is then read as timm's
-    timm_call = any(value is not None and (name in TIMM_NAMES and name not in known
-                                           or name == "final_norm" and isinstance(value, bool))
-                    for name, value in kwargs.items())
+
+    def timms_own(name: str, value) -> bool:  # a name ViTConfig lacks, or final_norm as timm's bool
+        return name in TIMM_NAMES and name not in known or name == "final_norm" and isinstance(value, bool)
+
+    # beside timm's own names, drop_rate is read as timm's too
+    timm_call = any(value is not None and timms_own(name, value) for name, value in kwargs.items())
+
+    def read_as_timms(name: str, value) -> bool:  # through TIMM_NAMES (patch_size: timm's (p, p) too)
+        return timms_own(name, value) or name == "patch_size" or name == "drop_rate" and timm_call
+
     # None for one of timm's own names is dropped, as timm.create_model drops it; ViTConfig's fields refuse it
     kwargs = {name: value for name, value in kwargs.items()
-              if value is not None or name not in TIMM_NAMES or name in known and not (name == "drop_rate" and timm_call)}
+              if value is not None or not (timms_own(name, value) or name == "drop_rate" and timm_call)}
     out, given, timm = ConfigFields(), {}, {}
 
     def put(field: str, value, name: str) -> None:
@@ -858,9 +864,7 @@ def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, every_t
         out[field], given[field] = value, name
 
     for name, value in kwargs.items():
-        if not (name in TIMM_NAMES and (name not in known or name == "patch_size"
-                                        or name == "final_norm" and isinstance(value, bool)
-                                        or name == "drop_rate" and timm_call)):
+        if not read_as_timms(name, value):
             put(SEED_NAMES.get(name, name), value, name)
             continue
         field, read = TIMM_NAMES[name]
