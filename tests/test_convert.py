@@ -1263,7 +1263,7 @@ def test_a_bare_timm_state_dict_takes_its_normalisation_from_the_command(tmp_pat
     pre = load_pretrained(tmp_path / "given").preprocess
     assert (pre["mean"], pre["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert cli([*src, str(tmp_path / "bad"), *named, "--mean", "0.5", "0.5"]) == 2
-    assert "--mean/--std: preprocess.mean: expected 1 or 3 numbers, got [0.5, 0.5]" in capsys.readouterr().err
+    assert "--mean: preprocess.mean: expected 1 or 3 numbers, got [0.5, 0.5]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -1279,7 +1279,7 @@ def test_a_bare_clip_state_dict_named_converts_with_clips_normalisation(tmp_path
     assert not [w for w in caught if "normalisation" in str(w.message)]
     assert ours.preprocess == dict(img_size=[32, 32], mean=list(timm.data.OPENAI_CLIP_MEAN),
                                    std=list(timm.data.OPENAI_CLIP_STD), interpolation="bicubic",
-                                   crop_pct=peer.pretrained_cfg["crop_pct"])
+                                   crop_pct=peer.pretrained_cfg["crop_pct"], crop_mode=peer.pretrained_cfg["crop_mode"])
     with pytest.warns(UserWarning, match="ImageNet's mean/std are assumed"):
         unnamed = vc.load(tmp_path / "clip.safetensors", "timm", num_heads=12)
     assert unnamed.preprocess["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN)

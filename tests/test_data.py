@@ -211,7 +211,8 @@ def test_a_folder_of_class_folders_holds_out_the_same_share_of_each_class(tmp_pa
                                                                           data.val.images)
     held = {img.numpy().tobytes() for img in data.val.images}
     assert not held & {img.numpy().tobytes() for img in data.train.images}  # disjoint
-    val_only = load_dataset(f"folder:{root}", **spec, with_train=False)  # what `vitkit eval` reads
+    # what `vitkit eval` reads, with the preprocess the run's checkpoints hold (training's squash)
+    val_only = load_dataset(f"folder:{root}", **spec, preprocess=data.preprocess, with_train=False)
     assert len(val_only.train) == 0 and torch.equal(val_only.val.images, data.val.images)
     with pytest.raises(ValueError, match="--val-fraction: expected a share in"):
         load_dataset(f"folder:{root}", img_size=(16, 16), channels=3, val_fraction=1.0)

@@ -243,6 +243,7 @@ BAD_CONFIGS = {
     "preprocess_bad_interpolation": lambda m: {**m, "preprocess": {**m["preprocess"], "interpolation": "magic"}},
     "preprocess_zero_std": lambda m: {**m, "preprocess": {**m["preprocess"], "std": [0.0, 1.0, 1.0]}},
     "preprocess_zero_crop": lambda m: {**m, "preprocess": {**m["preprocess"], "crop_pct": 0}},
+    "preprocess_bad_crop_mode": lambda m: {**m, "preprocess": {**m["preprocess"], "crop_mode": "border"}},
     "preprocess_bad_size": lambda m: {**m, "preprocess": {**m["preprocess"], "img_size": "big"}},
     "preprocess_mean_length": lambda m: {**m, "preprocess": {**m["preprocess"], "mean": [0.5, 0.5]}},
     "preprocess_not_object": lambda m: {**m, "preprocess": "imagenet"},

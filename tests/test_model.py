@@ -400,7 +400,7 @@ def test_timms_model_level_names_and_input_description():
         assert model.pretrained_cfg["mean"] == ((0.5,) if model.cfg.in_channels == 1 else (0.485, 0.456, 0.406))
     digits = create_model("vit_digits")  # a grey 8x8 model: not ImageNet's 3x224x224
     assert resolve_data_config(model=digits) == {"input_size": (1, 8, 8), "interpolation": "bicubic", "mean": (0.5,),
-                                                 "std": (0.5,), "crop_pct": 1.0, "crop_mode": "center"}
+                                                 "std": (0.5,), "crop_pct": 1.0, "crop_mode": "squash"}
     digits.preprocess = dict(img_size=[8, 8], mean=[0.25], std=[0.75], interpolation="bilinear", crop_pct=1.0)
     assert resolve_data_config(model=digits)["mean"] == (0.25,)  # a checkpoint's own normalisation
     assert digits.default_cfg == digits.pretrained_cfg
@@ -469,8 +469,8 @@ def test_every_variant_timm_also_names_reads_images_as_timms_weights_do(tmp_path
         with torch.device("meta"):
             theirs, ours = timm.create_model(name, pretrained=False).pretrained_cfg, create_model(name).pretrained_cfg
         assert (ours["mean"], ours["std"]) == (pytest.approx(theirs["mean"]), pytest.approx(theirs["std"])), name
-        assert (ours["interpolation"], ours["crop_pct"], ours["input_size"]) == (
-            theirs["interpolation"], theirs["crop_pct"], theirs["input_size"]), name
+        assert (ours["interpolation"], ours["crop_pct"], ours["crop_mode"], ours["input_size"]) == (
+            theirs["interpolation"], theirs["crop_pct"], theirs["crop_mode"], theirs["input_size"]), name
     for name in sorted(set(vitkit.list_models()) - names):
         with torch.device("meta"):
             model = create_model(name)
@@ -482,4 +482,5 @@ def test_every_variant_timm_also_names_reads_images_as_timms_weights_do(tmp_path
     small = create_model("vit_base_patch16_siglip_224", img_size=32, depth=1)
     vitkit.save_pretrained(small, tmp_path / "siglip")
     assert vitkit.load_pretrained(tmp_path / "siglip").preprocess == dict(img_size=[32, 32], mean=[0.5] * 3, std=[0.5] * 3,
-                                                                   interpolation="bicubic", crop_pct=0.9)
+                                                                   interpolation="bicubic", crop_pct=0.9,
+                                                                   crop_mode="center")

@@ -234,13 +234,13 @@ def named_preprocess(cfg: ViTConfig, variant: str | None) -> dict | None:
     if named is None:
         return None
     return dict(img_size=list(cfg.img_size), mean=list(named["mean"]), std=list(named["std"]),
-                interpolation=named["interpolation"], crop_pct=named["crop_pct"])
+                interpolation=named["interpolation"], crop_pct=named["crop_pct"], crop_mode=named["crop_mode"])
 
 
 def default_preprocess(cfg: ViTConfig, variant: str | None = None) -> dict:
     """How a model of ``cfg`` reads an image when no checkpoint says: as ``variant``'s weights do
-    (``named_preprocess``), else with ImageNet's statistics (0.5 for a grey model), bicubic, cropped
-    0.875 (grey: not cropped)."""
+    (``named_preprocess``), else with ImageNet's statistics (0.5 for a grey model), bicubic, the centre
+    cropped 0.875 (grey: the whole image resized)."""
     named = named_preprocess(cfg, variant)
     if named is not None:
         return named
@@ -251,6 +251,7 @@ def default_preprocess(cfg: ViTConfig, variant: str | None = None) -> dict:
         std=[0.5] if gray else list(IMAGENET_STD),
         interpolation="bicubic",
         crop_pct=1.0 if gray else 0.875,
+        crop_mode="squash" if gray else "center",
     )
 
 

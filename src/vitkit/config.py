@@ -673,12 +673,28 @@ MIXED_NORMALISATION: dict[str, str] = {
 }
 
 
+# How an image is cut to the model's size (timm's crop_mode): "center" resizes the shorter side to
+# img_size / crop_pct, keeping the aspect ratio, then crops the centre; "squash" resizes each side to
+# img_size / crop_pct, the aspect ratio not kept, then crops the centre (at crop_pct 1.0: the whole image).
+CROP_MODES = ("center", "squash")
+# The resampling filters a preprocess dict may name (PIL's, as timm's and torchvision's eval transforms use them)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+# The names whose default weights in timm squash (pretrained_cfg crop_mode "squash"); the others crop the
+# centre (tests/test_model.py checks every shared name against timm).
+SQUASH_VARIANTS = (
+    "eva02_base_patch14_448", "eva02_large_patch14_448", "eva_giant_patch14_336", "eva_giant_patch14_560",
+    "eva_large_patch14_336", "vit_base_patch16_clip_384", "vit_gigantic_patch14_clip_378",
+    "vit_huge_patch14_clip_336", "vit_large_patch14_clip_336", "vit_medium_patch16_gap_384",
+    "vit_so150m2_patch16_reg1_gap_448",
+)
+
+
 def variant_preprocess(name: str) -> dict | None:
-    """The mean, std, interpolation and crop_pct the weights timm names ``name`` for take
-    (``VARIANT_PREPROCESS``), or None for a name of no known family."""
+    """The mean, std, interpolation, crop_pct and crop_mode the weights timm names ``name`` for take
+    (``VARIANT_PREPROCESS``, ``SQUASH_VARIANTS``), or None for a name of no known family."""
     for patterns, preprocess in VARIANT_PREPROCESS:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-            return dict(preprocess)
+            return dict(preprocess, crop_mode="squash" if name in SQUASH_VARIANTS else "center")
     return None
 
 

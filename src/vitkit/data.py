@@ -101,7 +101,7 @@ class Dataset:
 
 def gray_preprocess(size: tuple[int, int]) -> dict:
     """Eval transform of the 1-channel datasets: the file's pixels /255, then (x - 0.5) / 0.5 into [-1, 1]."""
-    return dict(img_size=list(size), mean=[0.5], std=[0.5], interpolation="bilinear", crop_pct=1.0)
+    return dict(img_size=list(size), mean=[0.5], std=[0.5], interpolation="bilinear", crop_pct=1.0, crop_mode="squash")
 
 
 def normalize(images: Tensor, preprocess: dict) -> Tensor:
@@ -575,7 +575,7 @@ def resize_dataset(data: Dataset, img_size: tuple[int, int], interpolation: str 
     img_size = tuple(img_size)
     if data.image_shape[1:] == img_size:  # any interpolation to the same size is the identity
         return data
-    preprocess = dict(data.preprocess, img_size=list(img_size), crop_pct=1.0)
+    preprocess = dict(data.preprocess, img_size=list(img_size), crop_pct=1.0, crop_mode="squash")
     if interpolation is not None:
         preprocess["interpolation"] = interpolation
     print(f"resizing {data.name} from {data.image_shape[1]}x{data.image_shape[2]} to {img_size[0]}x{img_size[1]} "
@@ -607,8 +607,12 @@ def load_dataset(spec: str, data_dir: str | None = None, img_size: tuple[int, in
             preprocess = default_preprocess(ViTConfig(img_size=img_size, patch_size=1, in_channels=channels,
                                                       emb_size=8, num_heads=1))
         kind, where = spec.split(":", 1)
-        # Training sees the whole image resized, not a centre crop, so evaluation does the same.
-        return FILE_DATASETS[f"{kind}:"](where, img_size, channels, dict(preprocess, crop_pct=1.0), skip_bad_images,
+        # Training sees the whole image resized, not a centre crop, and so does its validation; the
+        # checkpoints it writes say so. Evaluation alone reads images as the model's own preprocess says,
+        # as `vitkit predict` and the library the weights came from do.
+        if with_train:
+            preprocess = dict(preprocess, crop_pct=1.0, crop_mode="squash")
+        return FILE_DATASETS[f"{kind}:"](where, img_size, channels, preprocess, skip_bad_images,
                                          with_train, folder_loading, val_fraction)
     raise ValueError(f"--dataset: unknown dataset {spec!r}; expected 'digits', 'fashion-mnist', 'folder:PATH' "
                      "or 'csv:FILE'")

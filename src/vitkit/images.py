@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .config import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
 
 class ImageError(ValueError):
@@ -79,11 +79,16 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
+_INTERPOLATION = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
+
+
+def crop_mode(preprocess: dict) -> str:
+    """``preprocess``'s crop mode (``config.CROP_MODES``). A dict without one was written before vitkit
+    knew timm's centre mode at crop_pct 1.0: it squashed there and cropped the centre below, and is
+    read that way."""
+    if "crop_mode" in preprocess:
+        return preprocess["crop_mode"]
+    return "squash" if float(preprocess.get("crop_pct", 1.0)) == 1.0 else "center"
 
 
 def check_preprocess(preprocess, channels: int, source: str) -> None:
@@ -105,6 +110,7 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
                      "[height, width] of positive ints"),
         "crop_pct": (lambda v: number(v) and v > 0, "a positive number"),
         "interpolation": (lambda v: isinstance(v, str) and v in _INTERPOLATION, f"one of {sorted(_INTERPOLATION)}"),
+        "crop_mode": (lambda v: isinstance(v, str) and v in CROP_MODES, f"one of {list(CROP_MODES)}"),
         # one value per channel, or one for all; 3 is what default_preprocess writes for any non-gray model
         "mean": (lambda v: isinstance(v, (list, tuple)) and len(v) in lengths and all(map(number, v)),
                  f"{' or '.join(map(str, sorted(lengths)))} numbers"),
@@ -117,24 +123,35 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
 
 
 def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
-    """The geometric half of ``preprocess_image``: resize (shorter side to img_size / crop_pct), centre-crop."""
+    """The geometric half of ``preprocess_image``, as timm's eval transform (and torchvision's
+    Resize and CenterCrop, whose rounding it follows) cuts a PIL image: resize to img_size / crop_pct,
+    by the shorter side ("center") or each side ("squash", ``crop_mode``), then crop the centre."""
     h, w = preprocess.get("img_size", [224, 224])
     crop_pct = float(preprocess.get("crop_pct", 1.0))
     interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
-    if img.size == (w, h) and crop_pct == 1.0:
+    scale_h, scale_w = math.floor(h / crop_pct), math.floor(w / crop_pct)
+    if crop_mode(preprocess) == "squash":
+        size = (scale_w, scale_h)
+    elif scale_h == scale_w:  # the shorter side to the scale, the longer truncated (torchvision's Resize(int))
+        short, long = sorted(img.size)
+        size = (scale_w, int(scale_h * long / short)) if img.width <= img.height else (int(scale_w * long / short), scale_h)
+    else:  # a non-square size: the side that reaches its scale first, both rounded (timm's ResizeKeepRatio)
+        ratio = min(img.height / scale_h, img.width / scale_w)
+        size = (round(img.width / ratio), round(img.height / ratio))
+    if img.size != size:
+        img = img.resize(size, interp)
+    if img.size == (w, h):
         return img
-    scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
-    if crop_pct == 1.0:
-        return img.resize((w, h), interp)
-    # shorter side to the scaled size, keeping the aspect ratio, then a centre crop
-    ratio = max(scale_h / img.height, scale_w / img.width)
-    img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), interp)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
+    if img.width < w or img.height < h:  # crop_pct above 1: torchvision pads with zeros, centred
+        padded = Image.new(img.mode, (max(w, img.width), max(h, img.height)))
+        padded.paste(img, ((padded.width - img.width) // 2, (padded.height - img.height) // 2))
+        img = padded
+    left, top = int(round((img.width - w) / 2)), int(round((img.height - h) / 2))  # half to even, as torchvision
     return img.crop((left, top, left + w, top + h))
 
 
 def preprocess_image(img: Image.Image, preprocess: dict) -> Tensor:
-    """Resize (shorter side to img_size / crop_pct), centre-crop, scale to [0, 1], normalise: (C, H, W).
+    """Resize and crop (``resize_image``), scale to [0, 1], normalise: (C, H, W).
 
     ``preprocess`` is the dict a checkpoint's config.json carries (timm's eval transform).
     """
@@ -151,4 +168,4 @@ def load_and_preprocess(path: str | os.PathLike, preprocess: dict, channels: int
     return preprocess_image(load_image(path, channels), preprocess)
 
 
-__all__ = ["load_image", "resize_image", "preprocess_image", "load_and_preprocess", "ImageError"]
+__all__ = ["load_image", "crop_mode", "resize_image", "preprocess_image", "load_and_preprocess", "ImageError"]

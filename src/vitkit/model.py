@@ -220,11 +220,12 @@ class ViT(nn.Module):
         """timm's description of the input (``timm.data.resolve_data_config(model=m)`` reads it): a loaded
         checkpoint's own normalisation and size (``preprocess``), else the defaults for this config."""
         from .checkpoint import default_preprocess
+        from .images import crop_mode
 
         pre = getattr(self, "preprocess", None) or default_preprocess(self.cfg)
         return {"input_size": (self.cfg.in_channels, *pre["img_size"]), "mean": tuple(pre["mean"]),
                 "std": tuple(pre["std"]), "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
-                "crop_mode": "center", "num_classes": self.cfg.num_classes, "classifier": "head.fc",
+                "crop_mode": crop_mode(pre), "num_classes": self.cfg.num_classes, "classifier": "head.fc",
                 "first_conv": first_conv_weight({n: p.shape for n, p in self.named_parameters()}).removesuffix(".weight")}
 
     default_cfg = pretrained_cfg  # timm's older name

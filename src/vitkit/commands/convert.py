@@ -8,7 +8,7 @@ import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..config import MLP_ACTS, POOLS
+    from ..config import CROP_MODES, INTERPOLATIONS, MLP_ACTS, POOLS
     from ..convert import EXPORT_FORMATS, IMPORT_FORMATS
 
     p = sub.add_parser(
@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mean", type=float, nargs="+", help="the input mean the weights were trained with, per channel "
                    "(where the file does not hold it, a bare timm state dict: else --model's, else ImageNet's)")
     p.add_argument("--std", type=float, nargs="+", help="the input standard deviation, per channel")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help="how the weights' images were resized, where "
+                   "the file does not say or says otherwise (torchvision's SWAG weights at 224: bicubic)")
+    p.add_argument("--crop-pct", type=float, help="the share of the resized image the model sees (timm's crop_pct; "
+                   "torchvision's SWAG weights at 224: 1.0)")
+    p.add_argument("--crop-mode", choices=CROP_MODES, help="center: the shorter side resized, the centre cut; squash: "
+                   "each side resized, the aspect ratio not kept")
     p.set_defaults(func=run_convert)
 
 
@@ -60,6 +66,7 @@ def run_convert(args: argparse.Namespace) -> int:
         out = convert(
             args.src, args.out, args.src_fmt, args.dst_fmt,
             model=args.model, img_size=img_size, num_classes=args.num_classes, mean=args.mean, std=args.std,
+            preprocess=dict(interpolation=args.interpolation, crop_pct=args.crop_pct, crop_mode=args.crop_mode),
             **overrides,
         )
     for w in caught:

@@ -295,6 +295,7 @@ def load(
     num_classes: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    preprocess: dict | None = None,
     **overrides,
 ):
     """Load a ``fmt`` checkpoint ("vitkit", "timm", "hf", "torchvision", "jax") as a vitkit ViT.
@@ -306,16 +307,22 @@ def load(
     ``mean``/``std``: the input normalisation the weights were trained with, where the file does
     not say it or says it wrongly (one value per channel, or one for all). A file that does not say
     is read with ``model``'s (timm's pretrained_cfg for the name), else ImageNet's, with a warning.
+    ``preprocess``: any of ``interpolation``, ``crop_pct`` and ``crop_mode`` (and mean/std) likewise, for a
+    file whose resizing is not what its format's convention says (torchvision's SWAG weights at 224).
     """
     vit, unknown_normalisation = _load(path, fmt, model, img_size, num_classes, **overrides)
     given = {k: [float(x) for x in v] for k, v in (("mean", mean), ("std", std)) if v is not None}
+    given.update({k: v for k, v in (preprocess or {}).items() if v is not None})
     if given:
         from ..images import check_preprocess
 
-        preprocess = dict(vit.preprocess, **given)
-        check_preprocess(preprocess, vit.cfg.in_channels, "--mean/--std")
-        vit.preprocess = preprocess
-    elif unknown_normalisation:  # the file did not say, and this format's (or this name's) weights differ
+        unknown = set(given) - {"mean", "std", "interpolation", "crop_pct", "crop_mode"}
+        if unknown:
+            raise ValueError(f"preprocess: expected mean, std, interpolation, crop_pct or crop_mode; got {sorted(unknown)}")
+        read_as = dict(vit.preprocess, **given)
+        check_preprocess(read_as, vit.cfg.in_channels, "/".join(f"--{k.replace('_', '-')}" for k in given))
+        vit.preprocess = read_as
+    if unknown_normalisation and not {"mean", "std"} & set(given):  # the file did not say, and the guess may be wrong
         warnings.warn(f"{path}: holds no input normalisation; {unknown_normalisation}", stacklevel=2)
     return vit
 
@@ -378,11 +385,12 @@ def convert(
     num_classes: int | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    preprocess: dict | None = None,
     **overrides,
 ) -> Path:
     """``load(src, src_fmt, ...)`` then ``export(..., out, dst_fmt)``: what ``vitkit convert`` runs."""
     vit = load(src, src_fmt, model=model, img_size=img_size, num_classes=num_classes, mean=mean, std=std,
-               **overrides)
+               preprocess=preprocess, **overrides)
     return export(vit, out, dst_fmt)
 
 

@@ -40,6 +40,7 @@ vitkit resamples once, on load, bicubic with antialiasing (as timm does).
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -49,6 +50,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import GRID_ROPES, ViTConfig
+from ..images import crop_mode
 from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, require, rule
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
@@ -356,13 +358,54 @@ def read(path: Path) -> Foreign:
         foreign.class_names = names
     pre_file = directory / "preprocessor_config.json"
     if pre_file.is_file():
-        pre = read_json(pre_file)
-        if "image_mean" in pre and "image_std" in pre:
-            foreign.preprocess = dict(
-                mean=list(pre["image_mean"]), std=list(pre["image_std"]), crop_pct=1.0,  # HF resizes, no crop
-                interpolation={3: "bicubic"}.get(pre.get("resample"), "bilinear"),  # PIL codes: 2 bilinear, 3 bicubic
-            )
+        try:
+            foreign.preprocess = read_image_processor(read_json(pre_file), str(pre_file))
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # sizes that are no sizes
+            raise CheckpointError(f"{pre_file}: an image processor config vitkit cannot read ({e!r})") from e
     return foreign
+
+
+# PIL's resampling codes, which HF's image processors store as "resample"
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def read_image_processor(pre: dict, src: str) -> dict | None:
+    """An HF image processor's config (preprocessor_config.json) as a vitkit preprocess dict, size aside:
+    its resize and crop as timm's crop_pct and crop_mode ("size": {"height", "width"} resizes each side,
+    {"shortest_edge"} the shorter one; "crop_size" then cuts the centre), and its rescale and normalisation
+    folded into one mean and std on [0, 1] pixels. None where it holds no mean and std."""
+    if not isinstance(pre, dict) or "image_mean" not in pre or "image_std" not in pre:
+        return None
+    if pre.get("resample", 2) not in PIL_RESAMPLE:
+        raise CheckpointError(f"{src}: resample: expected one of PIL's codes {sorted(PIL_RESAMPLE)}, "
+                              f"got {pre.get('resample')!r}")
+    size = pre.get("size") or {}
+    size = {"height": size, "width": size} if isinstance(size, int) else size
+    crop = pre.get("crop_size") if pre.get("do_center_crop") else None
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    preprocess = dict(interpolation=PIL_RESAMPLE[pre.get("resample", 2)], crop_pct=1.0, crop_mode="squash")
+    if "shortest_edge" in size:
+        edge = size["shortest_edge"]
+        kept = min(crop["height"], crop["width"]) if crop else edge
+        preprocess.update(crop_mode="center", crop_pct=_crop_pct(kept, edge))
+    elif crop and "height" in size:
+        preprocess["crop_pct"] = _crop_pct(crop["height"], size["height"])
+    # HF: (pixels * rescale_factor - mean) / std; vitkit: (pixels / 255 - mean') / std'
+    scale = 255.0 * (pre.get("rescale_factor", 1 / 255) if pre.get("do_rescale", True) else 1.0)
+    mean, std = (pre["image_mean"], pre["image_std"]) if pre.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
+    preprocess.update(mean=[float(m) / scale for m in mean], std=[float(v) / scale for v in std])
+    return preprocess
+
+
+def _crop_pct(crop: int, resized: int) -> float:
+    """crop / resized, nudged down where the float division would make timm's floor(crop / crop_pct) one
+    short of ``resized`` (232 and 224: 224 / (224 / 232) = 231.99...)."""
+    pct = crop / resized
+    while math.floor(crop / pct) < resized:
+        pct = math.nextafter(pct, 0.0)
+    return pct
 
 
 def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
@@ -705,11 +748,20 @@ def export(model: nn.Module, out: Path) -> Path:
                       "vision_model.post_layernorm.bias": torch.zeros(cfg.emb_size)})
     preprocess = getattr(model, "preprocess", None) or {}
     gray = cfg.in_channels == 1
+    (h, w), crop_pct = cfg.img_size, float(preprocess.get("crop_pct", 1.0))
+    scaled = {"height": math.floor(h / crop_pct), "width": math.floor(w / crop_pct)}  # timm's scale, as resize_image
+    if preprocess and crop_mode(preprocess) == "center":  # the shorter side, then the centre (DINOv2's processor)
+        geometry = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": max(scaled.values())},
+                    "do_center_crop": True, "crop_size": {"height": h, "width": w}}
+    elif crop_pct != 1.0:  # each side, then the centre (DeiT's)
+        geometry = {"image_processor_type": "DeiTImageProcessor", "size": scaled, "do_center_crop": True,
+                    "crop_size": {"height": h, "width": w}}
+    else:  # each side to the size: the whole image (ViT's)
+        geometry = {"image_processor_type": "ViTImageProcessor", "size": {"height": h, "width": w}}
     processor = {
-        "image_processor_type": "ViTImageProcessor",
+        **geometry,
         "do_resize": True,
-        "size": {"height": cfg.img_size[0], "width": cfg.img_size[1]},
-        "resample": 3 if preprocess.get("interpolation", "bicubic") == "bicubic" else 2,  # PIL codes
+        "resample": {name: code for code, name in PIL_RESAMPLE.items()}[preprocess.get("interpolation", "bicubic")],
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

@@ -160,7 +160,8 @@ def read(path: Path) -> Foreign:
         state = _fold_class_position(state, path)
     foreign = Foreign(str(path), state, layout=layout)
     # Google's ViTs are trained on inputs scaled to [-1, 1].
-    foreign.preprocess = dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bilinear", crop_pct=0.875)
+    foreign.preprocess = dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bilinear", crop_pct=0.875,
+                              crop_mode="center")
     return foreign
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
 from ..config import GRID_ROPES, MLP_ACTS, VARIANTS, ViTConfig, to_2tuple
+from ..images import crop_mode
 from . import (
     Foreign,
     KeyMap,
@@ -292,6 +293,7 @@ def read(path: Path) -> Foreign:
         foreign.preprocess = dict(
             mean=list(pretrained["mean"]), std=list(pretrained["std"]),
             interpolation=pretrained.get("interpolation", "bicubic"), crop_pct=pretrained.get("crop_pct", 0.875),
+            crop_mode=pretrained.get("crop_mode", "center"),
         )
     if isinstance(config.get("label_names"), list):
         foreign.class_names = [str(n) for n in config["label_names"]]
@@ -729,6 +731,7 @@ def export(model: nn.Module, out: Path) -> Path:
             "fixed_input_size": not cfg.dynamic_img_size,
             "interpolation": preprocess.get("interpolation", "bicubic"),
             "crop_pct": preprocess.get("crop_pct", 0.875),
+            "crop_mode": crop_mode(preprocess) if preprocess else "center",
             "mean": list(preprocess.get("mean", (0.485, 0.456, 0.406))),
             "std": list(preprocess.get("std", (0.229, 0.224, 0.225))),
             "num_classes": cfg.num_classes,

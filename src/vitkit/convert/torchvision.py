@@ -59,10 +59,14 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{path}: a directory; a torchvision checkpoint is one .pth file "
                               "(torch.save of VisionTransformer.state_dict())")
     foreign = Foreign(str(path), load_state_dict_file(path))
-    # torchvision's ImageNet recipe: resize 256 (bilinear), centre crop 224, ImageNet statistics.
-    foreign.preprocess = dict(
-        mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bilinear", crop_pct=224 / 256
-    )
+    # torchvision's weights' transforms, told apart by size: at 224 its ImageNet recipe (IMAGENET1K_V1: the
+    # shorter side to 256, bilinear, the centre 224 cut), above it the SWAG end-to-end fine-tunes' (384, 512,
+    # 518: resized to the size itself, bicubic). Its SWAG_LINEAR weights at 224 read like the latter and cannot
+    # be told apart: `vitkit convert --interpolation bicubic --crop-pct 1.0`.
+    pos = foreign.state.get("encoder.pos_embedding")
+    swag = pos is not None and pos.shape[1] - 1 != (224 // foreign.state["conv_proj.weight"].shape[-1]) ** 2
+    foreign.preprocess = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_mode="center",
+                              interpolation="bicubic" if swag else "bilinear", crop_pct=1.0 if swag else 224 / 256)
     return foreign
 
 

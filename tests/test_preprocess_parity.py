@@ -1,0 +1,181 @@
+"""vitkit's image pipeline against the peers' own, on real photos: the same pixels in, the same tensor out.
+
+timm's eval transform (``timm.data.create_transform``, torchvision's Resize and CenterCrop inside) is the
+oracle for ``images.preprocess_image``: every crop mode, crop percentage, interpolation and size, on
+photos of both orientations, must give the very same tensor. Evaluation on a folder reads what predict reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.data import load_dataset, normalize
+from vitkit.images import crop_mode, load_image, preprocess_image
+
+timm = pytest.importorskip("timm")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def photos() -> dict[str, Image.Image]:
+    """Real photos in both orientations and sizes that round differently: the cat 451x300, its portrait
+    cut, the astronaut square, the coffee cup 600x400, and a small one that must grow."""
+    cat = Image.fromarray(skimage_data.chelsea())
+    return {"landscape": cat, "portrait": cat.transpose(Image.Transpose.ROTATE_90).crop((0, 0, 300, 447)),
+            "square": Image.fromarray(skimage_data.astronaut()), "coffee": Image.fromarray(skimage_data.coffee()),
+            "small": cat.resize((97, 61))}
+
+
+CASES = [  # (img_size, crop_pct, crop_mode, interpolation): timm's defaults and its ViT weights' settings
+    ((224, 224), 0.875, "center", "bicubic"),
+    ((224, 224), 0.9, "center", "bicubic"),
+    ((224, 224), 0.95, "center", "bilinear"),  # 235 - 224 = 11: the crop's half-pixel rounds to even
+    ((384, 384), 1.0, "center", "bicubic"),  # not a squash: the shorter side to 384, the centre cut
+    ((336, 336), 1.0, "squash", "bicubic"),  # CLIP/EVA at 336: the whole photo, squashed
+    ((384, 384), 0.95, "squash", "bicubic"),  # squashed to 404, then cut
+    ((224, 320), 0.9, "center", "bicubic"),  # a non-square size (timm's ResizeKeepRatio)
+    ((224, 224), 1.1, "center", "bilinear"),  # above 1: padded with zeros, as torchvision pads
+]
+
+
+@pytest.mark.parametrize("img_size, crop_pct, mode, interpolation", CASES)
+def test_preprocess_image_gives_timms_eval_tensor(img_size, crop_pct, mode, interpolation):
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    theirs = timm.data.create_transform(input_size=(3, *img_size), crop_pct=crop_pct, crop_mode=mode,
+                                        interpolation=interpolation, mean=mean, std=std)
+    preprocess = dict(img_size=list(img_size), crop_pct=crop_pct, crop_mode=mode, interpolation=interpolation,
+                      mean=list(mean), std=list(std))
+    for name, img in photos().items():
+        ours = preprocess_image(img, preprocess)
+        expected = theirs(img)
+        assert ours.shape == expected.shape, name
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=f"{name}: {preprocess}")
+
+
+def test_a_preprocess_without_crop_mode_reads_as_vitkit_wrote_it():
+    """Checkpoints written before crop_mode squashed at crop_pct 1.0 (every training run on image files) and
+    cropped the centre below it: they keep doing so."""
+    assert crop_mode({"crop_pct": 1.0}) == "squash" and crop_mode({"crop_pct": 0.9}) == "center"
+    assert crop_mode({"crop_pct": 1.0, "crop_mode": "center"}) == "center"
+    img = photos()["landscape"]
+    old = preprocess_image(img, dict(img_size=[64, 64], crop_pct=1.0, mean=[0.5] * 3, std=[0.5] * 3))
+    squashed = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    torch.testing.assert_close(old, (torch.from_numpy(squashed).permute(2, 0, 1) - 0.5) / 0.5)
+
+
+def test_evaluation_on_a_folder_reads_images_as_predict_does(tmp_path):
+    """``vitkit eval`` of a converted model scores the inputs ``vitkit predict`` (and the peer) would see:
+    the model's own crop, not training's squash; a training run's data squash, and say so."""
+    for i, (name, img) in enumerate(photos().items()):
+        for split in ("train", "val"):
+            (tmp_path / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            img.save(tmp_path / split / f"c{i % 2}" / f"{name}.png")
+    preprocess = dict(img_size=[48, 48], crop_pct=0.9, crop_mode="center", interpolation="bicubic",
+                      mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    data = load_dataset(f"folder:{tmp_path}", img_size=(48, 48), preprocess=preprocess, with_train=False)
+    files = sorted((tmp_path / "val").glob("*/*.png"))
+    expected = torch.stack([preprocess_image(load_image(f), preprocess) for f in files])
+    order = sorted(range(len(files)), key=lambda i: (files[i].parent.name, files[i].name))
+    got = normalize(data.val.images, data.preprocess)
+    # uint8 storage rounds each pixel to 1/255 before normalising
+    torch.testing.assert_close(got, expected[order], atol=0.5 / 255 / 0.2 + 1e-5, rtol=0)
+    trained = load_dataset(f"folder:{tmp_path}", img_size=(48, 48), preprocess=preprocess)
+    assert (trained.preprocess["crop_mode"], trained.preprocess["crop_pct"]) == ("squash", 1.0)
+
+
+# Hugging Face processors (PIL backend: the one that resizes as PIL does) of each geometry the converter reads:
+# ViT's squash, DINOv2's shorter side and centre (Bit), DeiT's squash and centre, CLIP's shorter side; and
+# one whose rescale and normalisation differ (folded into the mean and std).
+HF_PROCESSORS = {
+    "ViTImageProcessorPil": dict(size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3),
+    "BitImageProcessorPil": dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                 do_center_crop=True, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                 image_std=[0.229, 0.224, 0.225]),
+    "DeiTImageProcessorPil": dict(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224},
+                                  do_center_crop=True, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                  image_std=[0.229, 0.224, 0.225]),
+    "CLIPImageProcessorPil": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                  do_center_crop=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                  image_std=[0.26862954, 0.26130258, 0.27577711]),
+    "rescaled": dict(size={"shortest_edge": 232}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                     resample=2, do_normalize=False, rescale_factor=1 / 127.5, image_mean=[0.5] * 3,
+                     image_std=[0.5] * 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_PROCESSORS))
+def test_a_hugging_face_processor_config_is_read_as_it_resizes(name):
+    transformers = pytest.importorskip("transformers")
+    from vitkit.convert.hf import read_image_processor
+
+    cfg = HF_PROCESSORS[name]
+    theirs = getattr(transformers, "BitImageProcessorPil" if name == "rescaled" else name)(**cfg)
+    preprocess = dict(read_image_processor(dict(cfg), name), img_size=[224, 224])
+    # not the small photo: HF cuts the centre at floor((W - w) / 2) where torchvision and timm round half to
+    # even, one pixel apart when the remainder is odd (407 - 224 there); vitkit follows timm
+    for photo, img in photos().items():
+        if photo != "small":
+            expected = torch.as_tensor(np.asarray(theirs(img, return_tensors="pt")["pixel_values"][0]))
+            torch.testing.assert_close(preprocess_image(img, preprocess), expected, atol=1e-5, rtol=0, msg=photo)
+
+
+def test_hugging_face_export_writes_the_processor_that_reads_as_the_model_does(tmp_path):
+    """A vitkit model's crop survives the trip to a Hugging Face directory and back, in each mode."""
+    import vitkit
+    from vitkit.convert import export, load
+
+    model = vitkit.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
+    for mode, crop_pct in (("center", 0.9), ("squash", 0.875), ("squash", 1.0), ("center", 1.0)):
+        model.preprocess = dict(model.preprocess, crop_pct=crop_pct, crop_mode=mode, interpolation="bilinear")
+        export(model, tmp_path / f"{mode}{crop_pct}", "hf")
+        back = load(tmp_path / f"{mode}{crop_pct}", "hf").preprocess
+        # HF keeps sizes, not a share: 32 / 0.9 resizes to 35, read back as 32 / 35
+        assert (back["crop_mode"], math.floor(32 / back["crop_pct"]), back["interpolation"]) == (
+            mode, math.floor(32 / crop_pct), "bilinear")
+        img = photos()["landscape"]
+        torch.testing.assert_close(preprocess_image(img, back), preprocess_image(img, model.preprocess))
+
+
+@pytest.mark.parametrize("weights, image_size", [("IMAGENET1K_V1", 224), ("IMAGENET1K_SWAG_E2E_V1", 384)])
+def test_a_torchvision_checkpoint_reads_images_as_its_weights_transforms(tmp_path, weights, image_size):
+    """torchvision's ImageNet recipe at 224 (256, bilinear, the centre cut) and its SWAG fine-tunes above
+    (resized to the size itself, bicubic), told apart by the position table; the transforms need no download."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from vitkit.convert import load
+
+    theirs = VisionTransformer(image_size=image_size, patch_size=16, num_layers=1, num_heads=2, hidden_dim=64,
+                               mlp_dim=64)
+    torch.save(theirs.state_dict(), tmp_path / "vit.pth")
+    ours = load(tmp_path / "vit.pth", "torchvision", num_heads=2)
+    transform = getattr(torchvision.models.ViT_B_16_Weights, weights).transforms()
+    for photo, img in photos().items():
+        torch.testing.assert_close(preprocess_image(img, ours.preprocess), transform(img), atol=1e-5, rtol=0,
+                                   msg=photo)
+
+
+def test_convert_takes_the_resizing_the_file_cannot_say(tmp_path):
+    """torchvision's SWAG_LINEAR weights are 224 like its ImageNet recipe's, but read images resized to 224,
+    bicubic: `vitkit convert --interpolation bicubic --crop-pct 1.0` says so; a value it cannot follow is refused."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from vitkit import load_pretrained
+    from vitkit.cli import main as cli
+
+    theirs = VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=64)
+    torch.save(theirs.state_dict(), tmp_path / "vit.pth")
+    src = ["convert", str(tmp_path / "vit.pth"), "--from", "torchvision", "--num-heads", "2"]
+    assert cli([*src, str(tmp_path / "swag"), "--interpolation", "bicubic", "--crop-pct", "1.0"]) == 0
+    preprocess = load_pretrained(tmp_path / "swag").preprocess
+    transform = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_LINEAR_V1.transforms()
+    for photo, img in photos().items():
+        torch.testing.assert_close(preprocess_image(img, preprocess), transform(img), atol=1e-5, rtol=0, msg=photo)
+    assert cli([*src, str(tmp_path / "bad"), "--crop-pct", "0"]) == 2
+    assert not (tmp_path / "bad").exists()
