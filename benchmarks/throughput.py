@@ -34,6 +34,7 @@ SUITE = [
     ("digits train fp32 eager", "vit_digits", 128, "train", "fp32", False, "vitkit,timm,vitkit-math"),
     ("digits train fp32 compiled", "vit_digits", 128, "train", "fp32", True, "vitkit,timm"),
     ("digits train bf16-autocast eager", "vit_digits", 128, "train", "bf16-autocast", False, "vitkit,timm"),
+    ("digits train bf16-autocast compiled", "vit_digits", 128, "train", "bf16-autocast", True, "vitkit,timm"),
     ("fmnist train fp32 eager", "vit_fmnist", 128, "train", "fp32", False, "vitkit,timm,vitkit-math"),
     ("fmnist train fp32 compiled", "vit_fmnist", 128, "train", "fp32", True, "vitkit,timm"),
     # --precision auto on a CPU with bf16 arithmetic, and on GPUs: what `vitkit train` runs.

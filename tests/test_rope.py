@@ -55,6 +55,9 @@ def test_timm_dinov3_converts_both_ways_with_equal_logits_and_gradients(tmp_path
                                                                               architecture.endswith("qkvb"))
     assert (cfg.mlp_act, cfg.mlp_hidden) == (("swiglu", 2 * 1536) if "plus" in architecture else ("gelu", 1536))
     assert not ours.cfg.abs_pos and ours.patch_embed.positions is None  # DINOv3 has no absolute positions
+    # the tensors fit any size: named, the model takes timm's (256), else timm's default 224
+    named = load(tmp_path / "dinov3.safetensors", "timm", model=architecture)
+    assert (cfg.img_size, named.cfg.img_size, named.preprocess["img_size"]) == ((224, 224), (256, 256), [256, 256])
     for size in ((224, 224), (160, 192)):  # any image size: each has its own grid of rotations
         x = torch.randn(2, 3, *size)
         with torch.no_grad():

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_directory, atomic_file, load_state_dict_file, read_json
-from ..config import GRID_ROPES, MLP_ACTS, VARIANTS, ViTConfig, to_2tuple
+from ..config import GRID_ROPES, MLP_ACTS, VARIANTS, ViTConfig, get_config, to_2tuple
 from ..images import crop_mode
 from . import (
     Foreign,
@@ -307,7 +307,9 @@ def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
     class_token = "cls_token" in s
     dist_token = "dist_token" in s  # timm's VisionTransformerDistilled (DeiT): a second prefix token and head
     reg_tokens = s["reg_token"].shape[1] if "reg_token" in s else 0
-    num_patches, grid = patch_positions(foreign), _config_grid(foreign)
+    # a file without a position table fits any grid: the hub config's, else the named variant's size, else 224
+    named_size = get_config(base["_model"]).img_size if base.get("_model") else 224
+    num_patches, grid = patch_positions(foreign, named_size), _config_grid(foreign, named_size)
     pre_norm = "norm_pre.weight" in s
     # The file's own timm config, where there is one, fills what shapes cannot tell.
     args = foreign.config.get("model_args", {})
@@ -506,14 +508,14 @@ def _prefix_tokens(state: dict) -> int:
     return sum(state[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in state)
 
 
-def patch_positions(foreign: Foreign) -> int:
+def patch_positions(foreign: Foreign, default_size: int | tuple[int, int] = 224) -> int:
     """The number of patch positions in the file's ``pos_embed``. timm's ``no_embed_class=True``
     (DeiT-III, DINOv2 with registers) gives positions to the patches only: the table then holds no
     entries for the prefix tokens (told by the file's config, its no_embed_class or the grid of its image
     size, or else by a table that is a square grid only without them)."""
     s = foreign.state
     if "pos_embed" not in s:  # no absolute positions: the grid from elsewhere
-        return _patches_without_positions(foreign)
+        return _patches_without_positions(foreign, default_size)
     held, prefix = s["pos_embed"].shape[1], _prefix_tokens(s)
     no_embed_class = foreign.config.get("model_args", {}).get("no_embed_class")
     grid = _config_grid(foreign)
@@ -524,10 +526,10 @@ def patch_positions(foreign: Foreign) -> int:
     return held if no_embed_class else held - prefix
 
 
-def _patches_without_positions(foreign: Foreign) -> int:
+def _patches_without_positions(foreign: Foreign, default_size: int | tuple[int, int]) -> int:
     """The patch grid of a model without a ``pos_embed``: BEiT's relative position tables are laid out for
     it; rotary positions (DINOv3) and timm's ``pos_embed='none'`` fit any grid: the image size of the
-    file's config, else timm's default 224."""
+    file's config, else ``default_size`` (the named variant's, as timm builds it; else timm's default 224)."""
     s = foreign.state
     table = s.get("blocks.0.attn.relative_position_bias_table")
     grid = _config_grid(foreign)
@@ -536,7 +538,7 @@ def _patches_without_positions(foreign: Foreign) -> int:
             return grid[0] * grid[1]
         side = (round((table.shape[0] - 3) ** 0.5) + 1) // 2  # (2h-1)^2 + 3 entries for an h x h grid
         return side * side
-    h, w = grid or _config_grid(foreign, 224)
+    h, w = grid or _config_grid(foreign, default_size)
     return h * w
 
 
