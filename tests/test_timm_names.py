@@ -44,6 +44,8 @@ CASES = [
     ("vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=14, global_pool="avg")),
     ("vit_base_patch16_siglip_224", dict(class_token=True, global_pool="map")),  # the patch tokens pooled alone
     ("vit_base_patch16_siglip_224", dict(global_pool="avg")),
+    # EVA-01's L is timm's VisionTransformer (its giant alone is Eva's): attention pooling of the patch tokens alone
+    ("eva_large_patch14_196", dict(global_pool="map", patch_size=14, img_size=28)),
     # timm's Eva and Beit classes take these names too: DINOv3 keeps its own final norm on the tokens
     # (timm's use_fc_norm=False) under its own pooling, BEiT moves its norm to the tokens for the class token
     ("vit_small_patch16_dinov3", dict(global_pool="avg", in_chans=1, init_values=0.5)),
@@ -113,6 +115,30 @@ def test_what_attention_pooling_reads_does_not_hang_on_unrelated_names():
         assert create_model("vit_tiny_patch16_224", depth=1, pool="map", **kw).cfg.pool_prefix, kw
         assert not create_model("vit_tiny_patch16_224", depth=1, global_pool="map", **kw).cfg.pool_prefix, kw
     assert create_model("eva_giant_patch14_224", depth=1, global_pool="map").cfg.pool_prefix  # timm's Eva
+
+
+def test_what_attention_pooling_reads_follows_timms_class_for_each_name():
+    """timm's global_pool='map' pools every token in its Eva (EVA-01's giant, the rotary models) and the patch
+    tokens alone in its VisionTransformer (EVA-01's L among them): for every name both have that takes it, with
+    a class token, vitkit's model reads what timm's class for the name does."""
+    from timm.models.beit import Beit
+    from timm.models.eva import Eva
+
+    read = {}
+    for name in sorted(set(vitkit.list_models()) & set(timm.list_models())):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = timm.create_model(name, depth=1)
+        if isinstance(theirs, Beit):  # timm's Beit has no attention pooling
+            continue
+        try:
+            cfg = get_config(name, depth=1, global_pool="map", class_token=True)
+        except ValueError:  # refused: SwiGLU models (another MLP in timm's pool), DeiT's distillation token
+            continue
+        read[name] = (cfg.pool_prefix, isinstance(theirs, Eva))
+    assert {name: ours for name, (ours, eva) in read.items() if ours != eva} == {}
+    assert {eva for _, eva in read.values()} == {True, False}  # both classes seen
+    assert not read["eva_large_patch14_336"][0] and read["eva_giant_patch14_336"][0]
 
 
 @pytest.mark.parametrize("kw, why", [(dict(act_layer="gelu"), "timm keeps the gated MLP"),

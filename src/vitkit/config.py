@@ -719,9 +719,10 @@ def from_seed_names(kwargs: dict) -> dict:
 
 
 # --- timm's keyword names ----------------------------------------------------------------
-# The names timm builds with its Eva class though they have no rotary positions (EVA-01): its attention pooling
-# reads every token, where VisionTransformer's reads the patch tokens alone (the rotary models are Eva's too)
-TIMM_EVA = "eva_*"
+# The names timm builds with its Eva class though they have no rotary positions (EVA-01's giant): its attention
+# pooling reads every token, where VisionTransformer's reads the patch tokens alone (the rotary models are Eva's
+# too). EVA-01's L (eva_large_*) is timm's VisionTransformer: not here (test_timm_names checks each name's class)
+TIMM_EVA = "eva_giant_*"
 # timm's global_pool -> vitkit's pool (convert.timm.GLOBAL_POOL is the other direction)
 TIMM_POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 # timm's global_pool values vitkit has no pooling for -> why
@@ -804,7 +805,7 @@ def _timm_layer(name: str, value):
 #     the tokens otherwise (the model's own placement where its pooling is unchanged).
 #   global_pool='map' pools the patch tokens alone (pool_prefix=False)
 #     in a model with a class token or registers, as timm's VisionTransformer does unless pool_include_prefix
-#     (timm's Eva, vitkit's rope models and EVA-01: TIMM_EVA, pools them all), where the model's own
+#     (timm's Eva, vitkit's rope models and EVA-01's giant: TIMM_EVA, pools them all), where the model's own
 #     pool_prefix does not say; vitkit's pool='map' keeps vitkit's pool_prefix (True unless given).
 #   fc_norm (after pooling) and final_norm (bool) are vitkit's final_norm="pooled", "tokens" or "none".
 #   no_embed_class: timm's position table without rows for the prefix tokens; vitkit's has them (a prefix token
