@@ -44,6 +44,12 @@ CASES = [
     ("vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=14, global_pool="avg")),
     ("vit_base_patch16_siglip_224", dict(class_token=True, global_pool="map")),  # the patch tokens pooled alone
     ("vit_base_patch16_siglip_224", dict(global_pool="avg")),
+    # prefix tokens added to a model pooled by attention: timm's VisionTransformer (SigLIP) leaves them out of its
+    # pool, its Eva (PE-G) reads them; without them, the so150m's own pool_prefix=False has nothing to leave out
+    ("vit_base_patch16_siglip_224", dict(class_token=True)),
+    ("vit_base_patch16_siglip_224", dict(reg_tokens=2)),
+    ("vit_pe_core_gigantic_patch14_448", dict(class_token=True, patch_size=14, img_size=28)),
+    ("vit_so150m_patch16_reg4_map_256", dict(reg_tokens=0)),
     # EVA-01's L is timm's VisionTransformer (its giant alone is Eva's): attention pooling of the patch tokens alone
     ("eva_large_patch14_196", dict(global_pool="map", patch_size=14, img_size=28)),
     # timm's Eva and Beit classes take these names too: DINOv3 keeps its own final norm on the tokens

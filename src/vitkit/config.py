@@ -806,7 +806,9 @@ def _timm_layer(name: str, value):
 #   global_pool='map' pools the patch tokens alone (pool_prefix=False)
 #     in a model with a class token or registers, as timm's VisionTransformer does unless pool_include_prefix
 #     (timm's Eva, vitkit's rope models and EVA-01's giant: TIMM_EVA, pools them all), where the model's own
-#     pool_prefix does not say; vitkit's pool='map' keeps vitkit's pool_prefix (True unless given).
+#     pool_prefix does not say; vitkit's pool='map' keeps vitkit's pool_prefix (True unless given). So do
+#     class_token and reg_tokens adding prefix tokens to a named model pooled by attention without any (SigLIP's:
+#     its own pool_prefix says nothing of them); a model left without prefix tokens has nothing to leave out.
 #   fc_norm (after pooling) and final_norm (bool) are vitkit's final_norm="pooled", "tokens" or "none".
 #   no_embed_class: timm's position table without rows for the prefix tokens; vitkit's has them (a prefix token
 #     plus a learned position is the same learned vector), and holds zeros there for timm's weights (convert).
@@ -845,13 +847,14 @@ class ConfigFields(dict):
     given: dict[str, str]
 
 
-def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, every_token: bool = False) -> ConfigFields:
+def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, variant: str | None = None) -> ConfigFields:
     """``kwargs`` with the seed's (``SEED_NAMES``) and timm's (``TIMM_NAMES``) names as ViTConfig's, for a model
     that is otherwise ``base`` (a ViTConfig or a variant's fields; the seed's model by default), which timm's
     global_pool, fc_norm and final_norm read (the final norm's place, what attention pooling reads). None for
     one of timm's own names is dropped, as timm.create_model drops it (the model's own stands); a value vitkit
-    cannot build is refused, and two names for one field must agree. ``every_token``: timm builds the model with
-    its Eva class, whose attention pooling reads the prefix tokens too (``TIMM_EVA``)."""
+    cannot build is refused, and two names for one field must agree. ``variant``: the name of the table's model
+    ``base`` is (get_config's), which then reads as timm's model of that name does (what its attention pooling
+    reads of prefix tokens the call adds: timm's class for the name, ``TIMM_EVA``)."""
     base = base if isinstance(base, ViTConfig) else ViTConfig(**(base or {}))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
 
@@ -896,8 +899,11 @@ def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, every_t
             put(field, value, name)
     pool = out.get("pool", base.pool)
     _timm_final_norm(timm, "global_pool" in kwargs, out, base, pool, put)
-    if "pool_include_prefix" in timm or "global_pool" in kwargs and "pool_prefix" not in out:
-        _timm_pool_prefix(timm.get("pool_include_prefix"), out, base, pool, put, every_token)
+    if "pool_include_prefix" in timm or "pool_prefix" not in out:  # (vitkit's pool_prefix, given, stands)
+        # the pooling is timm's where global_pool names it, or where it is the own of a model of timm's name
+        timms = "global_pool" in kwargs or variant is not None and pool == base.pool
+        eva = variant is not None and fnmatch.fnmatchcase(variant, TIMM_EVA)
+        _timm_pool_prefix(timm.get("pool_include_prefix"), out, base, pool, put, timms, eva)
     if "swiglu" in (base.mlp_act, out.get("mlp_act", base.mlp_act)):
         _refuse_timm_on_swiglu(kwargs, base, pool)
     out.given = {field: name for field, name in given.items() if name != field}
@@ -935,9 +941,12 @@ def _refuse_timm_on_swiglu(kwargs: dict, base: ViTConfig, pool: str) -> None:
                          "takes the blocks' SwiGLU; not the same network")
 
 
-def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: str, put,
-                      every_token: bool = False) -> None:
-    """vitkit's pool_prefix from timm's pool_include_prefix, and what attention pooling reads by default."""
+def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: str, put, timms: bool,
+                      eva: bool) -> None:
+    """vitkit's pool_prefix from timm's pool_include_prefix, and what attention pooling reads where neither it
+    nor pool_prefix says. ``timms``: the pooling is timm's (global_pool, or the own of a model of timm's name),
+    which reads the prefix tokens as timm's class for the model does; ``eva``: that class is Eva, though the
+    model has no rotary positions (``TIMM_EVA``)."""
     if pool != "map":
         if include and pool == "mean":
             raise ValueError("pool_include_prefix=True with average pooling averages the prefix tokens with the "
@@ -945,18 +954,20 @@ def _timm_pool_prefix(include: bool | None, out: dict, base: ViTConfig, pool: st
         return  # the class token (global_pool='token') is read as it is
     prefix = sum((out.get("class_token", base.class_token), out.get("dist_token", base.dist_token),
                   out.get("reg_tokens", base.reg_tokens)))
-    given = include is not None
-    if not given:
-        if base.pool == "map" and base.num_prefix_tokens:  # the model's own choice stands
-            return
-        # timm's VisionTransformer pools the patch tokens alone unless pool_include_prefix; its Eva (vitkit's
-        # rotary models) and Beit read them all
-        include = base.rope != "none" or base.rel_pos_bias or every_token
-    value = bool(include) or not prefix  # without prefix tokens there is nothing to leave out: True
-    if given:
-        put("pool_prefix", value, "pool_include_prefix")
+    if include is not None:
+        put("pool_prefix", bool(include) or not prefix, "pool_include_prefix")  # no prefix tokens: nothing left out
+    elif not prefix:
+        # nothing to leave out: the model's own False (the so150m's), its prefix tokens gone, is moot, and True
+        # is ViTConfig's one spelling of that
+        if not base.pool_prefix:
+            out["pool_prefix"] = True
+    elif base.pool == "map" and base.num_prefix_tokens or not timms:
+        return  # the model's own choice stands (vitkit's pool="map" on a model pooled otherwise: True)
     else:
-        out["pool_prefix"] = value
+        # timm's VisionTransformer pools the patch tokens alone unless pool_include_prefix; its Eva (vitkit's
+        # rotary models, EVA-01's giant) and Beit read them all. A model pooled by attention without prefix tokens
+        # (SigLIP, PE-G), whose own pool_prefix said nothing, reads those the call adds as timm's class does
+        out["pool_prefix"] = base.rope != "none" or base.rel_pos_bias or eva
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -985,7 +996,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitkit models`"
         raise ValueError(f"unknown model name {name!r}{hint}")
     fields = dict(VARIANTS[name])
-    overrides = to_config_fields(overrides, fields, every_token=fnmatch.fnmatchcase(name, TIMM_EVA))
+    overrides = to_config_fields(overrides, fields, variant=name)
     fields.update(_without_pool_heads(overrides))
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(fields) - known)
