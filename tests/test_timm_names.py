@@ -52,6 +52,8 @@ CASES = [
     ("vit_so150m_patch16_reg4_map_256", dict(reg_tokens=0)),
     # EVA-01's L is timm's VisionTransformer (its giant alone is Eva's): attention pooling of the patch tokens alone
     ("eva_large_patch14_196", dict(global_pool="map", patch_size=14, img_size=28)),
+    # DeiT's distilled head without a final norm, what timm's fc_norm=True computes there (refused: below)
+    ("deit_tiny_distilled_patch16_224", dict(final_norm=False)),
     # timm's Eva and Beit classes take these names too: DINOv3 keeps its own final norm on the tokens
     # (timm's use_fc_norm=False) under its own pooling, BEiT moves its norm to the tokens for the class token
     ("vit_small_patch16_dinov3", dict(global_pool="avg", in_chans=1, init_values=0.5)),
@@ -191,6 +193,14 @@ def test_vit_and_load_pretrained_take_timms_names_too(tmp_path):
     same = create_model(vitkit.ViTConfig(img_size=32, patch_size=8, emb_size=64, depth=1, num_heads=4),
                         embed_dim=128, global_pool="avg", fc_norm=False)
     assert (same.cfg.emb_size, same.cfg.pool, same.cfg.final_norm) == (128, "mean", "tokens")
+
+
+def test_fc_norm_on_a_distilled_model_is_refused():
+    """timm's VisionTransformerDistilled reads its two tokens unnormalised: its forward_head skips fc_norm, and
+    fc_norm=True takes the norm off the tokens, so neither normalises; vitkit's would normalise both."""
+    with pytest.raises(ValueError, match=r"fc_norm=True on a model with a distillation token .*final_norm=False"):
+        create_model("deit_tiny_distilled_patch16_224", depth=1, fc_norm=True)
+    assert create_model("deit_tiny_distilled_patch16_224", depth=1, fc_norm=False).cfg.final_norm == "tokens"
 
 
 @pytest.mark.parametrize(

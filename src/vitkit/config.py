@@ -925,6 +925,14 @@ def _timm_final_norm(timm: dict, global_pool: bool, out: dict, base: ViTConfig, 
         fc_norm = (place == "pooled" if place else base.final_norm == "pooled" if pool == base.pool
                    else pool == "mean")
     value = "pooled" if has_norm and fc_norm else "tokens" if has_norm else "none"
+    if value == "pooled" and timm.get("fc_norm") and out.get("dist_token", base.dist_token):
+        # timm's VisionTransformerDistilled reads its two tokens in forward_head, which never applies fc_norm,
+        # while use_fc_norm takes the final norm off the tokens: no norm at all, where vitkit's normalises both
+        raise ValueError("fc_norm=True on a model with a distillation token (DeiT's distilled): timm's "
+                         "VisionTransformerDistilled never applies fc_norm (its head reads the class and distillation "
+                         "tokens as they are) and drops the norm on the tokens for it, so its network has no final "
+                         "norm; vitkit's would normalise both tokens. Pass final_norm=False for that network "
+                         "(timm's holds an unused fc_norm), or leave fc_norm out")
     if place is not None and place != value:
         names = " and ".join(f"{n}={timm[n]!r}" for n in ("fc_norm", "final_norm") if n in timm)
         raise ValueError(f"{names} (final_norm={value!r}, timm's names) and final_norm={place!r} disagree; give one")
