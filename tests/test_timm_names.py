@@ -52,6 +52,9 @@ CASES = [
     ("vit_so150m_patch16_reg4_map_256", dict(reg_tokens=0)),
     # EVA-01's L is timm's VisionTransformer (its giant alone is Eva's): attention pooling of the patch tokens alone
     ("eva_large_patch14_196", dict(global_pool="map", patch_size=14, img_size=28)),
+    # PE's pooling MLP keeps timm's ratio 4 (attn_pool_mlp_ratio) whatever the blocks' (PE-G's too)
+    ("vit_pe_core_tiny_patch16_384", dict(mlp_ratio=2.0)),
+    ("vit_pe_core_gigantic_patch14_448", dict(mlp_ratio=3.0, patch_size=14, img_size=28)),
     # DeiT's distilled head without a final norm, what timm's fc_norm=True computes there (refused: below)
     ("deit_tiny_distilled_patch16_224", dict(final_norm=False)),
     # timm's Eva and Beit classes take these names too: DINOv3 keeps its own final norm on the tokens

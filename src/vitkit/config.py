@@ -548,16 +548,17 @@ def _table() -> dict[str, dict]:
     # The Perception Encoder's core towers (Bolya et al. 2025; timm's vit_pe_core_*, its Eva class): rotary
     # positions (rope="pe": index + 1, scaled to the pretraining grid, columns first) beside absolute ones, a
     # LayerNorm on the tokens before the first block (pre_norm, no patch bias), attention pooling with 8
-    # heads, LayerNorm eps 1e-5; the classifier is CLIP's projection into the image-text space
-    pe = dict(pre_norm=True, rope="pe", rope_grid_offset=1.0, pool="map", pool_heads=8, final_norm="tokens",
-              norm_eps=1e-5, class_token=True)
+    # heads and an MLP of ratio 4 whatever the blocks' (timm's attn_pool_num_heads, attn_pool_mlp_ratio: fixed
+    # where mlp_ratio changes), LayerNorm eps 1e-5; the classifier is CLIP's projection into the image-text space
+    pe = dict(pre_norm=True, rope="pe", rope_grid_offset=1.0, pool="map", pool_heads=8, pool_mlp_ratio=4.0,
+              final_norm="tokens", norm_eps=1e-5, class_token=True)
     for size, patch, img, ref, classes in (("tiny", 16, 384, 24, 512), ("small", 16, 384, 24, 512),
                                            ("base", 16, 224, 14, 1024), ("large", 14, 336, 24, 1024)):
         table[f"vit_pe_core_{size}_patch{patch}_{img}"] = dict(**SIZES[size], **pe, patch_size=patch, img_size=img,
                                                              rope_ref_grid=ref, num_classes=classes)
-    # PE-G: no class token, no index offset, its pooling's MLP narrower than the blocks'
+    # PE-G: no class token, no index offset, its pooling's MLP (ratio 4) narrower than the blocks'
     table["vit_pe_core_gigantic_patch14_448"] = dict(
-        pe, emb_size=1536, depth=50, num_heads=16, mlp_ratio=8960 / 1536, pool_mlp_ratio=4.0, class_token=False,
+        pe, emb_size=1536, depth=50, num_heads=16, mlp_ratio=8960 / 1536, class_token=False,
         rope_grid_offset=0.0, patch_size=14, img_size=448, rope_ref_grid=32, num_classes=1280)
     # PE's spatial and language towers (timm's vit_pe_spatial_*, vit_pe_lang_*): features, the patch tokens' mean
     # without a LayerNorm after the blocks, positions scaled to a 32 x 32 grid; LayerScale (init 0.1) in the
