@@ -55,6 +55,18 @@ CASES = [
     # PE's pooling MLP keeps timm's ratio 4 (attn_pool_mlp_ratio) whatever the blocks' (PE-G's too)
     ("vit_pe_core_tiny_patch16_384", dict(mlp_ratio=2.0)),
     ("vit_pe_core_gigantic_patch14_448", dict(mlp_ratio=3.0, patch_size=14, img_size=28)),
+    # timm's Eva builds SwiGLU as two layers of int(embed_dim * mlp_ratio) each (rounded up to swiglu_align_to: 8
+    # in DINOv3's S+ and H+, 64 in its 7B), at any width: vitkit's packed fc1 holds both
+    ("eva02_tiny_patch14_224", dict(patch_size=14, img_size=28)),  # T/S: one packed layer (GluMlp)
+    ("eva02_tiny_patch14_224", dict(mlp_ratio=2.0, patch_size=14, img_size=28)),
+    ("eva02_base_patch14_224", dict(mlp_ratio=3.0, patch_size=14, img_size=28)),  # B/L: two, and sub-LN
+    ("eva02_large_patch14_clip_224", dict(patch_size=14, img_size=28)),
+    ("vit_small_plus_patch16_dinov3", dict(mlp_ratio=3.0)),
+    ("vit_huge_plus_patch16_dinov3", dict(embed_dim=68, num_heads=1, mlp_ratio=3.0)),  # 204 rounded up to 208
+    ("vit_7b_patch16_dinov3", dict(mlp_ratio=3.0)),
+    ("vit_7b_patch16_dinov3", dict(embed_dim=80)),  # 160 rounded up to 192
+    # ... where timm's VisionTransformer (SwiGLUPacked) takes mlp_ratio for both layers together, as vitkit does
+    ("vit_giant_patch14_dinov2", dict(mlp_ratio=3.0, patch_size=14, img_size=28)),
     # DeiT's distilled head without a final norm, what timm's fc_norm=True computes there (refused: below)
     ("deit_tiny_distilled_patch16_224", dict(final_norm=False)),
     # timm's Eva and Beit classes take these names too: DINOv3 keeps its own final norm on the tokens

@@ -81,7 +81,8 @@ class ViTConfig:
     # the MLP's activation: "gelu" (exact, erf), "quick_gelu", x * sigmoid(1.702 x), which OpenAI's
     # CLIP weights were trained with, "gelu_tanh", GELU's tanh approximation (SigLIP's), or "swiglu",
     # silu(a) * b over the two halves of fc1's output, so fc2 reads half its width (DINOv2 giant's
-    # packed weights_in, timm's SwiGLUPacked; mlp_ratio gives fc1's whole width, as timm's does)
+    # packed weights_in, timm's SwiGLUPacked; mlp_ratio gives fc1's whole width, as timm's VisionTransformer's
+    # does, where timm's Eva's gives each half's: create_model reads it so for those names, TIMM_EVA_SWIGLU)
     mlp_act: str = "gelu"
     # a LayerNorm on the MLP's hidden activations, before fc2 (EVA-02's sub-LN: timm's scale_mlp, mlp.norm)
     mlp_norm: bool = False
@@ -306,6 +307,36 @@ class ViTConfig:
 
 
 # --- the variant table -----------------------------------------------------------------
+# timm's Eva builds a SwiGLU MLP as two layers (gate and value; packed in one in EVA-02 T/S), each
+# int(embed_dim * mlp_ratio) wide, rounded up to a multiple of its swiglu_align_to (0: not rounded), where
+# vitkit's fc1 packs the two and ViTConfig.mlp_ratio gives that packed width (as timm's VisionTransformer takes
+# it for SwiGLUPacked: DINOv2's giant). The names timm builds so -> (their mlp_ratio, swiglu_align_to): the
+# table's MLP widths follow from them, and so do those of create_model(name, embed_dim=..., mlp_ratio=...), whose
+# mlp_ratio is timm's (each layer's) for these names (to_config_fields)
+TIMM_EVA_SWIGLU: dict[str, tuple[float, int]] = {
+    "eva02_*": (4 * 2 / 3, 0),
+    "vit_small_plus_patch16_dinov3*": (4.0, 8),
+    "vit_huge_plus_patch16_dinov3*": (4.0, 8),
+    "vit_7b_patch16_dinov3": (2.0, 64),
+}
+
+
+def timm_eva_swiglu(name: str) -> tuple[float, int] | None:
+    """(timm's mlp_ratio, swiglu_align_to) of a name timm builds with Eva's SwiGLU (``TIMM_EVA_SWIGLU``), else None."""
+    return next((rule for pattern, rule in TIMM_EVA_SWIGLU.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def eva_swiglu_ratio(width: int, mlp_ratio: float, align_to: int = 0) -> float:
+    """ViTConfig's mlp_ratio (fc1's packed width) for timm's Eva SwiGLU of ``mlp_ratio`` and ``swiglu_align_to`` at
+    ``width``: each layer int(width * mlp_ratio) wide, rounded up to a multiple of ``align_to``, as timm has it."""
+    half = int(width * mlp_ratio)
+    if align_to:
+        half += -half % align_to
+    ratio = 2 * half / width
+    # ViTConfig.mlp_hidden takes int(width * ratio): a quotient that rounds below 2 * half is nudged up
+    return ratio if int(width * ratio) == 2 * half else (2 * half + 0.5) / width
+
+
 # Widths, depths and heads of the paper's sizes (big_vision's decode_variant), plus the
 # published "Ti" and "S" from DeiT. MLP ratio is 4 for all of them.
 SIZES: dict[str, dict] = {
@@ -515,24 +546,24 @@ def _table() -> dict[str, dict]:
     # the tiny one timm names (the EUPE weights), with qkv bias
     table["vit_tiny_patch16_dinov3_qkvb"] = dict(table["vit_small_patch16_dinov3_qkvb"], **SIZES["tiny"])
     # DINOv3's S+, H+ and 7B: a SwiGLU MLP, vitkit's fc1 packing its two layers (timm's fc1_g and fc1_x, each
-    # 4x the width, 2x at 7B; HF's gate_proj and up_proj)
-    small_plus = dict(emb_size=384, depth=12, num_heads=6, mlp_ratio=8.0, mlp_act="swiglu")
-    huge_plus = dict(emb_size=1280, depth=32, num_heads=20, mlp_ratio=8.0, mlp_act="swiglu")
+    # 4x the width, 2x at 7B; HF's gate_proj and up_proj): their mlp_ratio from TIMM_EVA_SWIGLU, below
+    small_plus = dict(emb_size=384, depth=12, num_heads=6, mlp_act="swiglu")
+    huge_plus = dict(emb_size=1280, depth=32, num_heads=20, mlp_act="swiglu")
     for name, dims in (("small_plus", small_plus), ("huge_plus", huge_plus)):
         table[f"vit_{name}_patch16_dinov3"] = dict(table["vit_small_patch16_dinov3"], **dims)
         table[f"vit_{name}_patch16_dinov3_qkvb"] = dict(table[f"vit_{name}_patch16_dinov3"], qkv_bias=True)
     table["vit_7b_patch16_dinov3"] = dict(table["vit_small_patch16_dinov3"], emb_size=4096, depth=40, num_heads=32,
-                                          mlp_ratio=4.0, mlp_act="swiglu")
+                                          mlp_act="swiglu")
     # EVA-02 (Fang et al. 2023; timm's eva02_*, its Eva class): rotary positions (rope="eva02", scaled to the
     # 16 x 16 grid of pretraining) beside absolute ones, a SwiGLU MLP, with a LayerNorm before fc2 in B and L
     # (mlp_norm), the patch tokens' mean normalised after pooling, LayerNorm eps 1e-6; 224: the masked-image
     # pretraining (features), 336 and 448: the ImageNet fine-tunes
     eva02_sizes = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
     for size, (width, heads) in eva02_sizes.items():
-        hidden = int(width * 4 * 2 / 3)  # each of SwiGLU's two layers, as timm computes it (2730 for large)
-        eva02 = dict(emb_size=width, depth=24 if size == "large" else 12, num_heads=heads, mlp_ratio=2 * hidden / width,
-                     mlp_act="swiglu", mlp_norm=size in ("base", "large"), rope="eva02", rope_ref_grid=16,
-                     patch_size=14, class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
+        # mlp_ratio: each of SwiGLU's two layers 8/3 the width (2730 for large): TIMM_EVA_SWIGLU, below
+        eva02 = dict(emb_size=width, depth=24 if size == "large" else 12, num_heads=heads, mlp_act="swiglu",
+                     mlp_norm=size in ("base", "large"), rope="eva02", rope_ref_grid=16, patch_size=14,
+                     class_token=True, pool="mean", final_norm="pooled", norm_eps=1e-6)
         table[f"eva02_{size}_patch14_224"] = dict(eva02, img_size=224, num_classes=0)
         fine_tuned = 336 if size in ("tiny", "small") else 448
         table[f"eva02_{size}_patch14_{fine_tuned}"] = dict(eva02, img_size=fine_tuned, num_classes=1000)
@@ -588,6 +619,10 @@ def _table() -> dict[str, dict]:
     )
     # The same transformer behind a convolutional stem: configs/fashion_mnist.yaml (README, "Measured").
     table["vit_fmnist_convstem"] = dict(table["vit_fmnist"], stem="conv")
+    # the SwiGLU MLPs of timm's Eva models (EVA-02, DINOv3's S+, H+ and 7B): their widths as timm derives them
+    for name, fields in table.items():
+        if (rule := timm_eva_swiglu(name)) is not None:
+            fields["mlp_ratio"] = eva_swiglu_ratio(fields["emb_size"], *rule)
     return table
 
 
@@ -798,6 +833,9 @@ def _timm_layer(name: str, value):
 # Names that are ViTConfig fields too mean the same in both (img_size, patch_size, num_classes, depth,
 # num_heads, mlp_ratio, qkv_bias, class_token, reg_tokens, pre_norm, pos_drop_rate, attn_drop_rate,
 # drop_path_rate, dynamic_img_size), except:
+#   mlp_ratio, for a model timm builds with its Eva's SwiGLU (TIMM_EVA_SWIGLU: EVA-02, DINOv3's S+, H+ and 7B),
+#     is timm's there: each of its two layers' width (rounded up as timm rounds it), half of vitkit's packed fc1;
+#     and a new width (embed_dim) derives that width as timm does.
 #   drop_rate: vitkit's is the dropout after the attention and MLP projections (timm's proj_drop_rate), timm's
 #     the head's (vitkit's head_drop_rate). Beside timm's own names it is read as timm's, and only 0 is taken.
 #   final_norm: a bool is timm's (whether there is a final LayerNorm), a str vitkit's (where it is).
@@ -898,6 +936,8 @@ def to_config_fields(kwargs: dict, base: ViTConfig | dict | None = None, variant
             timm[name] = value
         elif field is not None:
             put(field, value, name)
+    if variant is not None and (rule := timm_eva_swiglu(variant)) and out.get("mlp_act", base.mlp_act) == "swiglu":
+        _timm_eva_swiglu_width(out, base, *rule)
     pool = out.get("pool", base.pool)
     _timm_final_norm(timm, "global_pool" in kwargs, out, base, pool, put)
     if "pool_include_prefix" in timm or "pool_prefix" not in out:  # (vitkit's pool_prefix, given, stands)
@@ -938,6 +978,19 @@ def _timm_final_norm(timm: dict, global_pool: bool, out: dict, base: ViTConfig, 
         names = " and ".join(f"{n}={timm[n]!r}" for n in ("fc_norm", "final_norm") if n in timm)
         raise ValueError(f"{names} (final_norm={value!r}, timm's names) and final_norm={place!r} disagree; give one")
     put("final_norm", value, "fc_norm" if "fc_norm" in timm else "final_norm")
+
+
+def _timm_eva_swiglu_width(out: dict, base: ViTConfig, mlp_ratio: float, align_to: int) -> None:
+    """ViTConfig's (packed) mlp_ratio for a model timm builds with Eva's SwiGLU (``TIMM_EVA_SWIGLU``) at the call's
+    width: the call's mlp_ratio is timm's (each layer's), and a new width takes timm's rule, not the quotient the
+    table holds for the model's own width (EVA-02's 2 * 512 / 192 gave an odd fc1 at width 64)."""
+    if "emb_size" not in out and "mlp_ratio" not in out:
+        return
+    width, ratio = out.get("emb_size", base.emb_size), out.get("mlp_ratio", mlp_ratio)
+    if (not _is_int(width) or width <= 0 or isinstance(ratio, bool) or not isinstance(ratio, numbers.Real)
+            or not math.isfinite(ratio) or int(width * ratio) < 1):
+        return  # ViTConfig refuses it, naming the value given
+    out["mlp_ratio"] = eva_swiglu_ratio(width, ratio, align_to)
 
 
 def _refuse_timm_on_swiglu(kwargs: dict, base: ViTConfig, pool: str) -> None:
