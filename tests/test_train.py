@@ -189,6 +189,28 @@ def test_config_file_then_flags_typed(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["train", "--epoch", "3"], "usage: vitkit train", "unknown option --epoch; did you mean --epochs or"),
+    (["train", "--epochs", "3", "--data_dri=x"], "usage: vitkit train", "unknown option --data_dri; did you mean "
+                                                                          "--data-dir"),
+    (["train", "--epoch", "3", "--lrr", "1"], "usage: vitkit train", "unknown options --epoch (did you mean "
+                                                                       "--epochs or --warmup-epochs?), --lrr (did you mean --lr"),
+    (["predict", "run", "a.png", "--topkk", "2"], "usage: vitkit predict", "unknown option --topkk; did you mean "
+                                                                            "--topk?"),
+    (["eval", "run", "--jsn"], "usage: vitkit eval", "unknown option --jsn; did you mean --json?"),
+    (["models", "vit*", "extra"], "usage: vitkit models", "unrecognized arguments: extra"),
+], ids=["train", "train-underscore", "train-two", "predict", "eval", "a-stray-argument"])
+def test_a_misspelt_flag_gets_the_subcommands_usage_and_the_closest_flag(tmp_path, capsys, argv, usage, hint):
+    """As a misspelt key in a config file is named with the closest option, so is a misspelt flag, under
+    the subcommand's own usage; still a usage error (exit status 2), and nothing runs."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv + (["--out", str(tmp_path / "never")] if argv[0] == "train" else []))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith(usage) and f"vitkit {argv[0]}: error: {hint}" in err, err
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_run_from_before_the_erasing_mode_resumes_erasing_as_it_began(tmp_path):
     """A config.yaml without random_erasing_mode was written when erasing filled boxes with zeros:
     resumed, the run goes on with zeros ("const"), to the weights of a straight "const" run."""
@@ -263,7 +285,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_huge_lr_is_reported_from_the_cli(tmp_path, capsys):
     code = main(["train", *flags(tiny(tmp_path / "run", epochs=1, lr=1e30, warmup_epochs=0, clip_grad=0))])
     err = capsys.readouterr().err
-    assert code == 2 and "loss became nan" in err and "--lr" in err
+    assert code == 2 and "loss became nan" in err and "Try a lower --lr (now 1e+30)" in err
+    # only what would change something: clipping is off, so turn it on; the run is already fp32
+    assert "--clip-grad 1 (now off)" in err and "--precision" not in err, err
     assert not (tmp_path / "run" / "last").exists()
 
 

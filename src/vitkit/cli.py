@@ -30,12 +30,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """What is wrong with the arguments a subcommand's ``parser`` left over: each unknown flag, named with
+    the closest flags the subcommand has (difflib, as a misspelt key of a config file is named); the values
+    after an unknown flag are taken as its own, any other stray argument is listed as argparse lists it."""
+    import difflib
+    import re
+
+    shown = {}  # each option string -> the option's first long flag, as the help shows it (--data_dir: --data-dir)
+    for action in parser._actions:
+        long = [f for f in action.option_strings if f.startswith("--")] or action.option_strings
+        for flag in action.option_strings:
+            shown[flag] = long[0]
+    unknown, stray = [], []
+    for arg in extras:
+        if arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-\d+|-\d*\.\d+", arg):  # not -1, -.5
+            flag = arg.split("=", 1)[0]
+            close = dict.fromkeys(shown[f] for f in difflib.get_close_matches(flag, shown, n=3))
+            unknown.append((flag, f"did you mean {' or '.join(close)}?" if close else ""))
+        elif not unknown:  # a value of an unknown flag otherwise: the number of its values is not known
+            stray.append(arg)
+    if len(unknown) == 1:
+        flag, hint = unknown[0]
+        parts = [f"unknown option {flag}" + (f"; {hint}" if hint else "")]
+    else:
+        parts = ["unknown options " + ", ".join(f"{flag} ({hint})" if hint else flag for flag, hint in unknown)] \
+            if unknown else []
+    if stray:
+        parts.append(f"unrecognized arguments: {' '.join(stray)}")
+    return "; ".join(parts)
+
+
 def _interrupt(signum, _frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # parse_args would report them under the top-level usage (`vitkit [-h] COMMAND ...`): an argument
+        # a subcommand does not take is reported by that subcommand, with its usage and the closest flag
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = sub.choices[args.command]
+        command.error(_unrecognized(command, extras))  # exits 2, as any usage error
     # SIGTERM unwinds like Ctrl-C, so atomic writers remove their temporaries on the way out.
     # (`vitkit train` installs its own handler: it finishes the step and saves last/.)
     signal.signal(signal.SIGTERM, _interrupt)
