@@ -31,6 +31,7 @@ from vitkit.train import (
     field_help,
     field_types,
     make_ema,
+    non_finite_advice,
     resolve_config,
     resume,
     train,
@@ -289,6 +290,14 @@ def test_huge_lr_is_reported_from_the_cli(tmp_path, capsys):
     # only what would change something: clipping is off, so turn it on; the run is already fp32
     assert "--clip-grad 1 (now off)" in err and "--precision" not in err, err
     assert not (tmp_path / "run" / "last").exists()
+
+
+def test_non_finite_advice_names_only_flags_that_would_change_something():
+    assert non_finite_advice(3e-3, 1.0, "bf16") == \
+        "Try a lower --lr (now 0.003), a lower --clip-grad (now 1), or --precision fp32 (now bf16)"
+    assert non_finite_advice(3e-3, 0.5, "fp32") == "Try a lower --lr (now 0.003) or a lower --clip-grad (now 0.5)"
+    assert non_finite_advice(1e30, 0.0, "fp16") == \
+        "Try a lower --lr (now 1e+30), --clip-grad 1 (now off), or --precision fp32 (now fp16)"
 
 
 def test_two_runs_on_one_folder_are_refused(tmp_path, capsys):

@@ -451,6 +451,16 @@ class NonFiniteLossError(ValueError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+def non_finite_advice(lr: float, clip_grad: float, precision: str) -> str:
+    """What to try after a NaN or inf loss: only flags that would change something (a run already in
+    fp32 is not told to use fp32); ``precision`` is the one the run trains in (``auto`` resolved)."""
+    tries = [f"a lower --lr (now {lr:g})",
+             "--clip-grad 1 (now off)" if clip_grad <= 0 else f"a lower --clip-grad (now {clip_grad:g})"]
+    if precision != "fp32":
+        tries.append(f"--precision fp32 (now {precision})")
+    return "Try " + (" or ".join(tries) if len(tries) == 2 else ", ".join(tries[:-1]) + ", or " + tries[-1])
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM: the current step finished, ``last/`` was written."""
 
@@ -1213,7 +1223,7 @@ class Trainer:
                     f"loss became {float(row[0] / row[2]):.4g} at epoch {epoch}, step {step}; stopped. The last good "
                     f"checkpoint is kept in {self.run.last} "
                     f"({'epoch ' + str(self.epoch) if self.run.last.exists() else 'none was written yet'}). "
-                    f"Try a lower --lr (now {self.cfg.lr:g}), --clip-grad, or --precision fp32"
+                    + non_finite_advice(self.cfg.lr, self.cfg.clip_grad, self.precision)
                 )
             self.running += row[:3]
             self.step_losses.append(float(row[0] / row[2]))
