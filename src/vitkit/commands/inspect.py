@@ -9,7 +9,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..attention import HEAD_FUSIONS, METHODS
 
     p = sub.add_parser("attention", help="draw where a checkpoint looks in an image (rollout or last-layer map)")
-    p.add_argument("checkpoint", help="a vitkit checkpoint directory")
+    p.add_argument("checkpoint", help="a run folder (uses best/) or a vitkit checkpoint directory")
     p.add_argument("image", help="an image file (any format Pillow reads)")
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: attention flow through all blocks (Abnar & Zuidema 2020); "
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_attention)
 
     p = sub.add_parser("embed", help="pooled pre-logits embeddings of images, saved as an (n, features) .npy")
-    p.add_argument("checkpoint", help="a vitkit checkpoint directory")
+    p.add_argument("checkpoint", help="a run folder (uses best/) or a vitkit checkpoint directory")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True, help="the .npy file to write: float32, one row per image, in order")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..export import DEFAULT_OPSET, FORMATS
 
     p = sub.add_parser("export", help="ONNX or torch.export program with a dynamic batch (and image size)")
-    p.add_argument("checkpoint", help="a vitkit checkpoint directory")
+    p.add_argument("checkpoint", help="a run folder (uses best/) or a vitkit checkpoint directory")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     p.add_argument("--out", required=True, help="FILE.onnx or FILE.pt2")
