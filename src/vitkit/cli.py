@@ -22,9 +22,26 @@ COMMAND_MODULES = (
 )
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, but ``nargs="+"`` with a metavar of two names reads as one or two values: ``--img-size
+    H [W]``, not ``H [W ...]`` (argparse has no nargs for one or two; the command refuses a third value)."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == "+" and isinstance(action.metavar, tuple) and len(action.metavar) == 2:
+            return "{} [{}]".format(*action.metavar)
+        return super()._format_args(action, default_metavar)
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """Each subcommand's parser: _Formatter unless the command gives its own."""
+
+    def __init__(self, *args, formatter_class: type = _Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: build, convert, train, inspect.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

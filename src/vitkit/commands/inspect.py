@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", help=f"fuse heads by {'|'.join(HEAD_FUSIONS)} (default mean), or pick head N; "
                                   "not with --per-head, which draws every head")
     p.add_argument("--per-head", action="store_true", help="one panel per head of the last block (last-layer)")
-    p.add_argument("--img-size", type=int, nargs="+", metavar="PX",
-                   help="run at this size (H [W]) instead of the checkpoint's; positions are resampled")
+    p.add_argument("--img-size", type=int, nargs="+", metavar=("H", "W"),
+                   help="run at this size instead of the checkpoint's (one value: square); positions are resampled")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map over the image, 0 to 1 (default 0.5)")
     p.add_argument("--out", required=True,
