@@ -46,6 +46,9 @@ def test_every_train_flag_says_what_it_does(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--freeze-blocks INT, --freeze_blocks INT fine-tuning: keep the stem and the first N blocks" in out
+    # a field whose comment says what its default means is not given argparse's default too
+    assert "--name STR run name (default: DATASET-MODEL) --out STR run folder (default: runs/NAME) --overwrite" in out
+    assert "(default: /usr/share/datasets/fashion-mnist) --skip-bad-images" in out
 
 
 def tiny(out: Path, **overrides) -> dict:

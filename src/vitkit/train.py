@@ -98,7 +98,7 @@ class TrainConfig:
 
     # data
     dataset: str = "digits"  # digits | fashion-mnist | folder:PATH | csv:FILE (image paths and classes)
-    data_dir: str | None = None  # where fashion-mnist's idx files are (default /usr/share/datasets/fashion-mnist)
+    data_dir: str | None = None  # where fashion-mnist's idx files are (default: /usr/share/datasets/fashion-mnist)
     skip_bad_images: bool = False  # folder and csv datasets: leave unreadable images out (counted) instead of failing
     # folder and csv datasets: memory (decode every image once) | stream (decode each batch from the files, the
     # next one in the background) | auto (stream when the decoded images would fill a quarter of the RAM)

@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (tp, _optional) in field_types().items():
         flag = "--" + name.replace("_", "-")
         aliases = [flag] + (["--" + name] if "_" in name else [])
-        kwargs = dict(dest=name, default=argparse.SUPPRESS, metavar=tp.__name__.upper(),
-                      help=f"{helps.get(name, '')} (default: {getattr(defaults, name)!r})")
+        text = helps.get(name, "")
+        if "(default" not in text:  # --name, --out, --data-dir say what their None means
+            text += f" (default: {getattr(defaults, name)!r})"
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, metavar=tp.__name__.upper(), help=text)
         if tp is bool:
             # `--ema` alone means true; `--ema false` turns it off
             kwargs.update(nargs="?", const="true", metavar="BOOL")
