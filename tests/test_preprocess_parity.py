@@ -179,3 +179,20 @@ def test_convert_takes_the_resizing_the_file_cannot_say(tmp_path):
         torch.testing.assert_close(preprocess_image(img, preprocess), transform(img), atol=1e-5, rtol=0, msg=photo)
     assert cli([*src, str(tmp_path / "bad"), "--crop-pct", "0"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_hugging_face_directory_without_its_processor_says_the_normalisation_is_a_guess(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    from vitkit.convert import load
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=16)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="ImageNet's mean/std are assumed.*without preprocessor_config.json"):
+        assert load(tmp_path, "hf").preprocess["mean"] == [0.485, 0.456, 0.406]
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it says: 0.5, as HF's ViT processor does
+        assert load(tmp_path, "hf").preprocess["mean"] == [0.5, 0.5, 0.5]

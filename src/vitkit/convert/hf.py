@@ -367,6 +367,10 @@ def read(path: Path) -> Foreign:
     return foreign
 
 
+# A directory saved by model.save_pretrained alone holds no preprocessor_config.json, and HF's processors differ
+UNKNOWN_NORMALISATION = ("It is a model.save_pretrained directory without preprocessor_config.json; HF's ViT, BEiT and "
+                         "SigLIP processors use mean = std = 0.5, DeiT's and DINOv2's ImageNet's, CLIP's OpenAI's: "
+                         "pass --mean/--std with the weights' own, or save the image processor beside the model")
 # PIL's resampling codes, which HF's image processors store as "resample"
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
