@@ -196,3 +196,23 @@ def test_a_hugging_face_directory_without_its_processor_says_the_normalisation_i
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # it says: 0.5, as HF's ViT processor does
         assert load(tmp_path, "hf").preprocess["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_a_sliver_of_an_image_is_not_blown_up_to_gigapixels(monkeypatch):
+    """A 2 x 60000 image's shorter side resized to 256 would be 7.7 gigapixels (23 GB) before its crop, as in
+    timm and torchvision: vitkit resizes only the crop there, within two levels of 255 of the whole resize."""
+    import time
+
+    import vitkit.images
+
+    sliver = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60000, 2, 3), dtype=np.uint8))
+    preprocess = dict(img_size=[224, 224], crop_pct=0.875, crop_mode="center", mean=[0.5] * 3, std=[0.5] * 3)
+    start = time.perf_counter()
+    assert preprocess_image(sliver, preprocess).shape == (3, 224, 224)
+    assert time.perf_counter() - start < 5.0
+    monkeypatch.setattr(vitkit.images, "RESIZE_MAX_PIXELS", 0)  # the crop alone for every photo: near timm's
+    theirs = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
+                                        mean=(0.5,) * 3, std=(0.5,) * 3)
+    for name, img in photos().items():
+        torch.testing.assert_close(preprocess_image(img, preprocess), theirs(img), atol=2.01 / 255 / 0.5, rtol=0,
+                                   msg=name)

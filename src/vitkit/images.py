@@ -122,6 +122,10 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
             raise ValueError(f"{source}: preprocess.{key}: expected {expected}, got {preprocess[key]!r}")
 
 
+# Above this many pixels a resized image is not made whole, only its crop (resize_image)
+RESIZE_MAX_PIXELS = 2**24
+
+
 def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
     """The geometric half of ``preprocess_image``, as timm's eval transform (and torchvision's
     Resize and CenterCrop, whose rounding it follows) cuts a PIL image: resize to img_size / crop_pct,
@@ -138,6 +142,13 @@ def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
     else:  # a non-square size: the side that reaches its scale first, both rounded (timm's ResizeKeepRatio)
         ratio = min(img.height / scale_h, img.width / scale_w)
         size = (round(img.width / ratio), round(img.height / ratio))
+    if size[0] * size[1] > RESIZE_MAX_PIXELS and size[0] >= w and size[1] >= h:
+        # A sliver (2 x 60000: its shorter side to 256 makes 7.7 gigapixels, 23 GB, as in timm and
+        # torchvision) resizes only the crop (PIL's box: each output pixel's source window as in the whole
+        # resize, but PIL's passes round otherwise: up to 2 levels of 255 apart, so only where it must)
+        left, top = int(round((size[0] - w) / 2)), int(round((size[1] - h) / 2))  # half to even, as torchvision
+        sx, sy = img.width / size[0], img.height / size[1]
+        return img.resize((w, h), interp, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if img.size != size:
         img = img.resize(size, interp)
     if img.size == (w, h):
