@@ -77,16 +77,20 @@ def test_torch_export_matches_pytorch(exported):
             program(torch.randn(2, 3, 20, 20))
 
 
-@pytest.mark.parametrize("class_token", [True, False], ids=["cls", "mean-pooled"])
-def test_onnx_opset_17_is_written_as_asked(tmp_path, class_token):
-    """Opset 17 (older runtimes) for a fixed-size model, class-token or mean-pooled: the file says 17
-    and runs as the model does. (Mean pooling's ReduceMean once failed the exporter's conversion,
-    which then wrote opset 18 and exited as if it had succeeded.)"""
-    import onnx
-
+@pytest.mark.parametrize("class_token, mlp_act", [(True, "gelu"), (False, "gelu"), (True, "swiglu")],
+                         ids=["cls", "mean-pooled", "swiglu"])
+def test_onnx_opset_17_is_written_as_asked(tmp_path, class_token, mlp_act):
+    """Opset 17 (older runtimes) for a fixed-size model, class-token or mean-pooled, or with a SwiGLU MLP:
+    the file says 17, passes ONNX's checker and runs as the model does. (Mean pooling's ReduceMean once
+    failed the exporter's conversion, which then wrote opset 18 and exited as if it had succeeded; SwiGLU's
+    halves were a Split with num_outputs, which opset 17 lacks: a file onnxruntime refused.)"""
     model = tiny(class_token=class_token)
+    if mlp_act == "swiglu":
+        model = vitkit.ViT(model.cfg.replace(mlp_act="swiglu")).eval()
     path = save_onnx(model, tmp_path / "m.onnx", opset=17)
-    assert {o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")} == {17}
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {17}
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         np.testing.assert_allclose(run_onnx(path, x), model(x).numpy(), atol=1e-4, rtol=0)

@@ -18,6 +18,7 @@ from vitkit.data import load_dataset, normalize
 from vitkit.images import crop_mode, load_image, preprocess_image
 
 timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
 skimage_data = pytest.importorskip("skimage.data")
 
 
@@ -141,20 +142,28 @@ def test_hugging_face_export_writes_the_processor_that_reads_as_the_model_does(t
         torch.testing.assert_close(preprocess_image(img, back), preprocess_image(img, model.preprocess))
 
 
-@pytest.mark.parametrize("weights, image_size", [("IMAGENET1K_V1", 224), ("IMAGENET1K_SWAG_E2E_V1", 384)])
-def test_a_torchvision_checkpoint_reads_images_as_its_weights_transforms(tmp_path, weights, image_size):
-    """torchvision's ImageNet recipe at 224 (256, bilinear, the centre cut) and its SWAG fine-tunes above
-    (resized to the size itself, bicubic), told apart by the position table; the transforms need no download."""
-    torchvision = pytest.importorskip("torchvision")
+# torchvision's ViT weights: (architecture's weights enum, width, patch), each with every weights it has
+TORCHVISION_VITS = {"ViT_B_16": (768, 16), "ViT_B_32": (768, 32), "ViT_L_16": (1024, 16), "ViT_L_32": (1024, 32),
+                    "ViT_H_14": (1280, 14)}
+TORCHVISION_WEIGHTS = [(arch, w.name) for arch in TORCHVISION_VITS
+                       for w in getattr(torchvision.models, f"{arch}_Weights") if "LINEAR" not in w.name]
+
+
+@pytest.mark.parametrize("arch, weights", TORCHVISION_WEIGHTS)
+def test_a_torchvision_checkpoint_reads_images_as_its_weights_transforms(tmp_path, arch, weights):
+    """Each of torchvision's ViT weights but SWAG_LINEAR's (224 like V1, not told apart by the tensors): V1's
+    resize before the centre 224 (256, bilinear; vit_l_16's 242), the SWAG fine-tunes' size itself, bicubic,
+    told by width, patch and position table; the transforms and sizes come from torchvision, no download."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     from vitkit.convert import load
 
-    theirs = VisionTransformer(image_size=image_size, patch_size=16, num_layers=1, num_heads=2, hidden_dim=64,
-                               mlp_dim=64)
+    transform = getattr(getattr(torchvision.models, f"{arch}_Weights"), weights).transforms()
+    width, patch = TORCHVISION_VITS[arch]
+    theirs = VisionTransformer(image_size=transform.crop_size[0], patch_size=patch, num_layers=1, num_heads=2,
+                               hidden_dim=width, mlp_dim=64)
     torch.save(theirs.state_dict(), tmp_path / "vit.pth")
     ours = load(tmp_path / "vit.pth", "torchvision", num_heads=2)
-    transform = getattr(torchvision.models.ViT_B_16_Weights, weights).transforms()
     for photo, img in photos().items():
         torch.testing.assert_close(preprocess_image(img, ours.preprocess), transform(img), atol=1e-5, rtol=0,
                                    msg=photo)
@@ -200,7 +209,8 @@ def test_a_hugging_face_directory_without_its_processor_says_the_normalisation_i
 
 def test_a_sliver_of_an_image_is_not_blown_up_to_gigapixels(monkeypatch):
     """A 2 x 60000 image's shorter side resized to 256 would be 7.7 gigapixels (23 GB) before its crop, as in
-    timm and torchvision: vitkit resizes only the crop there, within two levels of 255 of the whole resize."""
+    timm and torchvision: vitkit resizes only the crop there, within two levels of 255 of the whole resize
+    on photos with bicubic (more on noise, or with nearest or lanczos)."""
     import time
 
     import vitkit.images
@@ -216,3 +226,98 @@ def test_a_sliver_of_an_image_is_not_blown_up_to_gigapixels(monkeypatch):
     for name, img in photos().items():
         torch.testing.assert_close(preprocess_image(img, preprocess), theirs(img), atol=2.01 / 255 / 0.5, rtol=0,
                                    msg=name)
+
+
+def test_a_bare_number_size_is_read_as_each_processor_reads_it():
+    """OpenAI's CLIP repos write "size": 224: the shorter side for CLIP's (and Bit's, SigLIP's) processor,
+    a square for ViT's."""
+    from vitkit.convert.hf import read_image_processor
+
+    stats = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
+    clip = dict(stats, image_processor_type="CLIPImageProcessor", size=224, crop_size=224, do_center_crop=True)
+    preprocess = dict(read_image_processor(clip, "clip"), img_size=[224, 224])
+    theirs = transformers_pil("CLIPImageProcessorPil", clip)
+    for photo, img in photos().items():
+        if photo != "small":  # HF's floor against timm's rounding of the crop (above)
+            torch.testing.assert_close(preprocess_image(img, preprocess), theirs(img), atol=1e-5, rtol=0, msg=photo)
+    vit = read_image_processor(dict(stats, image_processor_type="ViTImageProcessor", size=224), "vit")
+    assert (vit["crop_mode"], vit["crop_pct"]) == ("squash", 1.0)
+
+
+def transformers_pil(name: str, config: dict):
+    """HF's PIL-backend processor of ``config``, as a function of a PIL image -> (C, H, W) tensor."""
+    transformers = pytest.importorskip("transformers")
+    processor = getattr(transformers, name)(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    return lambda img: torch.as_tensor(np.asarray(processor(img, return_tensors="pt")["pixel_values"][0]))
+
+
+def test_a_non_square_squash_survives_the_trip_to_hugging_face(tmp_path):
+    """Each side resized to its own size before the cut: one crop_pct that gives both (35 and 53 for 32 x 48
+    at 0.9), not the height's alone."""
+    import vitkit
+    from vitkit.convert import export, load
+
+    model = vitkit.create_model("vit_tiny_patch16_224", depth=1, img_size=(32, 48))
+    model.preprocess = dict(model.preprocess, crop_pct=0.9, crop_mode="squash")
+    export(model, tmp_path / "hf", "hf")
+    back = load(tmp_path / "hf", "hf").preprocess
+    img = photos()["coffee"]
+    torch.testing.assert_close(preprocess_image(img, back), preprocess_image(img, model.preprocess))
+
+
+def test_convert_flags_change_what_they_name_and_refuse_what_cannot_be_read(tmp_path):
+    """--crop-pct on a checkpoint written before crop_mode keeps its mode (it was implied by the old share);
+    timm's "border" mode, which vitkit does not implement, and a percentage typed for a share are refused,
+    naming the file or the flag."""
+    import json
+
+    import vitkit
+    from vitkit.convert import load
+
+    model = vitkit.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
+    model.preprocess = dict(img_size=[32, 32], mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic", crop_pct=1.0)
+    vitkit.save_pretrained(model, tmp_path / "old")  # as written before crop_mode: 1.0 squashed
+    assert load(tmp_path / "old", "vitkit", preprocess={"crop_pct": 0.9}).preprocess["crop_mode"] == "squash"
+    with pytest.raises(ValueError, match=r"--crop-pct: preprocess.crop_pct: expected a share between 0.01 and 4"):
+        load(tmp_path / "old", "vitkit", preprocess={"crop_pct": 87.5})
+    vitkit.convert.export(model, tmp_path / "hub", "timm")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    config["pretrained_cfg"]["crop_mode"] = "border"
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hub: preprocess.crop_mode: expected one of \['center', 'squash'\], got 'border'"):
+        load(tmp_path / "hub", "timm")
+    assert load(tmp_path / "hub", "timm", preprocess={"crop_mode": "center"}).preprocess["crop_mode"] == "center"
+
+
+def test_a_config_without_mean_or_std_reads_with_the_defaults_preprocess_image_uses(tmp_path):
+    import json
+
+    import vitkit
+    from vitkit.predict import predict_files
+
+    vitkit.save_pretrained(vitkit.create_model("vit_tiny_patch16_224", depth=1, img_size=32, num_classes=3),
+                           tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    config["preprocess"] = {"img_size": [32, 32]}  # hand-written
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    model = vitkit.load_pretrained(tmp_path / "ck")
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    photos()["square"].save(tmp_path / "a.png")
+    assert len(predict_files(tmp_path / "ck", [tmp_path / "a.png"])) == 1
+
+
+def test_a_grey_model_beside_a_colour_processor_reads_its_resizing_and_averaged_statistics(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    from vitkit.convert import load
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=16, num_channels=1)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=2, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.3, 0.4]).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file says how: no guess to warn about
+        pre = load(tmp_path, "hf").preprocess
+    assert (pre["mean"], pre["std"], pre["interpolation"]) == ([pytest.approx(0.5)], [pytest.approx(0.3)], "bilinear")

@@ -124,3 +124,22 @@ def test_models_cli_matches_any_case_and_says_when_nothing_matches(capsys):
     assert main(["models", "nomatch*"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "no model matches 'nomatch*'" in captured.err
+
+
+def test_an_attention_pool_is_counted_on_the_cpu_as_on_the_meta_device():
+    """SigLIP's attention pool calls the fused kernel, which FlopCounterMode cannot see on a CPU: the
+    summary counts it written out, so a model's table is the same wherever it lives (the pool's two
+    matmuls: 2 * N * E multiply-adds per image)."""
+    cpu = vitkit.summary(vitkit.create_model("vit_base_patch16_siglip_224", depth=1), (3, 224, 224), print_table=False)
+    with torch.device("meta"):
+        meta = vitkit.summary(vitkit.create_model("vit_base_patch16_siglip_224", depth=1), (3, 224, 224),
+                              print_table=False)
+    assert cpu.macs == meta.macs
+    without_pool = vitkit.summary(vitkit.create_model("vit_base_patch16_siglip_224", depth=1, global_pool="avg"),
+                                  (3, 224, 224), print_table=False)
+    pool = vitkit.create_model("vit_base_patch16_siglip_224", depth=1).head.attn_pool
+    linears = sum(m.in_features * m.out_features for m in pool.modules() if isinstance(m, torch.nn.Linear))
+    n, e = 196, 768
+    # q and the MLP read one token, kv every token: the pool's Linear layers as run, and its attention
+    run = linears - 2 * e * e + 2 * e * e * n
+    assert cpu.macs - without_pool.macs == run + 2 * n * e

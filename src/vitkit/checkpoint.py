@@ -258,7 +258,11 @@ def default_preprocess(cfg: ViTConfig, variant: str | None = None) -> dict:
 def preprocess_for_channels(preprocess: dict, channels: int) -> dict:
     """``preprocess`` for an input of ``channels`` channels: a checkpoint's mean and std as they are
     when the counts match, else one mean and std, the channels' average, for each channel (the
-    normalisation that goes with ``layers.adapt_input_channels``)."""
+    normalisation that goes with ``layers.adapt_input_channels``). A checkpoint that names no mean or std
+    gets the ones ``images.preprocess_image`` would use (ImageNet's for three channels, else 0.5)."""
+    three = channels == 3
+    preprocess = {"mean": list(IMAGENET_MEAN) if three else [0.5], "std": list(IMAGENET_STD) if three else [0.5],
+                  **preprocess}
     if all(len(preprocess[k]) == channels for k in ("mean", "std")):
         return preprocess
     return dict(preprocess, **{k: [sum(preprocess[k]) / len(preprocess[k])] * channels for k in ("mean", "std")})

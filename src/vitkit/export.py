@@ -26,7 +26,7 @@ from .checkpoint import atomic_file
 FORMATS = ("onnx", "torch-export")
 DEFAULT_OPSET = 18  # the first opset whose Resize has antialias (dynamic image size)
 MAX_BATCH = 4096
-MAX_GRID = 256  # patches per side a dynamic-size export accepts
+MIN_GRID, MAX_GRID = 2, 256  # patches per side a dynamic-size export accepts
 SINGLE_FILE_LIMIT = 1 << 30  # above 1 GiB of weights, ONNX weights go to FILE.data (protobuf caps at 2 GiB)
 
 
@@ -43,8 +43,9 @@ def dynamic_shapes(model: nn.Module) -> dict:
     if model.cfg.dynamic_img_size:
         # height and width are multiples of the patch size: p * (patches per side)
         p = model.cfg.patch_size
-        dims[2] = p * torch.export.Dim("grid_h", min=1, max=MAX_GRID)
-        dims[3] = p * torch.export.Dim("grid_w", min=1, max=MAX_GRID)
+        # from 2 patches a side: torch.export specialises a size of one (a stride check guards it out)
+        dims[2] = p * torch.export.Dim("grid_h", min=MIN_GRID, max=MAX_GRID)
+        dims[3] = p * torch.export.Dim("grid_w", min=MIN_GRID, max=MAX_GRID)
     return {"x": dims}
 
 
@@ -98,6 +99,14 @@ def save_onnx(
     path = Path(path)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
+    if not external_data:  # a node the opset does not define is caught here, not by the runtime that loads it
+        import onnx
+
+        try:
+            onnx.checker.check_model(program.model_proto)
+        except onnx.checker.ValidationError as e:
+            raise ValueError(f"opset {opset}: torch.onnx wrote a graph ONNX's checker refuses ({e}); "
+                             f"export with --opset {DEFAULT_OPSET}") from e
     if not external_data:
         with atomic_file(path) as f:
             f.write(program.model_proto.SerializeToString())

@@ -108,7 +108,8 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
         "img_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                      and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v),
                      "[height, width] of positive ints"),
-        "crop_pct": (lambda v: number(v) and v > 0, "a positive number"),
+        # timm's share of the resized image: 0.875, 0.9, 1.0 (above 1 pads); 87.5 is a percentage typed for it
+        "crop_pct": (lambda v: number(v) and 0.01 <= v <= 4, "a share between 0.01 and 4 (timm's 0.875, 0.9, 1.0)"),
         "interpolation": (lambda v: isinstance(v, str) and v in _INTERPOLATION, f"one of {sorted(_INTERPOLATION)}"),
         "crop_mode": (lambda v: isinstance(v, str) and v in CROP_MODES, f"one of {list(CROP_MODES)}"),
         # one value per channel, or one for all; 3 is what default_preprocess writes for any non-gray model
@@ -133,7 +134,7 @@ def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
     h, w = preprocess.get("img_size", [224, 224])
     crop_pct = float(preprocess.get("crop_pct", 1.0))
     interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
-    scale_h, scale_w = math.floor(h / crop_pct), math.floor(w / crop_pct)
+    scale_h, scale_w = max(1, math.floor(h / crop_pct)), max(1, math.floor(w / crop_pct))
     if crop_mode(preprocess) == "squash":
         size = (scale_w, scale_h)
     elif scale_h == scale_w:  # the shorter side to the scale, the longer truncated (torchvision's Resize(int))
@@ -145,7 +146,8 @@ def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
     if size[0] * size[1] > RESIZE_MAX_PIXELS and size[0] >= w and size[1] >= h:
         # A sliver (2 x 60000: its shorter side to 256 makes 7.7 gigapixels, 23 GB, as in timm and
         # torchvision) resizes only the crop (PIL's box: each output pixel's source window as in the whole
-        # resize, but PIL's passes round otherwise: up to 2 levels of 255 apart, so only where it must)
+        # resize, but PIL rounds the coordinates otherwise: up to 2 levels of 255 apart on photos with
+        # bicubic or bilinear, more on noise or with nearest and lanczos; so only where it must)
         left, top = int(round((size[0] - w) / 2)), int(round((size[1] - h) / 2))  # half to even, as torchvision
         sx, sy = img.width / size[0], img.height / size[1]
         return img.resize((w, h), interp, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))

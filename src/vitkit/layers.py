@@ -1033,8 +1033,9 @@ class SiLUGate(nn.Module):
     The halves are DINOv2's ``weights_in`` layout (timm's ``SwiGLUPacked``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, value = x.chunk(2, dim=-1)
-        return F.silu(gate) * value
+        half = x.shape[-1] // 2
+        # two slices, not chunk: ONNX exports chunk as a Split with num_outputs, which opset 17 lacks
+        return F.silu(x[..., :half]) * x[..., half:]
 
 
 class FeedForwardBlock(nn.Module):
@@ -1102,13 +1103,18 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(emb_size, emb_size)
         self.norm = nn.LayerNorm(emb_size, eps=norm_eps)
         self.mlp = FeedForwardBlock(emb_size, expansion=mlp_ratio, act=act)
+        self.fused = True  # False: the attention written out (vitkit.summary counts its matmuls so)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, e = x.shape
         h, d = self.num_heads, e // self.num_heads
         q = self.q(self.latent).reshape(1, 1, h, d).transpose(1, 2).expand(b, -1, -1, -1)  # (B, h, 1, d)
         k, v = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d)
-        pooled = F.scaled_dot_product_attention(q, k, v).reshape(b, e)  # (B, h, 1, d) -> (B, E)
+        if self.fused:
+            pooled = F.scaled_dot_product_attention(q, k, v)
+        else:
+            pooled = (q @ k.transpose(-2, -1) * d**-0.5).softmax(dim=-1) @ v
+        pooled = pooled.reshape(b, e)  # (B, h, 1, d) -> (B, E)
         pooled = self.proj(pooled)
         return pooled + self.mlp(self.norm(pooled))
 

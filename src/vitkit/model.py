@@ -223,8 +223,9 @@ class ViT(nn.Module):
         from .images import crop_mode
 
         pre = getattr(self, "preprocess", None) or default_preprocess(self.cfg)
-        return {"input_size": (self.cfg.in_channels, *pre["img_size"]), "mean": tuple(pre["mean"]),
-                "std": tuple(pre["std"]), "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
+        return {"input_size": (self.cfg.in_channels, *pre.get("img_size", self.cfg.img_size)), "mean": tuple(pre["mean"]),
+                "std": tuple(pre["std"]), "interpolation": pre.get("interpolation", "bicubic"),
+                "crop_pct": pre.get("crop_pct", 1.0),  # preprocess_image's defaults, for a hand-written config
                 "crop_mode": crop_mode(pre), "num_classes": self.cfg.num_classes, "classifier": "head.fc",
                 "first_conv": first_conv_weight({n: p.shape for n, p in self.named_parameters()}).removesuffix(".weight")}
 

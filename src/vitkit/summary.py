@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import MultiHeadAttention
+from .layers import AttentionPool, MultiHeadAttention
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Summary:
 @contextmanager
 def _math_attention(model: nn.Module):
     """Count attention matmuls: the fused CPU kernel is invisible to FlopCounterMode."""
-    attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    attns = [m for m in model.modules() if isinstance(m, (MultiHeadAttention, AttentionPool))]
     saved = [m.fused for m in attns]
     for m in attns:
         m.fused = False

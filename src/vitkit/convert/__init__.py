@@ -19,6 +19,7 @@ from the shapes of timm or torchvision weights: they come from ``model=NAME``,
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ from ..checkpoint import (
     default_preprocess,
     load_pretrained,
     named_preprocess,
+    preprocess_for_channels,
     save_pretrained,
 )
 from ..config import MIXED_NORMALISATION, POOLING_FIELDS, ViTConfig, get_config
@@ -241,6 +243,16 @@ def warn_norm_eps(fmt: str, norm_eps: float, theirs: float, unless: str) -> None
                       f"differ slightly unless {unless}", stacklevel=4)
 
 
+def crop_share(*sides: tuple[int, int]) -> float:
+    """The crop_pct for which timm's floor(crop / crop_pct) is each ``(crop, resized)`` side's resized size
+    where one share fits them all: the least crop / resized, nudged down where the float division would
+    fall one short (232 and 224: 224 / (224 / 232) = 231.99...)."""
+    pct = min(crop / size for crop, size in sides)
+    while any(math.floor(crop / pct) < size for crop, size in sides):
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
 def base_fields(model: str | None, overrides: dict) -> dict:
     """Source fields no shape reveals: from a variant name (``model``) and SOURCE_FIELDS overrides.
 
@@ -313,15 +325,17 @@ def load(
     vit, unknown_normalisation = _load(path, fmt, model, img_size, num_classes, **overrides)
     given = {k: [float(x) for x in v] for k, v in (("mean", mean), ("std", std)) if v is not None}
     given.update({k: v for k, v in (preprocess or {}).items() if v is not None})
-    if given:
-        from ..images import check_preprocess
+    from ..images import check_preprocess, crop_mode
 
-        unknown = set(given) - {"mean", "std", "interpolation", "crop_pct", "crop_mode"}
-        if unknown:
-            raise ValueError(f"preprocess: expected mean, std, interpolation, crop_pct or crop_mode; got {sorted(unknown)}")
-        read_as = dict(vit.preprocess, **given)
-        check_preprocess(read_as, vit.cfg.in_channels, "/".join(f"--{k.replace('_', '-')}" for k in given))
-        vit.preprocess = read_as
+    unknown = set(given) - {"mean", "std", "interpolation", "crop_pct", "crop_mode"}
+    if unknown:
+        raise ValueError(f"preprocess: expected mean, std, interpolation, crop_pct or crop_mode; got {sorted(unknown)}")
+    # the mode first, as the file has it: a new crop_pct alone changes the share, not the mode (a file written
+    # before crop_mode implies it from its crop_pct)
+    read_as = {**vit.preprocess, "crop_mode": crop_mode(vit.preprocess), **given}
+    flags = "/".join(f"--{k.replace('_', '-')}" for k in given)
+    check_preprocess(read_as, vit.cfg.in_channels, f"{path}" + (f" with {flags}" if flags else ""))
+    vit.preprocess = read_as
     if unknown_normalisation and not {"mean", "std"} & set(given):  # the file did not say, and the guess may be wrong
         warnings.warn(f"{path}: holds no input normalisation; {unknown_normalisation}", stacklevel=2)
     return vit
@@ -338,10 +352,13 @@ def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, 
     cfg: ViTConfig = module.infer_config(foreign, base)
     state = module.to_vitkit(foreign, cfg)
     vit = build_with_state(cfg, state, source, img_size=img_size, num_classes=num_classes, **overrides)
-    # What the file says about its inputs (mean/std...), at the size the model now has; statistics
-    # for another channel count (a 3-channel processor config beside a 1-channel model) are not used.
-    # A file that says nothing is read as timm reads the variant the user named: with its weights' own.
+    # What the file says about its inputs (mean/std, resizing), at the size the model now has; statistics
+    # for another channel count (a 3-channel processor config beside a 1-channel model) averaged, as
+    # load_pretrained does for adapted channels. A file that says nothing is read as timm reads the variant
+    # the user named: with its weights' own.
     pre = foreign.preprocess
+    if pre and "mean" in pre and "std" in pre:
+        pre = preprocess_for_channels(pre, vit.cfg.in_channels)
     fits = pre and len(pre.get("mean", ())) in (1, vit.cfg.in_channels) and len(pre.get("std", ())) in (1, vit.cfg.in_channels)
     named = None if fits else named_preprocess(vit.cfg, model)
     vit.preprocess = dict(pre) if fits else named or default_preprocess(vit.cfg)

@@ -51,7 +51,19 @@ from torch import nn
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import GRID_ROPES, ViTConfig
 from ..images import crop_mode
-from . import CONCAT_QKV, IDENTITY, Foreign, KeyMap, Transform, config_with, count_blocks, mlp_ratio_of, require, rule
+from . import (
+    CONCAT_QKV,
+    IDENTITY,
+    Foreign,
+    KeyMap,
+    Transform,
+    config_with,
+    count_blocks,
+    crop_share,
+    mlp_ratio_of,
+    require,
+    rule,
+)
 
 # model_type -> the class a directory of the family holds, for config.json's "architectures" on export
 ARCHITECTURE = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher",
@@ -371,6 +383,9 @@ def read(path: Path) -> Foreign:
 UNKNOWN_NORMALISATION = ("It is a model.save_pretrained directory without preprocessor_config.json; HF's ViT, BEiT and "
                          "SigLIP processors use mean = std = 0.5, DeiT's and DINOv2's ImageNet's, CLIP's OpenAI's: "
                          "pass --mean/--std with the weights' own, or save the image processor beside the model")
+# The image processors whose bare-number "size" is the shorter side (transformers' default_to_square=False);
+# the others' is a square
+SHORTEST_EDGE_PROCESSORS = ("CLIP", "ChineseCLIP", "Bit", "Siglip", "ConvNext")
 # PIL's resampling codes, which HF's image processors store as "resample"
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -386,30 +401,25 @@ def read_image_processor(pre: dict, src: str) -> dict | None:
         raise CheckpointError(f"{src}: resample: expected one of PIL's codes {sorted(PIL_RESAMPLE)}, "
                               f"got {pre.get('resample')!r}")
     size = pre.get("size") or {}
-    size = {"height": size, "width": size} if isinstance(size, int) else size
+    if isinstance(size, int):  # a bare number: the shorter side for the processors that say so, else a square
+        kind = str(pre.get("image_processor_type") or pre.get("feature_extractor_type") or "")
+        size = {"shortest_edge": size} if kind.startswith(SHORTEST_EDGE_PROCESSORS) else {"height": size, "width": size}
     crop = pre.get("crop_size") if pre.get("do_center_crop") else None
     crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
     preprocess = dict(interpolation=PIL_RESAMPLE[pre.get("resample", 2)], crop_pct=1.0, crop_mode="squash")
     if "shortest_edge" in size:
+        # the shorter side to the edge, the centre cut: for a non-square crop only nearly timm's centre mode,
+        # whose scale for each side is the crop's over crop_pct (the shorter crop side's share is taken)
         edge = size["shortest_edge"]
         kept = min(crop["height"], crop["width"]) if crop else edge
-        preprocess.update(crop_mode="center", crop_pct=_crop_pct(kept, edge))
-    elif crop and "height" in size:
-        preprocess["crop_pct"] = _crop_pct(crop["height"], size["height"])
+        preprocess.update(crop_mode="center", crop_pct=crop_share((kept, edge)))
+    elif crop and "height" in size:  # each side resized, then cut: a share that gives both sides' sizes
+        preprocess["crop_pct"] = crop_share((crop["height"], size["height"]), (crop["width"], size["width"]))
     # HF: (pixels * rescale_factor - mean) / std; vitkit: (pixels / 255 - mean') / std'
     scale = 255.0 * (pre.get("rescale_factor", 1 / 255) if pre.get("do_rescale", True) else 1.0)
     mean, std = (pre["image_mean"], pre["image_std"]) if pre.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
     preprocess.update(mean=[float(m) / scale for m in mean], std=[float(v) / scale for v in std])
     return preprocess
-
-
-def _crop_pct(crop: int, resized: int) -> float:
-    """crop / resized, nudged down where the float division would make timm's floor(crop / crop_pct) one
-    short of ``resized`` (232 and 224: 224 / (224 / 232) = 231.99...)."""
-    pct = crop / resized
-    while math.floor(crop / pct) < resized:
-        pct = math.nextafter(pct, 0.0)
-    return pct
 
 
 def _beit_as_vit(state: dict, config: dict, prefix: str, src: str) -> dict:
@@ -755,7 +765,7 @@ def export(model: nn.Module, out: Path) -> Path:
     (h, w), crop_pct = cfg.img_size, float(preprocess.get("crop_pct", 1.0))
     scaled = {"height": math.floor(h / crop_pct), "width": math.floor(w / crop_pct)}  # timm's scale, as resize_image
     if preprocess and crop_mode(preprocess) == "center":  # the shorter side, then the centre (DINOv2's processor)
-        geometry = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": max(scaled.values())},
+        geometry = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": min(scaled.values())},
                     "do_center_crop": True, "crop_size": {"height": h, "width": w}}
     elif crop_pct != 1.0:  # each side, then the centre (DeiT's)
         geometry = {"image_processor_type": "DeiTImageProcessor", "size": scaled, "do_center_crop": True,

@@ -22,6 +22,7 @@ from . import (
     KeyMap,
     config_with,
     count_blocks,
+    crop_share,
     mlp_ratio_of,
     require,
     resolve_heads,
@@ -59,15 +60,31 @@ def read(path: Path) -> Foreign:
         raise CheckpointError(f"{path}: a directory; a torchvision checkpoint is one .pth file "
                               "(torch.save of VisionTransformer.state_dict())")
     foreign = Foreign(str(path), load_state_dict_file(path))
-    # torchvision's weights' transforms, told apart by size: at 224 its ImageNet recipe (IMAGENET1K_V1: the
-    # shorter side to 256, bilinear, the centre 224 cut), above it the SWAG end-to-end fine-tunes' (384, 512,
-    # 518: resized to the size itself, bicubic). Its SWAG_LINEAR weights at 224 read like the latter and cannot
-    # be told apart: `vitkit convert --interpolation bicubic --crop-pct 1.0`.
-    pos = foreign.state.get("encoder.pos_embedding")
-    swag = pos is not None and pos.shape[1] - 1 != (224 // foreign.state["conv_proj.weight"].shape[-1]) ** 2
     foreign.preprocess = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_mode="center",
-                              interpolation="bicubic" if swag else "bilinear", crop_pct=1.0 if swag else 224 / 256)
+                              **_weights_resize(foreign.state))
     return foreign
+
+
+# How torchvision's weights for a (width, patch) at 224 resize before the centre 224 cut, where it is not the
+# ImageNet recipe's 256, bilinear (IMAGENET1K_V1 of vit_b_16, vit_b_32, vit_l_32): vit_l_16's V1 takes 242, and
+# vit_h_14 has no 224 weights but SWAG_LINEAR's (224 itself, bicubic). Above 224 every file is a SWAG end-to-end
+# fine-tune (384, 512, 518), resized to the size itself, bicubic. (tests/test_preprocess_parity.py checks every
+# weights enum's transforms.)
+RESIZE_AT_224 = {(1024, 16): (242, "bilinear"), (1280, 14): (224, "bicubic")}
+
+
+def _weights_resize(state: dict) -> dict:
+    """The interpolation and crop_pct of torchvision's weights for the file's width, patch and size; its
+    vit_b_16 and vit_l_16 SWAG_LINEAR weights (224 like V1) cannot be told from V1's: `vitkit convert
+    --interpolation bicubic --crop-pct 1.0`."""
+    proj, pos = state.get("conv_proj.weight"), state.get("encoder.pos_embedding")
+    if proj is None or pos is None:
+        return dict(interpolation="bilinear", crop_pct=0.875)  # infer_config names what is missing
+    width, patch = proj.shape[0], proj.shape[-1]
+    if pos.shape[1] - 1 != (224 // patch) ** 2:
+        return dict(interpolation="bicubic", crop_pct=1.0)
+    resize, interpolation = RESIZE_AT_224.get((width, patch), (256, "bilinear"))
+    return dict(interpolation=interpolation, crop_pct=crop_share((224, resize)))
 
 
 def infer_config(foreign: Foreign, base: dict) -> ViTConfig:
