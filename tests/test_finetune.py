@@ -124,6 +124,15 @@ def test_the_classifier_is_kept_only_for_the_same_classes(tmp_path):
     renamed = load_file(tmp_path / "c" / "best" / "model.safetensors")
     assert not torch.equal(renamed["head.fc.weight"], before["head.fc.weight"])
     assert all(torch.equal(renamed[k], before[k]) for k in before if not k.startswith("head.fc."))
+    # the same classes named in another order (an HF id2label, say) keep the classifier, its rows following the
+    # names: row i of the checkpoint scores digit 9 - i, so the tuned model's row for digit d is its row 9 - d
+    digits = [str(d) for d in range(10)]
+    model.head.fc.weight.data, model.head.fc.bias.data = model.head.fc.weight.data.flip(0), model.head.fc.bias.data.flip(0)
+    save_pretrained(model, tmp_path / "reversed", class_names=digits[::-1])
+    train(resolve_config(None, run_cfg(tmp_path / "d", pretrained=str(tmp_path / "reversed"), lr=0.0, min_lr=0.0,
+                                       epochs=1)))
+    reordered = load_file(tmp_path / "d" / "best" / "model.safetensors")
+    assert all(torch.equal(reordered[k], before[k]) for k in before)
 
 
 def resumed_without_the_pretrained_files_is_straight(base: dict, tmp_path: Path) -> dict:

@@ -227,3 +227,15 @@ def test_bad_device_batch_size_and_topk_are_named_and_eval_takes_the_weights_fil
     assert (weights_file["top1"], weights_file["loss"], weights_file["images"]) == (whole["top1"], whole["loss"], 360)
     assert main(["predict", str(run), image, "--topk", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == 1
+
+
+def test_a_features_only_model_is_refused_naming_the_checkpoint(tmp_path, capsys):
+    """A converted DINOv2 or CLIP tower has no classifier: predict says so (it crashed, or printed nothing)."""
+    import vitkit
+
+    vitkit.save_pretrained(vitkit.create_model("vit_digits_gap", num_classes=0), tmp_path / "features")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="features.*no classifier.*vitkit embed"):
+        predict_files(tmp_path / "features", [tmp_path / "a.png"])
+    assert main(["predict", str(tmp_path / "features"), str(tmp_path / "a.png"), "--json"]) == 2
+    assert "no classifier" in capsys.readouterr().err

@@ -481,7 +481,8 @@ def build_with_state(
     if num_classes is not None and num_classes != cfg.num_classes:
         warnings.warn(
             f"{source}: the checkpoint has {cfg.num_classes} classes, {num_classes} were asked for; "
-            "the classifier (head.fc) is re-initialised and must be trained",
+            + ("the classifier is removed (features only)" if num_classes == 0
+               else "the classifier is re-initialised for them and must be trained"),
             stacklevel=3,
         )
         model.reset_classifier(num_classes)

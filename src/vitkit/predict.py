@@ -39,6 +39,13 @@ def _check_topk(topk: int) -> None:
         raise ValueError(f"--topk: expected a positive number of classes to list, got {topk}")
 
 
+def _check_classifier(model: nn.Module, source: str) -> None:
+    if model.cfg.num_classes == 0:
+        raise ValueError(f"{source}: no classifier (num_classes 0: a features-only backbone, as DINOv2's and "
+                         "CLIP's towers convert), so nothing to predict; `vitkit embed` gives its features, "
+                         "`vitkit train --pretrained` fits a classifier")
+
+
 def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, batch_size: int = 64,
             skip_bad_images: bool = False) -> list[dict]:
     """``[{"image": path, "predictions": [{"label", "index", "probability"}, ...]}, ...]``, best first.
@@ -46,6 +53,7 @@ def predict(model: nn.Module, paths: list[str | os.PathLike], topk: int = 5, bat
     An unreadable file raises ``ImageError`` naming it; with ``skip_bad_images`` it gets
     ``{"image": path, "error": why}`` instead, in its place, and the others are still classified."""
     _check_topk(topk)
+    _check_classifier(model, "the model")
     model.eval()
     names = getattr(model, "class_names", None)
     k = min(topk, model.cfg.num_classes)
@@ -83,6 +91,7 @@ def predict_files(checkpoint: str | os.PathLike, paths: list[str | os.PathLike],
 
     _check_topk(topk)  # before the model loads
     model = load_pretrained(checkpoint, map_location=resolve_device(device, DistInfo()))
+    _check_classifier(model, str(checkpoint))
     return predict(model, image_paths(paths), topk=topk, skip_bad_images=skip_bad_images)
 
 

@@ -982,6 +982,14 @@ class Trainer:
         names = meta.get("class_names")
         return meta["config"].num_classes == self.data.num_classes and names in (None, self.data.class_names)
 
+    def _reordered_classes(self, meta: dict) -> list[int] | None:
+        """For a checkpoint that names the data's classes in another order: for each of the data's classes,
+        its row in the checkpoint's classifier; else None."""
+        names = meta.get("class_names")
+        if not names or names == self.data.class_names or sorted(names) != sorted(self.data.class_names):
+            return None
+        return [names.index(name) for name in self.data.class_names]
+
     def _teacher(self) -> Teacher:
         cfg, data = self.cfg, self.data
         try:
@@ -1010,12 +1018,23 @@ class Trainer:
         model = load_pretrained(cfg.pretrained, img_size=model_cfg.img_size, in_channels=data.image_shape[0],
                                 drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
                                 pool=model_cfg.pool, final_norm=model_cfg.final_norm)
-        keep_head = self._same_classes(meta)
-        if not keep_head:
+        keep_head, rows = self._same_classes(meta), self._reordered_classes(meta)
+        if rows is not None:  # the same classes named in another order: the classifier's rows follow the names
+            with torch.no_grad():
+                for fc in (model.head.fc, model.head.fc_dist):
+                    if isinstance(fc, nn.Linear):
+                        fc.weight.copy_(fc.weight[rows])
+                        if fc.bias is not None:
+                            fc.bias.copy_(fc.bias[rows])
+        elif not keep_head:
             model.reset_classifier(data.num_classes)
         if self.dist.is_main:
-            changes = [f"{old.num_classes} -> {data.num_classes} classes, a new classifier" if not keep_head
-                       else "its classifier kept"]
+            names = meta.get("class_names")
+            why = (f" (its classes {names} are not the data's {data.class_names})" if names
+                   and old.num_classes == data.num_classes else "")
+            changes = ["its classifier kept, its rows reordered to the data's class names" if rows is not None
+                       else "its classifier kept" if keep_head
+                       else f"{old.num_classes} -> {data.num_classes} classes, a new classifier{why}"]
             if old.img_size != model_cfg.img_size:
                 resampled = [what for what, held in (("positions", old.abs_pos),
                                                      ("relative position tables", old.rel_pos_bias)) if held]
