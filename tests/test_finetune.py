@@ -168,6 +168,10 @@ def test_fine_tuning_errors_name_the_option(tmp_path, capsys):
     save_file(peer.state_dict(), tmp_path / "timm.safetensors")
     assert main([*base, "--pretrained", str(tmp_path / "timm.safetensors")]) == 2
     assert "`vitkit convert SRC OUT --from timm|hf|torchvision|jax` first" in capsys.readouterr().err
+    vc.export(create_model("vit_tiny_patch16_224", depth=1), tmp_path / "hub", "timm")
+    assert main([*base, "--pretrained", str(tmp_path / "hub")]) == 2  # a timm hub dir: its own command, once
+    err = capsys.readouterr().err
+    assert f"`vitkit convert {tmp_path / 'hub'} OUT --from timm`" in err and err.count("vitkit convert") == 1
     save_pretrained(create_model("vit_tiny_patch16_224", depth=1), tmp_path / "imagenet")
     assert main([*base, "--pretrained", str(tmp_path / "imagenet")]) == 2  # 224x224 on 8x8 digits
     err = capsys.readouterr().err

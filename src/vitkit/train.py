@@ -958,8 +958,10 @@ class Trainer:
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             if self.resume:  # last/'s own error names it
                 raise
-            raise type(e)(f"--pretrained {cfg.pretrained}: {e} (weights in another format: `vitkit convert SRC OUT "
-                          "--from timm|hf|torchvision|jax` first)") from e
+            # the error names the format where it can tell it; else the general hint
+            hint = "" if "vitkit convert" in str(e) else (" (weights in another format: `vitkit convert SRC OUT "
+                                                          "--from timm|hf|torchvision|jax` first)")
+            raise type(e)(f"--pretrained {cfg.pretrained}: {e}{hint}") from e
         try:
             model_cfg = meta["config"].replace(**size)
         except ValueError as e:  # a size the checkpoint's patches do not divide: the flag's fault, not the file's
