@@ -28,7 +28,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, to_2tuple, to_config_fields, variant_preprocess
+from .config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ViTConfig,
+    default_normalisation,
+    to_2tuple,
+    to_config_fields,
+    variant_preprocess,
+)
 from .layers import adapt_input_channels, resample_patch_embed, resample_positions, resample_rel_pos_table
 
 WEIGHTS_NAME = "model.safetensors"
@@ -260,9 +268,7 @@ def preprocess_for_channels(preprocess: dict, channels: int) -> dict:
     when the counts match, else one mean and std, the channels' average, for each channel (the
     normalisation that goes with ``layers.adapt_input_channels``). A checkpoint that names no mean or std
     gets the ones ``images.preprocess_image`` would use (ImageNet's for three channels, else 0.5)."""
-    three = channels == 3
-    preprocess = {"mean": list(IMAGENET_MEAN) if three else [0.5], "std": list(IMAGENET_STD) if three else [0.5],
-                  **preprocess}
+    preprocess = {**default_normalisation(channels), **preprocess}
     if all(len(preprocess[k]) == channels for k in ("mean", "std")):
         return preprocess
     return dict(preprocess, **{k: [sum(preprocess[k]) / len(preprocess[k])] * channels for k in ("mean", "std")})

@@ -633,6 +633,13 @@ VARIANTS: dict[str, dict] = _table()
 # timm's normalisation constants (timm.data.constants), and the three its ViT weights use
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_normalisation(channels: int) -> dict[str, list[float]]:
+    """The mean and std an image of ``channels`` channels is read with where a preprocess names none:
+    ImageNet's for three channels, else 0.5 (for each channel)."""
+    three = channels == 3
+    return {"mean": list(IMAGENET_MEAN) if three else [0.5], "std": list(IMAGENET_STD) if three else [0.5]}
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")

@@ -99,15 +99,14 @@ def save_onnx(
     path = Path(path)
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_LIMIT
-    if not external_data:  # a node the opset does not define is caught here, not by the runtime that loads it
+    if not external_data:
         import onnx
 
-        try:
+        try:  # a node the opset does not define is caught here, not by the runtime that loads the file
             onnx.checker.check_model(program.model_proto)
         except onnx.checker.ValidationError as e:
             raise ValueError(f"opset {opset}: torch.onnx wrote a graph ONNX's checker refuses ({e}); "
                              f"export with --opset {DEFAULT_OPSET}") from e
-    if not external_data:
         with atomic_file(path) as f:
             f.write(program.model_proto.SerializeToString())
         return path

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from .config import CROP_MODES, INTERPOLATIONS, default_normalisation
 
 
 class ImageError(ValueError):
@@ -127,14 +127,24 @@ def check_preprocess(preprocess, channels: int, source: str) -> None:
 RESIZE_MAX_PIXELS = 2**24
 
 
+def scaled_size(img_size, crop_pct: float) -> tuple[int, int]:
+    """timm's resize target before the crop: (height, width) over crop_pct, floored (at least a pixel)."""
+    h, w = img_size
+    return max(1, math.floor(h / crop_pct)), max(1, math.floor(w / crop_pct))
+
+
+def _centre(outer: int, inner: int) -> int:
+    """The offset of a centred cut of ``inner`` pixels from ``outer``, half rounded to even (torchvision's)."""
+    return int(round((outer - inner) / 2))
+
+
 def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
     """The geometric half of ``preprocess_image``, as timm's eval transform (and torchvision's
     Resize and CenterCrop, whose rounding it follows) cuts a PIL image: resize to img_size / crop_pct,
     by the shorter side ("center") or each side ("squash", ``crop_mode``), then crop the centre."""
     h, w = preprocess.get("img_size", [224, 224])
-    crop_pct = float(preprocess.get("crop_pct", 1.0))
     interp = _INTERPOLATION[preprocess.get("interpolation", "bicubic")]
-    scale_h, scale_w = max(1, math.floor(h / crop_pct)), max(1, math.floor(w / crop_pct))
+    scale_h, scale_w = scaled_size((h, w), float(preprocess.get("crop_pct", 1.0)))
     if crop_mode(preprocess) == "squash":
         size = (scale_w, scale_h)
     elif scale_h == scale_w:  # the shorter side to the scale, the longer truncated (torchvision's Resize(int))
@@ -148,7 +158,7 @@ def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
         # torchvision) resizes only the crop (PIL's box: each output pixel's source window as in the whole
         # resize, but PIL rounds the coordinates otherwise: up to 2 levels of 255 apart on photos with
         # bicubic or bilinear, more on noise or with nearest and lanczos; so only where it must)
-        left, top = int(round((size[0] - w) / 2)), int(round((size[1] - h) / 2))  # half to even, as torchvision
+        left, top = _centre(size[0], w), _centre(size[1], h)
         sx, sy = img.width / size[0], img.height / size[1]
         return img.resize((w, h), interp, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     if img.size != size:
@@ -159,7 +169,7 @@ def resize_image(img: Image.Image, preprocess: dict) -> Image.Image:
         padded = Image.new(img.mode, (max(w, img.width), max(h, img.height)))
         padded.paste(img, ((padded.width - img.width) // 2, (padded.height - img.height) // 2))
         img = padded
-    left, top = int(round((img.width - w) / 2)), int(round((img.height - h) / 2))  # half to even, as torchvision
+    left, top = _centre(img.width, w), _centre(img.height, h)
     return img.crop((left, top, left + w, top + h))
 
 
@@ -171,9 +181,8 @@ def preprocess_image(img: Image.Image, preprocess: dict) -> Tensor:
     img = resize_image(img, preprocess)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
-    channels = x.shape[0]
-    mean = torch.tensor(preprocess.get("mean", IMAGENET_MEAN if channels == 3 else [0.5]), dtype=torch.float32)
-    std = torch.tensor(preprocess.get("std", IMAGENET_STD if channels == 3 else [0.5]), dtype=torch.float32)
+    stats = {**default_normalisation(x.shape[0]), **preprocess}
+    mean, std = (torch.tensor(stats[k], dtype=torch.float32) for k in ("mean", "std"))
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
@@ -181,4 +190,4 @@ def load_and_preprocess(path: str | os.PathLike, preprocess: dict, channels: int
     return preprocess_image(load_image(path, channels), preprocess)
 
 
-__all__ = ["load_image", "crop_mode", "resize_image", "preprocess_image", "load_and_preprocess", "ImageError"]
+__all__ = ["load_image", "crop_mode", "scaled_size", "resize_image", "preprocess_image", "load_and_preprocess", "ImageError"]

@@ -357,9 +357,9 @@ def _load(path, fmt: str, model: str | None, img_size, num_classes: int | None, 
     # load_pretrained does for adapted channels. A file that says nothing is read as timm reads the variant
     # the user named: with its weights' own.
     pre = foreign.preprocess
-    if pre and "mean" in pre and "std" in pre:
+    fits = bool(pre) and "mean" in pre and "std" in pre
+    if fits:
         pre = preprocess_for_channels(pre, vit.cfg.in_channels)
-    fits = pre and len(pre.get("mean", ())) in (1, vit.cfg.in_channels) and len(pre.get("std", ())) in (1, vit.cfg.in_channels)
     named = None if fits else named_preprocess(vit.cfg, model)
     vit.preprocess = dict(pre) if fits else named or default_preprocess(vit.cfg)
     vit.preprocess["img_size"] = list(vit.cfg.img_size)

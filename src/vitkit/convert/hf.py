@@ -40,7 +40,6 @@ vitkit resamples once, on load, bicubic with antialiasing (as timm does).
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory, load_state_dict_file, read_json
 from ..config import GRID_ROPES, ViTConfig
-from ..images import crop_mode
+from ..images import crop_mode, scaled_size
 from . import (
     CONCAT_QKV,
     IDENTITY,
@@ -763,7 +762,7 @@ def export(model: nn.Module, out: Path) -> Path:
     preprocess = getattr(model, "preprocess", None) or {}
     gray = cfg.in_channels == 1
     (h, w), crop_pct = cfg.img_size, float(preprocess.get("crop_pct", 1.0))
-    scaled = {"height": math.floor(h / crop_pct), "width": math.floor(w / crop_pct)}  # timm's scale, as resize_image
+    scaled = dict(zip(("height", "width"), scaled_size((h, w), crop_pct)))
     if preprocess and crop_mode(preprocess) == "center":  # the shorter side, then the centre (DINOv2's processor)
         geometry = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": min(scaled.values())},
                     "do_center_crop": True, "crop_size": {"height": h, "width": w}}
